@@ -1,0 +1,6 @@
+"""uvic: U-ViT and U-ViC diffusion models (train, sample, evaluate)."""
+
+from .attention import Attention, cog_attention, cog_reference, softmax_attention, softmax_reference
+from .model import PRESETS, UViT, UViTOutput, load_reference_checkpoint, preset_config
+
+__version__ = "0.1.0"

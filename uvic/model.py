@@ -1,0 +1,301 @@
+"""U-ViT (Bao et al., CVPR 2023) as a diffusers model, with softmax or Cog attention.
+
+Everything is a token: [label token, time token, patch tokens]; shallow and deep blocks are
+joined by long skip connections. The parameter names and the forward pass are those of the
+reference implementation (github.com/baofff/U-ViT, libs/uvit.py), so its checkpoints load with
+`strict=True`. With attention_type="cog" the model is a U-ViC: Cog attention in every block but
+`softmax_blocks` (default: the first in-block and the last out-block, the official layout).
+
+Blocks are numbered 0..depth in forward order: in-blocks 0..depth//2-1, the mid-block depth//2,
+out-blocks depth//2+1..depth.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Union
+
+import einops
+import torch
+import torch.nn as nn
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
+from timm.layers import Mlp, trunc_normal_
+
+from .attention import ATTENTION_TYPES, Attention
+
+# name -> architecture; the patch size comes from the "/2" or "/4" suffix (DESIGN.md, U-ViT paper).
+PRESETS = {
+    "uvit-s": dict(embed_dim=512, depth=12, num_heads=8),
+    "uvit-s-deep": dict(embed_dim=512, depth=16, num_heads=8),
+    "uvit-m": dict(embed_dim=768, depth=16, num_heads=12),
+    "uvit-l": dict(embed_dim=1024, depth=20, num_heads=16),
+    "uvit-h": dict(embed_dim=1152, depth=28, num_heads=16),
+}
+
+
+@dataclass
+class UViTOutput(BaseOutput):
+    """sample: (B, C, H, W), the network's prediction (noise, velocity or clean sample)."""
+
+    sample: torch.Tensor
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
+    """Sinusoidal embedding [cos, sin] of (B,) timesteps -> (B, dim), float32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    args = timesteps[:, None].float() * freqs[None]
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+    return embedding
+
+
+class PatchEmbed(nn.Module):
+    """(B, C, H, W) -> (B, H/p * W/p, D) with a stride-p convolution."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block; out-blocks first fuse the long skip: Linear(cat[x, skip])."""
+
+    def __init__(self, dim, num_heads, mlp_ratio, qkv_bias, attention_type, skip=False):
+        super().__init__()
+        self.skip_linear = nn.Linear(2 * dim, dim) if skip else None
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, attention_type=attention_type)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU)
+
+    def forward(self, x: torch.Tensor, skip: Optional[torch.Tensor] = None) -> torch.Tensor:  # (B, L, D)
+        if self.skip_linear is not None:
+            x = self.skip_linear(torch.cat([x, skip], dim=-1))
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def default_softmax_blocks(depth: int) -> List[int]:
+    """The official U-ViC layout: softmax in the first in-block and the last out-block."""
+    return [0, depth]
+
+
+class UViT(ModelMixin, ConfigMixin):
+    """U-ViT / U-ViC noise-prediction network.
+
+    num_classes: size of the label-embedding table, as in the reference code (0 or less =
+        unconditional). Class-conditional uvic models reserve the last index for "no class",
+        so a 10-class data set gives num_classes=11 and the null label is 10.
+    softmax_blocks: block indices (0..depth) that keep softmax when attention_type="cog";
+        None = the official U-ViC layout [0, depth]. Ignored for attention_type="softmax".
+    """
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int = 32,
+        in_channels: int = 3,
+        patch_size: int = 2,
+        embed_dim: int = 512,
+        depth: int = 12,
+        num_heads: int = 8,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = False,
+        mlp_time_embed: bool = False,
+        num_classes: int = -1,
+        use_final_conv: bool = True,
+        long_skip: bool = True,
+        attention_type: str = "softmax",
+        softmax_blocks: Optional[Sequence[int]] = None,
+    ):
+        super().__init__()
+        if attention_type not in ATTENTION_TYPES:
+            raise ValueError(f"attention_type must be one of {ATTENTION_TYPES}, got {attention_type!r}")
+        if sample_size % patch_size:
+            raise ValueError(f"sample_size {sample_size} is not divisible by patch_size {patch_size}")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        if depth % 2:
+            raise ValueError(f"depth must be even (depth//2 in-blocks, 1 mid, depth//2 out), got {depth}")
+        self.gradient_checkpointing = False
+        num_patches = (sample_size // patch_size) ** 2
+        layout = self._layout(depth, attention_type, softmax_blocks)
+
+        self.patch_embed = PatchEmbed(patch_size, in_channels, embed_dim)
+        self.time_embed = (
+            nn.Sequential(nn.Linear(embed_dim, 4 * embed_dim), nn.SiLU(), nn.Linear(4 * embed_dim, embed_dim))
+            if mlp_time_embed
+            else nn.Identity()
+        )
+        if num_classes > 0:
+            self.label_emb = nn.Embedding(num_classes, embed_dim)
+        self.extras = 2 if num_classes > 0 else 1
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.extras + num_patches, embed_dim))
+
+        def block(i, skip=False):
+            return Block(embed_dim, num_heads, mlp_ratio, qkv_bias, layout[i], skip=skip)
+
+        half = depth // 2
+        self.in_blocks = nn.ModuleList([block(i) for i in range(half)])
+        self.mid_block = block(half)
+        self.out_blocks = nn.ModuleList([block(half + 1 + i, skip=long_skip) for i in range(half)])
+
+        self.norm = nn.LayerNorm(embed_dim)
+        self.decoder_pred = nn.Linear(embed_dim, patch_size**2 * in_channels)
+        self.final_layer = nn.Conv2d(in_channels, in_channels, 3, padding=1) if use_final_conv else nn.Identity()
+
+        trunc_normal_(self.pos_embed, std=0.02)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _layout(depth, attention_type, softmax_blocks) -> List[str]:
+        if attention_type == "softmax":
+            return ["softmax"] * (depth + 1)
+        keep = default_softmax_blocks(depth) if softmax_blocks is None else list(softmax_blocks)
+        bad = [i for i in keep if not 0 <= int(i) <= depth]
+        if bad:
+            raise ValueError(f"softmax_blocks {bad} out of range: blocks are numbered 0..{depth}")
+        return ["softmax" if i in keep else "cog" for i in range(depth + 1)]
+
+    @staticmethod
+    def _init_weights(m: nn.Module):
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.constant_(m.bias, 0)
+            nn.init.constant_(m.weight, 1.0)
+
+    # ------------------------------------------------------------------ construction helpers
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "UViT":
+        """Build a named preset, e.g. `UViT.from_preset("uvit-s/2", sample_size=32, attention_type="cog")`."""
+        return cls(**preset_config(name, **overrides))
+
+    @property
+    def blocks(self) -> List[Block]:
+        """All depth+1 blocks in forward order (in, mid, out)."""
+        return [*self.in_blocks, self.mid_block, *self.out_blocks]
+
+    def attention_layout(self) -> List[str]:
+        """Which attention each block uses, in forward order, e.g. ['softmax', 'cog', ..., 'softmax']."""
+        return [blk.attn.attention_type for blk in self.blocks]
+
+    def no_weight_decay(self):
+        return {"pos_embed"}
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: Union[torch.Tensor, float, int],
+        class_labels: Optional[torch.Tensor] = None,
+        return_dict: bool = True,
+    ):
+        """sample (B, C, H, W), timestep scalar or (B,), class_labels (B,) long -> UViTOutput(sample (B, C, H, W))."""
+        batch = sample.shape[0]
+        timesteps = torch.as_tensor(timestep, device=sample.device)
+        timesteps = timesteps.reshape(-1).expand(batch) if timesteps.numel() == 1 else timesteps.reshape(batch)
+
+        x = self.patch_embed(sample)  # (B, N, D)
+        time_token = self.time_embed(timestep_embedding(timesteps, self.config.embed_dim).to(x.dtype))
+        tokens = [time_token[:, None], x]
+        if self.config.num_classes > 0:
+            if class_labels is None:
+                raise ValueError(
+                    f"this model is class-conditional (num_classes={self.config.num_classes}): pass class_labels"
+                )
+            tokens.insert(0, self.label_emb(class_labels.reshape(batch))[:, None])
+        elif class_labels is not None:
+            raise ValueError("this model is unconditional (num_classes <= 0): class_labels must be None")
+        x = torch.cat(tokens, dim=1) + self.pos_embed  # (B, extras + N, D)
+
+        skips = []
+        for blk in self.in_blocks:
+            x = self._run_block(blk, x)
+            skips.append(x)
+        x = self._run_block(self.mid_block, x)
+        for blk in self.out_blocks:
+            x = self._run_block(blk, x, skips.pop())
+
+        x = self.decoder_pred(self.norm(x))[:, self.extras :]  # (B, N, p*p*C)
+        p, c = self.config.patch_size, self.config.in_channels
+        h = sample.shape[-2] // p
+        x = einops.rearrange(x, "B (h w) (p1 p2 C) -> B C (h p1) (w p2)", h=h, p1=p, p2=p, C=c)
+        x = self.final_layer(x)
+        return UViTOutput(sample=x) if return_dict else (x,)
+
+    def _run_block(self, blk: Block, x: torch.Tensor, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            return self._gradient_checkpointing_func(blk, x, skip)
+        return blk(x, skip)
+
+
+def preset_config(name: str, **overrides) -> dict:
+    """Config dict of a preset "uvit-<size>/<patch>" with overrides applied."""
+    base, sep, patch = name.lower().partition("/")
+    if base not in PRESETS or not sep or not patch.isdigit():
+        valid = ", ".join(f"{n}/2, {n}/4" for n in PRESETS)
+        raise ValueError(f"unknown preset {name!r}; valid: {valid}")
+    return {**PRESETS[base], "patch_size": int(patch), **overrides}
+
+
+# ---------------------------------------------------------------------- reference checkpoints
+# keyword of the reference UViT.__init__ -> ours; keys mapped to None are accepted and ignored.
+_REFERENCE_KEYS = {
+    "img_size": "sample_size",
+    "patch_size": "patch_size",
+    "in_chans": "in_channels",
+    "embed_dim": "embed_dim",
+    "depth": "depth",
+    "num_heads": "num_heads",
+    "mlp_ratio": "mlp_ratio",
+    "qkv_bias": "qkv_bias",
+    "mlp_time_embed": "mlp_time_embed",
+    "num_classes": "num_classes",
+    "conv": "use_final_conv",
+    "skip": "long_skip",
+    "use_checkpoint": None,
+    "name": None,
+}
+
+
+def config_from_reference(reference: dict, **overrides) -> dict:
+    """Map a reference U-ViT `nnet` config (libs/uvit.py keywords) onto UViT's config."""
+    unknown = sorted(set(reference) - set(_REFERENCE_KEYS) - {"qk_scale"})
+    if unknown:
+        raise ValueError(f"unsupported reference config keys {unknown}; known: {sorted(_REFERENCE_KEYS)}")
+    if reference.get("qk_scale") is not None:
+        raise ValueError("qk_scale other than None (head_dim^-0.5) is not supported")
+    config = {ours: reference[theirs] for theirs, ours in _REFERENCE_KEYS.items() if ours and theirs in reference}
+    return {**config, **overrides}
+
+
+def load_reference_checkpoint(path: str, reference_config: dict, **overrides) -> UViT:
+    """Load a published U-ViT `.pth` (e.g. nnet_ema.pth) with `strict=True`.
+
+    reference_config: the `nnet` keywords of the reference config (img_size, patch_size, ...);
+    overrides: uvic fields such as attention_type. Only tensors are unpickled (weights_only).
+    Note: the reference discrete-time models were trained with timesteps 1..N, where diffusers
+    counts 0..N-1.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "nnet"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    model = UViT(**config_from_reference(reference_config, **overrides))
+    model.load_state_dict(state, strict=True)
+    return model
