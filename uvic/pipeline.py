@@ -1,0 +1,148 @@
+"""UViCPipeline: sampling from a U-ViT / U-ViC with any diffusers scheduler.
+
+Classifier-free guidance follows U-ViT: the conditional and the null-class halves run in one
+batch and ε̂ = ε_uncond + w (ε_cond − ε_uncond). w = 1 is no guidance (the conditional model
+alone, one forward pass); U-ViT's "scale 0.4" (ε_cond + 0.4 (ε_cond − ε_uncond)) is w = 1.4.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import List, Optional, Union
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    ImagePipelineOutput,
+    UniPCMultistepScheduler,
+)
+from diffusers.utils.torch_utils import randn_tensor
+
+from .model import UViT
+
+# name -> (diffusers scheduler class, config overrides). Every one is built with `from_config` of the
+# training scheduler, so the beta schedule and prediction type carry over.
+SCHEDULERS = {
+    "ddpm": (DDPMScheduler, {}),
+    "ddim": (DDIMScheduler, {}),
+    "dpm++2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpm++3m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 3}),
+    "dpm++2m-sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler-a": (EulerAncestralDiscreteScheduler, {}),
+    "heun": (HeunDiscreteScheduler, {}),
+    "unipc": (UniPCMultistepScheduler, {}),
+}
+
+
+def make_scheduler(name: str, base_config):
+    """A fresh scheduler `name` (see SCHEDULERS) sharing `base_config`'s betas and prediction type."""
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; valid: {', '.join(SCHEDULERS)}")
+    cls, extra = SCHEDULERS[name]
+    return cls.from_config(base_config, **extra)
+
+
+class UViCPipeline(DiffusionPipeline):
+    """Sampling pipeline: `model` (UViT), `scheduler` (any diffusers scheduler), optional `vae`.
+
+    With a `vae` (diffusers AutoencoderKL) the model works on latents, decoded as
+    vae.decode(latents / vae.config.scaling_factor).
+    """
+
+    model_cpu_offload_seq = "model->vae"
+    _optional_components = ["vae"]
+
+    def __init__(self, model: UViT, scheduler, vae=None):
+        super().__init__()
+        self.register_modules(model=model, scheduler=scheduler, vae=vae)
+
+    # ------------------------------------------------------------------ class labels
+    @property
+    def num_real_classes(self) -> int:
+        """Classes a user may ask for (the last label of the table is the null class); 0 if unconditional."""
+        n = self.model.config.num_classes
+        return n - 1 if n > 0 else 0
+
+    def check_inputs(self, batch_size: int, class_labels, guidance_scale: float) -> Optional[torch.Tensor]:
+        """Validate labels and guidance against the model; returns labels as a (B,) long tensor or None."""
+        if self.num_real_classes == 0:
+            if class_labels is not None:
+                raise ValueError("this model is unconditional: class_labels must be None")
+            if guidance_scale != 1.0:
+                raise ValueError(f"guidance needs a class-conditional model; got guidance_scale={guidance_scale}")
+            return None
+        if class_labels is None:
+            class_labels = torch.arange(batch_size) % self.num_real_classes
+        labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
+        if labels.numel() != batch_size:
+            raise ValueError(f"got {labels.numel()} class labels for batch_size={batch_size}")
+        if labels.min() < 0 or labels.max() >= self.num_real_classes:
+            raise ValueError(
+                f"class labels must lie in 0..{self.num_real_classes - 1}, got {labels.min().item()}..{labels.max().item()}"
+            )
+        return labels
+
+    # ------------------------------------------------------------------ sampling
+    def predict(self, x: torch.Tensor, t, labels: Optional[torch.Tensor], guidance_scale: float) -> torch.Tensor:
+        """Model output at x_t (B, C, H, W), with classifier-free guidance when guidance_scale != 1."""
+        if labels is None or guidance_scale == 1.0:
+            return self.model(x, t, class_labels=labels).sample
+        null = torch.full_like(labels, self.model.config.num_classes - 1)
+        both = self.model(torch.cat([x, x]), t, class_labels=torch.cat([labels, null])).sample
+        cond, uncond = both.chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        num_inference_steps: int = 50,
+        class_labels: Optional[Union[List[int], torch.Tensor]] = None,
+        guidance_scale: float = 1.0,
+        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ):
+        """Sample `batch_size` images. A list of generators (one per sample) makes each image
+        depend only on its own generator, whatever the batch it is drawn in.
+
+        Returns ImagePipelineOutput(images): PIL list, NHWC float numpy in [0, 1] ("np") or NCHW
+        float tensor in [0, 1] ("pt").
+        """
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"got {len(generator)} generators for batch_size={batch_size}")
+        labels = self.check_inputs(batch_size, class_labels, guidance_scale)
+        device, dtype = self._execution_device, self.model.dtype
+        cfg = self.model.config
+        shape = (batch_size, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        x = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        if labels is not None:
+            labels = labels.to(device)
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        x = x * self.scheduler.init_noise_sigma
+        accepts_generator = "generator" in inspect.signature(self.scheduler.step).parameters
+        step_kwargs = {"generator": generator} if accepts_generator else {}
+        for t in self.progress_bar(self.scheduler.timesteps):
+            model_input = self.scheduler.scale_model_input(x, t).to(dtype)
+            out = self.predict(model_input, t, labels, guidance_scale).float()
+            x = self.scheduler.step(out, t, x, **step_kwargs).prev_sample
+
+        if self.vae is not None:
+            x = self.vae.decode((x / self.vae.config.scaling_factor).to(self.vae.dtype)).sample.float()
+        images = (x / 2 + 0.5).clamp(0, 1)  # (B, C, H, W) in [0, 1]
+        if output_type != "pt":
+            images = images.permute(0, 2, 3, 1).cpu().numpy()
+            if output_type == "pil":
+                images = self.numpy_to_pil(images)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
