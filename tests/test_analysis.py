@@ -1,0 +1,147 @@
+"""Attention analysis: statistics with known answers, hooks that change nothing, the command end to end."""
+
+import csv
+import math
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from uvic.analysis import (
+    STATISTICS,
+    AttentionRecorder,
+    analyse,
+    attention_statistics,
+    main,
+    resolve_model,
+    resolve_query_tokens,
+    token_similarity,
+)
+from uvic.model import UViT
+
+TINY = dict(sample_size=8, in_channels=3, patch_size=2, embed_dim=32, depth=4, num_heads=4)
+
+
+def test_pure_sink_puts_all_mass_on_one_key_with_zero_entropy():
+    a = torch.zeros(1, 1, 5, 5)
+    a[..., 0] = 1.0  # every query attends only to key 0 (the time token with extras=1)
+    stats = attention_statistics(a, extras=1)
+    assert stats["sink_score"].item() == pytest.approx(1.0)
+    assert stats["extras_mass"].item() == pytest.approx(1.0)
+    assert stats["entropy"].item() == pytest.approx(0.0)
+    assert stats["neg_mass"].item() == 0 and stats["neg_keys"].item() == 0
+
+
+def test_uniform_weights_have_maximal_entropy_and_no_sink():
+    n = 6
+    a = torch.full((2, 3, n, n), 1.0 / n)
+    stats = attention_statistics(a, extras=2)
+    assert torch.allclose(stats["entropy"], torch.full((2, 3), math.log(n)))
+    assert torch.allclose(stats["sink_score"], torch.full((2, 3), 1.0 / n))
+    assert torch.allclose(stats["extras_mass"], torch.full((2, 3), 2.0 / n))
+    assert torch.allclose(stats["head_similarity"], torch.ones(2, 3))  # identical heads
+
+
+def test_negative_mass_and_share_of_negative_keys_of_a_known_row():
+    a = torch.tensor([[[[0.5, -0.3, 0.2, 0.0], [0.25, 0.25, -0.25, -0.25]]]])  # (1, 1, 2, 4), |rows| sum to 1
+    stats = attention_statistics(a, extras=1)
+    assert stats["neg_mass"].item() == pytest.approx((0.3 + 0.5) / 2)
+    assert stats["neg_keys"].item() == pytest.approx(3 / 8)
+    assert stats["sink_score"].item() == pytest.approx(0.375)  # key 0: (0.5 + 0.25) / 2
+    expected_entropy = (-sum(p * math.log(p) for p in (0.5, 0.3, 0.2)) + math.log(4)) / 2
+    assert stats["entropy"].item() == pytest.approx(expected_entropy, rel=1e-5)
+
+
+def test_orthogonal_heads_have_zero_similarity():
+    a = torch.zeros(1, 2, 3, 3)
+    a[0, 0, :, 0] = 1.0
+    a[0, 1, :, 1] = 1.0
+    assert torch.allclose(attention_statistics(a, extras=1)["head_similarity"], torch.zeros(1, 2))
+
+
+def test_token_similarity_is_one_for_collapsed_and_zero_for_orthogonal_tokens():
+    collapsed = torch.randn(1, 1, 8).expand(2, 5, 8) * torch.rand(2, 5, 1).add(0.1)
+    assert torch.allclose(token_similarity(collapsed), torch.ones(2), atol=1e-5)
+    assert torch.allclose(token_similarity(torch.eye(4)[None]), torch.zeros(1), atol=1e-6)
+
+
+@pytest.mark.parametrize("attention_type", ["softmax", "cog"])
+def test_capturing_weights_leaves_model_outputs_bit_identical(attention_type):
+    torch.manual_seed(0)
+    model = UViT(**TINY, num_classes=3, attention_type=attention_type).eval()
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([10, 900]), torch.tensor([0, 2])
+    with torch.no_grad():
+        plain = model(x, t, y).sample
+        captured = []
+        with AttentionRecorder(model, lambda b, a: captured.append((b, a)), lambda b, h: None):
+            hooked = model(x, t, y).sample
+        after = model(x, t, y).sample
+    assert torch.equal(plain, hooked) and torch.equal(plain, after)
+    assert [b for b, _ in captured] == list(range(5))
+    a = captured[1][1]
+    assert a.shape == (2, 4, 2 + 16, 2 + 16)
+    assert torch.allclose(a.abs().sum(-1), torch.ones(2, 4, 18), atol=1e-5)
+    assert all(not blk.attn._forward_hooks and not blk._forward_hooks for blk in model.blocks)  # no cost when off
+
+
+def test_softmax_model_reports_zero_negative_mass_and_cog_model_some():
+    torch.manual_seed(0)
+    scheduler = DDPMScheduler()
+    results = {}
+    for kind in ("softmax", "cog"):
+        model = UViT(**TINY, attention_type=kind)
+        results[kind] = analyse(model, scheduler, kind, [100, 900], num_images=3, batch_size=2, query_tokens=["center"])
+    soft, cog = (r.rows() for r in (results["softmax"], results["cog"]))
+    assert len(soft) == 2 * 5 * 4 and all(r["neg_mass"] == 0 and r["neg_keys"] == 0 for r in soft)
+    cog_rows = [r for r in cog if r["attention_type"] == "cog"]
+    assert cog_rows and all(r["neg_mass"] > 0 for r in cog_rows)
+    assert all(r["neg_mass"] == 0 for r in cog if r["attention_type"] == "softmax")
+    assert results["cog"].counts == {100: 3, 900: 3}
+    assert results["cog"].maps[(100, 0)].shape == (4, 1, 1 + 16)
+
+
+def test_query_tokens_resolve_to_token_indices_and_reject_bad_specs():
+    tokens = resolve_query_tokens(["center", "corner", "time", "label", "1:3", "5"], (4, 4), extras=2)
+    assert [t for _, t in tokens] == [2 + 10, 2, 1, 0, 2 + 7, 2 + 5]
+    with pytest.raises(ValueError, match="outside the 4x4 patch grid"):
+        resolve_query_tokens(["4:0"], (4, 4), extras=1)
+    with pytest.raises(ValueError, match="unconditional"):
+        resolve_query_tokens(["label"], (4, 4), extras=1)
+
+
+def _save_pipeline_folder(path, **config):
+    UViT(**TINY, **config).save_pretrained(path / "model")
+    DDPMScheduler(num_train_timesteps=100).save_pretrained(path / "scheduler")
+
+
+def test_command_compares_two_models_and_writes_every_file(tmp_path):
+    torch.manual_seed(0)
+    _save_pipeline_folder(tmp_path / "uvit", num_classes=3)
+    run = tmp_path / "runs" / "uvic"
+    _save_pipeline_folder(run / "final", num_classes=3, attention_type="cog")
+    assert resolve_model(run).model_dir == run / "final" / "model"
+    out = tmp_path / "out"
+    main(["attention", str(tmp_path / "uvit"), str(run), "--timesteps", "5,95", "--num-images", "3",
+          "--batch-size", "2", "--device", "cpu", "--data", "noise", "--query-tokens", "center", "time", "--dpi", "40", "--out", str(out)])
+    with open(out / "stats.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["model"] for r in rows} == {"uvit", "uvic"}
+    assert len(rows) == 2 * 2 * 5 * 4  # models x timesteps x blocks x heads
+    assert set(STATISTICS) <= set(rows[0])
+    summary = (out / "summary.md").read_text()
+    assert "| | uvit | uvic |" in summary and "| neg_mass | 95 | 0.000 |" in summary
+    expected = {f"maps_{m}_{q}_t{t}.png" for m in ("uvit", "uvic") for q in ("patch2_2", "time") for t in (5, 95)}
+    expected |= {f"stats_{s}.png" for s in STATISTICS if s != "collapse"} | {"collapse.png"}
+    written = {p.name for p in out.iterdir()}
+    assert expected | {"stats.csv", "summary.md"} == written
+    for name in expected:
+        assert (out / name).read_bytes()[:4] == b"\x89PNG" and f"]({name})" in summary
+
+
+def test_command_rejects_a_bad_timestep_before_running(tmp_path):
+    _save_pipeline_folder(tmp_path / "m")
+    with pytest.raises(ValueError, match="out of range"):
+        main(["attention", str(tmp_path / "m"), "--timesteps", "100", "--out", str(tmp_path / "o"), "--data", "noise"])
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        main(["attention", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
