@@ -3,6 +3,7 @@
 import csv
 import math
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
@@ -120,9 +121,12 @@ def test_command_compares_two_models_and_writes_every_file(tmp_path):
     run = tmp_path / "runs" / "uvic"
     _save_pipeline_folder(run / "final", num_classes=3, attention_type="cog")
     assert resolve_model(run).model_dir == run / "final" / "model"
+    images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "images.npz", arr_0=images, labels=np.array([0, 1, 2, 1]))
     out = tmp_path / "out"
     main(["attention", str(tmp_path / "uvit"), str(run), "--timesteps", "5,95", "--num-images", "3",
-          "--batch-size", "2", "--device", "cpu", "--data", "noise", "--query-tokens", "center", "time", "--dpi", "40", "--out", str(out)])
+          "--batch-size", "2", "--device", "cpu", "--data", str(tmp_path / "images.npz"), "--labels", "data",
+          "--query-tokens", "center,time", "--dpi", "40", "--out", str(out)])
     with open(out / "stats.csv") as f:
         rows = list(csv.DictReader(f))
     assert {r["model"] for r in rows} == {"uvit", "uvic"}
@@ -130,6 +134,7 @@ def test_command_compares_two_models_and_writes_every_file(tmp_path):
     assert set(STATISTICS) <= set(rows[0])
     summary = (out / "summary.md").read_text()
     assert "| | uvit | uvic |" in summary and "| neg_mass | 95 | 0.000 |" in summary
+    assert "3 images of 4 images from" in summary
     expected = {f"maps_{m}_{q}_t{t}.png" for m in ("uvit", "uvic") for q in ("patch2_2", "time") for t in (5, 95)}
     expected |= {f"stats_{s}.png" for s in STATISTICS if s != "collapse"} | {"collapse.png"}
     written = {p.name for p in out.iterdir()}

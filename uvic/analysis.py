@@ -288,11 +288,10 @@ def image_source_from_path(path, channels: int, size: int) -> ImageSource:
 
 def image_source_from_run(run_dir: Path, sample_size: int) -> ImageSource:
     """The evaluation split of the data set in a run's config.yaml (uvic.data.build_dataset)."""
-    from omegaconf import OmegaConf
+    from .config import load_config  # lazily: only runs with a config need them
+    from .data import build_dataset
 
-    from .data import build_dataset  # lazily: only runs with a config need it
-
-    cfg = OmegaConf.load(run_dir / "config.yaml")
+    cfg = load_config(run_dir / "config.yaml", [])
     dataset = build_dataset(cfg.data, sample_size, train=False)
     name = cfg.data.get("name", "data")
 
@@ -692,6 +691,7 @@ def _parse_timesteps(text: str) -> List[int]:
 def run_attention(args) -> List[Path]:
     """The `attention` subcommand: analyse every model, write stats.csv, summary.md and PNGs."""
     timesteps = _parse_timesteps(args.timesteps)
+    query_tokens = [q for q in args.query_tokens.split(",") if q.strip()]
     if args.num_images < 1 or args.batch_size < 1:
         raise ValueError(f"--num-images and --batch-size must be >= 1, got {args.num_images} and {args.batch_size}")
     names = _model_names(args.models, args.names)
@@ -711,7 +711,7 @@ def run_attention(args) -> List[Path]:
         images = image_source_from_path(args.data, first.in_channels, first.sample_size)
     for name, (model, scheduler) in zip(names, loaded):  # fail fast on bad options, before any forward pass
         cfg = model.config
-        resolve_query_tokens(args.query_tokens, (cfg.sample_size // cfg.patch_size,) * 2, model.extras)
+        resolve_query_tokens(query_tokens, (cfg.sample_size // cfg.patch_size,) * 2, model.extras)
         _label_function(args.labels, cfg.num_classes, images)
         steps = scheduler.config.num_train_timesteps
         bad = [t for t in timesteps if not 0 <= t < steps]
@@ -733,7 +733,7 @@ def run_attention(args) -> List[Path]:
     for name, (model, scheduler) in zip(names, loaded):
         analyses.append(
             analyse(model, scheduler, name, timesteps, images=images, num_images=args.num_images,
-                    batch_size=args.batch_size, labels=args.labels, query_tokens=args.query_tokens,
+                    batch_size=args.batch_size, labels=args.labels, query_tokens=query_tokens,
                     seed=args.seed, device=device, progress=True)
         )
         model.to("cpu")
@@ -760,8 +760,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--seed", type=int, default=0, help="seed of the image subset and the noise (default 0)")
-    p.add_argument("--query-tokens", nargs="+", default=["center", "corner"],
-                   help="query tokens to map: center, corner, time, label, R:C (patch row:col) or a patch index")
+    p.add_argument("--query-tokens", default="center,corner",
+                   help="comma-separated query tokens to map: center, corner, time, label, R:C (patch row:col) "
+                   "or a patch index (default center,corner)")
     p.add_argument("--data", default="auto",
                    help="auto (the run's data set, else noise), noise, an .npz (arr_0 NHWC uint8) or an image folder")
     p.add_argument("--labels", default="null", help="class labels: null (num_classes-1), data, or e.g. 3 or 0,1,2")
