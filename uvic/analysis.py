@@ -241,13 +241,13 @@ def load_model(source: ModelSource):
     return model, DDPMScheduler.from_pretrained(source.scheduler_dir)
 
 
+@dataclass
 class ImageSource:
-    """Clean images x0 in [-1, 1], (C, S, S), with labels: a torch Dataset, an .npz or an image folder."""
+    """Clean images x0 in [-1, 1], (C, S, S), with labels (-1 = none): a data set, an .npz or an image folder."""
 
-    def __init__(self, description: str, length: int, get: Callable[[int], Tuple[torch.Tensor, int]]):
-        self.description = description
-        self.length = length
-        self.get = get
+    description: str
+    length: int
+    get: Callable[[int], Tuple[torch.Tensor, int]]  # index -> (x0, label)
 
     def __len__(self) -> int:
         return self.length
