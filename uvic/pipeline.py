@@ -2,7 +2,8 @@
 
 Classifier-free guidance follows U-ViT: the conditional and the null-class halves run in one
 batch and ε̂ = ε_uncond + w (ε_cond − ε_uncond). w = 1 is no guidance (the conditional model
-alone, one forward pass); U-ViT's "scale 0.4" (ε_cond + 0.4 (ε_cond − ε_uncond)) is w = 1.4.
+alone, one forward pass); U-ViT's "scale 0.4" (ε_cond + 0.4 (ε_cond − ε_uncond)) is w = 1.4;
+w = 0 is the unconditional (null-class) model alone.
 """
 
 from __future__ import annotations
@@ -14,12 +15,15 @@ import torch
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
+    DEISMultistepScheduler,
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
     ImagePipelineOutput,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
     UniPCMultistepScheduler,
 )
 from diffusers.utils.torch_utils import randn_tensor
@@ -27,7 +31,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from .model import UViT
 
 # name -> (diffusers scheduler class, config overrides). Every one is built with `from_config` of the
-# training scheduler, so the beta schedule and prediction type carry over.
+# training scheduler, so the beta schedule and prediction type carry over (see make_scheduler).
 SCHEDULERS = {
     "ddpm": (DDPMScheduler, {}),
     "ddim": (DDIMScheduler, {}),
@@ -38,15 +42,37 @@ SCHEDULERS = {
     "euler-a": (EulerAncestralDiscreteScheduler, {}),
     "heun": (HeunDiscreteScheduler, {}),
     "unipc": (UniPCMultistepScheduler, {}),
+    "deis": (DEISMultistepScheduler, {}),
+    "lms": (LMSDiscreteScheduler, {}),
+    "plms": (PNDMScheduler, {"skip_prk_steps": True}),
 }
 
+# Facts of the trained model that every sampler must share. diffusers' from_config drops keys the source
+# config left at their default (`_use_default_values`), so these are passed explicitly.
+_TRAINING_KEYS = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "prediction_type",
+    "rescale_betas_zero_snr",
+)
 
-def make_scheduler(name: str, base_config):
-    """A fresh scheduler `name` (see SCHEDULERS) sharing `base_config`'s betas and prediction type."""
+
+def make_scheduler(name: str, base_config, **overrides):
+    """A fresh scheduler `name` (see SCHEDULERS) sharing `base_config`'s betas and prediction type.
+
+    overrides: further config keys, e.g. timestep_spacing="trailing".
+    """
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; valid: {', '.join(SCHEDULERS)}")
     cls, extra = SCHEDULERS[name]
-    return cls.from_config(base_config, **extra)
+    accepted = inspect.signature(cls.__init__).parameters
+    training = {k: base_config[k] for k in _TRAINING_KEYS if k in base_config and k in accepted}
+    if training.get("trained_betas") is None:
+        training.pop("trained_betas", None)
+    return cls.from_config(base_config, **{**training, **extra, **overrides})
 
 
 class UViCPipeline(DiffusionPipeline):
@@ -63,15 +89,27 @@ class UViCPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(model=model, scheduler=scheduler, vae=vae)
 
-    # ------------------------------------------------------------------ class labels
+    # ------------------------------------------------------------------ what the pipeline produces
     @property
     def num_real_classes(self) -> int:
         """Classes a user may ask for (the last label of the table is the null class); 0 if unconditional."""
         n = self.model.config.num_classes
         return n - 1 if n > 0 else 0
 
+    @property
+    def image_shape(self) -> tuple:
+        """(C, H, W) of the images this pipeline returns (after VAE decoding for latent models)."""
+        cfg = self.model.config
+        if self.vae is None:
+            return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return (self.vae.config.out_channels, cfg.sample_size * factor, cfg.sample_size * factor)
+
     def check_inputs(self, batch_size: int, class_labels, guidance_scale: float) -> Optional[torch.Tensor]:
-        """Validate labels and guidance against the model; returns labels as a (B,) long tensor or None."""
+        """Validate labels and guidance against the model; returns labels as a (B,) long tensor or None.
+
+        class_labels: None (classes 0, 1, ... in turn), one int for the whole batch, or one per sample.
+        """
         if self.num_real_classes == 0:
             if class_labels is not None:
                 raise ValueError("this model is unconditional: class_labels must be None")
@@ -81,6 +119,8 @@ class UViCPipeline(DiffusionPipeline):
         if class_labels is None:
             class_labels = torch.arange(batch_size) % self.num_real_classes
         labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
+        if labels.numel() == 1:
+            labels = labels.expand(batch_size)
         if labels.numel() != batch_size:
             raise ValueError(f"got {labels.numel()} class labels for batch_size={batch_size}")
         if labels.min() < 0 or labels.max() >= self.num_real_classes:
@@ -95,7 +135,9 @@ class UViCPipeline(DiffusionPipeline):
         if labels is None or guidance_scale == 1.0:
             return self.model(x, t, class_labels=labels).sample
         null = torch.full_like(labels, self.model.config.num_classes - 1)
-        both = self.model(torch.cat([x, x]), t, class_labels=torch.cat([labels, null])).sample
+        if guidance_scale == 0.0:
+            return self.model(x, t, class_labels=null).sample
+        both = self.model(torch.cat([x, x]), t, class_labels=torch.cat([labels, null])).sample  # (2B, C, H, W)
         cond, uncond = both.chunk(2)
         return uncond + guidance_scale * (cond - uncond)
 
@@ -104,7 +146,7 @@ class UViCPipeline(DiffusionPipeline):
         self,
         batch_size: int = 1,
         num_inference_steps: int = 50,
-        class_labels: Optional[Union[List[int], torch.Tensor]] = None,
+        class_labels: Optional[Union[int, List[int], torch.Tensor]] = None,
         guidance_scale: float = 1.0,
         generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
         output_type: str = "pil",
@@ -118,13 +160,15 @@ class UViCPipeline(DiffusionPipeline):
         """
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"got {len(generator)} generators for batch_size={batch_size}")
         labels = self.check_inputs(batch_size, class_labels, guidance_scale)
         device, dtype = self._execution_device, self.model.dtype
         cfg = self.model.config
         shape = (batch_size, cfg.in_channels, cfg.sample_size, cfg.sample_size)
-        x = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        x = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)  # x_T, kept in float32
         if labels is not None:
             labels = labels.to(device)
 

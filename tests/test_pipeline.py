@@ -1,0 +1,153 @@
+"""UViCPipeline: save/load, every scheduler, U-ViT-style guidance, per-sample generators, VAE decoding."""
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler
+
+from uvic.model import UViT
+from uvic.pipeline import SCHEDULERS, UViCPipeline, make_scheduler
+
+TINY = dict(sample_size=8, in_channels=3, patch_size=2, embed_dim=32, depth=2, num_heads=2)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, above all on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_pipeline(num_classes=5, scheduler=None, seed=0):
+    torch.manual_seed(seed)
+    model = UViT(**TINY, num_classes=num_classes).eval()
+    pipe = UViCPipeline(model=model, scheduler=scheduler or DDPMScheduler(num_train_timesteps=100))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generators(n, offset=0):
+    return [torch.Generator().manual_seed(1000 + offset + i) for i in range(n)]
+
+
+def test_save_pretrained_round_trip_gives_the_same_samples(tmp_path):
+    pipe = tiny_pipeline()
+    pipe.save_pretrained(tmp_path / "final")
+    loaded = UViCPipeline.from_pretrained(tmp_path / "final")
+    loaded.set_progress_bar_config(disable=True)
+    assert isinstance(loaded.model, UViT) and isinstance(loaded.scheduler, DDPMScheduler) and loaded.vae is None
+    assert loaded.model.config.num_classes == 5
+    kwargs = dict(batch_size=3, num_inference_steps=4, class_labels=[0, 1, 3], guidance_scale=2.0, output_type="pt")
+    expected = pipe(generator=generators(3), **kwargs).images
+    assert torch.equal(loaded(generator=generators(3), **kwargs).images, expected)
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_every_scheduler_runs_a_few_steps(name):
+    pipe = tiny_pipeline()
+    pipe.scheduler = make_scheduler(name, pipe.scheduler.config)
+    images = pipe(batch_size=2, num_inference_steps=3, guidance_scale=1.5, generator=generators(2), output_type="np").images
+    assert images.shape == (2, 8, 8, 3)
+    assert images.min() >= 0 and images.max() <= 1 and not (images == images[:1]).all()
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_make_scheduler_carries_the_training_schedule_and_prediction_type(name):
+    base = DDPMScheduler(num_train_timesteps=200, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                         prediction_type="v_prediction")
+    scheduler = make_scheduler(name, base.config, timestep_spacing="trailing")
+    assert type(scheduler) is SCHEDULERS[name][0]
+    for key in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type"):
+        assert scheduler.config[key] == base.config[key], key
+    assert scheduler.config.timestep_spacing == "trailing"
+    assert torch.allclose(scheduler.alphas_cumprod, base.alphas_cumprod)
+
+
+def test_unknown_scheduler_lists_the_valid_names():
+    with pytest.raises(ValueError, match="unknown scheduler 'dpm'.*ddim.*dpm\\+\\+2m.*unipc"):
+        make_scheduler("dpm", DDPMScheduler().config)
+
+
+def test_guidance_one_is_the_conditional_model_alone():
+    pipe = tiny_pipeline(scheduler=DDIMScheduler(num_train_timesteps=100))
+    labels = torch.tensor([2, 0])
+    images = pipe(batch_size=2, num_inference_steps=3, class_labels=labels, guidance_scale=1.0,
+                  generator=generators(2), output_type="pt").images
+
+    # The same DDIM loop by hand, with one conditional forward pass per step.
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(3)
+    x = torch.cat([torch.randn((1, 3, 8, 8), generator=g) for g in generators(2)])
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(pipe.model(x, t, class_labels=labels).sample, t, x).prev_sample
+    assert torch.allclose(images, (x / 2 + 0.5).clamp(0, 1), atol=1e-6)
+
+    guided = pipe(batch_size=2, num_inference_steps=3, class_labels=labels, guidance_scale=3.0,
+                  generator=generators(2), output_type="pt").images
+    assert (guided - images).abs().max() > 1e-3
+
+
+def test_u_vit_scale_0_4_is_guidance_1_4_and_zero_is_the_null_class():
+    pipe = tiny_pipeline()
+    x, t, labels = torch.randn(3, 3, 8, 8), torch.tensor(50), torch.tensor([0, 1, 3])
+    null = torch.full_like(labels, 4)  # num_classes=5: real classes 0..3, null label 4
+    with torch.no_grad():
+        cond = pipe.model(x, t, class_labels=labels).sample
+        uncond = pipe.model(x, t, class_labels=null).sample
+        assert torch.allclose(pipe.predict(x, t, labels, 1.4), cond + 0.4 * (cond - uncond), atol=1e-5)
+        assert torch.allclose(pipe.predict(x, t, labels, 0.0), uncond, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["ddpm", "euler-a", "dpm++2m-sde"])
+def test_a_sample_depends_on_its_generator_not_on_its_batch(name):
+    """Stochastic samplers too: the noise of every step comes from the sample's own generator."""
+    pipe = tiny_pipeline()
+    pipe.scheduler = make_scheduler(name, pipe.scheduler.config)
+    labels = [1, 2, 3, 0]
+    kwargs = dict(num_inference_steps=3, guidance_scale=1.5, output_type="pt")
+    whole = pipe(batch_size=4, class_labels=labels, generator=generators(4), **kwargs).images
+    first = pipe(batch_size=1, class_labels=labels[:1], generator=generators(1), **kwargs).images
+    rest = pipe(batch_size=3, class_labels=labels[1:], generator=generators(3, offset=1), **kwargs).images
+    assert torch.allclose(whole, torch.cat([first, rest]), atol=1e-6)
+
+
+def test_class_labels_one_int_for_the_batch_and_bad_labels():
+    pipe = tiny_pipeline()
+    assert pipe.check_inputs(3, 2, 1.0).tolist() == [2, 2, 2]
+    assert pipe.check_inputs(5, None, 1.0).tolist() == [0, 1, 2, 3, 0]
+    with pytest.raises(ValueError, match="class labels must lie in 0..3, got 0..4"):
+        pipe(batch_size=2, class_labels=[0, 4], num_inference_steps=1)
+    with pytest.raises(ValueError, match="got 3 class labels for batch_size=2"):
+        pipe(batch_size=2, class_labels=[0, 1, 2], num_inference_steps=1)
+    with pytest.raises(ValueError, match="got 1 generators for batch_size=2"):
+        pipe(batch_size=2, generator=generators(1), num_inference_steps=1)
+
+
+def test_unconditional_model_refuses_labels_and_guidance():
+    pipe = tiny_pipeline(num_classes=0)
+    assert pipe.num_real_classes == 0
+    assert pipe(batch_size=2, num_inference_steps=2, output_type="pt").images.shape == (2, 3, 8, 8)
+    with pytest.raises(ValueError, match="unconditional: class_labels must be None"):
+        pipe(batch_size=1, class_labels=[0], num_inference_steps=1)
+    with pytest.raises(ValueError, match="guidance needs a class-conditional model; got guidance_scale=1.5"):
+        pipe(batch_size=1, guidance_scale=1.5, num_inference_steps=1)
+
+
+def test_latent_model_decodes_through_its_vae_and_saves_it(tmp_path):
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                        sample_size=16, scaling_factor=0.5).eval()
+    model = UViT(**{**TINY, "in_channels": 4}, num_classes=3).eval()
+    pipe = UViCPipeline(model=model, scheduler=DDPMScheduler(num_train_timesteps=100, clip_sample=False), vae=vae)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.image_shape == (3, 16, 16)
+    images = pipe(batch_size=2, num_inference_steps=2, generator=generators(2), output_type="pt").images
+    assert images.shape == (2, 3, 16, 16)
+    pipe.save_pretrained(tmp_path / "final")
+    loaded = UViCPipeline.from_pretrained(tmp_path / "final")
+    loaded.set_progress_bar_config(disable=True)
+    assert isinstance(loaded.vae, AutoencoderKL) and loaded.vae.config.scaling_factor == 0.5
+    assert torch.equal(loaded(batch_size=2, num_inference_steps=2, generator=generators(2), output_type="pt").images, images)
