@@ -1,0 +1,268 @@
+"""Latent diffusion: ADM center crop, VAE-moment shards (resume, ranks), LatentDataset sampling,
+attach_vae, ImageNet configs and presets, and the whole path extract -> train -> sample -> FID."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler
+from omegaconf import OmegaConf
+from PIL import Image
+
+from uvic.latents import (
+    LatentDataset,
+    attach_vae,
+    center_crop,
+    extract_latents,
+    find_images,
+    load_vae,
+    shard_name,
+    shards_for_process,
+)
+from uvic.model import UViT, preset_config
+from uvic.pipeline import UViCPipeline
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ["n01", "n02", "n03"]
+SIZES = [(20, 24), (24, 20), (16, 16), (30, 17)]  # (W, H): portrait, landscape, square, odd
+RES = 16  # pixels; the tiny VAE halves once -> latents (4, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    """A 2-stage AutoencoderKL with random weights, saved like a hub download."""
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16), sample_size=RES, scaling_factor=0.18215,
+    )
+    path = tmp_path_factory.mktemp("vae")
+    vae.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """ImageNet layout, 3 classes x 4 images of mixed sizes, left/right asymmetric (flips differ)."""
+    root = tmp_path_factory.mktemp("imagefolder")
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(CLASSES):
+        (root / name).mkdir()
+        for i, (w, h) in enumerate(SIZES):
+            arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            arr[:, : w // 3] = (80 * c, 40 * i, 200)
+            Image.fromarray(arr).save(root / name / f"img_{i}.png")
+    (root / "n02" / "notes.txt").write_text("not an image")
+    return root
+
+
+@pytest.fixture(scope="module")
+def latents(tiny_vae, image_folder, tmp_path_factory):
+    """One extraction (float16, no flip, 3 shards of 5/5/2 images) shared by the read-only tests."""
+    return extract(image_folder, tmp_path_factory.mktemp("latents") / "lat", tiny_vae)
+
+
+def extract(data, out, vae, **kw):
+    kw = {"resolution": RES, "batch_size": 3, "shard_size": 5, "num_workers": 0, "progress": False, **kw}
+    return extract_latents(data, out, vae=vae, **kw)
+
+
+def reference_moments(vae_path, data, rel, flip=False):
+    vae = load_vae(vae_path)
+    with Image.open(data / rel) as im:
+        x = torch.from_numpy(np.asarray(center_crop(im.convert("RGB"), RES), dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+    x = x.flip(-1) if flip else x
+    with torch.no_grad():
+        d = vae.encode(x[None]).latent_dist
+    return d.mean[0], d.std[0]
+
+
+# ---------------------------------------------------------------------- preprocessing
+def test_center_crop_resizes_the_shorter_side_and_keeps_the_center():
+    arr = np.zeros((40, 100, 3), np.uint8)  # H 40, W 100: center 40x40 white, sides black
+    arr[:, 30:70] = 255
+    out = center_crop(Image.fromarray(arr), 20)
+    assert out.size == (20, 20)
+    assert np.asarray(out)[:, 2:-2].min() >= 250  # only the white middle survives
+    big = center_crop(Image.fromarray(np.full((300, 200, 3), 7, np.uint8)), 64)  # box-halved first, then bicubic
+    assert big.size == (64, 64) and np.asarray(big).max() == 7
+
+
+def test_find_images_sorts_classes_and_skips_non_images(image_folder):
+    files, labels, classes = find_images(image_folder)
+    assert classes == CLASSES and len(files) == 12
+    assert labels == [0] * 4 + [1] * 4 + [2] * 4
+    assert files[4] == os.path.join("n02", "img_0.png")
+
+
+# ---------------------------------------------------------------------- extraction
+def test_extract_stores_the_vae_moments_of_both_flips_with_labels_and_meta(tiny_vae, image_folder, tmp_path):
+    out = extract(image_folder, tmp_path / "lat", tiny_vae, flip=True, dtype="float32")
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["num_images"] == 12 and meta["num_shards"] == 3 and meta["num_classes"] == 3
+    assert meta["classes"] == CLASSES and meta["latent_shape"] == [4, 8, 8] and meta["scale_factor"] == 0.18215
+    assert meta["vae"] == str(tiny_vae.resolve()) and (out / "vae" / "config.json").exists()
+
+    ds = LatentDataset(out)
+    assert len(ds) == 12 and ds.num_classes == 3 and ds.classes == CLASSES and ds.latent_shape == (4, 8, 8)
+    files, labels, _ = find_images(image_folder)
+    for i in (0, 6, 11):
+        mean, std, label = ds.moments(i)
+        assert mean.shape == (2, 4, 8, 8) and label == labels[i]
+        for view in (0, 1):
+            ref_mean, ref_std = reference_moments(tiny_vae, image_folder, files[i], flip=bool(view))
+            torch.testing.assert_close(mean[view], ref_mean, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(std[view], ref_std, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(mean[0], mean[1], atol=1e-3)  # the mirror is really a different image
+
+
+def test_latent_dataset_draws_from_the_moments_and_scales(latents):
+    ds = LatentDataset(latents, scale_factor=0.5)
+    mean, std, label = ds.moments(7)
+    torch.manual_seed(0)
+    draws = torch.stack([ds[7][0] for _ in range(64)])  # (64, 4, 8, 8)
+    assert draws.dtype == torch.float32 and ds[7][1] == label == 1 and isinstance(ds[7][1], int)
+    z = (draws / 0.5 - mean[0]) / std[0]  # standardized: N(0, 1) if z = 0.5 (mean + std eps)
+    assert abs(z.mean().item()) < 0.05 and abs(z.std().item() - 1) < 0.05
+    torch.testing.assert_close(draws.mean(0), 0.5 * mean[0], atol=4 * 0.5 * std[0].max().item() / 8, rtol=0)
+    assert not torch.equal(draws[0], draws[1])  # a fresh latent at every access
+    loader = torch.utils.data.DataLoader(ds, batch_size=5, num_workers=0)
+    x, y = next(iter(loader))
+    assert x.shape == (5, 4, 8, 8) and y.tolist() == [0, 0, 0, 0, 1]
+
+
+def test_extraction_resumes_missing_shards_and_never_takes_half_written_ones(latents, tiny_vae, image_folder, tmp_path):
+    out = Path(shutil.copytree(latents, tmp_path / "lat"))
+    kept = {s: (out / shard_name(s)).stat().st_mtime_ns for s in (0, 2)}
+    complete = LatentDataset(out).moments(6)
+    (out / shard_name(1)).rename(out / f".{shard_name(1)}.tmp-999")  # as if killed before the rename
+    with pytest.raises(FileNotFoundError, match="incomplete.*shard_00001.*rerun"):
+        LatentDataset(out)
+
+    extract(image_folder, out, tiny_vae)
+    assert {s: (out / shard_name(s)).stat().st_mtime_ns for s in (0, 2)} == kept  # complete shards skipped
+    assert not list(out.glob(".*tmp*"))  # the half-written file was cleaned up, not renamed
+    for a, b in zip(LatentDataset(out).moments(6), complete):
+        assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+
+    with pytest.raises(ValueError, match="resolution=16.*resolution=32"):
+        extract(image_folder, out, tiny_vae, resolution=32)
+
+
+def test_processes_take_disjoint_shards_that_together_cover_the_data(latents, tiny_vae, image_folder, tmp_path):
+    assert shards_for_process(7, 1, 3) == [1, 4] and sorted(sum((shards_for_process(7, r, 3) for r in range(3)), [])) == list(range(7))
+    out = tmp_path / "lat"
+    extract(image_folder, out, tiny_vae, process_index=1, num_processes=2)
+    assert sorted(p.name for p in out.glob("shard_*")) == [shard_name(1)]
+    extract(image_folder, out, tiny_vae, process_index=0, num_processes=2)
+    single = LatentDataset(latents)
+    two = LatentDataset(out)
+    for i in range(12):
+        assert all(torch.equal(torch.as_tensor(a), torch.as_tensor(b)) for a, b in zip(two.moments(i), single.moments(i)))
+
+
+def test_bad_input_fails_fast_with_one_clear_message(tiny_vae, image_folder, tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing_dir"):
+        extract(tmp_path / "missing_dir", tmp_path / "o", tiny_vae)
+    with pytest.raises(ValueError, match="resolution 15 is not divisible"):
+        extract(image_folder, tmp_path / "o", tiny_vae, resolution=15)
+    with pytest.raises(FileNotFoundError, match="meta.json"):
+        LatentDataset(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no_such_vae_folder"):
+        load_vae(str(tmp_path / "no_such_vae_folder"))
+
+
+def test_offline_hub_id_asks_for_a_local_folder():
+    with pytest.raises(OSError, match="pass a local folder") as err:
+        load_vae("uvic-tests/no-such-vae", local_files_only=True)
+    assert "--vae" in str(err.value)
+
+
+def test_attach_vae_decodes_latents_and_travels_with_the_pipeline(latents, tmp_path):
+    ds = LatentDataset(latents, scale_factor=0.25)
+    model = UViT(sample_size=8, in_channels=4, patch_size=2, embed_dim=32, depth=2, num_heads=2,
+                 num_classes=ds.num_classes + 1)
+    pipe = attach_vae(UViCPipeline(model, DDPMScheduler(num_train_timesteps=50)), ds)
+    assert pipe.vae.config.scaling_factor == 0.25  # the factor the model was trained with
+    images = pipe(batch_size=2, num_inference_steps=2, guidance_scale=1.4, output_type="pt",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (2, 3, RES, RES)
+    pipe.save_pretrained(tmp_path / "final")
+    loaded = UViCPipeline.from_pretrained(tmp_path / "final")
+    assert loaded.vae is not None and loaded.vae.config.scaling_factor == 0.25
+    again = loaded(batch_size=2, num_inference_steps=2, guidance_scale=1.4, output_type="pt",
+                   generator=torch.Generator().manual_seed(0)).images
+    torch.testing.assert_close(again, images)
+    assert attach_vae(UViCPipeline(model, DDPMScheduler()), latents).vae.config.scaling_factor == 0.18215  # meta.json's
+    assert LatentDataset(latents, scale_factor=None).scale_factor == 0.18215
+
+
+# ---------------------------------------------------------------------- ImageNet presets and configs
+def expected_parameters(D, depth, p, C, S, K, conv):
+    """U-ViT parameter count from the architecture: blocks of 12 D^2 + 10 D (LayerNorms, qkv without
+    bias, proj, 4x MLP), long-skip Linear(2D, D) in the depth/2 out-blocks, patch/label/position
+    embeddings, final LayerNorm, patch decoder and optional 3x3 conv."""
+    n = (S // p) ** 2
+    return ((C * p * p * D + D) + K * D + (2 + n) * D + (depth + 1) * (12 * D * D + 10 * D)
+            + depth // 2 * (2 * D * D + D) + 2 * D + (D * p * p * C + p * p * C) + (9 * C * C + C if conv else 0))
+
+
+@pytest.mark.parametrize("preset, size, conv, published_m", [
+    ("uvit-l/2", 32, True, 287), ("uvit-h/2", 32, False, 501), ("uvit-l/4", 64, True, 287), ("uvit-h/4", 64, False, 501),
+])
+def test_imagenet_presets_have_the_expected_parameter_counts(preset, size, conv, published_m):
+    with torch.device("meta"):
+        model = UViT.from_preset(preset, sample_size=size, in_channels=4, num_classes=1001, use_final_conv=conv)
+    cfg = model.config
+    n = sum(p.numel() for p in model.parameters())
+    assert n == expected_parameters(cfg.embed_dim, cfg.depth, cfg.patch_size, 4, size, 1001, conv)
+    assert round(n / 1e6) == published_m  # U-ViT paper, Table 1 / Table 5
+
+
+CONFIGS = ["imagenet256_uvit_l2", "imagenet256_uvit_h2", "imagenet512_uvit_l4", "imagenet512_uvit_h4"]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_imagenet_configs_are_twins_with_the_paper_recipe(name):
+    from uvic.config import load_config
+
+    uvit = load_config(REPO / "configs" / f"{name}.yaml")
+    uvic = load_config(REPO / "configs" / f"{name.replace('uvit', 'uvic')}.yaml")
+    assert (uvit.model.attention_type, uvic.model.attention_type) == ("softmax", "cog")
+    uvic.model.attention_type = "softmax"
+    assert OmegaConf.to_container(uvit) == OmegaConf.to_container(uvic)  # twins differ only there
+    large = "_l" in name
+    m, d, t = uvit.model, uvit.diffusion, uvit.train
+    assert (m.embed_dim, m.depth, m.num_heads) == ((1024, 20, 16) if large else (1152, 28, 16))
+    assert (m.sample_size, m.patch_size) == ((32, 2) if "256" in name else (64, 4))
+    assert (m.in_channels, m.num_classes, m.use_final_conv, m.gradient_checkpointing) == (4, 1001, large, True)
+    assert (d.beta_schedule, d.beta_start, d.beta_end, d.num_train_timesteps) == ("scaled_linear", 0.00085, 0.012, 1000)
+    assert d.prediction_type == "epsilon" and d.clip_sample is False
+    assert d.p_uncond == (0.15 if large else 0.1)  # baofff/U-ViT configs: L 0.15, H 0.1
+    assert (t.batch_size, t.lr, t.weight_decay, list(t.betas), t.warmup_steps) == (1024, 2e-4, 0.03, [0.99, 0.99], 5000)
+    assert t.steps == (300_000 if large and "256" in name else 500_000)
+    assert (t.mixed_precision, t.ema_decay, t.sample_scheduler, t.sample_steps) == ("bf16", 0.9999, "dpm++2m", 50)
+    assert t.sample_guidance == (1.4 if "256" in name else 1.7)  # U-ViT's scale 0.4 (256) and 0.7 (512)
+    assert uvit.data.name == "latents" and uvit.data.conditional and uvit.data.scale_factor == 0.18215
+
+
+def test_uvit_h2_trains_one_step_at_batch_1_with_gradient_checkpointing():
+    with torch.device("meta"):
+        model = UViT.from_preset("uvit-h/2", sample_size=32, in_channels=4, num_classes=1001, use_final_conv=False)
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.uniform_(-0.03, 0.03)  # std ~0.017; trunc_normal_ over 500M weights is slow on CPU
+    model.enable_gradient_checkpointing()
+    x = torch.randn(1, 4, 32, 32)
+    out = model(x, torch.tensor([500]), class_labels=torch.tensor([1000])).sample  # null label
+    assert out.shape == x.shape
+    out.square().mean().backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None for g in grads) and all(torch.isfinite(g).all() for g in grads[:5])

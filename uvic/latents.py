@@ -1,0 +1,404 @@
+"""Autoencoder latents for latent diffusion: extraction to shards, a dataset that samples them, VAE hooks.
+
+The U-ViT / DiT recipe on ImageNet: center-crop every image like ADM, encode it once with the
+Stable Diffusion VAE (diffusers AutoencoderKL), keep the posterior moments (mean, std) and draw a
+fresh latent z = scale_factor · (mean + std · ε) at every training step.
+
+    python -m uvic.latents extract --data IMAGENET/train --out data/imagenet256_latents \\
+        --resolution 256 [--vae stabilityai/sd-vae-ft-ema | LOCAL_FOLDER] [--flip]
+    accelerate launch -m uvic.latents extract ...     (several GPUs: ranks take disjoint shards)
+
+Layout of an extraction folder:
+
+    meta.json                  vae, scale_factor, resolution, latent_shape, flip, classes, num_classes
+                               (real classes, no null label), num_images, shard_size, num_shards, ...
+    vae/                       AutoencoderKL.save_pretrained copy (decoding never needs the hub)
+    shard_00000.safetensors    mean, std (N, V, C, h, w) float16; labels, index (N,) int64
+                               V = 2 with --flip (view 1 = horizontally flipped image), else 1
+
+A shard is written to a temporary name and renamed when complete, so an interrupted run leaves
+only complete shards and a rerun of the same command encodes just the missing ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"  # the VAE of U-ViT (autoencoder_kl_ema) and DiT
+SCALE_FACTOR = 0.18215  # Stable Diffusion's latent scale: unit variance for the SD VAE
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+META = "meta.json"
+VAE_DIR = "vae"
+STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+# ---------------------------------------------------------------------- images
+def center_crop(image: Image.Image, resolution: int) -> Image.Image:
+    """ADM / U-ViT preprocessing: resize the shorter side to `resolution`, then crop the center.
+
+    Large images are first halved with a box filter while the shorter side is >= 2 * resolution
+    (anti-aliasing), then resized with bicubic, as in ADM's center_crop_arr.
+    """
+    while min(image.size) >= 2 * resolution:
+        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
+    scale = resolution / min(image.size)
+    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
+    left, top = (image.size[0] - resolution) // 2, (image.size[1] - resolution) // 2
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+def find_images(root: Union[str, Path]) -> Tuple[List[str], List[int], List[str]]:
+    """ImageNet layout (one subfolder per class, sorted names = labels 0..K-1, torchvision's
+    ImageFolder convention) -> (relative file paths, labels, class names), in a fixed order."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--data {str(root)!r} is not a folder (expected one subfolder per class)")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise ValueError(f"--data {str(root)!r} has no class subfolders (ImageNet layout: DATA/<class>/<image>)")
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        for dirpath, dirnames, filenames in os.walk(root / name):
+            dirnames.sort()
+            for f in sorted(filenames):
+                if f.lower().endswith(IMAGE_EXTENSIONS):
+                    files.append(os.path.relpath(os.path.join(dirpath, f), root))
+                    labels.append(label)
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under the class folders of {str(root)!r}")
+    return files, labels, classes
+
+
+class CenterCropImages(Dataset):
+    """(image (3, R, R) float in [-1, 1], label, index) for the files of `find_images`."""
+
+    def __init__(self, root, files: Sequence[str], labels: Sequence[int], resolution: int):
+        self.root, self.files, self.labels, self.resolution = Path(root), files, labels, resolution
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        with Image.open(self.root / self.files[index]) as image:
+            image = center_crop(image.convert("RGB"), self.resolution)
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1  # (3, R, R)
+        return x, self.labels[index], index
+
+
+# ---------------------------------------------------------------------- VAE
+def load_vae(id_or_path: Union[str, Path] = DEFAULT_VAE, *, dtype: torch.dtype = torch.float32,
+             local_files_only: Optional[bool] = None):
+    """AutoencoderKL from a local folder (save_pretrained layout, or a pipeline folder with vae/)
+    or a hub id. Offline, a hub id fails with one message that says to pass a local folder."""
+    from diffusers import AutoencoderKL
+
+    path = Path(id_or_path)
+    if path.is_dir():
+        sub = path / VAE_DIR if not (path / "config.json").exists() and (path / VAE_DIR / "config.json").exists() else path
+        if not (sub / "config.json").exists():
+            raise FileNotFoundError(f"VAE folder {str(path)!r} has no config.json (expected AutoencoderKL.save_pretrained output)")
+        vae = AutoencoderKL.from_pretrained(sub, torch_dtype=dtype)
+    elif str(id_or_path).startswith((".", "/", "~")) or str(id_or_path).count("/") != 1:
+        raise FileNotFoundError(f"VAE {str(id_or_path)!r}: no such folder, and not a hub id of the form 'org/name'")
+    else:
+        if local_files_only is None:
+            local_files_only = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+        try:
+            vae = AutoencoderKL.from_pretrained(str(id_or_path), torch_dtype=dtype, local_files_only=local_files_only)
+        except OSError as err:
+            raise OSError(
+                f"VAE {str(id_or_path)!r} is no local folder and could not be loaded from the Hugging Face hub "
+                f"or its cache ({type(err).__name__}). "
+                f"Offline, pass a local folder instead: download it once where there is internet "
+                f"(`huggingface-cli download {id_or_path} --local-dir VAE_DIR`) and use --vae VAE_DIR."
+            ) from None
+    return vae.eval().requires_grad_(False)
+
+
+def downsample_factor(vae) -> int:
+    """Pixels per latent cell: 2 ** (number of encoder stages - 1), 8 for the SD VAE."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def attach_vae(pipeline, source, *, scale_factor: Optional[float] = None):
+    """Give a UViCPipeline the VAE its latents came from, so it decodes to images and
+    save_pretrained writes vae/ beside model/ and scheduler/.
+
+    source: a LatentDataset, an extraction folder (meta.json; its vae/ copy is used), a VAE folder
+    or hub id, or an AutoencoderKL. scale_factor: the factor the model was trained with (default:
+    the dataset's, else the extraction's meta.json, else the VAE's own); it is written into
+    vae.config.scaling_factor, which the pipeline divides by before decoding.
+    """
+    from diffusers import AutoencoderKL
+
+    if isinstance(source, LatentDataset):
+        scale_factor = source.scale_factor if scale_factor is None else scale_factor
+        source = source.path
+    if isinstance(source, AutoencoderKL):
+        vae = source.eval().requires_grad_(False)
+    else:
+        folder = Path(source)
+        if (folder / META).exists():
+            meta = read_meta(folder)
+            scale_factor = meta["scale_factor"] if scale_factor is None else scale_factor
+            vae = load_vae(folder / VAE_DIR if (folder / VAE_DIR).is_dir() else meta["vae"])
+        else:
+            vae = load_vae(source)
+    if scale_factor is not None:
+        vae.register_to_config(scaling_factor=float(scale_factor))
+    vae.to(pipeline.model.device)
+    pipeline.register_modules(vae=vae)
+    return pipeline
+
+
+# ---------------------------------------------------------------------- extraction
+def shard_name(shard: int) -> str:
+    return f"shard_{shard:05d}.safetensors"
+
+
+def shards_for_process(num_shards: int, process_index: int, num_processes: int) -> List[int]:
+    """Rank r encodes shards r, r + P, r + 2P, ...: disjoint, and together all of them."""
+    return list(range(process_index, num_shards, num_processes))
+
+
+def read_meta(folder: Union[str, Path]) -> dict:
+    path = Path(folder) / META
+    if not path.exists():
+        raise FileNotFoundError(f"{str(path)!r} not found: not a latent folder (make one with `python -m uvic.latents extract`)")
+    return json.loads(path.read_text())
+
+
+def _write_atomic(path: Path, text: str):
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def extract_latents(
+    data: Union[str, Path],
+    out: Union[str, Path],
+    *,
+    resolution: int = 256,
+    vae: Union[str, Path] = DEFAULT_VAE,
+    flip: bool = False,
+    batch_size: int = 64,
+    shard_size: int = 10_000,
+    num_workers: int = 4,
+    dtype: str = "float16",
+    vae_dtype: torch.dtype = torch.float32,
+    device: Optional[Union[str, torch.device]] = None,
+    process_index: int = 0,
+    num_processes: int = 1,
+    progress: bool = True,
+) -> Path:
+    """Encode the ImageNet-layout folder `data` into latent-moment shards under `out` (see the
+    module docstring). Process `process_index` of `num_processes` encodes its own shards only
+    (`shards_for_process`); process 0 writes meta.json and vae/. Complete shards are skipped."""
+    for name, value in (("resolution", resolution), ("batch_size", batch_size), ("shard_size", shard_size)):
+        if int(value) <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value}")
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
+    if not 0 <= process_index < num_processes:
+        raise ValueError(f"process_index {process_index} must lie in 0..{num_processes - 1}")
+    files, labels, classes = find_images(data)
+    out = Path(out)
+    autoencoder = load_vae(vae, dtype=vae_dtype)
+    factor = downsample_factor(autoencoder)
+    if resolution % factor:
+        raise ValueError(f"resolution {resolution} is not divisible by the VAE's downsampling factor {factor}")
+
+    num_shards = -(-len(files) // shard_size)
+    meta = {
+        "format": "uvic-latents/1",
+        "vae": str(Path(vae).resolve()) if Path(vae).is_dir() else str(vae),
+        "vae_path": VAE_DIR,
+        "scale_factor": float(autoencoder.config.scaling_factor),
+        "resolution": resolution,
+        "latent_shape": [autoencoder.config.latent_channels, resolution // factor, resolution // factor],
+        "flip": bool(flip),
+        "moments": "mean_std",
+        "dtype": dtype,
+        "num_images": len(files),
+        "shard_size": shard_size,
+        "num_shards": num_shards,
+        "num_classes": len(classes),
+        "classes": classes,
+        "files_sha1": hashlib.sha1("\n".join(files).encode()).hexdigest(),
+        "data": str(Path(data).resolve()),
+    }
+    if (out / META).exists():  # resuming: the same command, or a clear refusal
+        old = read_meta(out)
+        changed = [k for k in meta if k != "data" and old.get(k) != meta[k]]
+        if changed:
+            k = changed[0]
+            raise ValueError(
+                f"{str(out)!r} holds latents made with {k}={old.get(k)!r}, this run has {k}={meta[k]!r}; "
+                f"use another --out or the same settings to resume"
+            )
+    elif process_index == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_atomic(out / META, json.dumps(meta, indent=1))
+    if process_index == 0 and not (out / VAE_DIR / "config.json").exists():
+        tmp = out / f".{VAE_DIR}.tmp-{os.getpid()}"
+        autoencoder.save_pretrained(tmp)
+        os.replace(tmp, out / VAE_DIR)
+    out.mkdir(parents=True, exist_ok=True)
+
+    mine = shards_for_process(num_shards, process_index, num_processes)
+    todo = [s for s in mine if not (out / shard_name(s)).exists()]
+    for s in todo:  # half-written leftovers of an interrupted run: never taken, cleaned up
+        for stale in out.glob(f".{shard_name(s)}.tmp-*"):
+            stale.unlink()
+    if not todo:
+        return out
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    autoencoder.to(device)
+    store = STORAGE_DTYPES[dtype]
+    images = CenterCropImages(data, files, labels, resolution)
+    bounds = {s: (s * shard_size, min((s + 1) * shard_size, len(files))) for s in todo}
+    batches = [list(range(i, min(i + batch_size, hi))) for s in todo for lo, hi in [bounds[s]] for i in range(lo, hi, batch_size)]
+    loader = DataLoader(images, batch_sampler=batches, num_workers=num_workers, pin_memory=device.type == "cuda")
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=sum(hi - lo for lo, hi in bounds.values()), desc=f"encode {len(todo)} shards",
+               unit="img", disable=not progress or process_index != 0)
+    pending = {"mean": [], "std": [], "labels": [], "index": []}
+    shard_iter = iter(todo)
+    shard = next(shard_iter)
+    for x, y, idx in loader:
+        x = x.to(device, vae_dtype)  # (B, 3, R, R)
+        views = torch.stack([x, x.flip(-1)], 1) if flip else x[:, None]  # (B, V, 3, R, R)
+        posterior = autoencoder.encode(views.flatten(0, 1)).latent_dist
+        shape = (x.shape[0], views.shape[1], *posterior.mean.shape[1:])  # (B, V, C, h, w)
+        pending["mean"].append(posterior.mean.reshape(shape).to("cpu", store))
+        pending["std"].append(posterior.std.reshape(shape).to("cpu", store))
+        pending["labels"].append(y.long())
+        pending["index"].append(idx.long())
+        bar.update(x.shape[0])
+        lo, hi = bounds[shard]
+        if int(idx[-1]) == hi - 1:  # the batch sampler never crosses a shard boundary
+            _write_shard(out, shard, {k: torch.cat(v) for k, v in pending.items()}, lo)
+            pending = {k: [] for k in pending}
+            shard = next(shard_iter, None)
+    bar.close()
+    return out
+
+
+def _write_shard(out: Path, shard: int, tensors: dict, start: int):
+    from safetensors.torch import save_file
+
+    count = len(tensors["labels"])
+    tmp = out / f".{shard_name(shard)}.tmp-{os.getpid()}"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"start": str(start), "count": str(count)})
+    os.replace(tmp, out / shard_name(shard))
+
+
+# ---------------------------------------------------------------------- dataset
+class LatentDataset(Dataset):
+    """Latents of an extraction folder: item i = (z (C, h, w) float32, label int) with
+    z = scale_factor · (mean + std · ε), ε ~ N(0, I) drawn anew at every access (torch's RNG),
+    and, for --flip extractions, the image or its mirror picked at random.
+
+    scale_factor None = the extraction VAE's own (meta.json; 0.18215 for the SD VAE).
+    Shards are read lazily (memory-mapped safetensors), so DataLoader workers stay small.
+    Exposes classes (names), num_classes (real classes; the model's label table needs one more,
+    the null label), latent_shape, scale_factor, vae (the id/path the latents came from).
+    """
+
+    def __init__(self, path: Union[str, Path], scale_factor: Optional[float] = SCALE_FACTOR):
+        self.path = Path(path)
+        self.meta = read_meta(self.path)
+        self.scale_factor = float(self.meta["scale_factor"] if scale_factor is None else scale_factor)
+        self.classes: List[str] = list(self.meta["classes"])
+        self.num_classes = len(self.classes)
+        self.latent_shape = tuple(self.meta["latent_shape"])
+        self.resolution = self.meta["resolution"]
+        self.vae = self.meta["vae"]
+        self.shard_size, self.num_images = self.meta["shard_size"], self.meta["num_images"]
+        missing = [shard_name(s) for s in range(self.meta["num_shards"]) if not (self.path / shard_name(s)).exists()]
+        if missing:
+            raise FileNotFoundError(
+                f"{str(self.path)!r} is incomplete: {len(missing)} of {self.meta['num_shards']} shards missing "
+                f"(first: {missing[0]}); rerun the same `python -m uvic.latents extract` command to finish it"
+            )
+        self._files = {}
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def __getstate__(self):  # open file handles stay in their process
+        return {**self.__dict__, "_files": {}}
+
+    def _shard(self, shard: int):
+        if shard not in self._files:
+            from safetensors import safe_open
+
+            self._files[shard] = safe_open(str(self.path / shard_name(shard)), framework="pt")
+        return self._files[shard]
+
+    def moments(self, index: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
+        """Stored (mean, std) of image `index`, each (V, C, h, w) float32 and unscaled, and its label."""
+        if not 0 <= index < self.num_images:
+            raise IndexError(f"index {index} out of range for {self.num_images} latents")
+        f = self._shard(index // self.shard_size)
+        row = index % self.shard_size
+        mean = f.get_slice("mean")[row : row + 1][0].float()
+        std = f.get_slice("std")[row : row + 1][0].float()
+        label = int(f.get_slice("labels")[row : row + 1][0])
+        return mean, std, label
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+        mean, std, label = self.moments(index)
+        view = int(torch.randint(mean.shape[0], ())) if mean.shape[0] > 1 else 0
+        z = mean[view] + std[view] * torch.randn_like(mean[view])  # (C, h, w)
+        return z * self.scale_factor, label
+
+
+# ---------------------------------------------------------------------- command line
+def main(argv: Optional[Sequence[str]] = None):
+    parser = argparse.ArgumentParser(prog="python -m uvic.latents", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("extract", help="encode an ImageNet-layout folder into latent-moment shards")
+    ex.add_argument("--data", required=True, help="image folder, one subfolder per class")
+    ex.add_argument("--out", required=True, help="output folder (rerun to resume)")
+    ex.add_argument("--resolution", type=int, default=256, help="center-crop size in pixels (256 -> 4x32x32 latents)")
+    ex.add_argument("--vae", default=DEFAULT_VAE, help="AutoencoderKL hub id or local folder")
+    ex.add_argument("--flip", action="store_true", help="also store the moments of the mirrored image")
+    ex.add_argument("--batch-size", type=int, default=64, help="images per encoder call, per process")
+    ex.add_argument("--shard-size", type=int, default=10_000, help="images per shard (unit of resume)")
+    ex.add_argument("--num-workers", type=int, default=4, help="data-loading processes per GPU")
+    ex.add_argument("--dtype", default="float16", choices=sorted(STORAGE_DTYPES), help="storage type of the moments")
+    ex.add_argument("--vae-dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="encoder precision")
+    args = parser.parse_args(argv)
+
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
+    out = extract_latents(
+        args.data, args.out, resolution=args.resolution, vae=args.vae, flip=args.flip,
+        batch_size=args.batch_size, shard_size=args.shard_size, num_workers=args.num_workers,
+        dtype=args.dtype, vae_dtype=getattr(torch, args.vae_dtype), device=accelerator.device,
+        process_index=accelerator.process_index, num_processes=accelerator.num_processes,
+    )
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        dataset = LatentDataset(out)  # checks that every shard is there
+        print(f"{len(dataset)} latents {dataset.latent_shape} of {dataset.num_classes} classes in {out}")
+
+
+if __name__ == "__main__":
+    main()
