@@ -540,51 +540,74 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
+def _mosaic(panels: torch.Tensor, gap_h: int, gap_w: int) -> np.ndarray:
+    """(R, C, h, w) panels -> one (R (h + gap_h), C (w + gap_w)) array with NaN in the gaps."""
+    r, c, h, w = panels.shape
+    out = np.full((r, h + gap_h, c, w + gap_w), np.nan)
+    out[:, :h, :, :w] = panels.permute(0, 2, 1, 3).numpy()
+    return out.reshape(r * (h + gap_h), c * (w + gap_w))
+
+
 def plot_attention_maps(analysis: ModelAnalysis, out_dir: Path, dpi: int = 80) -> List[Path]:
     """One PNG per (query token, timestep): rows = blocks, columns = heads, weights on the patch grid.
 
     Each panel is scaled by its own max |weight| over patches, red positive and blue negative
-    around a white 0; the panel's label gives the mass on the time/label tokens and the negative mass.
+    around a white 0; under it, x = mass on the time/label tokens and n = negative mass of the row.
+    The panels are drawn as one image (one axes), which keeps deep, many-head models fast to plot.
     """
+    from matplotlib import colormaps
+
     gh, gw = analysis.grid
+    gap_h, gap_w = max(1, math.ceil(0.45 * gh)), max(1, gw // 4)  # room for the x/n labels
+    blocks, extras = len(analysis.layout), analysis.extras
+    cmap = colormaps["RdBu_r"].with_extremes(bad="white")
     paths = []
-    num_blocks = len(analysis.layout)
     for t in analysis.timesteps():
-        heads = analysis.maps[(t, 0)].shape[0]
         for qi, (label, token) in enumerate(analysis.query_tokens):
-            fig = _new_figure(1.1 * (heads + 1) + 0.6, 1.15 * num_blocks + 0.8, dpi)
-            axes = fig.subplots(num_blocks, heads + 1, squeeze=False)
-            image = None
-            for b in range(num_blocks):
-                weights = analysis.maps[(t, b)][:, qi]  # (H, Lk)
+            weights = torch.stack([analysis.maps[(t, b)][:, qi] for b in range(blocks)])  # (blocks, H, Lk)
+            heads = weights.shape[1]
+            patches = weights[..., extras:].reshape(blocks, heads, gh, gw)
+            scaled = patches / patches.abs().amax((-2, -1), keepdim=True).clamp_min(1e-12)
+            mosaic = _mosaic(scaled, gap_h, gap_w)
+            left, right, top, bottom = 0.75, 1.3, 0.7, 0.1  # inches: block labels | input + colour bar
+            map_w = 0.75 * heads * (gw + gap_w) / gw
+            map_h = map_w * mosaic.shape[0] / mosaic.shape[1]
+            width, height = left + map_w + right, top + max(map_h, 2.0) + bottom
+            fig = _new_figure(width, height, dpi)
+            ax = fig.add_axes([left / width, (height - top - map_h) / height, map_w / width, map_h / height])
+            image = ax.imshow(mosaic, cmap=cmap, vmin=-1, vmax=1, interpolation="nearest")
+            ax.set_frame_on(False)
+            ax.xaxis.tick_top()
+            ax.set_xticks([c * (gw + gap_w) + (gw - 1) / 2 for c in range(heads)])
+            ax.set_xticklabels([f"head {h}" for h in range(heads)], fontsize=6)
+            ax.set_yticks([b * (gh + gap_h) + (gh - 1) / 2 for b in range(blocks)])
+            ax.set_yticklabels([f"block {b}\n{kind}" for b, kind in enumerate(analysis.layout)], fontsize=6)
+            ax.tick_params(length=0)
+            for b in range(blocks):
                 for h in range(heads):
-                    ax = axes[b, h + 1]
-                    row = weights[h]
-                    patch = row[analysis.extras :].reshape(gh, gw)
-                    scale = patch.abs().max().clamp_min(1e-12)
-                    image = ax.imshow((patch / scale).numpy(), cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
-                    if token >= analysis.extras:
-                        r, c = divmod(token - analysis.extras, gw)
-                        ax.plot([c], [r], marker="s", markersize=3, markerfacecolor="none", markeredgecolor="k")
-                    neg = row.clamp_max(0).abs().sum().item()
-                    ax.set_xlabel(f"x{row[: analysis.extras].abs().sum():.2f} n{neg:.2f}", fontsize=6, labelpad=1)
-                    ax.set_xticks([])
-                    ax.set_yticks([])
-                    if b == 0:
-                        ax.set_title(f"head {h}", fontsize=7)
-                axes[b, 0].axis("off")
-                if b > 0:
-                    axes[b, 0].text(0.5, 0.5, f"block {b}\n{analysis.layout[b]}", ha="center", va="center", fontsize=7)
-            x_t = analysis.first_input[t]  # (C, S, S), shown beside block 0
-            ax0 = axes[0, 0]
+                    row = weights[b, h]
+                    text = f"x{row[:extras].abs().sum():.2f} n{row.clamp_max(0).abs().sum():.2f}"
+                    y = b * (gh + gap_h) + gh - 0.5 + gap_h / 2
+                    ax.text(h * (gw + gap_w) + (gw - 1) / 2, y, text, ha="center", va="center", fontsize=5)
+            if token >= extras:  # mark the query patch in every panel
+                r, c = divmod(token - extras, gw)
+                xs = [h * (gw + gap_w) + c for b in range(blocks) for h in range(heads)]
+                ys = [b * (gh + gap_h) + r for b in range(blocks) for h in range(heads)]
+                ax.scatter(xs, ys, marker="s", s=6, facecolors="none", edgecolors="k", linewidths=0.5)
+            x_t = analysis.first_input[t]  # (C, S, S), top right
             shown = (x_t[:3] if x_t.shape[0] >= 3 else x_t[:1]).permute(1, 2, 0).clamp(-1, 1).add(1).div(2).numpy()
-            ax0.imshow(shown.squeeze(-1) if shown.shape[-1] == 1 else shown, cmap="gray", vmin=0, vmax=1)
-            ax0.set_title(f"x_t, block 0\n{analysis.layout[0]}", fontsize=6)
-            fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.5, label="weight / panel max |weight|")
-            fig.suptitle(
-                f"{analysis.name}: attention of query {label} at t={t} (x = mass on time/label tokens, n = negative mass)",
-                fontsize=8,
-            )
+            side = left + map_w + 0.25
+            ax_input = fig.add_axes([side / width, (height - top - 0.8) / height, 0.8 / width, 0.8 / height])
+            ax_input.imshow(shown.squeeze(-1) if shown.shape[-1] == 1 else shown, cmap="gray", vmin=0, vmax=1)
+            ax_input.set_title("input x_t", fontsize=6)
+            ax_input.axis("off")
+            bar_h = min(2.5, height - top - bottom - 1.2)
+            cax = fig.add_axes([(side + 0.1) / width, (height - top - 1.1 - bar_h) / height, 0.12 / width, bar_h / height])
+            bar = fig.colorbar(image, cax=cax)
+            bar.set_label("weight / panel max |weight|", fontsize=6)
+            bar.ax.tick_params(labelsize=6)
+            fig.suptitle(f"{analysis.name}: attention of query {label} at t={t}\n"
+                         "(x = mass on time/label tokens, n = negative mass)", fontsize=8)
             path = out_dir / f"maps_{_safe(analysis.name)}_{label}_t{t}.png"
             fig.savefig(path)
             paths.append(path)
