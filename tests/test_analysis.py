@@ -11,6 +11,7 @@ from diffusers import DDPMScheduler
 from uvic.analysis import (
     STATISTICS,
     AttentionRecorder,
+    ImageSource,
     analyse,
     attention_statistics,
     main,
@@ -99,6 +100,18 @@ def test_softmax_model_reports_zero_negative_mass_and_cog_model_some():
     assert all(r["neg_mass"] == 0 for r in cog if r["attention_type"] == "softmax")
     assert results["cog"].counts == {100: 3, 900: 3}
     assert results["cog"].maps[(100, 0)].shape == (4, 1, 1 + 16)
+
+
+@pytest.mark.parametrize("labels, expected", [("null", [3, 3, 3]), ("data", [2, 0, 1]), ("1,2", [1, 2, 1])])
+def test_class_conditional_models_get_null_data_or_given_labels(labels, expected):
+    model = UViT(**TINY, num_classes=4)
+    seen = []
+    model.label_emb.register_forward_hook(lambda module, args, out: seen.append(args[0].tolist()))
+    images = ImageSource("3 test images", 3, lambda i: (torch.zeros(3, 8, 8), [2, 0, 1][i]))
+    analyse(model, DDPMScheduler(), "m", [10], images=images, num_images=3, batch_size=2, labels=labels, seed=0)
+    order = torch.randperm(3, generator=torch.Generator().manual_seed(0)).tolist()  # analyse's image order
+    got = seen[0] + seen[1]
+    assert got == ([expected[i] for i in order] if labels == "data" else expected)
 
 
 def test_query_tokens_resolve_to_token_indices_and_reject_bad_specs():

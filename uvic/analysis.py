@@ -9,7 +9,8 @@ representational collapse across depth. This module measures those in a trained 
 Weights are captured by forward hooks that recompute A from each Attention module's input with the
 plain reference formulas (`cog_reference` / `softmax_reference`). Hooks return nothing, so the
 model's numbers are unchanged, and they exist only inside `AttentionRecorder`'s `with` block.
-Statistics are reduced per batch (A is never kept), so any model size runs in bounded memory.
+Statistics are reduced per batch (of A only the mapped query rows of the first image are kept), so
+any model size runs in bounded memory.
 """
 
 from __future__ import annotations
@@ -419,12 +420,9 @@ def _label_function(labels: str, num_classes: int, images: Optional[ImageSource]
         if images is None:
             raise ValueError("--labels data needs images (--data auto with a run's data set, an .npz or a folder)")
 
-        def from_data(start, data_labels):
-            if min(data_labels) < 0:
-                raise ValueError(f"--labels data: {images.description} carries no labels; use --labels null or 0,1,...")
-            return torch.tensor(data_labels, dtype=torch.long)
-
-        return from_data
+        if len(images) and images.get(0)[1] < 0:
+            raise ValueError(f"--labels data: {images.description} carry no labels; use --labels null or 0,1,...")
+        return lambda start, data_labels: torch.tensor(data_labels, dtype=torch.long)
     try:
         values = [int(v) for v in labels.split(",")]
     except ValueError:
@@ -488,6 +486,7 @@ def write_summary(analyses, rows, path, *, inputs: str, figures: Sequence[str], 
     lines.append("| attention | " + " | ".join(_layout_text(a.layout) for a in analyses) + " |")
     lines.append("| blocks × heads | " + " | ".join(f"{len(a.layout)} × {len(a.sums[next(iter(a.sums))]['neg_mass'])}" for a in analyses) + " |")
     lines.append("| tokens (extras + grid) | " + " | ".join(f"{a.extras} + {a.grid[0]}×{a.grid[1]}" for a in analyses) + " |")
+    lines.append("| uniform entropy log L | " + " | ".join(f"{math.log(a.extras + a.grid[0] * a.grid[1]):.3f}" for a in analyses) + " |")
     lines.append("| images per timestep | " + " | ".join(str(a.counts[a.timesteps()[0]]) for a in analyses) + " |\n")
 
     lines.append("## Overview (mean over all blocks and heads)\n")
