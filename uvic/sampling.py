@@ -1,0 +1,677 @@
+"""Sample grids and large sample sets (50K for FID) from a UViCPipeline: shards, resume, several processes.
+
+Sample i of a set is drawn from its own generator seeded from (seed, i), with its own label, so it
+is the same image whatever the batch size, the number of processes or the order of the work. A set
+of N samples is cut into shards of `shard_size` consecutive indices; each shard is written to a
+temporary name and renamed when complete, so an interrupted run resumes from the complete shards and
+never takes a half-written one. manifest.json records what the set is (model fingerprint, seed,
+scheduler, steps, guidance, classes, ...); a rerun that would add other samples to it is refused.
+
+    OUT/manifest.json
+    OUT/shards/shard_000000.npz   arr_0 (n, H, W, 3) uint8, indices (n,) int64, labels (n,) int64 if conditional
+    OUT/samples.npz               arr_0 (N, H, W, 3) uint8 (+ labels): the ADM evaluator / DiT sample_ddp layout
+    OUT/png/000000.png ...        with "png" in formats
+
+Command line (sample.py, `uvic-sample`): see `main` and `python sample.py --help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import zipfile
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .pipeline import SCHEDULERS, UViCPipeline, make_scheduler
+
+CLASS_MODES = ("uniform", "balanced")  # i.i.d. uniform labels (ADM, DiT) | label = index mod classes
+FORMATS = ("npz", "png")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
+MANIFEST = "manifest.json"
+SAMPLES_NPZ = "samples.npz"
+# Manifest keys that define the set: a rerun into the same folder must agree on all of them.
+IDENTITY_KEYS = ("model", "seed", "scheduler", "steps", "guidance", "classes", "shard_size", "image_shape", "dtype")
+_STEP_RE = re.compile(r"^step_(\d+)$")
+MODEL_KINDS = (
+    "a pipeline folder (model_index.json, e.g. runs/NAME/final), a run directory (config.yaml, "
+    "checkpoints/, final/), a checkpoint folder (model/, ema_model/, scheduler/) or a published "
+    "U-ViT .pth with --reference-config"
+)
+
+
+# ---------------------------------------------------------------------- per-index randomness
+def index_seeds(seed: int, index: int) -> tuple:
+    """(noise seed, label draw) of sample `index`: functions of (seed, index) alone."""
+    noise, label = np.random.SeedSequence([seed, index]).generate_state(2, np.uint64)
+    return int(noise >> np.uint64(1)), int(label)
+
+
+def index_generators(seed: int, indices: Sequence[int]) -> List[torch.Generator]:
+    """One CPU generator per sample, so a sample's noise does not depend on its batch or device."""
+    return [torch.Generator().manual_seed(index_seeds(seed, int(i))[0]) for i in indices]
+
+
+def resolve_classes(classes, num_real_classes: int):
+    """Validate a class spec against the model: "uniform" | "balanced" | int | list of ints -> normalized spec.
+
+    Unconditional models (num_real_classes == 0) accept only the modes (which then mean nothing): None.
+    """
+    if isinstance(classes, str):
+        if classes not in CLASS_MODES:
+            raise ValueError(f"classes={classes!r} is not valid; use one of {CLASS_MODES} or a list of class labels")
+        return classes if num_real_classes else None
+    if classes is None:
+        return "uniform" if num_real_classes else None
+    labels = [int(c) for c in (classes if isinstance(classes, (list, tuple, np.ndarray, torch.Tensor)) else [classes])]
+    if not num_real_classes:
+        raise ValueError(f"this model is unconditional: class labels {labels} cannot be used")
+    if not labels:
+        raise ValueError("class labels: the list is empty")
+    bad = [c for c in labels if not 0 <= c < num_real_classes]
+    if bad:
+        raise ValueError(f"class labels {bad} out of range: this model has classes 0..{num_real_classes - 1}")
+    return labels
+
+
+def labels_for(indices: Sequence[int], classes, num_real_classes: int, seed: int) -> Optional[np.ndarray]:
+    """(n,) int64 labels of samples `indices` under a resolved class spec; None for unconditional models."""
+    if classes is None:
+        return None
+    indices = np.asarray(indices, dtype=np.int64)
+    if classes == "uniform":
+        return np.array([index_seeds(seed, int(i))[1] % num_real_classes for i in indices], dtype=np.int64)
+    if classes == "balanced":
+        return indices % num_real_classes
+    return np.asarray(classes, dtype=np.int64)[indices % len(classes)]
+
+
+# ---------------------------------------------------------------------- loading
+def _read_mapping(source) -> dict:
+    """A dict, or a YAML / JSON file holding one."""
+    if isinstance(source, dict):
+        return dict(source)
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"reference config {path} does not exist (expected a YAML or JSON file)")
+    if path.suffix == ".json":
+        data = json.loads(path.read_text())
+    else:
+        from omegaconf import OmegaConf
+
+        data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    if not isinstance(data, dict):
+        raise ValueError(f"reference config {path} must hold a mapping of the reference `nnet` keywords")
+    return data
+
+
+def load_reference_pipeline(path, reference_config) -> UViCPipeline:
+    """A published U-ViT .pth as a pipeline.
+
+    reference_config: the reference `nnet` keywords (img_size, patch_size, in_chans, ...), or a mapping
+    with sections `nnet` (those keywords), optional `uvic` (UViT overrides such as attention_type),
+    `scheduler` (DDPMScheduler keywords; default the linear DDPM schedule, 1000 steps) and `vae`
+    (a local AutoencoderKL folder, for latent models).
+    """
+    from diffusers import DDPMScheduler
+
+    from .model import load_reference_checkpoint
+
+    cfg = _read_mapping(reference_config)
+    sectioned = isinstance(cfg.get("nnet"), dict)
+    nnet = cfg["nnet"] if sectioned else cfg
+    overrides = cfg.get("uvic", {}) if sectioned else {}
+    model = load_reference_checkpoint(str(path), nnet, **overrides).eval()
+    scheduler = DDPMScheduler(**((cfg.get("scheduler") or {}) if sectioned else {}))
+    pipe = UViCPipeline(model=model, scheduler=scheduler)
+    if sectioned and cfg.get("vae"):
+        from .latents import attach_vae
+
+        attach_vae(pipe, cfg["vae"])
+    return pipe
+
+
+def list_checkpoints(run_dir) -> List[int]:
+    """Steps of the complete checkpoints of a run directory, ascending (temporary folders are skipped)."""
+    root = Path(run_dir) / "checkpoints"
+    found = [int(m.group(1)) for p in root.glob("step_*") if p.is_dir() and (m := _STEP_RE.match(p.name))]
+    return sorted(found)
+
+
+def _checkpoint_dir(run_dir: Path, checkpoint) -> Path:
+    steps = list_checkpoints(run_dir)
+    if not steps:
+        raise FileNotFoundError(f"run directory {run_dir} has no complete checkpoint under checkpoints/")
+    if str(checkpoint) == "latest":
+        step = steps[-1]
+    else:
+        try:
+            step = int(checkpoint)
+        except ValueError:
+            raise ValueError(f"checkpoint={checkpoint!r} is not valid; use 'latest' or a step number") from None
+        if step not in steps:
+            raise FileNotFoundError(f"run directory {run_dir} has no checkpoint at step {step}; available: {steps}")
+    return run_dir / "checkpoints" / f"step_{step:07d}"
+
+
+def _load_checkpoint_pipeline(step_dir: Path, ema: bool, run_dir: Optional[Path]) -> UViCPipeline:
+    """model/ or ema_model/ plus scheduler/ of one checkpoint folder; the VAE of a latent run from its config."""
+    import diffusers
+
+    from .model import UViT
+
+    sub = step_dir / ("ema_model" if ema else "model")
+    if not (sub / "config.json").is_file():
+        raise FileNotFoundError(f"checkpoint {step_dir} has no {sub.name}/ (expected UViT.save_pretrained output)")
+    sched_dir = step_dir / "scheduler"
+    if not (sched_dir / "scheduler_config.json").is_file():
+        raise FileNotFoundError(f"checkpoint {step_dir} has no scheduler/ (expected the training scheduler)")
+    class_name = json.loads((sched_dir / "scheduler_config.json").read_text()).get("_class_name", "DDPMScheduler")
+    scheduler = getattr(diffusers, class_name, diffusers.DDPMScheduler).from_pretrained(sched_dir)
+    pipe = UViCPipeline(model=UViT.from_pretrained(sub).eval(), scheduler=scheduler)
+    vae_source = _run_vae_source(run_dir) if run_dir is not None else None
+    if vae_source is not None:
+        from .latents import attach_vae
+
+        attach_vae(pipe, vae_source[0], scale_factor=vae_source[1])
+    return pipe
+
+
+def _run_vae_source(run_dir: Path):
+    """(VAE source, scale factor) of a latent-diffusion run: final/vae if saved, else its latents data; or None."""
+    if (run_dir / "final" / "vae" / "config.json").is_file():
+        return run_dir / "final" / "vae", None
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        return None
+    from omegaconf import OmegaConf
+
+    data = OmegaConf.load(config).get("data") or {}
+    if data.get("name") == "latents" and data.get("path"):
+        return data["path"], data.get("scale_factor")
+    return None
+
+
+def load_pipeline(model, checkpoint=None, ema: bool = True, reference_config=None) -> UViCPipeline:
+    """A UViCPipeline from `model`: a pipeline folder, a run directory, a checkpoint folder or a U-ViT .pth.
+
+    Run directories give final/ (EMA weights) unless `checkpoint` ("latest" or a step) is set; then
+    checkpoints/step_XXXXXXX with ema_model/ (ema=True) or model/. A .pth needs `reference_config`
+    (see load_reference_pipeline). The pipeline is on the CPU in float32.
+    """
+    if isinstance(model, UViCPipeline):
+        return model
+    path = Path(model)
+    if not path.exists():
+        raise FileNotFoundError(f"MODEL {path} does not exist; expected {MODEL_KINDS}")
+    if path.is_file():
+        if checkpoint is not None:
+            raise ValueError(f"--checkpoint applies to run directories, not to the file {path}")
+        if reference_config is None:
+            raise ValueError(
+                f"MODEL {path} is a file: a published U-ViT checkpoint needs --reference-config "
+                "(YAML/JSON of the reference `nnet` keywords)"
+            )
+        return load_reference_pipeline(path, reference_config)
+    if reference_config is not None:
+        raise ValueError(f"--reference-config applies to a published U-ViT .pth file, not to the folder {path}")
+
+    is_pipeline = (path / "model_index.json").is_file()
+    is_run = (path / "checkpoints").is_dir() or (path / "final").is_dir() or (path / "config.yaml").is_file()
+    is_step = (path / "scheduler").is_dir() and ((path / "model").is_dir() or (path / "ema_model").is_dir())
+    if (is_pipeline or is_step) and checkpoint is not None:
+        raise ValueError(f"--checkpoint applies to run directories; {path} is a single model folder")
+    if is_pipeline:
+        if not ema:
+            raise ValueError(f"{path} holds EMA weights only; for the raw weights pass a run directory with --checkpoint")
+        return UViCPipeline.from_pretrained(path)
+    if is_step:
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
+        return _load_checkpoint_pipeline(path, ema, run_dir)
+    if is_run:
+        if checkpoint is None:
+            final = path / "final"
+            if (final / "model_index.json").is_file():
+                return load_pipeline(final, ema=ema)
+            raise FileNotFoundError(
+                f"run directory {path} has no final/ (training not finished?); pass --checkpoint latest "
+                f"or one of the steps {list_checkpoints(path)}"
+            )
+        return _load_checkpoint_pipeline(_checkpoint_dir(path, checkpoint), ema, path)
+    raise ValueError(f"MODEL {path} is none of the accepted kinds: {MODEL_KINDS}")
+
+
+def with_scheduler(pipeline: UViCPipeline, scheduler=None, timestep_spacing: Optional[str] = None) -> UViCPipeline:
+    """A pipeline sharing `pipeline`'s model and VAE with another sampler (name, scheduler object or None
+    = the pipeline's own), without progress bar. `pipeline` itself is left unchanged."""
+    if timestep_spacing is not None and timestep_spacing not in TIMESTEP_SPACINGS:
+        raise ValueError(f"timestep_spacing={timestep_spacing!r} is not valid; use one of {TIMESTEP_SPACINGS}")
+    if scheduler is None or isinstance(scheduler, str):
+        base = pipeline.scheduler
+        overrides = {} if timestep_spacing is None else {"timestep_spacing": timestep_spacing}
+        if scheduler is None:
+            scheduler = type(base).from_config(base.config, **overrides)
+        else:
+            scheduler = make_scheduler(scheduler, base.config, **overrides)
+    pipe = UViCPipeline(model=pipeline.model, scheduler=scheduler, vae=pipeline.vae)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def model_fingerprint(pipeline: UViCPipeline) -> str:
+    """sha256 (16 hex digits) of the model's and VAE's config and weights: which network made a set."""
+    digest = hashlib.sha256()
+    for module in (pipeline.model, pipeline.vae):
+        if module is None:
+            continue
+        config = {k: v for k, v in dict(module.config).items() if not k.startswith("_")}
+        digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+        for key, tensor in sorted(module.state_dict().items()):
+            digest.update(key.encode())
+            digest.update(tensor.detach().reshape(-1).cpu().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------- drawing
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, C, H, W) float in [0, 1] -> (B, H, W, 3) uint8 (grey images repeated to RGB)."""
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    return (images * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def draw(pipe: UViCPipeline, indices: Sequence[int], labels: Optional[np.ndarray], *, seed: int, steps: int,
+         guidance: float) -> torch.Tensor:
+    """Samples `indices` in one batch -> (B, C, H, W) float in [0, 1]."""
+    return pipe(
+        batch_size=len(indices),
+        num_inference_steps=steps,
+        class_labels=None if labels is None else torch.as_tensor(labels),
+        guidance_scale=guidance,
+        generator=index_generators(seed, indices),
+        output_type="pt",
+    ).images
+
+
+def _check_image_channels(pipe: UViCPipeline):
+    channels = pipe.image_shape[0]
+    if channels not in (1, 3):
+        raise ValueError(
+            f"the pipeline returns {channels}-channel samples: a latent model needs its VAE "
+            "(a run of latents, --vae FOLDER or `vae:` in the reference config)"
+        )
+
+
+# ---------------------------------------------------------------------- grids
+def grid_rows(pipe: UViCPipeline, per_row: int, class_labels=None) -> Optional[List[int]]:
+    """The class of each grid row (None = unconditional, `per_row` rows): the given labels, all classes
+    when there are at most 16, else `per_row` classes spread evenly over the label range."""
+    classes = resolve_classes(class_labels if class_labels is not None else "uniform", pipe.num_real_classes)
+    if classes is None:
+        return None
+    if isinstance(classes, list):
+        return classes
+    k = pipe.num_real_classes
+    return list(range(k)) if k <= 16 else [round(i * (k - 1) / max(per_row - 1, 1)) for i in range(per_row)]
+
+
+def sample_grid(pipeline: UViCPipeline, path, *, per_row: int = 8, seed: int = 0, scheduler=None, steps: int = 50,
+                guidance: float = 1.0, class_labels=None, batch_size: int = 64, timestep_spacing=None,
+                progress: bool = True) -> Path:
+    """One PNG grid of `per_row` columns: a row per class (class-conditional) or `per_row` rows."""
+    from torchvision.utils import save_image
+    from tqdm.auto import tqdm
+
+    if per_row < 1 or batch_size < 1 or steps < 1:
+        raise ValueError(f"grid size, batch size and steps must be at least 1; got {per_row}, {batch_size}, {steps}")
+    pipe = with_scheduler(pipeline, scheduler, timestep_spacing)
+    rows = grid_rows(pipe, per_row, class_labels)
+    pipe.check_inputs(1, None if rows is None else rows[0], guidance)
+    _check_image_channels(pipe)
+    n = per_row * (len(rows) if rows is not None else per_row)
+    labels = None if rows is None else np.repeat(np.asarray(rows, dtype=np.int64), per_row)
+    images = []
+    with tqdm(total=n, unit="img", desc="grid", disable=not progress) as bar:
+        for start in range(0, n, batch_size):
+            idx = np.arange(start, min(start + batch_size, n))
+            images.append(draw(pipe, idx, None if labels is None else labels[idx], seed=seed, steps=steps,
+                               guidance=guidance).cpu())
+            bar.update(len(idx))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(torch.cat(images), path, nrow=per_row, padding=2)
+    return path
+
+
+# ---------------------------------------------------------------------- sample sets
+class _SingleProcess:
+    """The slice of accelerate's PartialState used here, for one process."""
+
+    process_index, num_processes, is_main_process = 0, 1, True
+
+    def wait_for_everyone(self):
+        pass
+
+
+def _atomic_write(path: Path, write: Callable):
+    """write(file) to a temporary name beside `path`, then rename: readers see all of it or nothing."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _json_ready(value):
+    return json.loads(json.dumps(value, sort_keys=True, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
+
+
+def shard_ranges(num_samples: int, shard_size: int) -> List[range]:
+    return [range(s, min(s + shard_size, num_samples)) for s in range(0, num_samples, shard_size)]
+
+
+def _shard_path(out_dir: Path, k: int) -> Path:
+    return out_dir / "shards" / f"shard_{k:06d}.npz"
+
+
+def _shard_complete(path: Path, indices: range) -> bool:
+    try:
+        with np.load(path) as shard:
+            return np.array_equal(shard["indices"], np.arange(indices.start, indices.stop))
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+        return False
+
+
+def _check_manifest(out_dir: Path, manifest: dict):
+    """Refuse a folder that holds samples of another set (or files that are no uvic sample set)."""
+    path = out_dir / MANIFEST
+    if not path.is_file():
+        if (out_dir / "shards").exists() or (out_dir / SAMPLES_NPZ).exists():
+            raise ValueError(f"{out_dir} holds samples without {MANIFEST}; choose another --out")
+        return
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise ValueError(f"{path} is not valid JSON; choose another --out") from None
+    diffs = [f"{k}: {old.get(k)!r} there, {manifest[k]!r} now" for k in IDENTITY_KEYS if old.get(k) != manifest[k]]
+    if diffs:
+        raise ValueError(
+            f"{out_dir} already holds a different sample set ({'; '.join(diffs)}); "
+            "use another --out, or the options that made it to continue it"
+        )
+
+
+def generate_samples(
+    pipeline: UViCPipeline,
+    out_dir,
+    *,
+    num_samples: int,
+    batch_size: int = 64,
+    seed: int = 0,
+    scheduler=None,
+    steps: int = 50,
+    guidance: float = 1.0,
+    classes="uniform",
+    formats=("npz",),
+    accelerator=None,
+    progress: bool = True,
+    shard_size: int = 1000,
+    timestep_spacing: Optional[str] = None,
+) -> Path:
+    """Write `num_samples` samples to out_dir (resumable; see the module docstring) -> OUT/samples.npz
+    (OUT/png when formats has no "npz").
+
+    scheduler: a SCHEDULERS name, a scheduler object or None (the pipeline's own). classes: "uniform"
+    (i.i.d. uniform labels), "balanced" (index mod classes), an int or a list of labels taken in turn;
+    ignored for unconditional models. accelerator: an accelerate Accelerator / PartialState; processes
+    take disjoint shards and the set equals the one-process set. The pipeline should already be on its
+    device and dtype.
+    """
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    formats = tuple(formats)
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise ValueError(f"formats {list(formats)} not valid; choose from {FORMATS}")
+    for name, value in (("num_samples", num_samples), ("batch_size", batch_size), ("shard_size", shard_size),
+                        ("steps", steps)):
+        if int(value) < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    if seed < 0:
+        raise ValueError(f"seed must be non-negative, got {seed}")
+    pipe = with_scheduler(pipeline, scheduler, timestep_spacing)
+    classes = resolve_classes(classes, pipe.num_real_classes)
+    pipe.check_inputs(1, None if classes is None else 0, guidance)
+    _check_image_channels(pipe)
+    state = accelerator or _SingleProcess()
+    rank, world = state.process_index, state.num_processes
+
+    manifest = {
+        "model": model_fingerprint(pipe),
+        "seed": seed,
+        "scheduler": _json_ready({"class": type(pipe.scheduler).__name__,
+                                  **{k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}}),
+        "steps": steps,
+        "guidance": float(guidance),
+        "classes": classes,
+        "shard_size": shard_size,
+        "image_shape": list(pipe.image_shape),
+        "dtype": str(pipe.model.dtype).removeprefix("torch."),
+        "num_samples": num_samples,
+        "source": str(pipeline.config.get("_name_or_path", "")),
+        "formats": list(formats),
+    }
+    _check_manifest(out_dir, manifest)  # every rank raises the same error, before anyone writes
+    state.wait_for_everyone()
+    if state.is_main_process:
+        (out_dir / "shards").mkdir(parents=True, exist_ok=True)
+        if "png" in formats:
+            (out_dir / "png").mkdir(exist_ok=True)
+        for stale in [*out_dir.glob(".*.tmp-*"), *out_dir.glob("*/.*.tmp-*")]:  # left by an interrupted run
+            stale.unlink(missing_ok=True)
+        _atomic_write(out_dir / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
+    state.wait_for_everyone()
+
+    shards = shard_ranges(num_samples, shard_size)
+    todo = [k for k, r in enumerate(shards) if not _shard_complete(_shard_path(out_dir, k), r)]
+    if "png" in formats:  # a set first made as npz only gets its PNGs from the shards
+        _write_missing_pngs(out_dir, shards, todo, rank, world)
+    state.wait_for_everyone()  # all have looked before anyone writes
+    done = num_samples - sum(len(shards[k]) for k in todo)
+    bar = tqdm(total=num_samples, initial=done, unit="img", desc="sampling", dynamic_ncols=True,
+               disable=not (progress and state.is_main_process))
+    for k in todo[rank::world]:
+        indices = shards[k]
+        labels = labels_for(indices, classes, pipe.num_real_classes, seed)
+        images = []
+        for start in range(0, len(indices), batch_size):
+            batch = indices[start : start + batch_size]
+            batch_labels = None if labels is None else labels[start : start + batch_size]
+            images.append(to_uint8(draw(pipe, batch, batch_labels, seed=seed, steps=steps, guidance=guidance)))
+            bar.update(min(len(batch) * world, bar.total - bar.n))  # other ranks advance alike
+        arrays = {"arr_0": np.concatenate(images), "indices": np.arange(indices.start, indices.stop)}
+        if labels is not None:
+            arrays["labels"] = labels
+        if "png" in formats:
+            _write_pngs(out_dir, arrays["arr_0"], indices)
+        _atomic_write(_shard_path(out_dir, k), lambda f: np.savez(f, **arrays))  # the shard is complete now
+    bar.close()
+    state.wait_for_everyone()
+
+    result = out_dir / (SAMPLES_NPZ if "npz" in formats else "png")
+    if "npz" in formats and state.is_main_process:
+        _assemble(out_dir, shards, manifest)
+    state.wait_for_everyone()
+    return result
+
+
+def _write_pngs(out_dir: Path, images: np.ndarray, indices: Sequence[int]):
+    from PIL import Image
+
+    for image, i in zip(images, indices):
+        _atomic_write(out_dir / "png" / f"{i:06d}.png", lambda f: Image.fromarray(image).save(f, format="PNG"))
+
+
+def _write_missing_pngs(out_dir: Path, shards: List[range], todo: List[int], rank: int, world: int):
+    """PNGs of complete shards that lack them (the set was first written without "png")."""
+    complete = [k for k in range(len(shards)) if k not in set(todo)]
+    for k in complete[rank::world]:
+        if not all((out_dir / "png" / f"{i:06d}.png").is_file() for i in shards[k]):
+            with np.load(_shard_path(out_dir, k)) as shard:
+                _write_pngs(out_dir, shard["arr_0"], shards[k])
+
+
+def _assemble(out_dir: Path, shards: List[range], manifest: dict):
+    """samples.npz from the shards (skipped when it already holds exactly this set)."""
+    num_samples = manifest["num_samples"]
+    record = out_dir / ".assembled.json"
+    if (out_dir / SAMPLES_NPZ).is_file() and record.is_file() and json.loads(record.read_text()) == num_samples:
+        return
+    first = np.load(_shard_path(out_dir, 0))
+    arr = np.empty((num_samples, *first["arr_0"].shape[1:]), dtype=np.uint8)
+    labels = np.empty(num_samples, dtype=np.int64) if "labels" in first.files else None
+    first.close()
+    for k, indices in enumerate(shards):
+        with np.load(_shard_path(out_dir, k)) as shard:
+            arr[indices.start : indices.stop] = shard["arr_0"]
+            if labels is not None:
+                labels[indices.start : indices.stop] = shard["labels"]
+    arrays = {"arr_0": arr} if labels is None else {"arr_0": arr, "labels": labels}
+    record.unlink(missing_ok=True)
+    _atomic_write(out_dir / SAMPLES_NPZ, lambda f: np.savez(f, **arrays))
+    _atomic_write(record, lambda f: f.write(json.dumps(num_samples).encode()))
+
+
+# ---------------------------------------------------------------------- command line
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sample.py",
+        description="Sample a grid or a large sample set (e.g. 50K for FID) from a U-ViT / U-ViC.",
+        epilog=(
+            "examples:\n"
+            "  python sample.py runs/digits_uvic/final --grid 8\n"
+            "  python sample.py runs/cifar10_uvic_s2 --checkpoint latest --num-samples 50000 --out samples/c10\n"
+            "  accelerate launch sample.py runs/in256_uvit_l2/final --num-samples 50000 --guidance 1.4 --out s/in256\n"
+            "guidance: eps = uncond + w (cond - uncond); w = 1 is off, U-ViT's 'scale 0.4' is w = 1.4."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add = parser.add_argument
+    add("model", metavar="MODEL", help=f"what to sample from: {MODEL_KINDS}")
+    add("--checkpoint", help="run directory: 'latest' or a step number instead of final/")
+    add("--ema", action=argparse.BooleanOptionalAction, default=True, help="EMA weights of a checkpoint (default on)")
+    add("--reference-config", help="YAML/JSON of the reference `nnet` keywords, for a published U-ViT .pth")
+    add("--vae", help="AutoencoderKL folder (or latents extraction folder) that decodes a latent model")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--grid", type=int, metavar="N", help="one PNG grid, N per row: a row per class (conditional)")
+    what.add_argument("--num-samples", type=int, metavar="N", help="a set of N samples in --out (resumable)")
+    add("--out", help="grid: a .png file or a folder; set: the folder (required)")
+    add("--format", nargs="+", default=["npz"], choices=FORMATS, help="set: npz (arr_0 NHWC uint8 + labels) and/or png")
+    add("--shard-size", type=int, default=1000, help="set: samples per shard, the unit of resume")
+    add("--scheduler", default="dpm++2m", help=f"sampler: {', '.join(SCHEDULERS)}, or 'saved' (the pipeline's own)")
+    add("--steps", type=int, default=50, help="number of sampling steps")
+    add("--timestep-spacing", choices=TIMESTEP_SPACINGS, help="override the sampler's timestep spacing")
+    add("--guidance", type=float, default=1.0, help="classifier-free guidance w (1 = off; U-ViT's 0.4 is 1.4)")
+    labels = parser.add_mutually_exclusive_group()
+    labels.add_argument("--class-labels", type=int, nargs="+", metavar="Y", help="labels taken in turn (grid: the rows)")
+    labels.add_argument("--classes", choices=CLASS_MODES, help="set: uniform (i.i.d., default) or balanced (index mod K)")
+    add("--seed", type=int, default=0, help="sample i is drawn from a generator seeded from (seed, i)")
+    add("--batch-size", type=int, default=64, help="samples per forward pass (per process)")
+    add("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available; accelerate launch: one per process)")
+    add("--dtype", choices=DTYPES, default="fp32", help="model weights and activations")
+    add("--compile", action="store_true", help="torch.compile the model")
+    add("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return parser
+
+
+def _grid_path(args) -> Path:
+    """--out (a .png, or a folder), else MODEL's run directory samples/ folder, else the working directory."""
+    name = f"grid_{args.scheduler}_{args.steps}steps_w{args.guidance:g}_seed{args.seed}.png"
+    if args.out:
+        return Path(args.out) if args.out.lower().endswith(".png") else Path(args.out) / name
+    path = Path(args.model)
+    run_dir = path.parent if path.name == "final" else path
+    if path.is_dir() and ((run_dir / "config.yaml").is_file() or (run_dir / "checkpoints").is_dir()):
+        return run_dir / "samples" / name
+    return Path(name)
+
+
+def run(args) -> Path:
+    """sample.py with parsed arguments; returns the grid, samples.npz or png folder."""
+    # Everything that can be checked without the model is checked first.
+    if args.scheduler != "saved" and args.scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {args.scheduler!r}; valid: {', '.join(SCHEDULERS)}, saved")
+    if args.num_samples is not None and not args.out:
+        raise ValueError("--num-samples needs --out FOLDER")
+    if args.grid is not None and args.classes is not None:
+        raise ValueError("--classes applies to sample sets; a grid takes --class-labels (its rows)")
+    for name in ("grid", "num_samples", "steps", "batch_size", "shard_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be non-negative, got {args.seed}")
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    state = _process_state(device)
+    if state.num_processes > 1:
+        device = state.device
+    pipe = load_pipeline(args.model, checkpoint=args.checkpoint, ema=args.ema, reference_config=args.reference_config)
+    if args.vae:
+        from .latents import attach_vae
+
+        attach_vae(pipe, args.vae)
+    scheduler = None if args.scheduler == "saved" else args.scheduler
+    classes = args.class_labels if args.class_labels is not None else (args.classes or "uniform")
+    # labels and guidance against the model, before the weights move or anything is drawn
+    resolved = resolve_classes(classes, pipe.num_real_classes)
+    pipe.check_inputs(1, None if resolved is None else 0, args.guidance)
+    pipe.to(device)
+    for module in (pipe.model, pipe.vae):
+        if module is not None and module.dtype != DTYPES[args.dtype]:
+            torch.nn.Module.to(module, DTYPES[args.dtype])  # ModelMixin.to warns about an empty fp32-module list
+    if args.compile:
+        pipe.model.compile()
+
+    common = dict(seed=args.seed, scheduler=scheduler, steps=args.steps, guidance=args.guidance,
+                  batch_size=args.batch_size, timestep_spacing=args.timestep_spacing, progress=args.progress)
+    if args.grid is not None:
+        path = _grid_path(args)
+        if state.is_main_process:
+            sample_grid(pipe, path, per_row=args.grid, class_labels=args.class_labels, **common)
+        state.wait_for_everyone()
+    else:
+        path = generate_samples(pipe, args.out, num_samples=args.num_samples, classes=classes, formats=args.format,
+                                accelerator=state, shard_size=args.shard_size, **common)
+    if state.is_main_process:
+        print(path)
+    return path
+
+
+def _process_state(device: str):
+    """accelerate's PartialState under `accelerate launch` / torchrun (several processes), else one process."""
+    launched = any(int(os.environ.get(k, "1")) > 1 for k in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"))
+    if not launched:
+        return _SingleProcess()
+    from accelerate import PartialState
+
+    return PartialState(cpu=device == "cpu")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Path:
+    """Entry point of sample.py and `uvic-sample`. Bad input ends with one message and exit status 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
