@@ -146,7 +146,7 @@ def test_command_compares_two_models_and_writes_every_file(tmp_path):
     assert len(rows) == 2 * 2 * 5 * 4  # models x timesteps x blocks x heads
     assert set(STATISTICS) <= set(rows[0])
     summary = (out / "summary.md").read_text()
-    assert "| | uvit | uvic |" in summary and "| neg_mass | 95 | 0.000 |" in summary
+    assert "| uvit | uvic |" in summary and "| neg_mass | 95 | 0.000 |" in summary
     assert "3 images of 4 images from" in summary
     expected = {f"maps_{m}_{q}_t{t}.png" for m in ("uvit", "uvic") for q in ("patch2_2",) for t in (5, 95)}
     expected |= {f"stats_{s}.png" for s in STATISTICS if s != "collapse"} | {"collapse.png"}

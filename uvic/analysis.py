@@ -38,10 +38,13 @@ STATISTICS = {
     "neg_mass": "share of the absolute attention mass on negative weights: Σ|A| over A<0 / Σ|A| (0 for softmax)",
     "neg_keys": "share of (query, key) pairs whose weight is negative",
     "entropy": "entropy of a row of |A| in nats, mean over queries (uniform over L keys: log L; one key: 0)",
-    "sink_score": "mass on the most-attended key: max over keys of |A| averaged over queries (uniform: 1/L; pure sink: 1)",
+    "sink_score": "mass on the most-attended key: max over keys of |A| averaged over queries "
+    "(uniform: 1/L; pure sink: 1)",
     "extras_mass": "mass on the time/label tokens (the first model.extras tokens), averaged over queries",
-    "head_similarity": "cosine similarity of this head's attention rows with the other heads' of the block (lower: more diverse)",
-    "collapse": "mean pairwise cosine similarity of the patch-token representations after the block (1: all tokens alike)",
+    "head_similarity": "cosine similarity of this head's (signed) attention rows with those of the block's other "
+    "heads (lower: more diverse heads)",
+    "collapse": "mean pairwise cosine similarity of the patch-token representations after the block "
+    "(1: all tokens alike)",
 }
 HEAD_STATISTICS = [s for s in STATISTICS if s != "collapse"]
 CSV_FIELDS = ["model", "timestep", "block", "head", "attention_type", *STATISTICS, "sink_key"]
@@ -392,7 +395,9 @@ def analyse(
                 items = [images.get(i) for i in order[start : start + n]]
                 x0 = torch.stack([x for x, _ in items])
                 if x0.shape[1:] != shape:
-                    raise ValueError(f"{images.description}: images have shape {tuple(x0.shape[1:])}, model {name} wants {shape}")
+                    raise ValueError(
+                        f"{images.description}: images have shape {tuple(x0.shape[1:])}, model {name} wants {shape}"
+                    )
                 data_labels = [y for _, y in items]
             else:
                 x0, data_labels = None, [-1] * n
@@ -419,7 +424,6 @@ def _label_function(labels: str, num_classes: int, images: Optional[ImageSource]
     if labels == "data":
         if images is None:
             raise ValueError("--labels data needs images (--data auto with a run's data set, an .npz or a folder)")
-
         if len(images) and images.get(0)[1] < 0:
             raise ValueError(f"--labels data: {images.description} carry no labels; use --labels null or 0,1,...")
         return lambda start, data_labels: torch.tensor(data_labels, dtype=torch.long)
@@ -463,64 +467,62 @@ def _layout_text(layout: List[str]) -> str:
     return f"Cog in {len(cog)} of {len(layout)} blocks (softmax: {', '.join(map(str, soft)) or 'none'})"
 
 
+def _average(rows: List[dict], stat: str) -> float:
+    """Mean of a statistic over rows; `collapse` (one value per block) counts once, not once per head."""
+    return _mean([r[stat] for r in rows if stat != "collapse" or r["head"] == 0])
+
+
+def _md_row(*cells) -> str:
+    return "| " + " | ".join(map(str, cells)) + " |"
+
+
+def _md_header(*cells) -> str:
+    return _md_row(*cells) + "\n|" + "---|" * len(cells)
+
+
 def write_summary(analyses, rows, path, *, inputs: str, figures: Sequence[str], sources: Sequence[str]) -> None:
+    """summary.md: the models side by side (overall, Cog blocks only, per block), definitions, figures."""
     names = [a.name for a in analyses]
-    timesteps = sorted({t for a in analyses for t in a.timesteps()})
-    by = {}
-    for row in rows:
-        by.setdefault((row["model"], row["timestep"], row["block"]), []).append(row)
+    timesteps = sorted({r["timestep"] for r in rows})
 
-    def overall(name, t, stat, cog_only=False):
-        groups = [g for (m, tt, _), g in by.items() if m == name and tt == t]
-        if cog_only:
-            groups = [g for g in groups if g[0]["attention_type"] == "cog"]
-        if stat == "collapse":
-            return _mean([g[0]["collapse"] for g in groups])
-        return _mean([r[stat] for g in groups for r in g])
+    def select(**match):
+        return [r for r in rows if all(r[k] == v for k, v in match.items())]
 
-    header = "| | " + " | ".join(names) + " |\n|---|" + "---|" * len(names) + "\n"
-    lines = [f"# Attention analysis: {' vs '.join(names)}\n", f"Inputs: {inputs}. Timesteps: {', '.join(map(str, timesteps))}.\n"]
-    lines.append("## Models\n")
-    lines.append(header.rstrip("\n"))
-    lines.append("| path | " + " | ".join(f"`{s}`" for s in sources) + " |")
-    lines.append("| attention | " + " | ".join(_layout_text(a.layout) for a in analyses) + " |")
-    lines.append("| blocks × heads | " + " | ".join(f"{len(a.layout)} × {len(a.sums[next(iter(a.sums))]['neg_mass'])}" for a in analyses) + " |")
-    lines.append("| tokens (extras + grid) | " + " | ".join(f"{a.extras} + {a.grid[0]}×{a.grid[1]}" for a in analyses) + " |")
-    lines.append("| uniform entropy log L | " + " | ".join(f"{math.log(a.extras + a.grid[0] * a.grid[1]):.3f}" for a in analyses) + " |")
-    lines.append("| images per timestep | " + " | ".join(str(a.counts[a.timesteps()[0]]) for a in analyses) + " |\n")
-
-    lines.append("## Overview (mean over all blocks and heads)\n")
-    lines.append("| statistic | t | " + " | ".join(names) + " |\n|---|---|" + "---|" * len(names))
+    lines = [f"# Attention analysis: {' vs '.join(names)}\n",
+             f"Inputs: {inputs}. Timesteps: {', '.join(map(str, timesteps))}.\n", "## Models\n",
+             _md_header("", *names),
+             _md_row("path", *(f"`{s}`" for s in sources)),
+             _md_row("attention", *(_layout_text(a.layout) for a in analyses)),
+             _md_row("blocks × heads", *(f"{len(a.layout)} × {len(a.sums[(a.timesteps()[0], 0)]['neg_mass'])}"
+                                         for a in analyses)),
+             _md_row("tokens (extras + grid)", *(f"{a.extras} + {a.grid[0]}×{a.grid[1]}" for a in analyses)),
+             _md_row("uniform entropy log L", *(f"{math.log(a.extras + a.grid[0] * a.grid[1]):.3f}" for a in analyses)),
+             _md_row("images per timestep", *(a.counts[a.timesteps()[0]] for a in analyses)),
+             "\n## Overview (mean over all blocks and heads)\n", _md_header("statistic", "t", *names)]
     for stat in STATISTICS:
-        for t in timesteps:
-            lines.append(f"| {stat} | {t} | " + " | ".join(_fmt(overall(n, t, stat)) for n in names) + " |")
+        lines += [_md_row(stat, t, *(_fmt(_average(select(model=n, timestep=t), stat)) for n in names))
+                  for t in timesteps]
     if any("cog" in a.layout for a in analyses):
-        lines.append("\nCog blocks only (negative weights exist only there):\n")
-        lines.append("| statistic | t | " + " | ".join(names) + " |\n|---|---|" + "---|" * len(names))
+        lines += ["\nCog blocks only (negative weights exist only there):\n", _md_header("statistic", "t", *names)]
         for stat in ("neg_mass", "neg_keys"):
-            for t in timesteps:
-                lines.append(f"| {stat} | {t} | " + " | ".join(_fmt(overall(n, t, stat, True)) for n in names) + " |")
+            lines += [_md_row(stat, t, *(_fmt(_average(select(model=n, timestep=t, attention_type="cog"), stat))
+                                         for n in names)) for t in timesteps]
 
-    lines.append("\n## Per block (mean over heads and timesteps)\n")
-    blocks = sorted({b for (_, _, b) in by})
+    lines.append("\n## Per block (mean over heads and timesteps; s = softmax block, c = Cog block)\n")
     for stat in ("neg_mass", "sink_score", "extras_mass", "entropy", "head_similarity", "collapse"):
-        lines.append(f"**{stat}**\n")
-        lines.append("| block | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
-        for b in blocks:
+        lines += [f"**{stat}**\n", _md_header("block", *names)]
+        for b in sorted({r["block"] for r in rows}):
             cells = []
             for n in names:
-                groups = [g for (m, _, bb), g in by.items() if m == n and bb == b]
-                value = _mean([g[0][stat] for g in groups] if stat == "collapse" else [r[stat] for g in groups for r in g])
-                kind = groups[0][0]["attention_type"][0] if groups else ""
-                cells.append(f"{_fmt(value)} {kind}".strip())
-            lines.append(f"| {b} | " + " | ".join(cells) + " |")
+                group = select(model=n, block=b)
+                cells.append(f"{_fmt(_average(group, stat))} {group[0]['attention_type'][0]}" if group else "")
+            lines.append(_md_row(b, *cells))
         lines.append("")
-    lines.append("(s = softmax block, c = Cog block)\n")
 
     lines.append("## What the statistics mean\n")
     lines += [f"- `{k}`: {v}" for k, v in STATISTICS.items()]
-    lines.append("- `sink_key` (stats.csv): the token index receiving the most |A| over all images (0..extras-1 = label/time tokens)\n")
-    lines.append("## Figures\n")
+    lines += ["- `sink_key` (stats.csv): the token receiving the most |A| over all images (0..extras-1: label/time)\n",
+              "## Figures\n"]
     lines += [f"![{Path(f).stem}]({f})" for f in figures]
     Path(path).write_text("\n".join(lines) + "\n")
 
@@ -601,7 +603,8 @@ def plot_attention_maps(analysis: ModelAnalysis, out_dir: Path, dpi: int = 80) -
             ax_input.set_title("input x_t", fontsize=6)
             ax_input.axis("off")
             bar_h = min(2.5, height - top - bottom - 1.2)
-            cax = fig.add_axes([(side + 0.1) / width, (height - top - 1.1 - bar_h) / height, 0.12 / width, bar_h / height])
+            bar_bottom = height - top - 1.1 - bar_h
+            cax = fig.add_axes([(side + 0.1) / width, bar_bottom / height, 0.12 / width, bar_h / height])
             bar = fig.colorbar(image, cax=cax)
             bar.set_label("weight / panel max |weight|", fontsize=6)
             bar.ax.tick_params(labelsize=6)
@@ -613,7 +616,8 @@ def plot_attention_maps(analysis: ModelAnalysis, out_dir: Path, dpi: int = 80) -
     return paths
 
 
-def plot_statistic_heatmaps(analyses: Sequence[ModelAnalysis], rows: List[dict], out_dir: Path, dpi: int = 80) -> List[Path]:
+def plot_statistic_heatmaps(analyses: Sequence[ModelAnalysis], rows: List[dict], out_dir: Path,
+                            dpi: int = 80) -> List[Path]:
     """One PNG per head statistic: rows = timesteps, columns = models, each a (block x head) heatmap."""
     timesteps = sorted({r["timestep"] for r in rows})
     paths = []
@@ -766,7 +770,8 @@ def run_attention(args) -> List[Path]:
     figures += plot_statistic_heatmaps(analyses, rows, out_dir, args.dpi)
     figures.append(plot_collapse(analyses, rows, out_dir, args.dpi))
     figures = [f.name for f in figures]
-    write_summary(analyses, rows, out_dir / "summary.md", inputs=inputs, figures=figures, sources=[str(p) for p in args.models])
+    write_summary(analyses, rows, out_dir / "summary.md", inputs=inputs, figures=figures,
+                  sources=[str(p) for p in args.models])
     print(f"wrote {out_dir / 'stats.csv'}, {out_dir / 'summary.md'} and {len(figures)} figures")
     return [out_dir / "stats.csv", out_dir / "summary.md", *(out_dir / f for f in figures)]
 
