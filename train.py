@@ -1,0 +1,10 @@
+"""Train a U-ViT / U-ViC diffusion model (see uvic/trainer.py and README.md).
+
+    python train.py                                   # U-ViC on the embedded digits, CPU, minutes
+    python train.py --config configs/cifar10_uvic_s2.yaml [key=value ...] [--output-dir DIR] [--resume latest]
+"""
+
+from uvic.trainer import main
+
+if __name__ == "__main__":
+    main()

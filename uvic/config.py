@@ -1,0 +1,259 @@
+"""Experiment configuration: one schema of defaults, YAML files and `key=value` overrides.
+
+    cfg = load_config("configs/digits_uvic.yaml", ["train.lr=1e-4", "model.attention_type=softmax"])
+
+Sections: model (UViT's config fields, or a `preset` plus overrides), diffusion (the training
+noise scheduler and loss), data, train (optimisation, logging, checkpoints), eval (FID during
+training). Every default lives in the dataclasses below; a YAML file only says what differs.
+An unknown key fails at once with a message naming it and the valid keys at its level.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+SECTIONS = ("model", "diffusion", "data", "train", "eval")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
+DATASETS = ("digits", "cifar10", "imagefolder", "latents")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+LR_SCHEDULES = ("constant", "linear", "cosine")  # after the linear warm-up
+
+
+@dataclass
+class ModelConfig:
+    """UViT architecture. None = the preset's value if `preset` is set, else UViT's default.
+    Resolved to explicit values by `load_config`, so the saved config.yaml is complete."""
+
+    preset: Optional[str] = None  # e.g. "uvit-s/2"; fields set here override the preset
+    sample_size: Optional[int] = None  # image (or latent) side in pixels
+    in_channels: Optional[int] = None
+    patch_size: Optional[int] = None
+    embed_dim: Optional[int] = None
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+    mlp_ratio: Optional[float] = None
+    qkv_bias: Optional[bool] = None
+    mlp_time_embed: Optional[bool] = None
+    num_classes: Optional[int] = None  # derived from the data when data.conditional (classes + 1, null last)
+    use_final_conv: Optional[bool] = None
+    long_skip: Optional[bool] = None
+    attention_type: Optional[str] = None  # "softmax" (U-ViT) or "cog" (U-ViC)
+    softmax_blocks: Optional[List[int]] = None  # None = official U-ViC layout [0, depth]
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DiffusionConfig:
+    """The training noise scheduler (diffusers DDPMScheduler) and the loss."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"  # one of BETA_SCHEDULES
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    prediction_type: str = "epsilon"  # one of PREDICTION_TYPES
+    clip_sample: bool = True  # True for pixels in [-1, 1], False for latents
+    clip_sample_range: float = 1.0
+    snr_gamma: Optional[float] = None  # min-SNR-γ loss weighting (Hang et al. 2023); None = plain MSE
+    p_uncond: float = 0.1  # class-conditional: probability a label is dropped to the null class
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"  # one of DATASETS
+    path: Optional[str] = None  # data root (cifar10: default ./data) / image folder / latents file
+    download: bool = False  # cifar10: fetch it if absent
+    conditional: bool = False  # train class-conditional (labels needed)
+    random_flip: bool = False  # random horizontal flip (applied on the batch, resume-exact)
+    limit: Optional[int] = None  # use only the first N examples (quick tests, overfitting checks)
+    scale_factor: Optional[float] = None  # latents: multiply latents by this (None = the file's own)
+    check_images: bool = True  # imagefolder: open every file once up front, skip unreadable ones
+    fail_on_corrupt: bool = False  # imagefolder: raise on the first unreadable file instead
+    num_workers: int = 0
+    pin_memory: bool = False
+    persistent_workers: bool = False
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, logging and checkpoints. Defaults: the U-ViT paper's CIFAR-10 recipe."""
+
+    seed: int = 0
+    steps: int = 500_000  # optimizer steps
+    batch_size: int = 128  # GLOBAL batch: processes x grad_accum x per-process batch
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.03
+    betas: List[float] = field(default_factory=lambda: [0.99, 0.999])
+    adam_eps: float = 1e-8
+    warmup_steps: int = 2500
+    lr_schedule: str = "constant"  # after warm-up; one of LR_SCHEDULES
+    max_grad_norm: Optional[float] = 1.0  # None = no clipping (the norm is still logged)
+    mixed_precision: str = "no"  # one of MIXED_PRECISION
+    ema_decay: float = 0.9999
+    ema_update_after_step: int = 0
+    log_every: int = 50
+    sample_every: int = 5000  # 0 = only at the end
+    sample_num: int = 64  # unconditional grid size (class-conditional: 8 per class row)
+    sample_scheduler: str = "dpm++2m"  # a name in uvic.pipeline.SCHEDULERS
+    sample_steps: int = 25
+    sample_guidance: float = 1.0  # class-conditional grids: classifier-free guidance w (1 = off)
+    sample_seed: int = 0
+    checkpoint_every: int = 5000  # 0 = only at the end
+    keep_checkpoints: int = 2  # the last N complete checkpoints are kept
+    compile: bool = False  # torch.compile the model
+
+
+@dataclass
+class EvalConfig:
+    """FID during training (uvic.metrics.pipeline_fid on the EMA pipeline)."""
+
+    fid_every: int = 0  # 0 = off
+    fid_num_samples: int = 10_000
+    fid_ref: Optional[str] = None  # reference statistics / data set name for uvic.metrics
+    fid_scheduler: str = "dpm++2m"
+    fid_steps: int = 50
+    fid_batch_size: int = 64
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ---------------------------------------------------------------------- loading
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Schema defaults <- YAML file `path` <- dotted `overrides` ("train.lr=1e-4"); validated, model resolved."""
+    schema = OmegaConf.structured(Config)
+    layers = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {str(path)!r} not found")
+        layers.append((OmegaConf.load(path), f"config file {path}"))
+    overrides = list(overrides)
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ValueError(f"overrides must look like section.key=value, got {bad}")
+    if overrides:
+        layers.append((OmegaConf.from_dotlist(overrides), "command line"))
+    cfg = schema
+    for layer, source in layers:
+        _check_keys(layer, schema, "", source)
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as e:  # a wrong type, e.g. train.steps=abc
+            raise ValueError(f"bad value in {source}: {e.msg if hasattr(e, 'msg') else e}") from None
+    cfg = resolve_model(cfg)
+    validate_config(cfg)
+    return cfg
+
+
+def _check_keys(node: Any, schema: Any, prefix: str, source: str) -> None:
+    """Fail on the first key of `node` that the schema does not have, naming the valid keys there."""
+    if not isinstance(node, DictConfig) or not isinstance(schema, DictConfig):
+        return
+    valid = list(schema.keys())
+    for key in node.keys():
+        name = f"{prefix}{key}"
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f" (did you mean {prefix}{close[0]!s}?)" if close else ""
+            where = f"'{prefix[:-1]}'" if prefix else "the top level"
+            raise ValueError(f"unknown config key {name!r} in {source}{hint}; valid keys at {where}: {', '.join(valid)}")
+        _check_keys(node[key], schema[key], f"{name}.", source)
+
+
+def resolve_model(cfg: DictConfig) -> DictConfig:
+    """Fill every model field: explicit value > preset > UViT's default (num_classes stays as given)."""
+    from .model import UViT, preset_config  # model imports torch; keep config import light
+
+    defaults = {
+        name: p.default for name, p in inspect.signature(UViT.__init__).parameters.items() if name != "self"
+    }
+    given = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if v is not None}
+    preset = given.pop("preset", None)
+    base = preset_config(preset) if preset else {}
+    resolved = {**defaults, **base, **given}
+    resolved["num_classes"] = given.get("num_classes", -1)
+    cfg = cfg.copy()
+    for key, value in resolved.items():
+        if key in cfg.model:
+            cfg.model[key] = list(value) if isinstance(value, (tuple, ListConfig)) else value
+    return cfg
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Fail fast on values no run could use (each message names the key and what is valid)."""
+    from .pipeline import SCHEDULERS
+
+    m, d, data, t, e = cfg.model, cfg.diffusion, cfg.data, cfg.train, cfg.eval
+    choices = [
+        ("model.attention_type", m.attention_type, ("softmax", "cog")),
+        ("diffusion.prediction_type", d.prediction_type, PREDICTION_TYPES),
+        ("diffusion.beta_schedule", d.beta_schedule, BETA_SCHEDULES),
+        ("data.name", data.name, DATASETS),
+        ("train.mixed_precision", t.mixed_precision, MIXED_PRECISION),
+        ("train.lr_schedule", t.lr_schedule, LR_SCHEDULES),
+        ("train.sample_scheduler", t.sample_scheduler, tuple(SCHEDULERS)),
+        ("eval.fid_scheduler", e.fid_scheduler, tuple(SCHEDULERS)),
+    ]
+    for key, value, valid in choices:
+        if value not in valid:
+            raise ValueError(f"{key}={value!r} is not valid; choose one of: {', '.join(valid)}")
+    if m.sample_size % m.patch_size:
+        raise ValueError(
+            f"model.sample_size={m.sample_size} is not divisible by model.patch_size={m.patch_size}"
+        )
+    positive = [
+        ("train.steps", t.steps),
+        ("train.batch_size", t.batch_size),
+        ("train.grad_accum", t.grad_accum),
+        ("diffusion.num_train_timesteps", d.num_train_timesteps),
+        ("train.sample_steps", t.sample_steps),
+    ]
+    for key, value in positive:
+        if value < 1:
+            raise ValueError(f"{key} must be >= 1, got {value}")
+    if not 0.0 <= d.p_uncond < 1.0:
+        raise ValueError(f"diffusion.p_uncond must lie in [0, 1), got {d.p_uncond}")
+    if len(t.betas) != 2:
+        raise ValueError(f"train.betas must be two numbers (beta1, beta2), got {list(t.betas)}")
+    if d.snr_gamma is not None and d.snr_gamma <= 0:
+        raise ValueError(f"diffusion.snr_gamma must be > 0 or null, got {d.snr_gamma}")
+    if e.fid_every > 0 and not e.fid_ref:
+        raise ValueError("eval.fid_every > 0 needs eval.fid_ref (reference statistics for FID)")
+    if data.name in ("imagefolder", "latents") and not data.path:
+        raise ValueError(f"data.name={data.name!r} needs data.path (the {data.name} location)")
+
+
+def save_config(cfg: DictConfig, path) -> None:
+    OmegaConf.save(cfg, path)
+
+
+def config_diff(a: DictConfig, b: DictConfig) -> List[str]:
+    """Dotted keys whose values differ between two configs (for 'this folder holds another run')."""
+    fa = _flatten(OmegaConf.to_container(a))
+    fb = _flatten(OmegaConf.to_container(b))
+    return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
