@@ -193,6 +193,12 @@ class UViT(ModelMixin, ConfigMixin):
         """Which attention each block uses, in forward order, e.g. ['softmax', 'cog', ..., 'softmax']."""
         return [blk.attn.attention_type for blk in self.blocks]
 
+    def set_attention_backend(self, backend: str) -> None:
+        """Run every block's attention through `backend`: "auto", "math", "lean", "chunked" or "triton"
+        (uvic.attention). A runtime choice, like the device: not stored in the config."""
+        for blk in self.blocks:
+            blk.attn.set_backend(backend)
+
     def no_weight_decay(self):
         return {"pos_embed"}
 
