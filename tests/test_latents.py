@@ -17,9 +17,11 @@ from uvic.latents import (
     LatentDataset,
     attach_vae,
     center_crop,
+    export_crops,
     extract_latents,
     find_images,
     load_vae,
+    main as latents_main,
     shard_name,
     shards_for_process,
 )
@@ -100,9 +102,28 @@ def test_find_images_sorts_classes_and_skips_non_images(image_folder):
     assert files[4] == os.path.join("n02", "img_0.png")
 
 
+def test_exported_crops_are_the_center_crops_and_resume(image_folder, tmp_path):
+    files, _, _ = find_images(image_folder)
+    out = export_crops(image_folder, tmp_path / "crops", resolution=RES, limit=5, seed=1, num_workers=0, progress=False)
+    pngs = sorted(out.glob("*.png"))
+    assert [p.name for p in pngs] == [f"{k:06d}.png" for k in range(5)]
+    chosen = np.sort(np.random.default_rng(1).permutation(12)[:5])
+    with Image.open(image_folder / files[chosen[2]]) as im:
+        expected = np.asarray(center_crop(im.convert("RGB"), RES))
+    np.testing.assert_array_equal(np.asarray(Image.open(pngs[2])), expected)
+    pngs[0].unlink()
+    before = pngs[1].stat().st_mtime_ns
+    export_crops(image_folder, out, resolution=RES, limit=5, seed=1, num_workers=0, progress=False)
+    assert pngs[0].exists() and pngs[1].stat().st_mtime_ns == before
+
+
 # ---------------------------------------------------------------------- extraction
-def test_extract_stores_the_vae_moments_of_both_flips_with_labels_and_meta(tiny_vae, image_folder, tmp_path):
-    out = extract(image_folder, tmp_path / "lat", tiny_vae, flip=True, dtype="float32")
+def test_extract_stores_the_vae_moments_of_both_flips_with_labels_and_meta(tiny_vae, image_folder, tmp_path, capsys):
+    out = tmp_path / "lat"
+    latents_main(["extract", "--data", str(image_folder), "--out", str(out), "--vae", str(tiny_vae), "--flip",
+                  "--resolution", str(RES), "--batch-size", "3", "--shard-size", "5", "--num-workers", "0",
+                  "--dtype", "float32"])
+    assert "12 latents (4, 8, 8) of 3 classes" in capsys.readouterr().out
     meta = json.loads((out / "meta.json").read_text())
     assert meta["num_images"] == 12 and meta["num_shards"] == 3 and meta["num_classes"] == 3
     assert meta["classes"] == CLASSES and meta["latent_shape"] == [4, 8, 8] and meta["scale_factor"] == 0.18215
@@ -266,3 +287,76 @@ def test_uvit_h2_trains_one_step_at_batch_1_with_gradient_checkpointing():
     out.square().mean().backward()
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None for g in grads) and all(torch.isfinite(g).all() for g in grads[:5])
+
+
+def test_fsdp_config_for_the_h_models_launches_fsdp_over_uvit_blocks():
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    import uvic.model
+
+    parser = launch_command_parser()
+    args = parser.parse_args(["--config_file", str(REPO / "configs/accelerate/fsdp_h.yaml"), "train.py"])
+    args, _, _ = _validate_launch_command(args)
+    env = prepare_multi_gpu_env(args)
+    assert args.num_processes == 8 and env["ACCELERATE_USE_FSDP"] == "true"
+    assert env["FSDP_SHARDING_STRATEGY"] == "FULL_SHARD" and env["ACCELERATE_MIXED_PRECISION"] == "bf16"
+    assert env["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP" and env["FSDP_USE_ORIG_PARAMS"] == "true"
+    layer = getattr(uvic.model, env["FSDP_TRANSFORMER_CLS_TO_WRAP"])  # the class FSDP wraps exists ...
+    model = UViT(sample_size=8, in_channels=4, patch_size=2, embed_dim=32, depth=4, num_heads=2)
+    assert all(isinstance(b, layer) for b in model.blocks)  # ... and is every U-ViT block
+
+
+# ---------------------------------------------------------------------- the whole path, tiny
+@pytest.fixture()
+def random_inception(tmp_path):
+    """torch-fidelity's FeatureExtractorInceptionV3 structure with random weights, saved as a state dict."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class Unloaded(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, assign=False):  # keep the random init
+            return None
+
+    torch.save({}, tmp_path / "empty.pth")
+    torch.manual_seed(0)
+    net = Unloaded("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(tmp_path / "empty.pth"))
+    torch.save(net.state_dict(), tmp_path / "random-inception.pth")
+    return tmp_path / "random-inception.pth"
+
+
+def test_extract_train_sample_with_guidance_decode_and_score(latents, image_folder, random_inception, tmp_path, monkeypatch):
+    trainer = pytest.importorskip("uvic.trainer")
+    sampling = pytest.importorskip("uvic.sampling")
+    report = pytest.importorskip("uvic.report")
+    if "attach_vae" not in Path(trainer.__file__).read_text():
+        pytest.xfail("uvic.trainer does not attach the VAE yet: a latent run cannot draw its sample grids or write "
+                     "final/vae (one line in Trainer.ema_pipeline: uvic.latents.attach_vae(pipe, data.path, ...))")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # nothing is found or fetched there
+    monkeypatch.setenv("UVIC_CACHE_DIR", str(tmp_path / "cache"))
+    config = tmp_path / "tiny_latent_uvic.yaml"
+    config.write_text(f"""
+model: {{sample_size: 8, in_channels: 4, patch_size: 2, embed_dim: 32, depth: 2, num_heads: 2, attention_type: cog}}
+diffusion: {{beta_schedule: scaled_linear, beta_start: 0.00085, beta_end: 0.012, clip_sample: false, p_uncond: 0.1}}
+data: {{name: latents, path: "{latents}", conditional: true, scale_factor: 0.18215}}
+train: {{steps: 3, batch_size: 4, warmup_steps: 1, log_every: 1, sample_every: 0, checkpoint_every: 0,
+        sample_steps: 2, sample_guidance: 1.4}}
+""")
+    run = tmp_path / "run"
+    final = trainer.main(["--config", str(config), "--output-dir", str(run), "--cpu"])
+    assert (final / "vae" / "config.json").exists(), "latent runs keep their VAE in final/ (uvic.latents.attach_vae)"
+    pipe = sampling.load_pipeline(run)
+    assert pipe.model.config.num_classes == 4 and pipe.vae.config.scaling_factor == 0.18215
+
+    samples = sampling.main([str(run), "--num-samples", "6", "--out", str(tmp_path / "samples"), "--steps", "2",
+                             "--guidance", "1.4", "--batch-size", "6", "--device", "cpu", "--no-progress"])
+    with np.load(samples) as npz:
+        images, labels = npz["arr_0"], npz["labels"]
+    assert images.shape == (6, RES, RES, 3) and images.dtype == np.uint8  # decoded pixels, not latents
+    assert set(labels.tolist()) <= {0, 1, 2}
+
+    crops = export_crops(image_folder, tmp_path / "ref", resolution=RES, num_workers=0, progress=False)
+    common = ["--inception-weights", str(random_inception), "--offline", "--batch-size", "12", "--device", "cpu",
+              "--csv", ""]
+    report.main([str(crops), "--save-stats", str(tmp_path / "ref_stats.npz"), *common])
+    result = report.main([str(samples), "--ref", str(tmp_path / "ref_stats.npz"), *common])
+    assert np.isfinite(result["fid"]) and result["fid"] > 0

@@ -7,6 +7,7 @@ fresh latent z = scale_factor · (mean + std · ε) at every training step.
     python -m uvic.latents extract --data IMAGENET/train --out data/imagenet256_latents \\
         --resolution 256 [--vae stabilityai/sd-vae-ft-ema | LOCAL_FOLDER] [--flip]
     accelerate launch -m uvic.latents extract ...     (several GPUs: ranks take disjoint shards)
+    python -m uvic.latents crops --data IMAGENET/val --out ref/val256 --resolution 256   (FID reference images)
 
 Layout of an extraction folder:
 
@@ -307,6 +308,35 @@ def _write_shard(out: Path, shard: int, tensors: dict, start: int):
     os.replace(tmp, out / shard_name(shard))
 
 
+def export_crops(data, out, *, resolution: int = 256, limit: Optional[int] = None, seed: int = 0,
+                 num_workers: int = 4, progress: bool = True) -> Path:
+    """Center crops of an ImageNet-layout folder as PNGs OUT/000000.png ... (for FID reference
+    statistics: `eval_fid.py OUT --save-stats stats.npz`). limit: a random subset of that many
+    images (fixed by `seed`). Existing files are kept, so an interrupted export resumes."""
+    files, labels, _ = find_images(data)
+    if resolution <= 0:
+        raise ValueError(f"resolution must be a positive integer, got {resolution}")
+    order = np.arange(len(files))
+    if limit is not None:
+        if not 0 < limit <= len(files):
+            raise ValueError(f"limit must lie in 1..{len(files)} (the images in {str(data)!r}), got {limit}")
+        order = np.sort(np.random.default_rng(seed).permutation(len(files))[:limit])
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    todo = [k for k in range(len(order)) if not (out / f"{k:06d}.png").exists()]
+    images = CenterCropImages(data, [files[i] for i in order], [labels[i] for i in order], resolution)
+    loader = DataLoader(torch.utils.data.Subset(images, todo), batch_size=64, num_workers=num_workers)
+    from tqdm.auto import tqdm
+
+    for x, _, idx in tqdm(loader, desc="center crops", disable=not progress):
+        pixels = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (B, R, R, 3)
+        for k, img in zip(idx.tolist(), pixels):  # k: position in `order`, the file's number
+            tmp = out / f".{k:06d}.png.tmp"
+            Image.fromarray(img).save(tmp, format="PNG")
+            os.replace(tmp, out / f"{k:06d}.png")
+    return out
+
+
 # ---------------------------------------------------------------------- dataset
 class LatentDataset(Dataset):
     """Latents of an extraction folder: item i = (z (C, h, w) float32, label int) with
@@ -383,7 +413,19 @@ def main(argv: Optional[Sequence[str]] = None):
     ex.add_argument("--num-workers", type=int, default=4, help="data-loading processes per GPU")
     ex.add_argument("--dtype", default="float16", choices=sorted(STORAGE_DTYPES), help="storage type of the moments")
     ex.add_argument("--vae-dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="encoder precision")
+    cr = sub.add_parser("crops", help="center-cropped PNGs of an image folder (FID reference images)")
+    cr.add_argument("--data", required=True, help="image folder, one subfolder per class")
+    cr.add_argument("--out", required=True, help="output folder of PNGs (rerun to resume)")
+    cr.add_argument("--resolution", type=int, default=256, help="crop size in pixels")
+    cr.add_argument("--limit", type=int, help="a random subset of this many images (e.g. 50000)")
+    cr.add_argument("--seed", type=int, default=0, help="seed of the --limit subset")
+    cr.add_argument("--num-workers", type=int, default=4, help="data-loading processes")
     args = parser.parse_args(argv)
+    if args.command == "crops":
+        out = export_crops(args.data, args.out, resolution=args.resolution, limit=args.limit, seed=args.seed,
+                           num_workers=args.num_workers)
+        print(f"{len(list(out.glob('*.png')))} center crops in {out}")
+        return
 
     from accelerate import Accelerator
 
