@@ -151,3 +151,11 @@ def test_latent_model_decodes_through_its_vae_and_saves_it(tmp_path):
     loaded.set_progress_bar_config(disable=True)
     assert isinstance(loaded.vae, AutoencoderKL) and loaded.vae.config.scaling_factor == 0.5
     assert torch.equal(loaded(batch_size=2, num_inference_steps=2, generator=generators(2), output_type="pt").images, images)
+
+
+def test_non_finite_samples_fail_with_one_message():
+    pipe = tiny_pipeline()
+    with torch.no_grad():
+        pipe.model.decoder_pred.bias.fill_(float("nan"))
+    with pytest.raises(ValueError, match="DDPMScheduler produced non-finite samples"):
+        pipe(batch_size=1, num_inference_steps=2)

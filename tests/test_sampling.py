@@ -120,6 +120,22 @@ def test_load_pipeline_rejects_what_it_cannot_sample_from(run_dir, tmp_path):
         load_pipeline(unfinished)
 
 
+def test_checkpoint_of_a_latent_run_decodes_with_the_vae_of_its_data(tmp_path):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4, sample_size=16)
+    vae.save_pretrained(tmp_path / "vae")
+    run = tmp_path / "latent_run"
+    folder = run / "checkpoints" / "step_0000005"
+    tiny_model(in_channels=4).save_pretrained(folder / "ema_model")
+    DDPMScheduler(num_train_timesteps=100, clip_sample=False).save_pretrained(folder / "scheduler")
+    (run / "config.yaml").write_text(f"data:\n  name: latents\n  path: {tmp_path / 'vae'}\n  scale_factor: 0.5\n")
+    pipe = load_pipeline(run, checkpoint="latest")
+    assert isinstance(pipe.vae, AutoencoderKL) and pipe.vae.config.scaling_factor == 0.5
+    assert pipe.image_shape == (3, 16, 16)
+
+
 # ---------------------------------------------------------------------- sample sets
 def test_npz_and_png_layout(tmp_path):
     pipe = tiny_pipeline()
@@ -256,7 +272,7 @@ def test_bad_input_ends_with_one_message_before_sampling(run_dir, unconditional,
         main([str(paths[model]), "--num-samples", "2", "--steps", "1", "--out", str(out), "--device", "cpu", *options])
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error.startswith("sample.py: error: ")
+    assert ": error: " in error
     assert re.search(message, error), error
     assert (sorted(out.rglob("*")) if out.exists() else None) == before  # nothing was drawn or written
 

@@ -180,6 +180,12 @@ class UViCPipeline(DiffusionPipeline):
             model_input = self.scheduler.scale_model_input(x, t).to(dtype)
             out = self.predict(model_input, t, labels, guidance_scale).float()
             x = self.scheduler.step(out, t, x, **step_kwargs).prev_sample
+        if not torch.isfinite(x).all():  # one check per call, not per step (a device sync)
+            raise ValueError(
+                f"{type(self.scheduler).__name__} produced non-finite samples (NaN/inf). Known case: euler-a in float32 "
+                "with a schedule whose last ᾱ_t is ~0 (squaredcos_cap_v2); choose another scheduler (dpm++2m, euler, "
+                "ddim, ...), else check the model weights"
+            )
 
         if self.vae is not None:
             x = self.vae.decode((x / self.vae.config.scaling_factor).to(self.vae.dtype)).sample.float()

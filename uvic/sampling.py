@@ -554,7 +554,6 @@ def _assemble(out_dir: Path, shards: List[range], manifest: dict):
 # ---------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="sample.py",
         description="Sample a grid or a large sample set (e.g. 50K for FID) from a U-ViT / U-ViC.",
         epilog=(
             "examples:\n"
