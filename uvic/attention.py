@@ -24,7 +24,8 @@ on a model; never part of a model's config):
 
 "lean" and "chunked" run their elementwise work through torch.compile (compiled on first use)
 when the score matrix has at least 2^20 entries, unless UVIC_ATTENTION_COMPILE=0 or an
-enclosing torch.compile is already tracing. Softmax attention always runs through
+enclosing torch.compile is already tracing (UVIC_ATTENTION_COMPILE=<name> picks another
+torch.compile backend). Softmax attention always runs through
 `F.scaled_dot_product_attention` (which has its own fused kernels), except backend "math".
 """
 
@@ -106,6 +107,8 @@ def _triton_problem(q, k, v) -> Optional[str]:
             return f"tensors are on {q.device.type}; the kernels need CUDA (or TRITON_INTERPRET=1)"
     from .kernels.cog_triton import SUPPORTED_DTYPES  # noqa: PLC0415
 
+    if not q.shape[-1] == k.shape[-1] == v.shape[-1] <= 256:
+        return f"head dims {q.shape[-1]}, {k.shape[-1]}, {v.shape[-1]}; the kernels need one head dim <= 256"
     if q.dtype not in SUPPORTED_DTYPES or not q.dtype == k.dtype == v.dtype:
         return f"dtypes {q.dtype}, {k.dtype}, {v.dtype}; the kernels need one of {SUPPORTED_DTYPES} for all three"
     return None
@@ -137,11 +140,17 @@ def _check_shapes(q, k, v):
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)} (backend 'math' broadcasts)")
 
 
-def _use_compile(q, k) -> bool:
-    """Fuse the elementwise work of "lean"/"chunked" with torch.compile? (see module docstring)"""
-    if os.environ.get("UVIC_ATTENTION_COMPILE", "1") == "0" or torch.compiler.is_compiling():
-        return False
-    return q.shape[:-1].numel() * k.shape[-2] >= COMPILE_MIN_SCORES
+def _compiler(q, k) -> Optional[str]:
+    """torch.compile backend for the elementwise work of "lean"/"chunked", or None (module docstring).
+
+    UVIC_ATTENTION_COMPILE: unset/"1" = "inductor", "0" = never, any other value = that backend.
+    """
+    setting = os.environ.get("UVIC_ATTENTION_COMPILE", "1")
+    if setting == "0" or torch.compiler.is_compiling():
+        return None
+    if q.shape[:-1].numel() * k.shape[-2] < COMPILE_MIN_SCORES:
+        return None
+    return "inductor" if setting == "1" else setting
 
 
 def cog_attention(q, k, v, *, scale=None, mask=None, return_weights=False, backend=None):
@@ -165,7 +174,8 @@ def cog_attention(q, k, v, *, scale=None, mask=None, return_weights=False, backe
         return cog_attention_triton(q, k, v, scale, mask)
     from .kernels.cog_torch import cog_attention_chunked  # noqa: PLC0415
 
-    return cog_attention_chunked(q, k, v, scale, mask, keep_weights=name == "lean", fused=_use_compile(q, k))
+    return cog_attention_chunked(q, k, v, scale, mask, keep_weights=name == "lean",
+                                 compiler=_compiler(q, k))
 
 
 def softmax_attention(q, k, v, *, scale=None, mask=None, return_weights=False, backend=None):

@@ -5,7 +5,7 @@
 Heads are flattened to N = B·H and walked in chunks (a group of whole heads, or a block of
 query rows of one head) of about `budget` scores, so no temporary larger than a chunk is ever
 allocated and memory stays bounded however long the sequence. The elementwise work of a chunk
-runs in place (eager) or through torch.compile (`fused=True`, one pass). Backward uses the closed form
+runs in place (eager) or through torch.compile (`compiler="inductor"`: one fused pass). Backward uses the closed form
 
     dV = Aᵀ dO,  dA = dO Vᵀ,  dS = |A| ⊙ dA − A ⊙ rowsum(dO ⊙ O),  dQ = dS K·scale,  dK = dSᵀ Q·scale
 
@@ -104,17 +104,17 @@ def _score_grad_fused(a, d_a, delta):
 
 
 class _Compiled:
-    """fn through torch.compile, built on the first call (never at import); if compiling fails
-    (no C++ compiler, unsupported device) it warns once and runs fn eagerly from then on."""
+    """fn through torch.compile(backend=...), built on the first call (never at import); if compiling
+    fails (no C++ compiler, unsupported device) it warns once and runs fn eagerly from then on."""
 
-    def __init__(self, fn):
-        self.fn, self.compiled, self.failed = fn, None, False
+    def __init__(self, fn, backend: str):
+        self.fn, self.backend, self.compiled, self.failed = fn, backend, None, False
 
     def __call__(self, *args):
         if self.failed:
             return self.fn(*args)
         if self.compiled is None:
-            self.compiled = torch.compile(self.fn, dynamic=True)
+            self.compiled = torch.compile(self.fn, backend=self.backend, dynamic=True)
         try:
             return self.compiled(*args)
         except Exception as error:  # a compiler problem; a real error in fn re-raises just below
@@ -124,16 +124,16 @@ class _Compiled:
 
 
 @functools.cache
-def _compiled(fn) -> _Compiled:
-    """One lazily compiled wrapper per function, cached the way torch caches its own kernels."""
-    return _Compiled(fn)
+def _compiled(fn, backend: str) -> _Compiled:
+    """One lazily compiled wrapper per (function, compiler), cached the way torch caches kernels."""
+    return _Compiled(fn, backend)
 
 
-def cog_forward(q, k, v, scale: float, mask=None, *, keep_weights=False, budget=DEFAULT_BUDGET, fused=False):
+def cog_forward(q, k, v, scale: float, mask=None, *, keep_weights=False, budget=DEFAULT_BUDGET, compiler=None):
     """Forward on flattened heads. q (N, Lq, D) already multiplied by scale, k, v (N, Lk, D).
 
-    mask: None or boolean (B, H, Lq, Lk) view with B·H = N. fused: elementwise work through
-    torch.compile. Returns (O (N, Lq, D), A (N, Lq, Lk) if keep_weights else None, lse (N, Lq, 1)).
+    mask: None or boolean (B, H, Lq, Lk) view with B·H = N. compiler: None (eager, in place) or a
+    torch.compile backend ("inductor") that fuses each chunk's elementwise work. Returns (O (N, Lq, D), A (N, Lq, Lk) if keep_weights else None, lse (N, Lq, 1)).
     """
     n, lq, _ = q.shape
     lk = k.shape[1]
@@ -143,17 +143,17 @@ def cog_forward(q, k, v, scale: float, mask=None, *, keep_weights=False, budget=
     lse = q.new_empty(n, lq, 1)
     chunks = list(_chunks(n, lq, lk, budget))
     whole = len(chunks) == 1
-    weights = q.new_empty(n, lq, lk) if keep_weights and not (fused and whole) else None
+    weights = q.new_empty(n, lq, lk) if keep_weights and not (compiler and whole) else None
     chunk = _largest_chunk(n, lq, lk, budget)
     s_buffer = q.new_empty(chunk) if weights is None else None
-    e_buffer = None if fused else q.new_empty(chunk)
+    e_buffer = None if compiler else q.new_empty(chunk)
     for heads, rows in chunks:
         shape = (heads.stop - heads.start, rows.stop - rows.start, lk)
         s_out = _scratch(s_buffer, shape) if weights is None else weights[heads, rows]
         s = torch.bmm(q[heads, rows], kt[heads], out=s_out)  # (g, r, Lk) scores
         mask_c = _mask_chunk(mask, heads, rows, num_heads)
-        if fused:
-            a, lse_c = _compiled(_weights_fused)(s, mask_c)
+        if compiler:
+            a, lse_c = _compiled(_weights_fused, compiler)(s, mask_c)
             if weights is not None:
                 weights[heads, rows] = a
             elif keep_weights:
@@ -166,7 +166,7 @@ def cog_forward(q, k, v, scale: float, mask=None, *, keep_weights=False, budget=
 
 
 def cog_backward(d_out, q, k, v, out, scale: float, mask=None, *, weights=None, lse=None, budget=DEFAULT_BUDGET,
-                 fused=False):
+                 compiler=None):
     """Gradients (dQ, dK, dV) of `cog_forward`; needs `weights` (A) or `lse`, q pre-scaled as there."""
     n, lq, _ = q.shape
     lk = k.shape[1]
@@ -178,7 +178,7 @@ def cog_backward(d_out, q, k, v, out, scale: float, mask=None, *, weights=None, 
     d_v = torch.zeros_like(v)
     chunk = _largest_chunk(n, lq, lk, budget)
     s_buffer = q.new_empty(chunk) if weights is None else None
-    e_buffer = None if fused and weights is not None else q.new_empty(chunk)
+    e_buffer = None if compiler and weights is not None else q.new_empty(chunk)
     da_buffer = q.new_empty(chunk)
     for heads, rows in _chunks(n, lq, lk, budget):
         shape = (heads.stop - heads.start, rows.stop - rows.start, lk)
@@ -188,15 +188,15 @@ def cog_backward(d_out, q, k, v, out, scale: float, mask=None, *, weights=None, 
         else:  # recompute A from the saved log-sum-exp
             s = torch.bmm(q[heads, rows], kt[heads], out=_scratch(s_buffer, shape))
             mask_c = _mask_chunk(mask, heads, rows, num_heads)
-            if fused:
-                a, a_abs = _compiled(_recomputed_fused)(s, mask_c, lse[heads, rows])
+            if compiler:
+                a, a_abs = _compiled(_recomputed_fused, compiler)(s, mask_c, lse[heads, rows])
             else:
                 a, a_abs = _recomputed_eager(s, mask_c, lse[heads, rows], _scratch(e_buffer, shape))
         d_o = d_out[heads, rows]
         d_v[heads].baddbmm_(a.transpose(1, 2), d_o)
         d_a = torch.bmm(d_o, vt[heads], out=_scratch(da_buffer, shape))  # dA
-        if fused:
-            d_s = _compiled(_score_grad_fused)(a, d_a, delta[heads, rows])
+        if compiler:
+            d_s = _compiled(_score_grad_fused, compiler)(a, d_a, delta[heads, rows])
         else:
             a_abs = torch.abs(a, out=_scratch(e_buffer, shape)) if a_abs is None else a_abs
             d_s = _score_grad_eager(a, a_abs, d_a, delta[heads, rows])  # dS = |A| ⊙ dA − A ⊙ delta
@@ -214,15 +214,16 @@ class _CogAttention(torch.autograd.Function):
     """Autograd wrapper of cog_forward / cog_backward for (B, H, L, D) inputs."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, scale, keep_weights, budget, fused):
+    def forward(ctx, q, k, v, mask, scale, keep_weights, budget, compiler):
         dtype = torch.promote_types(q.dtype, torch.float32)
         with torch.autocast(q.device.type, enabled=False):
             q3 = _flat(q, dtype) * scale  # never in place: _flat may return q itself
             k3, v3 = _flat(k, dtype), _flat(v, dtype)
             out, weights, lse = cog_forward(q3, k3, v3, scale, mask, keep_weights=keep_weights, budget=budget,
-                                               fused=fused)
+                                               compiler=compiler)
         ctx.save_for_backward(q3, k3, v3, out, weights if keep_weights else lse)
-        ctx.mask, ctx.scale, ctx.keep_weights, ctx.budget, ctx.fused = mask, scale, keep_weights, budget, fused
+        ctx.mask, ctx.scale, ctx.keep_weights, ctx.budget = mask, scale, keep_weights, budget
+        ctx.compiler = compiler
         ctx.dtypes = (q.dtype, k.dtype, v.dtype)
         return out.view(*q.shape[:-1], v.shape[-1]).to(v.dtype)
 
@@ -233,14 +234,14 @@ class _CogAttention(torch.autograd.Function):
             d_out3 = _flat(d_out, q3.dtype)
             weights, lse = (kept, None) if ctx.keep_weights else (None, kept)
             grads = cog_backward(d_out3, q3, k3, v3, out, ctx.scale, ctx.mask, weights=weights, lse=lse,
-                                 budget=ctx.budget, fused=ctx.fused)
+                                 budget=ctx.budget, compiler=ctx.compiler)
         shape = d_out.shape[:2]
         d_q, d_k, d_v = (g.view(*shape, *g.shape[1:]).to(t) for g, t in zip(grads, ctx.dtypes))
         return d_q, d_k, d_v, None, None, None, None, None
 
 
 def cog_attention_chunked(q, k, v, scale: float, mask=None, *, keep_weights=True, budget=DEFAULT_BUDGET,
-                          fused=False):
+                          compiler=None):
     """O (B, H, Lq, D) of Cog attention for q (B, H, Lq, D), k, v (B, H, Lk, D), in v's dtype.
 
     Scores run in float32 (float64 for float64 inputs). mask: None or boolean broadcastable to
@@ -250,9 +251,9 @@ def cog_attention_chunked(q, k, v, scale: float, mask=None, *, keep_weights=True
     if mask is not None:
         mask = mask.expand(*q.shape[:-1], k.shape[-2])
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        return _CogAttention.apply(q, k, v, mask, scale, keep_weights, budget, fused)
+        return _CogAttention.apply(q, k, v, mask, scale, keep_weights, budget, compiler)
     dtype = torch.promote_types(q.dtype, torch.float32)
     with torch.autocast(q.device.type, enabled=False):
         out, _, _ = cog_forward(_flat(q, dtype) * scale, _flat(k, dtype), _flat(v, dtype), scale, mask,
-                                budget=budget, fused=fused)
+                                budget=budget, compiler=compiler)
     return out.view(*q.shape[:-1], v.shape[-1]).to(v.dtype)
