@@ -491,7 +491,7 @@ def write_summary(analyses, rows, path, *, inputs: str, figures: Sequence[str], 
     lines = [f"# Attention analysis: {' vs '.join(names)}\n",
              f"Inputs: {inputs}. Timesteps: {', '.join(map(str, timesteps))}.\n", "## Models\n",
              _md_header("", *names),
-             _md_row("path", *(f"`{s}`" for s in sources)),
+             _md_row("weights", *(f"`{s}`" for s in sources)),
              _md_row("attention", *(_layout_text(a.layout) for a in analyses)),
              _md_row("blocks × heads", *(f"{len(a.layout)} × {len(a.sums[(a.timesteps()[0], 0)]['neg_mass'])}"
                                          for a in analyses)),
@@ -770,8 +770,8 @@ def run_attention(args) -> List[Path]:
     figures += plot_statistic_heatmaps(analyses, rows, out_dir, args.dpi)
     figures.append(plot_collapse(analyses, rows, out_dir, args.dpi))
     figures = [f.name for f in figures]
-    write_summary(analyses, rows, out_dir / "summary.md", inputs=inputs, figures=figures,
-                  sources=[str(p) for p in args.models])
+    described = [f"{s.model_dir}" + ("" if s.scheduler_dir else " (default DDPMScheduler)") for s in sources]
+    write_summary(analyses, rows, out_dir / "summary.md", inputs=inputs, figures=figures, sources=described)
     print(f"wrote {out_dir / 'stats.csv'}, {out_dir / 'summary.md'} and {len(figures)} figures")
     return [out_dir / "stats.csv", out_dir / "summary.md", *(out_dir / f for f in figures)]
 
