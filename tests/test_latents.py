@@ -157,6 +157,13 @@ def test_latent_dataset_draws_from_the_moments_and_scales(latents):
     assert x.shape == (5, 4, 8, 8) and y.tolist() == [0, 0, 0, 0, 1]
 
 
+def test_the_trainers_latents_data_section_builds_a_latent_dataset(latents):
+    from uvic.data import build_dataset
+
+    ds = build_dataset(OmegaConf.create({"name": "latents", "path": str(latents), "scale_factor": None}), 8)
+    assert isinstance(ds, LatentDataset) and ds.scale_factor == 0.18215 and ds.num_classes == 3 and len(ds) == 12
+
+
 def test_extraction_resumes_missing_shards_and_never_takes_half_written_ones(latents, tiny_vae, image_folder, tmp_path):
     out = Path(shutil.copytree(latents, tmp_path / "lat"))
     kept = {s: (out / shard_name(s)).stat().st_mtime_ns for s in (0, 2)}

@@ -103,12 +103,13 @@ def load_vae(id_or_path: Union[str, Path] = DEFAULT_VAE, *, dtype: torch.dtype =
     or a hub id. Offline, a hub id fails with one message that says to pass a local folder."""
     from diffusers import AutoencoderKL
 
-    path = Path(id_or_path)
+    path = Path(id_or_path).expanduser()
     if path.is_dir():
-        sub = path / VAE_DIR if not (path / "config.json").exists() and (path / VAE_DIR / "config.json").exists() else path
-        if not (sub / "config.json").exists():
+        if not (path / "config.json").exists() and (path / VAE_DIR / "config.json").exists():
+            path = path / VAE_DIR  # a pipeline folder
+        if not (path / "config.json").exists():
             raise FileNotFoundError(f"VAE folder {str(path)!r} has no config.json (expected AutoencoderKL.save_pretrained output)")
-        vae = AutoencoderKL.from_pretrained(sub, torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(path, torch_dtype=dtype)
     elif str(id_or_path).startswith((".", "/", "~")) or str(id_or_path).count("/") != 1:
         raise FileNotFoundError(f"VAE {str(id_or_path)!r}: no such folder, and not a hub id of the form 'org/name'")
     else:
@@ -223,7 +224,7 @@ def extract_latents(
     num_shards = -(-len(files) // shard_size)
     meta = {
         "format": "uvic-latents/1",
-        "vae": str(Path(vae).resolve()) if Path(vae).is_dir() else str(vae),
+        "vae": str(Path(vae).expanduser().resolve()) if Path(vae).expanduser().is_dir() else str(vae),
         "vae_path": VAE_DIR,
         "scale_factor": float(autoencoder.config.scaling_factor),
         "resolution": resolution,
@@ -270,7 +271,7 @@ def extract_latents(
     store = STORAGE_DTYPES[dtype]
     images = CenterCropImages(data, files, labels, resolution)
     bounds = {s: (s * shard_size, min((s + 1) * shard_size, len(files))) for s in todo}
-    batches = [list(range(i, min(i + batch_size, hi))) for s in todo for lo, hi in [bounds[s]] for i in range(lo, hi, batch_size)]
+    batches = [list(range(i, min(i + batch_size, hi))) for lo, hi in bounds.values() for i in range(lo, hi, batch_size)]
     loader = DataLoader(images, batch_sampler=batches, num_workers=num_workers, pin_memory=device.type == "cuda")
 
     from tqdm.auto import tqdm
