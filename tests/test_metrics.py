@@ -1,0 +1,263 @@
+"""uvic.metrics: the Fréchet distance, the torch-fidelity path end to end (random-weight Inception file,
+digits classifier), statistics files, FID during training, and one clear message per bad input."""
+
+import logging
+import os
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from diffusers import DDPMScheduler
+from PIL import Image
+
+from uvic import digits_classifier, metrics
+from uvic.metrics import FIDStatistics, compute_metrics, compute_statistics, frechet_distance
+from uvic.model import UViT
+from uvic.pipeline import UViCPipeline
+
+
+@pytest.fixture(scope="session", autouse=True)
+def uvic_cache(tmp_path_factory):
+    """One cache (digits classifier, reference features) for the whole session, never the user's."""
+    path = tmp_path_factory.getbasetemp() / "uvic_cache"
+    old = os.environ.get("UVIC_CACHE_DIR")
+    os.environ["UVIC_CACHE_DIR"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("UVIC_CACHE_DIR")
+    else:
+        os.environ["UVIC_CACHE_DIR"] = old
+
+
+@pytest.fixture(autouse=True)
+def no_hub(tmp_path, monkeypatch):
+    """torch.hub looks in an empty folder: nothing is found there, and nothing downloads."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+
+
+@pytest.fixture(scope="module")
+def digits_rgb():
+    """sklearn digits as (1797, 8, 8, 3) uint8."""
+    images, _ = digits_classifier.digits_images()
+    return np.repeat(images[..., None], 3, axis=-1)
+
+
+def random_spd(rng, d):
+    a = rng.normal(size=(d, d))
+    return a @ a.T / d + 0.1 * np.eye(d)
+
+
+# ---------------------------------------------------------------------- Fréchet distance
+def frechet_reference(mu1, s1, mu2, s2):
+    """The textbook formula with scipy's general matrix square root, float64."""
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * covmean))
+
+
+def test_frechet_distance_matches_an_independent_float64_computation():
+    from torch_fidelity.metric_fid import fid_statistics_to_metric
+
+    rng = np.random.default_rng(0)
+    for d in (1, 5, 32):
+        mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+        s1, s2 = random_spd(rng, d), random_spd(rng, d)
+        ours = frechet_distance(mu1, s1, mu2, s2)
+        assert ours == pytest.approx(frechet_reference(mu1, s1, mu2, s2), rel=1e-9, abs=1e-9)
+        tf = fid_statistics_to_metric({"mu": mu1, "sigma": s1}, {"mu": mu2, "sigma": s2}, verbose=False)
+        assert ours == pytest.approx(tf["frechet_inception_distance"], rel=1e-7)
+
+
+def test_frechet_distance_of_gaussians_with_closed_form():
+    # commuting covariances Q diag(a) Qᵀ, Q diag(b) Qᵀ: d² = ‖Δμ‖² + Σ (√a − √b)²
+    rng = np.random.default_rng(1)
+    d = 8
+    q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    a, b = rng.uniform(0.1, 4, d), rng.uniform(0.1, 4, d)
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    assert frechet_distance(mu1, q @ np.diag(a) @ q.T, mu2, q @ np.diag(b) @ q.T) == pytest.approx(expected, rel=1e-9)
+    # 1-d: (μ1 − μ2)² + (σ1 − σ2)²
+    assert frechet_distance([1.0], [[4.0]], [3.0], [[9.0]]) == pytest.approx(4.0 + 1.0)
+    # identical Gaussians (singular covariance too): 0
+    s = np.diag([2.0, 1.0, 0.0])
+    assert frechet_distance(mu1[:3], s, mu1[:3], s) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_frechet_distance_refuses_mismatched_statistics():
+    with pytest.raises(ValueError, match="do not match"):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+
+# ---------------------------------------------------------------------- digits feature space
+def test_digits_classifier_is_accurate_cached_and_resolution_free(uvic_cache):
+    model, meta = digits_classifier.load_digits_cnn()
+    assert float(meta["test_accuracy"]) >= 0.95 and int(meta["test_size"]) == 360
+    assert (uvic_cache / digits_classifier.WEIGHTS_FILE).is_file()
+    assert digits_classifier.load_digits_cnn()[1]["sha256"] == meta["sha256"]  # loaded, not retrained
+    images, labels = digits_classifier.digits_images()
+    x8 = torch.from_numpy(images[:64])[:, None]  # (64, 1, 8, 8) uint8
+    x16 = torch.nn.functional.interpolate(x8.float() / 255, size=16, mode="bilinear", antialias=True)
+    x16 = (x16.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1)  # as uvic.data upsamples, RGB
+    f8, logits8 = model(digits_classifier.to_classifier_input(x8))
+    f16, _ = model(digits_classifier.to_classifier_input(x16))
+    assert torch.allclose(f8, f16, atol=0.05 * f8.abs().max().item())
+    assert (logits8.argmax(1).numpy() == labels[:64]).mean() > 0.9
+
+
+def test_fid_of_a_set_against_itself_is_zero_and_grows_with_noise(digits_rgb):
+    rng = np.random.default_rng(0)
+    fids = []
+    for sigma in (0, 25, 75):
+        noisy = np.clip(digits_rgb + rng.normal(0, sigma, digits_rgb.shape), 0, 255).astype(np.uint8)
+        fids.append(compute_metrics(noisy, "digits", batch_size=512)["fid"])
+    assert abs(fids[0]) < 1e-6
+    assert 0 < fids[1] < fids[2]
+
+
+def test_digits_metrics_all_through_torch_fidelity(digits_rgb):
+    half = digits_rgb[::2]
+    r = compute_metrics(half, "digits", kid=True, isc=True, prc=True, kid_subset_size=200, batch_size=512)
+    assert r["extractor"] == digits_classifier.EXTRACTOR_NAME
+    assert (r["num_samples"], r["num_ref"]) == (899, 1797)
+    assert 0 < r["fid"] < 1.0 and abs(r["kid_mean"]) < 0.05
+    assert 5 < r["isc_mean"] <= 10  # ten classes, well recognised
+    assert r["precision"] > 0.9 and r["recall"] > 0.7
+    blank = np.zeros_like(half)  # one image repeated: no diversity, far from digits
+    far = compute_metrics(blank, "digits", isc=True, batch_size=512)
+    assert far["fid"] > 10 * r["fid"] and far["isc_mean"] == pytest.approx(1.0, abs=1e-6)
+
+
+# ---------------------------------------------------------------------- Inception path, random weights
+@pytest.fixture(scope="module")
+def random_inception(tmp_path_factory):
+    """torch-fidelity's FeatureExtractorInceptionV3 structure with random weights, saved as a state dict."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class Unloaded(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, assign=False):  # keep the random init
+            return None
+
+    folder = tmp_path_factory.mktemp("inception")
+    torch.save({}, folder / "empty.pth")
+    torch.manual_seed(0)
+    net = Unloaded("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(folder / "empty.pth"))
+    path = folder / "random-inception.pth"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def write_pngs(folder, images):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(folder / f"{i:04d}.png")
+    return folder
+
+
+def test_random_weight_inception_drives_the_whole_torch_fidelity_path(random_inception, tmp_path):
+    # few images: every one costs a 299x299 Inception forward on the CPU
+    rng = np.random.default_rng(0)
+    samples = rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "samples.npz", arr_0=samples)
+    ref = write_pngs(tmp_path / "ref", rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8))
+    common = dict(inception_weights=random_inception, batch_size=4, download=False, cache_root=tmp_path / "cache")
+    r = compute_metrics(str(tmp_path / "samples.npz"), str(ref), kid=True, kid_subset_size=3, **common)
+    assert r["extractor"] == metrics.INCEPTION and (r["num_samples"], r["num_ref"]) == (4, 4)
+    assert np.isfinite(r["fid"]) and np.isfinite(r["kid_mean"]) and r["fid"] > 0
+    assert any((tmp_path / "cache").iterdir())  # the reference's features were cached
+
+    stats = compute_statistics(str(ref), **common)
+    assert stats.extractor == metrics.INCEPTION and stats.layer == "2048" and stats.mu.shape == (2048,)
+    stats.save(tmp_path / "ref_stats.npz")
+    again = compute_metrics(str(tmp_path / "samples.npz"), str(tmp_path / "ref_stats.npz"), **common)
+    assert again["fid"] == pytest.approx(r["fid"], rel=1e-6)
+
+    digits_stats = FIDStatistics(np.zeros(64), np.eye(64), digits_classifier.EXTRACTOR_NAME, "features", "0")
+    digits_stats.save(tmp_path / "digits_stats.npz")
+    with pytest.raises(ValueError, match="do not compare"):
+        compute_metrics(str(tmp_path / "samples.npz"), str(tmp_path / "digits_stats.npz"),
+                        feature_extractor="inception", **common)
+
+
+def test_missing_inception_weights_say_which_file_goes_where(tmp_path):
+    with pytest.raises(FileNotFoundError) as err:
+        compute_metrics(np.zeros((4, 8, 8, 3), np.uint8), np.zeros((4, 8, 8, 3), np.uint8), download=False)
+    message = str(err.value)
+    hub_file = tmp_path / "torch_home" / "hub" / "checkpoints" / metrics.INCEPTION_WEIGHTS_FILE
+    assert metrics.INCEPTION_WEIGHTS_URL in message and str(hub_file) in message and "--inception-weights" in message
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        compute_metrics(np.zeros((4, 8, 8, 3), np.uint8), "digits", feature_extractor="inception",
+                        inception_weights=tmp_path / "nope.pth")
+
+
+# ---------------------------------------------------------------------- statistics files
+def test_statistics_files_round_trip_with_their_tags(tmp_path, digits_rgb):
+    rng = np.random.default_rng(0)
+    s = FIDStatistics(rng.normal(size=5), random_spd(rng, 5), "uvic-digits-cnn", "features", "abcd1234", 100)
+    back = FIDStatistics.load(s.save(tmp_path / "s.npz"))
+    assert np.array_equal(back.mu, s.mu) and np.array_equal(back.sigma, s.sigma)
+    assert (back.extractor, back.layer, back.weights, back.num_samples) == ("uvic-digits-cnn", "features", "abcd1234", 100)
+
+    # written statistics of the digits give FID 0 against the digits, read back from the file
+    path = compute_statistics("digits").save(tmp_path / "digits.npz")
+    assert compute_metrics(digits_rgb, str(path))["fid"] == pytest.approx(0.0, abs=1e-6)
+    assert compute_metrics(str(path), "digits")["fid"] == pytest.approx(0.0, abs=1e-6)  # statistics on either side
+
+
+def test_untagged_statistics_are_taken_as_inception_with_a_note(tmp_path, caplog, digits_rgb):
+    inception = metrics.Extractor(metrics.INCEPTION, None, "00000000")
+    with caplog.at_level(logging.WARNING, logger="uvic.metrics"):
+        inception.check(FIDStatistics(np.zeros(2048), np.eye(2048)), "fid_stats_cifar10_train_pytorch.npz")
+    assert "no extractor tag" in caplog.text and "pytorch-fid" in caplog.text
+    np.savez(tmp_path / "foreign.npz", mu=np.zeros(64), sigma=np.eye(64))  # no tags
+    with pytest.raises(ValueError, match="untagged"):
+        compute_metrics(digits_rgb, str(tmp_path / "foreign.npz"), feature_extractor="digits")
+
+
+def test_npz_images_are_memory_mapped_when_stored_uncompressed(tmp_path):
+    x = np.random.default_rng(0).integers(0, 256, (5, 4, 4, 3), dtype=np.uint8)
+    np.savez(tmp_path / "a.npz", arr_0=x, labels=np.arange(5))
+    np.savez_compressed(tmp_path / "b.npz", arr_0=x)
+    mapped = metrics.npz_array(tmp_path / "a.npz")
+    assert isinstance(mapped, np.memmap) and np.array_equal(mapped, x)
+    assert np.array_equal(metrics.npz_array(tmp_path / "b.npz"), x)
+    item = metrics.load_input(str(tmp_path / "a.npz")).images[2]
+    assert item.dtype == torch.uint8 and torch.equal(item, torch.from_numpy(x[2]).permute(2, 0, 1))
+
+
+# ---------------------------------------------------------------------- FID during training
+def test_pipeline_fid_samples_and_scores_a_pipeline():
+    torch.manual_seed(0)
+    model = UViT(sample_size=8, in_channels=1, patch_size=2, embed_dim=16, depth=2, num_heads=2).eval()
+    pipe = UViCPipeline(model=model, scheduler=DDPMScheduler(num_train_timesteps=100))
+    fid = metrics.pipeline_fid(pipe, num_samples=6, ref="digits", steps=2, scheduler="ddim", batch_size=3,
+                               device="cpu")
+    assert np.isfinite(fid) and fid > 1.0  # an untrained model draws noise, far from digits
+
+
+# ---------------------------------------------------------------------- bad input: one message each
+def test_bad_inputs_give_one_clear_message(tmp_path, digits_rgb):
+    ok = digits_rgb[:20]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        compute_metrics(str(tmp_path / "missing"), "digits")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no PNG"):
+        compute_metrics(str(tmp_path / "empty"), "digits")
+    np.savez(tmp_path / "nchw.npz", arr_0=np.zeros((4, 3, 8, 8), np.uint8))
+    with pytest.raises(ValueError, match="NCHW"):
+        compute_metrics(str(tmp_path / "nchw.npz"), "digits")
+    with pytest.raises(ValueError, match="uint8"):
+        compute_metrics(np.zeros((4, 8, 8, 3), np.float32), "digits")
+    mixed = write_pngs(tmp_path / "mixed", [np.zeros((8, 8, 3), np.uint8)])
+    Image.fromarray(np.zeros((9, 8, 3), np.uint8)).save(mixed / "odd.png")
+    with pytest.raises(ValueError, match="different sizes"):
+        compute_metrics(str(mixed), "digits")
+    with pytest.raises(ValueError, match="KID draws subsets of 1000 images"):
+        compute_metrics(ok, "digits", kid=True)
+    np.savez(tmp_path / "stats.npz", mu=np.zeros(64), sigma=np.eye(64))
+    with pytest.raises(ValueError, match="needs reference images"):
+        compute_metrics(ok, str(tmp_path / "stats.npz"), prc=True)
+    with pytest.raises(ValueError, match="not known"):
+        compute_metrics(ok, "digits", feature_extractor="resnet")
+    with pytest.raises(ValueError, match="IS averages 10 splits"):
+        compute_metrics(ok[:5], "digits", isc=True)

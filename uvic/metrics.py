@@ -1,0 +1,672 @@
+"""FID, IS, KID and precision/recall through torch-fidelity, and FID reference statistics.
+
+The FID convention is torch-fidelity's: its "inception-v3-compat" network reproduces the TensorFlow
+Inception graph of the original FID code (TTUR) and of the ADM evaluator, image resize included;
+FID uses its 2048-d pool features, IS its logits, and KID and precision/recall (k = 3 neighbours,
+as in the ADM evaluator) the same 2048-d features, so one network serves every metric. Offline, the
+digits demo is scored in the 64-d feature space of a small digits classifier instead
+(uvic.digits_classifier, registered with torch-fidelity as "uvic-digits-cnn").
+
+Inputs (samples or reference) may be
+    a torch-fidelity registered input     "cifar10-train", "cifar10-val", ..., and "digits"
+    a folder of images                    PNG / JPEG, all of one size
+    an .npz of images                     arr_0 (N, H, W, C) uint8, C = 1 or 3 (ADM / DiT layout)
+    a statistics file                     .npz with mu (D,) and sigma (D, D): FID only
+    a torch Dataset of uint8 (3, H, W) tensors or a uint8 NHWC array (from Python)
+An .npz with both arr_0 and mu/sigma (the ADM reference batches) gives its statistics to FID and its
+images to KID and precision/recall.
+
+Statistics files written here carry the extractor, its feature layer and its weights (sha256
+prefix); a file made with other features is refused. Files without these tags (pytorch-fid's,
+U-ViT's, ADM's) are taken as Inception pool features, with a note.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import struct
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from . import digits_classifier
+
+logger = logging.getLogger(__name__)
+
+INCEPTION = "inception-v3-compat"
+INCEPTION_WEIGHTS_URL = (
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+)  # torch_fidelity.feature_extractor_inceptionv3.URL_INCEPTION_V3
+INCEPTION_WEIGHTS_FILE = INCEPTION_WEIGHTS_URL.rsplit("/", 1)[1]
+EXTRACTOR_ALIASES = {"inception": INCEPTION, "digits": digits_classifier.EXTRACTOR_NAME}
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+KID_SUBSET_SIZE = 1000  # torch-fidelity's default
+PRC_NEIGHBORHOOD = 3
+ISC_SPLITS = 10
+PARALLEL_DECODE_MIN = 1000  # image files from which DataLoader workers pay for their start-up
+
+
+# ---------------------------------------------------------------------- Fréchet distance, statistics
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """‖μ1 − μ2‖² + tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½), in float64.
+
+    With Σ1 = V diag(w) Vᵀ and A = V_r diag(√w_r) over its r non-zero eigenvalues (Σ1 = A Aᵀ),
+    tr (Σ1 Σ2)^½ = tr (Aᵀ Σ2 A)^½: an (r, r) symmetric positive semi-definite matrix whose eigenvalues
+    come from eigvalsh (real, stable), and small when Σ1 has low rank (fewer samples than features).
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    d = mu1.shape[0]
+    if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
+        raise ValueError(
+            f"statistics do not match: mu {mu1.shape} / {mu2.shape}, sigma {sigma1.shape} / {sigma2.shape}"
+        )
+    w, v = np.linalg.eigh((sigma1 + sigma1.T) / 2)
+    keep = w > max(w.max(), 0.0) * d * np.finfo(np.float64).eps
+    a = v[:, keep] * np.sqrt(w[keep])  # (D, r)
+    m = a.T @ sigma2 @ a  # (r, r)
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+
+@dataclass
+class FIDStatistics:
+    """Mean (D,) and covariance (D, D) of features, and which features they are (None: unknown)."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    extractor: Optional[str] = None  # torch-fidelity feature extractor name
+    layer: Optional[str] = None  # its feature layer
+    weights: Optional[str] = None  # sha256 prefix of the extractor weights
+    num_samples: Optional[int] = None
+
+    @classmethod
+    def from_features(cls, features, **tags) -> "FIDStatistics":
+        """(N, D) features -> statistics (np.cov: unbiased, as TTUR, pytorch-fid and torch-fidelity)."""
+        f = np.asarray(features, dtype=np.float64)
+        return cls(f.mean(axis=0), np.cov(f, rowvar=False), num_samples=len(f), **tags)
+
+    @property
+    def tagged(self) -> bool:
+        return self.extractor is not None
+
+    def describe(self) -> str:
+        if not self.tagged:
+            return f"untagged {self.mu.shape[0]}-d statistics"
+        return f"{self.extractor} layer {self.layer} (weights {self.weights})"
+
+    def save(self, path) -> Path:
+        """A .npz readable by pytorch-fid / U-ViT / ADM tools (mu, sigma) that also names its features."""
+        path = Path(path)
+        if path.suffix != ".npz":
+            raise ValueError(f"statistics file {path} must end in .npz")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tags = {k: np.str_(v) for k, v in (("extractor", self.extractor), ("layer", self.layer),
+                                           ("weights", self.weights)) if v is not None}
+        if self.num_samples is not None:
+            tags["num_samples"] = np.int64(self.num_samples)
+        np.savez(path, mu=self.mu, sigma=self.sigma, **tags)
+        return path
+
+    @classmethod
+    def load(cls, path) -> "FIDStatistics":
+        with np.load(path, allow_pickle=False) as f:
+            if "mu" not in f.files or "sigma" not in f.files:
+                raise ValueError(f"{path} is not a statistics file: it has {f.files}, expected mu and sigma")
+            tag = {k: str(f[k]) for k in ("extractor", "layer", "weights") if k in f.files}
+            n = int(f["num_samples"]) if "num_samples" in f.files else None
+            mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+        if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+            raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not (D,) and (D, D)")
+        return cls(mu, sigma, num_samples=n, **tag)
+
+
+# ---------------------------------------------------------------------- feature extractors
+@dataclass(frozen=True)
+class Extractor:
+    """A torch-fidelity feature extractor with its weights file; `tag` identifies the weights."""
+
+    name: str
+    weights_path: Optional[str]  # None: the extractor finds its own (the digits CNN trains on first use)
+    tag: str
+
+    def layer(self, metric: str) -> str:
+        from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+        return FEATURE_EXTRACTORS_REGISTRY[self.name].get_default_feature_layer_for_metric(metric)
+
+    def check(self, stats: FIDStatistics, source: str) -> None:
+        """Refuse statistics of other features; accept untagged Inception-sized ones with a note."""
+        layer = self.layer("fid")
+        if stats.tagged:
+            if (stats.extractor, stats.layer, stats.weights) != (self.name, layer, self.tag):
+                raise ValueError(
+                    f"{source} holds statistics of {stats.describe()}, but these features are {self.name} "
+                    f"layer {layer} (weights {self.tag}): FIDs of two feature spaces do not compare. "
+                    f"Recompute the statistics with --save-stats, or choose the matching --feature-extractor."
+                )
+            return
+        if self.name != INCEPTION or layer != "2048" or stats.mu.shape[0] != 2048:
+            raise ValueError(
+                f"{source} holds untagged {stats.mu.shape[0]}-d statistics; untagged files are taken as "
+                f"Inception pool features (2048-d), but these features are {self.name} layer {layer}"
+            )
+        logger.warning(
+            "%s carries no extractor tag: taken as Inception-v3 pool features (2048-d). Files from "
+            "pytorch-fid (e.g. U-ViT's fid_stats_*.npz) resize images differently from torch-fidelity, "
+            "so FIDs against them differ slightly from torch-fidelity's own statistics.",
+            source,
+        )
+
+
+def _file_tag(path) -> str:
+    p = Path(path)
+    st = p.stat()
+    return _sha256_prefix(str(p.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=8)
+def _sha256_prefix(path: str, size: int, mtime_ns: int) -> str:  # size, mtime: re-hash when the file changes
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:8]
+
+
+def inception_weights(path=None, download: bool = True) -> Path:
+    """The FID Inception weights file: `path`, else torch.hub's cached copy, else downloaded there.
+
+    Missing and not downloadable: FileNotFoundError saying which file to put where.
+    """
+    hub_file = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
+    if path is not None:
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"--inception-weights {path} does not exist")
+        return path
+    if hub_file.is_file():
+        return hub_file
+    if download:
+        try:
+            hub_file.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(INCEPTION_WEIGHTS_URL, str(hub_file), progress=False)
+            return hub_file
+        except Exception as err:  # offline, proxy, disk: all end in the same advice
+            reason = f" (download failed: {type(err).__name__}: {err})"
+    else:
+        reason = " (downloads are off)"
+    raise FileNotFoundError(
+        f"the FID Inception weights are missing{reason}. Put {INCEPTION_WEIGHTS_FILE} ({INCEPTION_WEIGHTS_URL}) "
+        f"at {hub_file}, or pass its path with --inception-weights PATH (Python: inception_weights=PATH). "
+        "Offline digits demo: --ref digits scores with a small digits classifier instead."
+    )
+
+
+def _safe_state_dict_check(path: Path) -> None:
+    """torch-fidelity unpickles the weights file with weights_only=False; refuse anything but tensors first."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{path} is not a plain state dict of tensors ({type(err).__name__}: {err})") from None
+
+
+def make_extractor(name: Optional[str] = None, *, inception_weights_path=None, download: bool = True) -> Extractor:
+    """An Extractor by name ("inception", "digits" or any registered torch-fidelity name; default inception)."""
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    digits_classifier.register()
+    name = EXTRACTOR_ALIASES.get(name or "inception", name)
+    if name not in FEATURE_EXTRACTORS_REGISTRY:
+        valid = ", ".join([*EXTRACTOR_ALIASES, *FEATURE_EXTRACTORS_REGISTRY])
+        raise ValueError(f"feature extractor {name!r} is not known; valid: {valid}")
+    if name == INCEPTION:
+        path = inception_weights(inception_weights_path, download=download)
+        _safe_state_dict_check(path)
+        return Extractor(name, str(path), _file_tag(path))
+    if name == digits_classifier.EXTRACTOR_NAME:
+        _, meta = digits_classifier.load_digits_cnn()  # trains on first use
+        return Extractor(name, meta["path"], meta["sha256"][:8])
+    return Extractor(name, None, name)  # other torch-fidelity extractors: their own download logic
+
+
+# ---------------------------------------------------------------------- inputs
+class ArrayImages(Dataset):
+    """uint8 (N, H, W, C) array (C = 1 or 3; may be a memmap) -> uint8 (3, H, W) tensors."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        x = torch.from_numpy(np.array(self.array[i])).permute(2, 0, 1)  # (C, H, W); a copy: memmaps are read-only
+        return x.expand(3, -1, -1).contiguous() if x.shape[0] == 1 else x
+
+
+@dataclass
+class MetricInput:
+    """One side of a comparison: images (a Dataset of uint8 (3, H, W)) and/or FID statistics."""
+
+    source: str  # what the user named, for messages and reports
+    images: Optional[Dataset] = None
+    stats: Optional[FIDStatistics] = None
+    cache_name: Optional[str] = None  # torch-fidelity cache entry (reference inputs only)
+    image_size: Optional[tuple] = None  # (H, W)
+    manifest: dict = field(default_factory=dict)  # sampling metadata (uvic.sampling's manifest.json)
+    parallel_decode: bool = False  # many PNG/JPEG files: let torch-fidelity decode them in DataLoader workers
+
+    @property
+    def num_images(self) -> Optional[int]:
+        return None if self.images is None else len(self.images)
+
+    @property
+    def count(self) -> Optional[int]:
+        if self.images is not None:
+            return len(self.images)
+        return self.stats.num_samples if self.stats is not None else None
+
+
+def npz_array(path, key: str = "arr_0") -> np.ndarray:
+    """Member `key` of an .npz, memory-mapped when stored uncompressed (np.savez): 50K ImageNet samples
+    need not fit in memory. Compressed members are read whole."""
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(f"{key}.npy")
+    if info.compress_type != zipfile.ZIP_STORED:
+        with np.load(path, allow_pickle=False) as f:
+            return f[key]
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        name_len, extra_len = struct.unpack("<HH", f.read(30)[26:30])  # zip local file header
+        f.seek(info.header_offset + 30 + name_len + extra_len)
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        if dtype.hasobject:
+            raise ValueError(f"{path}: {key} holds Python objects, not images")
+        offset = f.tell()
+    if 0 in shape:
+        return np.zeros(shape, dtype)
+    return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=offset, order="F" if fortran else "C")
+
+
+def check_image_array(array: np.ndarray, source: str) -> np.ndarray:
+    """Images must be uint8 (N, H, W, C) with C = 1 or 3."""
+    if array.ndim != 4:
+        raise ValueError(f"{source}: images must be (N, H, W, C) uint8, got shape {tuple(array.shape)}")
+    if array.shape[-1] not in (1, 3):
+        hint = " (this looks like NCHW; transpose to NHWC)" if array.shape[1] in (1, 3) else ""
+        raise ValueError(f"{source}: images must be (N, H, W, C) with C = 1 or 3, got shape {tuple(array.shape)}{hint}")
+    if array.dtype != np.uint8:
+        raise ValueError(
+            f"{source}: images must be uint8 in 0..255, got {array.dtype} "
+            "(from floats in [0, 1]: (x * 255).round().clip(0, 255).astype(np.uint8))"
+        )
+    return array
+
+
+def read_manifest(path: Path) -> dict:
+    """Sampling metadata: manifest.json beside an .npz / inside a folder (or one level up, for png/)."""
+    import json
+
+    folder = path if path.is_dir() else path.parent
+    for candidate in (folder / "manifest.json", folder.parent / "manifest.json"):
+        if candidate.is_file():
+            try:
+                return json.loads(candidate.read_text())
+            except ValueError:
+                logger.warning("%s is not valid JSON; sampling metadata ignored", candidate)
+                return {}
+    return {}
+
+
+def _image_files(folder: Path) -> list:
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    return files or sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def _folder_input(folder: Path, cache_name: Optional[str]) -> MetricInput:
+    from PIL import Image
+    from torch_fidelity.datasets import ImagesPathDataset
+
+    files = _image_files(folder)
+    if not files:
+        npz = sorted(folder.glob("*.npz"))
+        if len(npz) == 1:
+            return load_input(npz[0])
+        raise FileNotFoundError(
+            f"{folder} holds no {'/'.join(e[1:].upper() for e in IMAGE_EXTENSIONS)} images "
+            f"(nor a single .npz of samples); expected a folder of images of one size"
+        )
+    sizes: Dict[tuple, Path] = {}
+    for p in files:  # PIL reads only the header here
+        with Image.open(p) as im:
+            sizes.setdefault(im.size, p)
+        if len(sizes) > 1:
+            (s1, p1), (s2, p2) = sizes.items()
+            raise ValueError(
+                f"{folder}: images of different sizes ({p1.name} is {s1[0]}x{s1[1]}, {p2.name} is {s2[0]}x{s2[1]}); "
+                "resize them to one size first"
+            )
+    (w, h), = sizes
+    files = [str(p) for p in files]
+    return MetricInput(str(folder), images=ImagesPathDataset(files), cache_name=cache_name, image_size=(h, w),
+                       manifest=read_manifest(folder), parallel_decode=len(files) >= PARALLEL_DECODE_MIN)
+
+
+def _npz_input(path: Path, cache_name: Optional[str]) -> MetricInput:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            keys = {Path(n).stem for n in zf.namelist()}
+    except zipfile.BadZipFile:
+        raise ValueError(f"{path} is not a valid .npz file") from None
+    stats = FIDStatistics.load(path) if {"mu", "sigma"} <= keys else None
+    images = None
+    image_size = None
+    if "arr_0" in keys:
+        array = check_image_array(npz_array(path), str(path))
+        images, image_size = ArrayImages(array), tuple(array.shape[1:3])
+    if stats is None and images is None:
+        raise ValueError(f"{path} has neither images (arr_0) nor statistics (mu, sigma); it has {sorted(keys)}")
+    return MetricInput(str(path), images=images, stats=stats, cache_name=cache_name, image_size=image_size,
+                       manifest=read_manifest(path))
+
+
+def _registered_input(name: str, data_root=None, download: bool = True) -> MetricInput:
+    from torch_fidelity.registry import DATASETS_REGISTRY
+
+    root = Path(data_root).expanduser() if data_root else Path(torch.hub.get_dir()).parent / "fidelity_datasets"
+    download = download and data_root is None  # --data-root: the files are there, never download
+    try:
+        dataset = DATASETS_REGISTRY[name](str(root), download)
+    except Exception as err:
+        raise FileNotFoundError(
+            f"reference {name!r} could not be loaded from {root} ({type(err).__name__}: {err}). Put the "
+            f"torchvision files there (CIFAR-10: cifar-10-python.tar.gz extracted as {root / 'cifar-10-batches-py'}) "
+            "and pass --data-root PATH"
+        ) from None
+    first = dataset[0]
+    return MetricInput(name, images=dataset, cache_name=name, image_size=tuple(first.shape[-2:]))
+
+
+def _path_cache_name(path: Path) -> str:
+    """Cache entry of a reference file / folder: its name plus a digest of where it is and when it changed."""
+    st = path.stat()
+    digest = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:10]
+    return f"{path.stem}-{digest}"
+
+
+def load_input(source, *, data_root=None, download: bool = True, cache: bool = False) -> MetricInput:
+    """A MetricInput from any accepted form (see the module docstring). `cache`: give it a torch-fidelity
+    cache entry (reference inputs: their features are computed once)."""
+    from torch_fidelity.registry import DATASETS_REGISTRY
+
+    digits_classifier.register()
+    if isinstance(source, MetricInput):
+        return source
+    if isinstance(source, FIDStatistics):
+        return MetricInput("statistics", stats=source)
+    if isinstance(source, np.ndarray):
+        array = check_image_array(source, "array")
+        return MetricInput(f"array {tuple(array.shape)}", images=ArrayImages(array), image_size=array.shape[1:3])
+    if isinstance(source, Dataset):
+        return MetricInput(type(source).__name__, images=source, image_size=tuple(source[0].shape[-2:]))
+    if isinstance(source, str) and source in DATASETS_REGISTRY:
+        return _registered_input(source, data_root, download)
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{source} does not exist; expected a registered input ({', '.join(DATASETS_REGISTRY)}), a folder of "
+            "images, an .npz of images (arr_0 NHWC uint8) or an .npz of statistics (mu, sigma)"
+        )
+    cache_name = _path_cache_name(path) if cache else None
+    if path.is_dir():
+        return _folder_input(path, cache_name)
+    if path.suffix == ".npz":
+        return _npz_input(path, cache_name)
+    raise ValueError(f"{path}: expected a folder of images or an .npz file")
+
+
+def choose_extractor(name: Optional[str], *inputs: MetricInput) -> Optional[str]:
+    """The extractor to use: `name`, else the digits CNN for the "digits" input, else that of tagged
+    statistics, else Inception."""
+    if name:
+        return name
+    if any(i.source == digits_classifier.DATASET_NAME for i in inputs):
+        return digits_classifier.EXTRACTOR_NAME
+    tags = {i.stats.extractor for i in inputs if i.stats is not None and i.stats.tagged}
+    if len(tags) == 1:
+        return tags.pop()
+    return INCEPTION
+
+
+# ---------------------------------------------------------------------- features and metrics
+def _device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class _Fidelity:
+    """torch-fidelity keyword arguments for one extractor on one device, and the calls that use them."""
+
+    def __init__(self, extractor: Extractor, layers: Sequence[str], *, batch_size: int, device, cache_root,
+                 verbose: bool, **metric_kwargs):
+        from torch_fidelity.utils import create_feature_extractor
+
+        self.device = _device(device)
+        self.extractor = extractor
+        self.kwargs = dict(
+            batch_size=batch_size,
+            cuda=self.device.type == "cuda",
+            verbose=verbose,
+            feature_extractor=extractor.name,
+            feature_extractor_weights_path=extractor.weights_path,
+            cache=cache_root is not False,
+            cache_root=None if cache_root in (None, False) else str(cache_root),
+            **metric_kwargs,
+        )
+        if self.kwargs["cache"] and self.kwargs["cache_root"] is None:
+            self.kwargs["cache_root"] = str(digits_classifier.cache_dir() / "fidelity_cache")
+        with self._on_device():
+            self.fe = create_feature_extractor(extractor.name, list(layers), **self.kwargs)
+
+    def _on_device(self):
+        if self.device.type == "cuda" and self.device.index is not None:
+            return torch.cuda.device(self.device.index)
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def _input_kwargs(self, inp: MetricInput) -> dict:
+        # cache entries name the extractor weights too: features of other weights never mix
+        cache_name = None if inp.cache_name is None else f"{inp.cache_name}-w{self.extractor.tag}"
+        return {**self.kwargs, "input1": inp.images, "input1_cache_name": cache_name,
+                "save_cpu_ram": not inp.parallel_decode}
+
+    def features(self, inp: MetricInput) -> Dict[str, torch.Tensor]:
+        from torch_fidelity.utils import extract_featuresdict_from_input_id_cached
+
+        with self._on_device():
+            return extract_featuresdict_from_input_id_cached(1, self.fe, **self._input_kwargs(inp))
+
+    def statistics(self, inp: MetricInput, features: Optional[dict] = None) -> FIDStatistics:
+        """FID statistics of images: from `features` if given, else via torch-fidelity's statistics cache."""
+        from torch_fidelity.metric_fid import fid_featuresdict_to_statistics_cached, fid_input_id_to_statistics_cached
+
+        layer = self.extractor.layer("fid")
+        kw = self._input_kwargs(inp)
+        with self._on_device():
+            if features is None:
+                stat = fid_input_id_to_statistics_cached(1, self.fe, layer, **kw)
+            else:
+                stat = fid_featuresdict_to_statistics_cached(features, kw["input1_cache_name"], self.fe, layer, **kw)
+        return FIDStatistics(np.asarray(stat["mu"], np.float64), np.asarray(stat["sigma"], np.float64),
+                             self.extractor.name, layer, self.extractor.tag, len(inp.images))
+
+
+def _check_counts(samples: MetricInput, ref: MetricInput, *, fid, kid, isc, prc, kid_subset_size) -> None:
+    """Enough images on each side for each metric, before any feature is computed."""
+    n = samples.num_images
+    need_images = {"IS": isc, "KID": kid, "precision/recall": prc}
+    for metric, wanted in need_images.items():
+        if wanted and n is None:
+            raise ValueError(f"{metric} needs sample images; {samples.source} holds only statistics")
+        if wanted and metric != "IS" and ref.num_images is None:
+            raise ValueError(f"{metric} needs reference images; {ref.source} holds only mu/sigma statistics")
+    if fid:
+        for side in (samples, ref):
+            if side.stats is None and side.num_images is not None and side.num_images < 2:
+                raise ValueError(f"FID needs at least 2 images; {side.source} has {side.num_images}")
+    if kid:
+        for side in (samples, ref):
+            if side.num_images < kid_subset_size:
+                raise ValueError(
+                    f"KID draws subsets of {kid_subset_size} images, but {side.source} has {side.num_images}; "
+                    f"use more samples or a smaller --kid-subset-size (at most {min(n, ref.num_images)})"
+                )
+    if prc:
+        for side in (samples, ref):
+            if side.num_images <= PRC_NEIGHBORHOOD:
+                raise ValueError(
+                    f"precision/recall needs more than {PRC_NEIGHBORHOOD} images; {side.source} has {side.num_images}"
+                )
+    if isc and n < ISC_SPLITS:
+        raise ValueError(f"IS averages {ISC_SPLITS} splits: it needs at least {ISC_SPLITS} samples, got {n}")
+    if fid and samples.image_size and ref.image_size and samples.image_size != ref.image_size:
+        logger.info("samples are %s, reference %s: both are resized by the extractor", samples.image_size,
+                    ref.image_size)
+
+
+def compute_metrics(
+    samples,
+    ref,
+    *,
+    fid: bool = True,
+    kid: bool = False,
+    isc: bool = False,
+    prc: bool = False,
+    batch_size: int = 64,
+    device=None,
+    inception_weights=None,
+    data_root=None,
+    feature_extractor: Optional[str] = None,
+    kid_subset_size: int = KID_SUBSET_SIZE,
+    download: bool = True,
+    cache_root=None,
+    verbose: bool = False,
+) -> dict:
+    """FID (and IS, KID, precision/recall) of `samples` against `ref` (see the module docstring for the
+    accepted forms). The extractor is `feature_extractor` ("inception", "digits", a torch-fidelity name),
+    else chosen from the inputs (choose_extractor). cache_root: torch-fidelity's feature / statistics cache
+    of the reference (default $UVIC_CACHE_DIR/fidelity_cache; False: off).
+
+    Returns {"fid", "isc_mean", "isc_std", "kid_mean", "kid_std", "precision", "recall", "f_score"} (the
+    metrics asked for) plus "extractor", "num_samples", "num_ref".
+    """
+    if not (fid or kid or isc or prc):
+        raise ValueError("no metric asked for: set at least one of fid, kid, isc, prc")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    samples_in = load_input(samples, data_root=data_root, download=download)
+    ref_in = load_input(ref, data_root=data_root, download=download, cache=True)
+    _check_counts(samples_in, ref_in, fid=fid, kid=kid, isc=isc, prc=prc, kid_subset_size=kid_subset_size)
+    extractor = make_extractor(choose_extractor(feature_extractor, samples_in, ref_in),
+                               inception_weights_path=inception_weights, download=download)
+    if fid:  # statistics files against these features, before any image is seen
+        if samples_in.images is None:
+            extractor.check(samples_in.stats, samples_in.source)
+        if ref_in.stats is not None:
+            extractor.check(ref_in.stats, ref_in.source)
+
+    layers = {extractor.layer(m) for m, on in (("fid", fid), ("kid", kid), ("isc", isc), ("prc", prc)) if on}
+    tf = _Fidelity(extractor, sorted(layers), batch_size=batch_size, device=device, cache_root=cache_root,
+                   verbose=verbose, kid_subset_size=kid_subset_size, prc_neighborhood=PRC_NEIGHBORHOOD,
+                   isc_splits=ISC_SPLITS)
+    need_features = kid or isc or prc
+    feats_s = tf.features(samples_in) if samples_in.images is not None and need_features else None
+    feats_r = tf.features(ref_in) if (kid or prc) else None
+
+    out: dict = {}
+    if fid:
+        stats_s = samples_in.stats if samples_in.images is None else tf.statistics(samples_in, feats_s)
+        stats_r = ref_in.stats if ref_in.stats is not None else tf.statistics(ref_in, feats_r)
+        out["fid"] = frechet_distance(stats_s.mu, stats_s.sigma, stats_r.mu, stats_r.sigma)
+    if isc:
+        from torch_fidelity.metric_isc import isc_featuresdict_to_metric
+
+        r = isc_featuresdict_to_metric(feats_s, extractor.layer("isc"), **tf.kwargs)
+        out.update(isc_mean=r["inception_score_mean"], isc_std=r["inception_score_std"])
+    if kid:
+        from torch_fidelity.metric_kid import kid_featuresdict_to_metric
+
+        r = kid_featuresdict_to_metric(feats_s, feats_r, extractor.layer("kid"), **tf.kwargs)
+        out.update(kid_mean=r["kernel_inception_distance_mean"], kid_std=r["kernel_inception_distance_std"])
+    if prc:
+        from torch_fidelity.metric_prc import prc_featuresdict_to_metric
+
+        out.update(prc_featuresdict_to_metric(feats_s, feats_r, extractor.layer("prc"), **tf.kwargs))
+    out.update(extractor=extractor.name, num_samples=samples_in.count, num_ref=ref_in.count)
+    return out
+
+
+def compute_statistics(
+    source,
+    *,
+    feature_extractor: Optional[str] = None,
+    batch_size: int = 64,
+    device=None,
+    inception_weights=None,
+    data_root=None,
+    download: bool = True,
+    cache_root=None,
+    verbose: bool = False,
+) -> FIDStatistics:
+    """Tagged FID statistics of any image input (for --save-stats); statistics files pass through."""
+    inp = load_input(source, data_root=data_root, download=download, cache=True)
+    extractor = make_extractor(choose_extractor(feature_extractor, inp), inception_weights_path=inception_weights,
+                               download=download)
+    if inp.images is None:
+        extractor.check(inp.stats, inp.source)
+        return inp.stats
+    if inp.num_images < 2:
+        raise ValueError(f"statistics need at least 2 images; {inp.source} has {inp.num_images}")
+    tf = _Fidelity(extractor, [extractor.layer("fid")], batch_size=batch_size, device=device,
+                   cache_root=cache_root, verbose=verbose)
+    return tf.statistics(inp)
+
+
+def pipeline_fid(
+    pipeline,
+    *,
+    num_samples: int,
+    ref,
+    steps: int = 50,
+    scheduler=None,
+    batch_size: int = 64,
+    seed: int = 0,
+    device=None,
+) -> float:
+    """FID of `num_samples` samples of a UViCPipeline against `ref` (used for FID during training).
+
+    Samples are drawn by uvic.sampling.generate_samples into a temporary folder (class labels, per-sample
+    seeds and the sampler exactly as for a sample set); the reference's features are cached.
+    """
+    from .sampling import generate_samples
+
+    load_input(ref)  # a bad reference fails before any sampling
+    with tempfile.TemporaryDirectory(prefix="uvic-fid-") as tmp:
+        npz = generate_samples(pipeline, tmp, num_samples=num_samples, batch_size=batch_size, seed=seed,
+                               scheduler=scheduler, steps=steps, progress=False)
+        return compute_metrics(str(npz), ref, fid=True, batch_size=batch_size, device=device)["fid"]
