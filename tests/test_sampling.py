@@ -159,6 +159,17 @@ def test_npz_and_png_layout(tmp_path):
         assert (data["arr_0"][..., 0] == data["arr_0"][..., 2]).all()
 
 
+def test_pngs_of_a_finished_npz_set_come_from_its_shards(tmp_path):
+    pipe = tiny_pipeline()
+    arr = np.load(generate_samples(pipe, tmp_path / "set", **SET))["arr_0"]
+    calls = []
+    handle = pipe.model.register_forward_hook(lambda *args: calls.append(1))
+    folder = generate_samples(pipe, tmp_path / "set", formats=("png",), **SET)
+    handle.remove()
+    assert folder == tmp_path / "set" / "png" and not calls  # nothing drawn again
+    assert all(np.array_equal(np.asarray(Image.open(folder / f"{i:06d}.png")), arr[i]) for i in range(7))
+
+
 def test_same_seed_and_index_give_the_same_image_whatever_the_batch_size(tmp_path):
     pipe = tiny_pipeline()
     kwargs = dict(SET, scheduler="ddpm", guidance=2.0, seed=5)  # a stochastic sampler: step noise per sample too

@@ -24,7 +24,7 @@ import os
 import re
 import zipfile
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import torch
