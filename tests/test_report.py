@@ -1,0 +1,152 @@
+"""uvic.report / eval_fid.py: the comparison report on two tiny runs (U-ViT and U-ViC), scoring a model
+from the command line, the CSV, run specs and bad input."""
+
+import csv
+import os
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from uvic import report
+from uvic.model import UViT
+from uvic.pipeline import UViCPipeline
+
+TINY = dict(sample_size=8, in_channels=1, patch_size=2, embed_dim=16, depth=2, num_heads=2)
+FAST = ["--steps", "2", "--scheduler", "ddim", "--batch-size", "16"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def uvic_cache(tmp_path_factory):
+    """The digits classifier and reference features in the session's cache (shared with test_metrics), never
+    the user's."""
+    old = os.environ.get("UVIC_CACHE_DIR")
+    os.environ["UVIC_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "uvic_cache")
+    yield
+    if old is None:
+        os.environ.pop("UVIC_CACHE_DIR")
+    else:
+        os.environ["UVIC_CACHE_DIR"] = old
+
+
+@pytest.fixture(autouse=True)
+def no_hub(tmp_path, monkeypatch):
+    """torch.hub looks in an empty folder: the Inception weights are never found, nothing downloads."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_run(root, name, attention_type, steps=(2, 4)):
+    """A finished run in the CONTRACTS layout: config.yaml, checkpoints/step_XXXXXXX/{model,ema_model,scheduler},
+    final/ (pipeline folder of the last EMA weights)."""
+    run = root / name
+    scheduler = DDPMScheduler(num_train_timesteps=100)
+    for i, step in enumerate(steps):
+        torch.manual_seed(i)
+        model = UViT(**TINY, attention_type=attention_type).eval()
+        folder = run / "checkpoints" / f"step_{step:07d}"
+        model.save_pretrained(folder / "model")
+        model.save_pretrained(folder / "ema_model")
+        scheduler.save_pretrained(folder / "scheduler")
+    UViCPipeline(model=model, scheduler=scheduler).save_pretrained(run / "final")
+    (run / "config.yaml").write_text(f"model:\n  attention_type: {attention_type}\ntrain:\n  steps: {steps[-1]}\n")
+    return run
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    return make_run(root, "tiny_uvit", "softmax"), make_run(root, "tiny_uvic", "cog")
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_compare_report_on_two_tiny_runs(runs, tmp_path):
+    out = report.main(["compare", str(runs[0]), str(runs[1]), "--ref", "digits", "--num-samples", "12",
+                       "--kid-subset-size", "10", "--out", str(tmp_path / "cmp"), *FAST])
+    md = out["md"].read_text()
+    assert "| tiny_uvit | U-ViT (softmax) |" in md and "| tiny_uvic | U-ViC (Cog) |" in md
+    assert "12 samples, sampler ddim, 2 steps" in md and "digits (1797 images)" in md
+    params = sum(p.numel() for p in UViT(**TINY).parameters())
+    assert f"| {params:,} | 4 |" in md  # parameters, steps trained (train.steps of the run)
+    rows = read_csv(out["csv"])
+    assert [r["model"] for r in rows] == ["tiny_uvit", "tiny_uvic"]
+    assert all(float(r["fid"]) > 0 and r["kid_mean"] and r["isc_mean"] for r in rows)
+    assert {r["num_samples"] for r in rows} == {"12"} and {r["sampler"] for r in rows} == {"ddim"}
+    assert out["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the sample sets stay, resumable: the same report again reuses them and gives the same figures
+    again = report.compare([str(runs[0])], ref="digits", out_dir=tmp_path / "cmp", num_samples=12, steps=2,
+                           scheduler="ddim", batch_size=16, kid_subset_size=10, progress=False)
+    assert again["rows"][0]["fid"] == pytest.approx(float(rows[0]["fid"]), rel=1e-9)
+
+
+def test_compare_over_checkpoints_plots_fid_against_step(runs, tmp_path):
+    out = report.compare([f"{runs[0]}@all", str(runs[1])], ref="digits", out_dir=tmp_path, num_samples=10,
+                         steps=2, scheduler="ddim", batch_size=16, isc=False, kid=False, checkpoints=None,
+                         progress=False)
+    assert [(r["model"], r["step"]) for r in out["rows"]] == [("tiny_uvit@2", 2), ("tiny_uvit@4", 4), ("tiny_uvic", 4)]
+    assert "KID" not in out["md"].read_text() and out["png"].stat().st_size > 0
+
+
+@pytest.mark.parametrize("suffix, checkpoints, expected", [
+    ("", None, [None]),
+    ("@latest", None, ["latest"]),
+    ("@2", None, ["2"]),
+    ("@all", None, ["2", "4"]),
+    ("", ["2", "final"], ["2", None]),
+])
+def test_run_spec_syntax(runs, suffix, checkpoints, expected):
+    specs = report.parse_run_specs(f"{runs[0]}{suffix}", checkpoints)
+    assert [s.checkpoint for s in specs] == expected
+    assert specs[-1].steps_trained() == (4 if expected[-1] in (None, "latest") else int(expected[-1]))
+
+
+def test_eval_cli_scores_a_pipeline_folder_and_appends_a_csv_row(runs, tmp_path, capsys):
+    args = [str(runs[1] / "final"), "--ref", "digits", "--num-samples", "10", "--csv", str(tmp_path / "r.csv"),
+            "--samples-out", str(tmp_path / "s"), *FAST]
+    first = report.main(args)
+    second = report.main([*args, "--isc"])
+    assert second["fid"] == pytest.approx(first["fid"], rel=1e-9)  # the same samples, resumed, not redrawn
+    printed = capsys.readouterr().out
+    assert f"FID        {first['fid']:.4f}" in printed and "IS " in printed
+    rows = read_csv(tmp_path / "r.csv")  # one header, two rows
+    assert len(rows) == 2 and rows[0]["model"] == "tiny_uvic" and rows[0]["attention"] == "cog"
+    assert (rows[0]["sampler"], rows[0]["steps"], rows[0]["num_samples"], rows[0]["ref"]) == ("ddim", "2", "10", "digits")
+    assert rows[0]["isc_mean"] == "" and float(rows[1]["isc_mean"]) >= 1
+
+
+def test_eval_cli_reads_the_manifest_of_a_sample_set(runs, tmp_path, capsys):
+    report.main([str(runs[0] / "final"), "--ref", "digits", "--num-samples", "10", "--csv", "",
+                 "--samples-out", str(tmp_path / "set"), *FAST])
+    report.main([str(tmp_path / "set" / "samples.npz"), "--ref", "digits", "--csv", str(tmp_path / "r.csv"),
+                 "--save-stats", str(tmp_path / "stats.npz")])
+    (row,) = read_csv(tmp_path / "r.csv")
+    assert (row["sampler"], row["steps"], row["guidance"], row["num_samples"]) == ("ddim", "2", "1.0", "10")
+    assert "statistics" in capsys.readouterr().out and (tmp_path / "stats.npz").is_file()
+
+
+def test_eval_cli_bad_input_exits_with_one_message(tmp_path, capsys):
+    with pytest.raises(SystemExit) as err:
+        report.main([str(tmp_path / "nowhere"), "--ref", "digits"])
+    assert err.value.code == 2 and "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        report.main([str(tmp_path), "--ref", "digits", "--scheduler", "magic"])
+    assert "unknown scheduler 'magic'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        report.main([str(tmp_path)])
+    assert "--ref is required" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        report.parse_run_specs(str(tmp_path / "no_run"))
+    with pytest.raises(ValueError, match="not valid"):
+        report.parse_run_specs(f"{tmp_path}@soon")
