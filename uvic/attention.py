@@ -22,10 +22,11 @@ on a model; never part of a model's config):
     "auto"     "triton" where it can run; else "lean" when autograd needs gradients and
                "chunked" when it does not (inference); "math" when the weights are returned
 
-"lean" and "chunked" run their elementwise work through torch.compile (compiled on first use)
-when the score matrix has at least 2^20 entries, unless UVIC_ATTENTION_COMPILE=0 or an
-enclosing torch.compile is already tracing (UVIC_ATTENTION_COMPILE=<name> picks another
-torch.compile backend). Softmax attention always runs through
+"lean" and "chunked" run their elementwise work eagerly, in place, on cache-sized chunks; with
+UVIC_ATTENTION_COMPILE=1 (or =<torch.compile backend>) it goes through torch.compile instead
+(compiled on first use, only for score matrices of at least 2^20 entries and not inside an
+enclosing torch.compile). Compiling measured no faster on CPU (docs/benchmarks.md), so it is off
+by default. Softmax attention always runs through
 `F.scaled_dot_product_attention` (which has its own fused kernels), except backend "math".
 """
 
@@ -143,9 +144,9 @@ def _check_shapes(q, k, v):
 def _compiler(q, k) -> Optional[str]:
     """torch.compile backend for the elementwise work of "lean"/"chunked", or None (module docstring).
 
-    UVIC_ATTENTION_COMPILE: unset/"1" = "inductor", "0" = never, any other value = that backend.
+    UVIC_ATTENTION_COMPILE: unset/"0" = never, "1" = "inductor", any other value = that backend.
     """
-    setting = os.environ.get("UVIC_ATTENTION_COMPILE", "1")
+    setting = os.environ.get("UVIC_ATTENTION_COMPILE", "0")
     if setting == "0" or torch.compiler.is_compiling():
         return None
     if q.shape[:-1].numel() * k.shape[-2] < COMPILE_MIN_SCORES:

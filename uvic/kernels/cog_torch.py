@@ -22,9 +22,11 @@ from typing import Iterator, Optional, Tuple
 
 import torch
 
-# Scores per chunk: 2^22 float32 = 16 MiB. Smaller chunks fit caches better but cost one
-# parallel region per op and chunk, which loses on a busy 2-core machine (docs/benchmarks.md).
-DEFAULT_BUDGET = 1 << 22
+# Scores per chunk: 2^18 float32 = 1 MiB, so a chunk and its scratch stay in a 2 MiB L2 cache:
+# fastest measured on 1 thread. Each chunk costs ~12 small ops, so on an oversubscribed machine
+# with several threads per process larger chunks (2^20-2^22) lose less to thread barriers
+# (docs/benchmarks.md).
+DEFAULT_BUDGET = 1 << 18
 
 
 def _chunks(n: int, lq: int, lk: int, budget: int) -> Iterator[Tuple[slice, slice]]:
@@ -59,15 +61,17 @@ def _mask_chunk(mask: Optional[torch.Tensor], heads: slice, rows: slice, num_hea
     return mask[index // num_heads, index % num_heads, rows]
 
 
-def _weights_eager(s, mask_c, scratch):
-    """A = sign(S) ⊙ softmax(|S|) written over s, and the row lse of |S| (g, r, 1)."""
+def _weights_eager(s, mask_c, scratch, normalize: bool):
+    """sign(S) ⊙ exp(|S| − m) written over s, divided by its row sum z if `normalize` (then it is A);
+    returns (that, z, m), both (g, r, 1), m = row max of |S|."""
     e = torch.abs(s, out=scratch)
     if mask_c is not None:
         e.masked_fill_(~mask_c, float("-inf"))
     m = e.amax(-1, keepdim=True)  # |S| >= 0, so the row max is a safe shift
     e.sub_(m).exp_()
     z = e.sum(-1, keepdim=True)
-    return s.sign_().mul_(e).div_(z), z.log_().add_(m)
+    a = s.sign_().mul_(e)
+    return (a.div_(z) if normalize else a), z, m
 
 
 def _weights_fused(s, mask_c):
@@ -141,9 +145,10 @@ def cog_forward(q, k, v, scale: float, mask=None, *, keep_weights=False, budget=
     kt = k.transpose(1, 2)  # (N, D, Lk)
     out = q.new_empty(n, lq, v.shape[-1])
     lse = q.new_empty(n, lq, 1)
+    if keep_weights and compiler:  # A is kept whole anyway: one fused pass makes it, no copies
+        budget = max(budget, n * lq * lk)
     chunks = list(_chunks(n, lq, lk, budget))
-    whole = len(chunks) == 1
-    weights = q.new_empty(n, lq, lk) if keep_weights and not (compiler and whole) else None
+    weights = q.new_empty(n, lq, lk) if keep_weights and not compiler else None
     chunk = _largest_chunk(n, lq, lk, budget)
     s_buffer = q.new_empty(chunk) if weights is None else None
     e_buffer = None if compiler else q.new_empty(chunk)
@@ -154,13 +159,15 @@ def cog_forward(q, k, v, scale: float, mask=None, *, keep_weights=False, budget=
         mask_c = _mask_chunk(mask, heads, rows, num_heads)
         if compiler:
             a, lse_c = _compiled(_weights_fused, compiler)(s, mask_c)
-            if weights is not None:
-                weights[heads, rows] = a
-            elif keep_weights:
-                weights = a  # the one chunk is everything
-        else:
-            a, lse_c = _weights_eager(s, mask_c, _scratch(e_buffer, shape))
-        torch.bmm(a, v[heads], out=out[heads, rows])
+            if keep_weights:
+                weights = a  # the budget above made this the one chunk
+            torch.bmm(a, v[heads], out=out[heads, rows])
+        else:  # without A to keep, normalise the (r, D) output instead of the (r, Lk) weights
+            a, z, m = _weights_eager(s, mask_c, _scratch(e_buffer, shape), normalize=keep_weights)
+            out_c = torch.bmm(a, v[heads], out=out[heads, rows])
+            if not keep_weights:
+                out_c.div_(z)
+            lse_c = z.log_().add_(m)
         lse[heads, rows] = lse_c
     return out, weights, lse
 
@@ -174,8 +181,9 @@ def cog_backward(d_out, q, k, v, out, scale: float, mask=None, *, weights=None, 
     delta = (d_out * out).sum(-1, keepdim=True)  # (N, Lq, 1) rowsum(dO ⊙ O) = rowsum(dA ⊙ A)
     kt, vt = k.transpose(1, 2), v.transpose(1, 2)
     d_q = torch.empty_like(q)
-    d_k = torch.zeros_like(k)
-    d_v = torch.zeros_like(v)
+    whole_heads = lq * lk <= budget  # then every chunk has all rows: dK, dV are written, not summed
+    d_k = torch.empty_like(k) if whole_heads else torch.zeros_like(k)
+    d_v = torch.empty_like(v) if whole_heads else torch.zeros_like(v)
     chunk = _largest_chunk(n, lq, lk, budget)
     s_buffer = q.new_empty(chunk) if weights is None else None
     e_buffer = None if compiler and weights is not None else q.new_empty(chunk)
@@ -193,7 +201,10 @@ def cog_backward(d_out, q, k, v, out, scale: float, mask=None, *, weights=None, 
             else:
                 a, a_abs = _recomputed_eager(s, mask_c, lse[heads, rows], _scratch(e_buffer, shape))
         d_o = d_out[heads, rows]
-        d_v[heads].baddbmm_(a.transpose(1, 2), d_o)
+        if whole_heads:
+            torch.bmm(a.transpose(1, 2), d_o, out=d_v[heads])
+        else:
+            d_v[heads].baddbmm_(a.transpose(1, 2), d_o)
         d_a = torch.bmm(d_o, vt[heads], out=_scratch(da_buffer, shape))  # dA
         if compiler:
             d_s = _compiled(_score_grad_fused, compiler)(a, d_a, delta[heads, rows])
@@ -201,7 +212,10 @@ def cog_backward(d_out, q, k, v, out, scale: float, mask=None, *, weights=None, 
             a_abs = torch.abs(a, out=_scratch(e_buffer, shape)) if a_abs is None else a_abs
             d_s = _score_grad_eager(a, a_abs, d_a, delta[heads, rows])  # dS = |A| ⊙ dA − A ⊙ delta
         torch.bmm(d_s, k[heads], out=d_q[heads, rows])
-        d_k[heads].baddbmm_(d_s.transpose(1, 2), q[heads, rows])  # q carries the scale already
+        if whole_heads:  # q carries the scale already
+            torch.bmm(d_s.transpose(1, 2), q[heads], out=d_k[heads])
+        else:
+            d_k[heads].baddbmm_(d_s.transpose(1, 2), q[heads, rows])
     return d_q.mul_(scale), d_k, d_v
 
 
