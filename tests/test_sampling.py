@@ -146,6 +146,8 @@ def test_npz_and_png_layout(tmp_path):
         arr, labels = data["arr_0"], data["labels"]
     assert arr.shape == (7, 8, 8, 3) and arr.dtype == np.uint8 and arr.std() > 0
     assert labels.dtype == np.int64 and labels.min() >= 0 and labels.max() <= 3
+    shards = sorted((tmp_path / "set" / "shards").glob("shard_*.npz"))
+    assert np.array_equal(np.concatenate([np.load(p)["indices"] for p in shards]), np.arange(7))  # each index once
     pngs = sorted((tmp_path / "set" / "png").glob("*.png"))
     assert [p.name for p in pngs] == [f"{i:06d}.png" for i in range(7)]
     assert all(np.array_equal(np.asarray(Image.open(p)), a) for p, a in zip(pngs, arr))
