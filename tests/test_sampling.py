@@ -4,6 +4,7 @@ refusal of a folder of another set, two processes), bad input."""
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -220,6 +221,12 @@ def test_interrupted_then_resumed_set_equals_an_uninterrupted_one(tmp_path):
     assert (shards / "shard_000000.npz").stat().st_mtime_ns == first  # done once, not redone
     assert np.array_equal(resumed["arr_0"], expected["arr_0"]) and np.array_equal(resumed["labels"], expected["labels"])
     assert sorted(p.name for p in shards.iterdir()) == ["shard_000000.npz", "shard_000001.npz", "shard_000002.npz"]
+
+    shutil.rmtree(shards)  # a finished set needs its shards no more: the same command again draws nothing
+    handle = pipe.model.register_forward_hook(interrupt)
+    calls.clear()
+    assert generate_samples(pipe, out, **kwargs) == out / "samples.npz" and not calls
+    handle.remove()
 
 
 def test_a_folder_of_another_model_or_seed_is_refused_before_sampling(tmp_path):

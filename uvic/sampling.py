@@ -37,6 +37,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
 MANIFEST = "manifest.json"
 SAMPLES_NPZ = "samples.npz"
+ASSEMBLED = ".assembled.json"  # the sample count of samples.npz, written after it
 # Manifest keys that define the set: a rerun into the same folder must agree on all of them.
 IDENTITY_KEYS = ("model", "seed", "scheduler", "steps", "guidance", "classes", "shard_size", "image_shape", "dtype")
 _STEP_RE = re.compile(r"^step_(\d+)$")
@@ -481,6 +482,10 @@ def generate_samples(
         _atomic_write(out_dir / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
     state.wait_for_everyone()
 
+    result = out_dir / (SAMPLES_NPZ if "npz" in formats else "png")
+    if formats == ("npz",) and _assembled_count(out_dir) == num_samples:
+        return result  # finished before (its shards/ may even have been deleted)
+
     shards = shard_ranges(num_samples, shard_size)
     todo = [k for k, r in enumerate(shards) if not _shard_complete(_shard_path(out_dir, k), r)]
     if "png" in formats:  # a set first made as npz only gets its PNGs from the shards
@@ -507,7 +512,6 @@ def generate_samples(
     bar.close()
     state.wait_for_everyone()
 
-    result = out_dir / (SAMPLES_NPZ if "npz" in formats else "png")
     if "npz" in formats and state.is_main_process:
         _assemble(out_dir, shards, manifest)
     state.wait_for_everyone()
@@ -530,16 +534,26 @@ def _write_missing_pngs(out_dir: Path, shards: List[range], todo: List[int], ran
                 _write_pngs(out_dir, shard["arr_0"], shards[k])
 
 
+def _assembled_count(out_dir: Path) -> Optional[int]:
+    """How many samples OUT/samples.npz holds, by the record written after it (None: none or unknown)."""
+    record = out_dir / ASSEMBLED
+    if not ((out_dir / SAMPLES_NPZ).is_file() and record.is_file()):
+        return None
+    try:
+        return int(json.loads(record.read_text()))
+    except (ValueError, TypeError):
+        return None
+
+
 def _assemble(out_dir: Path, shards: List[range], manifest: dict):
     """samples.npz from the shards (skipped when it already holds exactly this set)."""
     num_samples = manifest["num_samples"]
-    record = out_dir / ".assembled.json"
-    if (out_dir / SAMPLES_NPZ).is_file() and record.is_file() and json.loads(record.read_text()) == num_samples:
+    if _assembled_count(out_dir) == num_samples:
         return
-    first = np.load(_shard_path(out_dir, 0))
-    arr = np.empty((num_samples, *first["arr_0"].shape[1:]), dtype=np.uint8)
-    labels = np.empty(num_samples, dtype=np.int64) if "labels" in first.files else None
-    first.close()
+    record = out_dir / ASSEMBLED
+    with np.load(_shard_path(out_dir, 0)) as first:
+        arr = np.empty((num_samples, *first["arr_0"].shape[1:]), dtype=np.uint8)  # (N, H, W, 3)
+        labels = np.empty(num_samples, dtype=np.int64) if "labels" in first.files else None
     for k, indices in enumerate(shards):
         with np.load(_shard_path(out_dir, k)) as shard:
             arr[indices.start : indices.stop] = shard["arr_0"]
