@@ -4,6 +4,9 @@ attach_vae, ImageNet configs and presets, and the whole path extract -> train ->
 import json
 import os
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -182,16 +185,30 @@ def test_extraction_resumes_missing_shards_and_never_takes_half_written_ones(lat
         extract(image_folder, out, tiny_vae, resolution=32)
 
 
-def test_processes_take_disjoint_shards_that_together_cover_the_data(latents, tiny_vae, image_folder, tmp_path):
+def test_accelerate_ranks_encode_disjoint_shards_that_together_cover_the_data(latents, tiny_vae, image_folder, tmp_path):
+    from safetensors import safe_open
+
     assert shards_for_process(7, 1, 3) == [1, 4] and sorted(sum((shards_for_process(7, r, 3) for r in range(3)), [])) == list(range(7))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     out = tmp_path / "lat"
-    extract(image_folder, out, tiny_vae, process_index=1, num_processes=2)
-    assert sorted(p.name for p in out.glob("shard_*")) == [shard_name(1)]
-    extract(image_folder, out, tiny_vae, process_index=0, num_processes=2)
-    single = LatentDataset(latents)
-    two = LatentDataset(out)
-    for i in range(12):
-        assert all(torch.equal(torch.as_tensor(a), torch.as_tensor(b)) for a, b in zip(two.moments(i), single.moments(i)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={port}", "-m", "uvic.latents", "extract", "--data", str(image_folder), "--out", str(out),
+           "--vae", str(tiny_vae), "--resolution", str(RES), "--batch-size", "3", "--shard-size", "5", "--num-workers", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "12 latents (4, 8, 8) of 3 classes" in result.stdout  # rank 0, after every rank finished
+    for s in range(3):
+        with safe_open(str(out / shard_name(s)), "pt") as f:
+            assert f.metadata()["process"] == f"{s % 2}/2"  # rank r wrote shards r, r + 2, ...
+    two, single = LatentDataset(out), LatentDataset(latents)
+    for i in range(12):  # the same latents as one process (float16, encoded with another thread count)
+        (mean2, std2, label2), (mean1, std1, label1) = two.moments(i), single.moments(i)
+        assert label2 == label1
+        torch.testing.assert_close(mean2, mean1, atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(std2, std1, atol=2e-3, rtol=2e-3)
 
 
 def test_bad_input_fails_fast_with_one_clear_message(tiny_vae, image_folder, tmp_path):
@@ -361,7 +378,7 @@ train: {{steps: 3, batch_size: 4, warmup_steps: 1, log_every: 1, sample_every: 0
     assert images.shape == (6, RES, RES, 3) and images.dtype == np.uint8  # decoded pixels, not latents
     assert set(labels.tolist()) <= {0, 1, 2}
 
-    crops = export_crops(image_folder, tmp_path / "ref", resolution=RES, num_workers=0, progress=False)
+    crops = export_crops(image_folder, tmp_path / "ref", resolution=RES, limit=6, num_workers=0, progress=False)
     common = ["--inception-weights", str(random_inception), "--offline", "--batch-size", "12", "--device", "cpu",
               "--csv", ""]
     report.main([str(crops), "--save-stats", str(tmp_path / "ref_stats.npz"), *common])

@@ -15,7 +15,8 @@ Layout of an extraction folder:
                                (real classes, no null label), num_images, shard_size, num_shards, ...
     vae/                       AutoencoderKL.save_pretrained copy (decoding never needs the hub)
     shard_00000.safetensors    mean, std (N, V, C, h, w) float16; labels, index (N,) int64
-                               V = 2 with --flip (view 1 = horizontally flipped image), else 1
+                               V = 2 with --flip (view 1 = horizontally flipped image), else 1;
+                               metadata start, count, process ("rank/processes" that wrote it)
 
 A shard is written to a temporary name and renamed when complete, so an interrupted run leaves
 only complete shards and a rerun of the same command encodes just the missing ones.
@@ -293,19 +294,20 @@ def extract_latents(
         bar.update(x.shape[0])
         lo, hi = bounds[shard]
         if int(idx[-1]) == hi - 1:  # the batch sampler never crosses a shard boundary
-            _write_shard(out, shard, {k: torch.cat(v) for k, v in pending.items()}, lo)
+            _write_shard(out, shard, {k: torch.cat(v) for k, v in pending.items()},
+                         {"start": str(lo), "count": str(hi - lo), "process": f"{process_index}/{num_processes}"})
             pending = {k: [] for k in pending}
             shard = next(shard_iter, None)
     bar.close()
     return out
 
 
-def _write_shard(out: Path, shard: int, tensors: dict, start: int):
+def _write_shard(out: Path, shard: int, tensors: dict, metadata: dict):
+    """Write under a temporary name, then rename: a shard file that exists is complete."""
     from safetensors.torch import save_file
 
-    count = len(tensors["labels"])
     tmp = out / f".{shard_name(shard)}.tmp-{os.getpid()}"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"start": str(start), "count": str(count)})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, out / shard_name(shard))
 
 
@@ -430,7 +432,7 @@ def main(argv: Optional[Sequence[str]] = None):
 
     from accelerate import Accelerator
 
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True: several CPU ranks (gloo) under torchrun
     out = extract_latents(
         args.data, args.out, resolution=args.resolution, vae=args.vae, flip=args.flip,
         batch_size=args.batch_size, shard_size=args.shard_size, num_workers=args.num_workers,
