@@ -159,3 +159,16 @@ def test_non_finite_samples_fail_with_one_message():
         pipe.model.decoder_pred.bias.fill_(float("nan"))
     with pytest.raises(ValueError, match="DDPMScheduler produced non-finite samples"):
         pipe(batch_size=1, num_inference_steps=2)
+
+
+def test_timestep_offset_shifts_what_the_model_sees_and_is_saved(tmp_path):
+    """Reference discrete-time U-ViT checkpoints were trained on timesteps 1..N (offset 1)."""
+    pipe = tiny_pipeline()
+    shifted = UViCPipeline(model=pipe.model, scheduler=pipe.scheduler, timestep_offset=1)
+    x, labels = torch.randn(2, 3, 8, 8), torch.tensor([0, 1])
+    t = torch.tensor(10)
+    with torch.no_grad():
+        assert torch.equal(shifted.predict(x, t, labels, 1.0), pipe.model(x, 11, class_labels=labels).sample)
+        assert not torch.allclose(pipe.predict(x, t, labels, 1.0), shifted.predict(x, t, labels, 1.0))
+    shifted.save_pretrained(tmp_path / "final")
+    assert UViCPipeline.from_pretrained(tmp_path / "final").config.timestep_offset == 1

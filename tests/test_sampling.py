@@ -96,10 +96,12 @@ def test_load_pipeline_accepts_every_model_kind(run_dir, tmp_path):
     assert flat.scheduler.config.num_train_timesteps == 1000 and flat.scheduler.config.beta_schedule == "linear"
     nnet = dict(img_size=8, patch_size=2, in_chans=3, embed_dim=32, depth=2, num_heads=2, num_classes=5)
     (tmp_path / "ref.json").write_text(json.dumps(
-        {"nnet": nnet, "uvic": {"attention_type": "cog"}, "scheduler": {"beta_schedule": "scaled_linear"}}))
+        {"nnet": nnet, "uvic": {"attention_type": "cog"}, "scheduler": {"beta_schedule": "scaled_linear"},
+         "timestep_offset": 1}))
     sectioned = load_pipeline(tmp_path / "nnet_ema.pth", reference_config=tmp_path / "ref.json")
     assert state_equal(sectioned.model, model) and sectioned.model.attention_layout() == ["softmax", "cog", "softmax"]
-    assert sectioned.scheduler.config.beta_schedule == "scaled_linear"
+    assert sectioned.scheduler.config.beta_schedule == "scaled_linear" and sectioned.config.timestep_offset == 1
+    assert flat.config.timestep_offset == 0
 
 
 def test_load_pipeline_rejects_what_it_cannot_sample_from(run_dir, tmp_path):

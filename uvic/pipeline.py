@@ -80,14 +80,19 @@ class UViCPipeline(DiffusionPipeline):
 
     With a `vae` (diffusers AutoencoderKL) the model works on latents, decoded as
     vae.decode(latents / vae.config.scaling_factor).
+
+    timestep_offset: added to the scheduler's timestep before the model sees it. 0 for uvic models
+    (trained on diffusers' 0..T-1); 1 for the reference discrete-time U-ViT checkpoints (ImageNet
+    latents), trained with n = 1..N where diffusers' index n-1 has the same noise level.
     """
 
     model_cpu_offload_seq = "model->vae"
     _optional_components = ["vae"]
 
-    def __init__(self, model: UViT, scheduler, vae=None):
+    def __init__(self, model: UViT, scheduler, vae=None, timestep_offset: int = 0):
         super().__init__()
         self.register_modules(model=model, scheduler=scheduler, vae=vae)
+        self.register_to_config(timestep_offset=int(timestep_offset))
 
     # ------------------------------------------------------------------ what the pipeline produces
     @property
@@ -132,6 +137,8 @@ class UViCPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------ sampling
     def predict(self, x: torch.Tensor, t, labels: Optional[torch.Tensor], guidance_scale: float) -> torch.Tensor:
         """Model output at x_t (B, C, H, W), with classifier-free guidance when guidance_scale != 1."""
+        offset = self.config.get("timestep_offset", 0)
+        t = t + offset if offset else t
         if labels is None or guidance_scale == 1.0:
             return self.model(x, t, class_labels=labels).sample
         null = torch.full_like(labels, self.model.config.num_classes - 1)

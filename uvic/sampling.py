@@ -118,8 +118,10 @@ def load_reference_pipeline(path, reference_config) -> UViCPipeline:
 
     reference_config: the reference `nnet` keywords (img_size, patch_size, in_chans, ...), or a mapping
     with sections `nnet` (those keywords), optional `uvic` (UViT overrides such as attention_type),
-    `scheduler` (DDPMScheduler keywords; default the linear DDPM schedule, 1000 steps) and `vae`
-    (a local AutoencoderKL folder, for latent models).
+    `scheduler` (DDPMScheduler keywords; default the linear DDPM schedule, 1000 steps), `vae` (a local
+    AutoencoderKL folder, for latent models) and `timestep_offset` (1 for the discrete-time ImageNet
+    models, trained with timesteps 1..N; default 0, right for the continuous-time CIFAR-10 model,
+    which sees 999·t).
     """
     from diffusers import DDPMScheduler
 
@@ -131,7 +133,8 @@ def load_reference_pipeline(path, reference_config) -> UViCPipeline:
     overrides = cfg.get("uvic", {}) if sectioned else {}
     model = load_reference_checkpoint(str(path), nnet, **overrides).eval()
     scheduler = DDPMScheduler(**((cfg.get("scheduler") or {}) if sectioned else {}))
-    pipe = UViCPipeline(model=model, scheduler=scheduler)
+    offset = cfg.get("timestep_offset", 0) if sectioned else 0
+    pipe = UViCPipeline(model=model, scheduler=scheduler, timestep_offset=offset)
     if sectioned and cfg.get("vae"):
         from .latents import attach_vae
 
@@ -261,14 +264,15 @@ def with_scheduler(pipeline: UViCPipeline, scheduler=None, timestep_spacing: Opt
             scheduler = type(base).from_config(base.config, **overrides)
         else:
             scheduler = make_scheduler(scheduler, base.config, **overrides)
-    pipe = UViCPipeline(model=pipeline.model, scheduler=scheduler, vae=pipeline.vae)
+    pipe = UViCPipeline(model=pipeline.model, scheduler=scheduler, vae=pipeline.vae,
+                        timestep_offset=pipeline.config.get("timestep_offset", 0))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def model_fingerprint(pipeline: UViCPipeline) -> str:
     """sha256 (16 hex digits) of the model's and VAE's config and weights: which network made a set."""
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(f"timestep_offset={pipeline.config.get('timestep_offset', 0)}".encode())
     for module in (pipeline.model, pipeline.vae):
         if module is None:
             continue
