@@ -221,6 +221,9 @@ def test_bad_input_fails_fast_with_one_clear_message(tiny_vae, image_folder, tmp
         extract(image_folder, tmp_path / "o", tiny_vae, resolution=15)
     with pytest.raises(FileNotFoundError, match="meta.json"):
         LatentDataset(tmp_path)
+    with pytest.raises(SystemExit) as exit_:  # the command line: one message, status 2
+        latents_main(["extract", "--data", str(tmp_path / "missing_dir"), "--out", str(tmp_path / "o")])
+    assert exit_.value.code == 2
     with pytest.raises(FileNotFoundError, match="no_such_vae_folder"):
         load_vae(str(tmp_path / "no_such_vae_folder"))
 

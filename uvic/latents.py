@@ -424,6 +424,14 @@ def main(argv: Optional[Sequence[str]] = None):
     cr.add_argument("--seed", type=int, default=0, help="seed of the --limit subset")
     cr.add_argument("--num-workers", type=int, default=4, help="data-loading processes")
     args = parser.parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, OSError) as err:  # bad input, missing files, VAE not found offline: one message, status 2
+        parser.error(str(err))
+
+
+def run(args: argparse.Namespace):
+    """The command of parsed `python -m uvic.latents` arguments."""
     if args.command == "crops":
         out = export_crops(args.data, args.out, resolution=args.resolution, limit=args.limit, seed=args.seed,
                            num_workers=args.num_workers)
