@@ -639,6 +639,11 @@ def plot_statistic_heatmaps(analyses: Sequence[ModelAnalysis], rows: List[dict],
                         grid[r["block"], r["head"]] = r[stat]
                 ax = axes[i, j]
                 image = ax.imshow(grid, cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
+                if blocks * heads <= 64:  # small models: print the values too
+                    for (b, h), value in np.ndenumerate(grid):
+                        light = (value - vmin) / (vmax - vmin) > 0.6
+                        ax.text(h, b, f"{value:.2f}", ha="center", va="center", fontsize=4.5,
+                                color="black" if light else "white")
                 ax.set_yticks(range(blocks))
                 ax.set_yticklabels([f"{b}{analysis.layout[b][0]}" for b in range(blocks)], fontsize=5)
                 ax.set_xticks(range(heads))
