@@ -193,6 +193,8 @@ class ImageFolderDataset(Dataset):
             return self.transform(im.convert("RGB"))
 
     def __getitem__(self, i: int) -> Tuple[torch.Tensor, int]:
+        if not -len(self.samples) <= i < len(self.samples):
+            raise IndexError(f"index {i} out of range for {len(self.samples)} images")
         for k in range(len(self.samples)):
             j = (i + k) % len(self.samples)
             try:

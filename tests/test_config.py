@@ -1,0 +1,110 @@
+"""Config schema: defaults, YAML + overrides, unknown keys, resolved model fields, shipped configs."""
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from uvic.config import config_diff, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def write(tmp_path, text, name="c.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_the_u_vit_cifar10_recipe():
+    cfg = load_config(None)
+    t = cfg.train
+    assert (t.lr, t.weight_decay, list(t.betas), t.warmup_steps, t.batch_size, t.steps, t.ema_decay) == (
+        2e-4, 0.03, [0.99, 0.999], 2500, 128, 500_000, 0.9999)
+    d = cfg.diffusion
+    assert (d.num_train_timesteps, d.beta_schedule, d.beta_start, d.beta_end, d.prediction_type) == (
+        1000, "linear", 1e-4, 0.02, "epsilon")
+    assert d.p_uncond == 0.1 and cfg.eval.fid_every == 0
+    assert set(cfg) == {"model", "diffusion", "data", "train", "eval"}
+
+
+def test_overrides_win_over_the_file_and_the_model_is_resolved(tmp_path):
+    path = write(tmp_path, "model:\n  preset: uvit-s/4\n  sample_size: 32\ntrain:\n  lr: 0.001\n")
+    cfg = load_config(path, ["train.lr=1e-4", "model.attention_type=cog", "model.depth=16"])
+    assert cfg.train.lr == 1e-4
+    m = cfg.model
+    assert (m.embed_dim, m.num_heads, m.patch_size, m.depth, m.attention_type) == (512, 8, 4, 16, "cog")
+    assert m.qkv_bias is False and m.use_final_conv is True and m.num_classes == -1  # UViT's defaults
+
+
+@pytest.mark.parametrize(
+    "source, key, level",
+    [("file", "train.lrr", "'train'"), ("override", "model.atention_type", "'model'"), ("override", "trian.lr", "the top level")],
+)
+def test_unknown_key_fails_naming_it_and_the_valid_keys(tmp_path, source, key, level):
+    section, name = key.split(".")
+    if source == "file":
+        path, overrides = write(tmp_path, f"{section}:\n  {name}: 1\n"), []
+    else:
+        path, overrides = None, [f"{key}=1"]
+    with pytest.raises(ValueError) as err:
+        load_config(path, overrides)
+    message = str(err.value)
+    bad = key if section in ("train", "model") else section
+    assert repr(bad) in message and f"valid keys at {level}" in message
+    valid = "lr, weight_decay" if section == "train" else "attention_type" if section == "model" else "model, diffusion"
+    assert valid.split(",")[0] in message
+
+
+def test_a_wrong_type_fails_with_the_key():
+    with pytest.raises(ValueError, match="train.steps"):
+        load_config(None, ["train.steps=abc"])
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.sample_scheduler=dpm++9", "train.sample_scheduler"),
+        ("eval.fid_scheduler=nope", "eval.fid_scheduler"),
+        ("diffusion.prediction_type=noise", "diffusion.prediction_type"),
+        ("diffusion.beta_schedule=quadratic", "diffusion.beta_schedule"),
+        ("data.name=mnist", "data.name"),
+        ("train.mixed_precision=fp8", "train.mixed_precision"),
+    ],
+)
+def test_unknown_choice_fails_naming_the_key_and_the_choices(override, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.") + ".*choose one of"):
+        load_config(None, [override])
+
+
+def test_image_size_not_divisible_by_patch_size_fails():
+    with pytest.raises(ValueError, match="sample_size=30 is not divisible by model.patch_size=4"):
+        load_config(None, ["model.sample_size=30", "model.patch_size=4"])
+
+
+def test_shipped_configs_load_and_twins_differ_only_in_attention_type():
+    names = {p.stem for p in CONFIGS.glob("*.yaml")}
+    assert {"digits_uvic", "digits_uvit", "digits_cond_uvic", "cifar10_uvit_s2", "cifar10_uvic_s2"} <= names
+    for uvic in sorted(CONFIGS.glob("digits_*uvic*.yaml")) + sorted(CONFIGS.glob("cifar10_*uvic*.yaml")):
+        uvit = uvic.with_name(uvic.name.replace("_uvic", "_uvit"))
+        if not uvit.exists():
+            continue
+        a, b = load_config(uvic), load_config(uvit)
+        assert config_diff(a, b) == ["model.attention_type"], uvic.name
+        assert (a.model.attention_type, b.model.attention_type) == ("cog", "softmax")
+
+
+def test_cifar10_s2_config_is_the_paper_recipe():
+    cfg = load_config(CONFIGS / "cifar10_uvit_s2.yaml")
+    m, t = cfg.model, cfg.train
+    assert (m.sample_size, m.patch_size, m.embed_dim, m.depth, m.num_heads) == (32, 2, 512, 12, 8)
+    assert (m.qkv_bias, m.mlp_time_embed, m.use_final_conv) == (False, False, True)
+    assert (t.lr, t.weight_decay, list(t.betas), t.warmup_steps, t.batch_size, t.steps, t.ema_decay) == (
+        2e-4, 0.03, [0.99, 0.999], 2500, 128, 500_000, 0.9999)
+    assert cfg.data.name == "cifar10" and cfg.data.random_flip is True
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(CONFIGS / "digits_uvic.yaml", ["train.steps=7"])
+    OmegaConf.save(cfg, tmp_path / "config.yaml")
+    assert config_diff(load_config(tmp_path / "config.yaml"), cfg) == []
