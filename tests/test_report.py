@@ -77,7 +77,7 @@ def test_compare_report_on_two_tiny_runs(runs, tmp_path):
                        "--kid-subset-size", "10", "--out", str(tmp_path / "cmp"), *FAST])
     md = out["md"].read_text()
     assert "| tiny_uvit | U-ViT (softmax) |" in md and "| tiny_uvic | U-ViC (Cog) |" in md
-    assert "12 samples, sampler ddim, 2 steps" in md and "digits (1797 images)" in md
+    assert "12 samples, sampler ddim, 2 steps" in md and "digits (1,797 images)" in md
     params = sum(p.numel() for p in UViT(**TINY).parameters())
     assert f"| {params:,} | 4 |" in md  # parameters, steps trained (train.steps of the run)
     rows = read_csv(out["csv"])

@@ -616,7 +616,9 @@ def compute_metrics(
     if prc:
         from torch_fidelity.metric_prc import prc_featuresdict_to_metric
 
-        out.update(prc_featuresdict_to_metric(feats_s, feats_r, extractor.layer("prc"), **tf.kwargs))
+        # save_cpu_ram: distances in blocks, never the full (N, N) matrices (10 GB for 50K vs 50K)
+        out.update(prc_featuresdict_to_metric(feats_s, feats_r, extractor.layer("prc"),
+                                              **{**tf.kwargs, "save_cpu_ram": True}))
     out.update(extractor=extractor.name, num_samples=samples_in.count, num_ref=ref_in.count)
     return out
 

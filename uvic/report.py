@@ -243,7 +243,8 @@ def write_report(rows: List[dict], out_dir, *, settings: dict, command: str) -> 
         "",
         f"Every model sampled alike: {settings['num_samples']} samples, sampler {settings['scheduler']}, "
         f"{settings['steps']} steps, guidance w = {settings['guidance']:g}, seed {settings['seed']} (EMA weights). "
-        f"Reference: {settings['ref']} ({rows[0]['num_ref']} images). Features: {features_note(rows[0]['extractor'])}.",
+        f"Reference: {settings['ref']} ({_fmt(rows[0]['num_ref'], ',d')} images). "
+        f"Features: {features_note(rows[0]['extractor'])}.",
     ]
     if "kid_mean" in have:
         lines[-1] += f" KID: {settings.get('kid_subsets', 100)} subsets of {settings['kid_subset_size']}."
