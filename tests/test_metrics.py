@@ -179,15 +179,21 @@ def test_random_weight_inception_drives_the_whole_torch_fidelity_path(random_inc
                         feature_extractor="inception", **common)
 
 
-def test_missing_inception_weights_say_which_file_goes_where(tmp_path):
+def test_missing_or_wrong_inception_weights_give_one_message(tmp_path):
+    images = np.zeros((4, 8, 8, 3), np.uint8)
     with pytest.raises(FileNotFoundError) as err:
-        compute_metrics(np.zeros((4, 8, 8, 3), np.uint8), np.zeros((4, 8, 8, 3), np.uint8), download=False)
+        compute_metrics(images, images, download=False)
     message = str(err.value)
     hub_file = tmp_path / "torch_home" / "hub" / "checkpoints" / metrics.INCEPTION_WEIGHTS_FILE
     assert metrics.INCEPTION_WEIGHTS_URL in message and str(hub_file) in message and "--inception-weights" in message
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        compute_metrics(np.zeros((4, 8, 8, 3), np.uint8), "digits", feature_extractor="inception",
-                        inception_weights=tmp_path / "nope.pth")
+        compute_metrics(images, images, inception_weights=tmp_path / "nope.pth")
+    torch.save({"fc.weight": torch.zeros(3)}, tmp_path / "wrong.pth")
+    with pytest.raises(ValueError, match="does not hold inception-v3-compat weights"):
+        compute_metrics(images, images, inception_weights=tmp_path / "wrong.pth")
+    torch.save({"fc.weight": np.zeros(3, dtype=object)}, tmp_path / "pickled.pth")  # not tensors: never unpickled
+    with pytest.raises(ValueError, match="not a plain state dict"):
+        compute_metrics(images, images, inception_weights=tmp_path / "pickled.pth")
 
 
 # ---------------------------------------------------------------------- statistics files

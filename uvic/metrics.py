@@ -37,15 +37,14 @@ from typing import Dict, Optional, Sequence, Union
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
 from . import digits_classifier
 
 logger = logging.getLogger(__name__)
 
 INCEPTION = "inception-v3-compat"
-INCEPTION_WEIGHTS_URL = (
-    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
-)  # torch_fidelity.feature_extractor_inceptionv3.URL_INCEPTION_V3
+INCEPTION_WEIGHTS_URL = URL_INCEPTION_V3  # weights-inception-2015-12-05-6726825d.pth on torch-fidelity's releases
 INCEPTION_WEIGHTS_FILE = INCEPTION_WEIGHTS_URL.rsplit("/", 1)[1]
 EXTRACTOR_ALIASES = {"inception": INCEPTION, "digits": digits_classifier.EXTRACTOR_NAME}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -480,7 +479,10 @@ class _Fidelity:
         if self.kwargs["cache"] and self.kwargs["cache_root"] is None:
             self.kwargs["cache_root"] = str(digits_classifier.cache_dir() / "fidelity_cache")
         with self._on_device():
-            self.fe = create_feature_extractor(extractor.name, list(layers), **self.kwargs)
+            try:
+                self.fe = create_feature_extractor(extractor.name, list(layers), **self.kwargs)
+            except RuntimeError as err:  # load_state_dict: missing keys, wrong shapes
+                raise ValueError(f"{extractor.weights_path} does not hold {extractor.name} weights: {err}") from None
 
     def _on_device(self):
         if self.device.type == "cuda" and self.device.index is not None:
