@@ -161,9 +161,10 @@ class Extractor:
                 f"Inception pool features (2048-d), but these features are {self.name} layer {layer}"
             )
         logger.warning(
-            "%s carries no extractor tag: taken as Inception-v3 pool features (2048-d). Files from "
-            "pytorch-fid (e.g. U-ViT's fid_stats_*.npz) resize images differently from torch-fidelity, "
-            "so FIDs against them differ slightly from torch-fidelity's own statistics.",
+            "%s carries no extractor tag: taken as Inception-v3 pool features (2048-d). TensorFlow-made "
+            "statistics (TTUR, the ADM reference batches) follow torch-fidelity's convention; pytorch-fid's "
+            "(e.g. U-ViT's fid_stats_*.npz) resize and scale images differently, so FIDs against them "
+            "differ slightly from FIDs against statistics written by --save-stats.",
             source,
         )
 
