@@ -578,6 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
             "  python sample.py runs/digits_uvic/final --grid 8\n"
             "  python sample.py runs/cifar10_uvic_s2 --checkpoint latest --num-samples 50000 --out samples/c10\n"
             "  accelerate launch sample.py runs/in256_uvit_l2/final --num-samples 50000 --guidance 1.4 --out s/in256\n"
+            "  torchrun --nproc_per_node 2 sample.py MODEL --num-samples 1000 --out s/x --device cpu   (CPU ranks)\n"
             "guidance: eps = uncond + w (cond - uncond); w = 1 is off, U-ViT's 'scale 0.4' is w = 1.4."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
