@@ -129,10 +129,12 @@ def test_eval_cli_scores_a_pipeline_folder_and_appends_a_csv_row(runs, tmp_path,
 def test_eval_cli_reads_the_manifest_of_a_sample_set(runs, tmp_path, capsys):
     report.main([str(runs[0] / "final"), "--ref", "digits", "--num-samples", "10", "--csv", "",
                  "--samples-out", str(tmp_path / "set"), *FAST])
-    report.main([str(tmp_path / "set" / "samples.npz"), "--ref", "digits", "--csv", str(tmp_path / "r.csv"),
-                 "--save-stats", str(tmp_path / "stats.npz")])
-    (row,) = read_csv(tmp_path / "r.csv")
-    assert (row["sampler"], row["steps"], row["guidance"], row["num_samples"]) == ("ddim", "2", "1.0", "10")
+    by_npz = report.main([str(tmp_path / "set" / "samples.npz"), "--ref", "digits", "--csv", str(tmp_path / "r.csv"),
+                          "--save-stats", str(tmp_path / "stats.npz")])
+    by_folder = report.main([str(tmp_path / "set"), "--ref", "digits", "--csv", str(tmp_path / "r.csv")])
+    assert by_folder["fid"] == by_npz["fid"]  # a sample.py folder means its samples.npz
+    for row in read_csv(tmp_path / "r.csv"):
+        assert (row["sampler"], row["steps"], row["guidance"], row["num_samples"]) == ("ddim", "2", "1.0", "10")
     assert "statistics" in capsys.readouterr().out and (tmp_path / "stats.npz").is_file()
 
 

@@ -331,20 +331,21 @@ def read_manifest(path: Path) -> dict:
     return {}
 
 
-def _image_files(folder: Path) -> list:
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-    return files or sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+def _is_image(p: Path) -> bool:
+    return p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
 
 
 def _folder_input(folder: Path, cache_name: Optional[str]) -> MetricInput:
+    """Images in the folder; else its one .npz (a sample.py set: samples.npz); else images in subfolders."""
     from PIL import Image
     from torch_fidelity.datasets import ImagesPathDataset
 
-    files = _image_files(folder)
+    files = sorted(p for p in folder.iterdir() if _is_image(p))
+    npz = sorted(folder.glob("*.npz"))
+    if not files and len(npz) == 1:
+        return _npz_input(npz[0], cache_name)
+    files = files or sorted(p for p in folder.rglob("*") if _is_image(p))
     if not files:
-        npz = sorted(folder.glob("*.npz"))
-        if len(npz) == 1:
-            return load_input(npz[0])
         raise FileNotFoundError(
             f"{folder} holds no {'/'.join(e[1:].upper() for e in IMAGE_EXTENSIONS)} images "
             f"(nor a single .npz of samples); expected a folder of images of one size"
