@@ -152,9 +152,9 @@ def sample_model(spec: RunSpec, out_dir, *, num_samples: int, scheduler: str, st
 
 
 def default_samples_dir(spec: RunSpec, scheduler: str, steps: int, guidance: float, seed: int) -> Path:
-    """<run>/eval_samples/<checkpoint>_<sampler>_<steps>steps_w<guidance>_seed<seed> (the pipeline's folder
-    when it is not in a run)."""
-    where = (spec.run_dir or spec.path) / "eval_samples"
+    """<run>/eval_samples/<checkpoint>_<sampler>_<steps>steps_w<guidance>_seed<seed>; beside a pipeline
+    folder that is not in a run, <folder>_eval_samples/..."""
+    where = spec.run_dir / "eval_samples" if spec.run_dir else spec.path.with_name(f"{spec.path.name}_eval_samples")
     return where / f"{spec.checkpoint or 'final'}_{scheduler}_{steps}steps_w{guidance:g}_seed{seed}"
 
 
