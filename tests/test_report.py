@@ -74,7 +74,8 @@ def read_csv(path):
 
 def test_compare_report_on_two_tiny_runs(runs, tmp_path):
     out = report.main(["compare", str(runs[0]), str(runs[1]), "--ref", "digits", "--num-samples", "12",
-                       "--kid-subset-size", "10", "--out", str(tmp_path / "cmp"), *FAST])
+                       "--kid-subset-size", "10", "--out", str(tmp_path / "cmp"), "--samples-dir", str(tmp_path / "s"),
+                       *FAST])
     md = out["md"].read_text()
     assert "| tiny_uvit | U-ViT (softmax) |" in md and "| tiny_uvic | U-ViC (Cog) |" in md
     assert "12 samples, sampler ddim, 2 steps" in md and "digits (1,797 images)" in md
@@ -86,8 +87,10 @@ def test_compare_report_on_two_tiny_runs(runs, tmp_path):
     assert {r["num_samples"] for r in rows} == {"12"} and {r["sampler"] for r in rows} == {"ddim"}
     assert out["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the sample sets stay, resumable: the same report again reuses them and gives the same figures
+    assert (tmp_path / "s" / "tiny_uvic" / "samples.npz").is_file() and not (tmp_path / "cmp" / "samples").exists()
     again = report.compare([str(runs[0])], ref="digits", out_dir=tmp_path / "cmp", num_samples=12, steps=2,
-                           scheduler="ddim", batch_size=16, kid_subset_size=10, progress=False)
+                           scheduler="ddim", batch_size=16, kid_subset_size=10, progress=False,
+                           samples_dir=tmp_path / "s")
     assert again["rows"][0]["fid"] == pytest.approx(float(rows[0]["fid"]), rel=1e-9)
 
 

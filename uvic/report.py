@@ -304,8 +304,9 @@ def compare(runs: Sequence[str], *, ref: str, out_dir, num_samples: int, schedul
             steps: int = 50, guidance: float = 1.0, seed: int = 0, batch_size: int = 64, device=None,
             checkpoints: Optional[Sequence[str]] = None, isc: bool = True, kid: bool = True, prc: bool = False,
             kid_subset_size: int = metrics.KID_SUBSET_SIZE, command: str = "", progress: bool = True,
-            **metric_kwargs) -> dict:
-    """Sample every run alike into out_dir/samples/, score each against `ref`, write the report.
+            samples_dir=None, **metric_kwargs) -> dict:
+    """Sample every run alike into samples_dir (default out_dir/samples), score each against `ref`, write the
+    report to out_dir.
 
     KID uses subsets of min(kid_subset_size, num_samples, reference size); KID is left out against a
     reference that holds only statistics. Returns the report's paths and the rows.
@@ -324,7 +325,7 @@ def compare(runs: Sequence[str], *, ref: str, out_dir, num_samples: int, schedul
     kid_subset_size = min(kid_subset_size, num_samples, ref_in.num_images or num_samples)
     rows = []
     for spec in specs:
-        sample_dir = Path(out_dir) / "samples" / spec.label.replace("@", "_at_")
+        sample_dir = Path(samples_dir or Path(out_dir) / "samples") / spec.label.replace("@", "_at_")
         npz, info = sample_model(spec, sample_dir, num_samples=num_samples, scheduler=scheduler, steps=steps,
                                  guidance=guidance, seed=seed, batch_size=batch_size, device=device,
                                  progress=progress)
@@ -399,7 +400,8 @@ def build_compare_parser() -> argparse.ArgumentParser:
     add("runs", nargs="+", metavar="RUN", help="run directory or pipeline folder; RUN@STEP, RUN@latest, RUN@all")
     add("--num-samples", type=int, required=True, help="samples per model")
     add("--checkpoints", help="comma-separated checkpoints for every plain RUN: steps, latest, final")
-    add("--out", default="docs/results/compare", help="report folder (samples go to OUT/samples)")
+    add("--out", default="docs/results/compare", help="report folder")
+    add("--samples-dir", help="where the sample sets go (default OUT/samples; resumable, reused by reruns)")
     add("--no-isc", dest="isc", action="store_false", help="skip IS")
     add("--no-kid", dest="kid", action="store_false", help="skip KID")
     add("--prc", action="store_true", help="also precision and recall")
@@ -473,7 +475,8 @@ def run_compare(args, command: str) -> dict:
     out = compare(args.runs, ref=args.ref, out_dir=args.out, num_samples=args.num_samples, scheduler=args.scheduler,
                   steps=args.steps, guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
                   device=args.device, checkpoints=checkpoints, isc=args.isc, kid=args.kid, prc=args.prc,
-                  kid_subset_size=args.kid_subset_size, command=command, **_metric_kwargs(args))
+                  kid_subset_size=args.kid_subset_size, command=command, samples_dir=args.samples_dir,
+                  **_metric_kwargs(args))
     print(Path(out["md"]).read_text())
     print(f"report: {out['md']}, {out['csv']}, {out['png']}")
     return out
