@@ -23,6 +23,7 @@ U-ViT's, ADM's) are taken as Inception pool features, with a note.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -487,10 +488,9 @@ class _Fidelity:
                 raise ValueError(f"{extractor.weights_path} does not hold {extractor.name} weights: {err}") from None
 
     def _on_device(self):
+        """torch-fidelity moves to the current CUDA device: make it ours (cuda:1 ...)."""
         if self.device.type == "cuda" and self.device.index is not None:
             return torch.cuda.device(self.device.index)
-        import contextlib
-
         return contextlib.nullcontext()
 
     def _input_kwargs(self, inp: MetricInput) -> dict:
