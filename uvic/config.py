@@ -25,6 +25,7 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
 DATASETS = ("digits", "cifar10", "imagefolder", "latents")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "linear", "cosine")  # after the linear warm-up
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 
 @dataclass
@@ -61,6 +62,7 @@ class DiffusionConfig:
     prediction_type: str = "epsilon"  # one of PREDICTION_TYPES
     clip_sample: bool = True  # True for pixels in [-1, 1], False for latents
     clip_sample_range: float = 1.0
+    timestep_spacing: str = "leading"  # inherited by every sampler built from the saved scheduler
     snr_gamma: Optional[float] = None  # min-SNR-γ loss weighting (Hang et al. 2023); None = plain MSE
     p_uncond: float = 0.1  # class-conditional: probability a label is dropped to the null class
 
@@ -203,6 +205,7 @@ def validate_config(cfg: DictConfig) -> None:
         ("model.attention_type", m.attention_type, ("softmax", "cog")),
         ("diffusion.prediction_type", d.prediction_type, PREDICTION_TYPES),
         ("diffusion.beta_schedule", d.beta_schedule, BETA_SCHEDULES),
+        ("diffusion.timestep_spacing", d.timestep_spacing, TIMESTEP_SPACINGS),
         ("data.name", data.name, DATASETS),
         ("train.mixed_precision", t.mixed_precision, MIXED_PRECISION),
         ("train.lr_schedule", t.lr_schedule, LR_SCHEDULES),

@@ -41,6 +41,8 @@ def build_scheduler(diffusion_cfg) -> DDPMScheduler:
         prediction_type=diffusion_cfg.prediction_type,
         clip_sample=diffusion_cfg.clip_sample,
         clip_sample_range=diffusion_cfg.clip_sample_range,
+        # explicit, so a sampler built from this scheduler (in training or from the saved folder) inherits it
+        timestep_spacing=diffusion_cfg.get("timestep_spacing", "leading"),
     )
 
 

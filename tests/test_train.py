@@ -1,0 +1,154 @@
+"""Trainer: the run folder, exact resume, half-written checkpoints, and each bad input failing before training."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from uvic.config import load_config, save_config
+from uvic.pipeline import UViCPipeline
+from uvic.trainer import Trainer, latest_checkpoint, main
+
+# A model and run small enough for seconds on a CPU: 8x8 digits, embed 32, depth 2.
+TINY = [
+    "model.sample_size=8", "model.in_channels=1", "model.patch_size=2", "model.embed_dim=32", "model.depth=2",
+    "model.num_heads=2", "data.name=digits", "data.limit=64", "train.batch_size=16", "train.steps=4",
+    "train.warmup_steps=2", "train.lr=1e-3", "train.log_every=2", "train.sample_every=0", "train.sample_num=4",
+    "train.sample_steps=2", "train.sample_scheduler=ddim", "train.checkpoint_every=0", "train.ema_decay=0.9",
+]
+
+
+def tiny(*overrides):
+    return load_config(None, TINY + list(overrides))
+
+
+def weights(folder) -> dict:
+    return load_file(str(Path(folder) / "diffusion_pytorch_model.safetensors"))
+
+
+def test_run_writes_the_contract_layout_and_a_loadable_final_pipeline(tmp_path):
+    out = tmp_path / "run"
+    cfg = tiny("train.checkpoint_every=2", "train.keep_checkpoints=1", "train.sample_every=2",
+               "data.conditional=true", "train.sample_guidance=1.5")
+    final = Trainer(cfg, out).train()
+    saved = OmegaConf.load(out / "config.yaml")
+    assert saved.model.num_classes == 11  # 10 digits + the null label, derived from the data
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000004"]  # keep_checkpoints=1
+    ckpt = out / "checkpoints" / "step_0000004"
+    for sub in ("model", "ema_model", "scheduler"):
+        assert (ckpt / sub).is_dir()
+    assert not torch.equal(weights(ckpt / "model")["pos_embed"], weights(ckpt / "ema_model")["pos_embed"])
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_0000002.png", "step_0000004.png"]
+    assert any((out / "logs").iterdir())
+    pipe = UViCPipeline.from_pretrained(final)
+    assert pipe.model.config.num_classes == 11 and pipe.scheduler.config.prediction_type == "epsilon"
+    for name, tensor in weights(final / "model").items():  # final/ holds the EMA weights
+        assert torch.equal(tensor, weights(ckpt / "ema_model")[name])
+    images = pipe(batch_size=2, num_inference_steps=2, class_labels=[3, 7], output_type="pt").images
+    assert images.shape == (2, 1, 8, 8)
+
+
+class CrashAfter(Trainer):
+    """A run killed after a given step (the checkpoint before it is complete, the steps after it lost)."""
+
+    crash_at = 4
+
+    def on_step_end(self, step):
+        if step == self.crash_at:
+            raise KeyboardInterrupt("simulated kill")
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    # mid-epoch resume (4 optimizer steps = 8 micro-batches per epoch), flips and label dropout use the RNG
+    overrides = ["train.steps=6", "train.checkpoint_every=3", "train.grad_accum=2", "data.random_flip=true",
+                 "data.conditional=true", "diffusion.p_uncond=0.3", "train.lr_schedule=cosine"]
+    Trainer(tiny(*overrides), tmp_path / "a").train()
+    with pytest.raises(KeyboardInterrupt):
+        CrashAfter(tiny(*overrides), tmp_path / "b").train()
+    assert latest_checkpoint(tmp_path / "b").name == "step_0000003"
+    resumed = Trainer(tiny(*overrides), tmp_path / "b", resume="latest")
+    assert resumed.step == 3
+    resumed.train()
+    for sub in ("model", "ema_model"):
+        a = weights(tmp_path / "a" / "checkpoints" / "step_0000006" / sub)
+        b = weights(tmp_path / "b" / "checkpoints" / "step_0000006" / sub)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
+    trained = weights(tmp_path / "a" / "checkpoints" / "step_0000003" / "model")
+    assert not torch.equal(trained["pos_embed"], a["pos_embed"])  # the resumed steps did change the weights
+
+
+def test_latest_ignores_a_half_written_checkpoint(tmp_path):
+    root = tmp_path / "checkpoints"
+    (root / "step_0000003").mkdir(parents=True)
+    (root / ".step_0000009.tmp").mkdir()  # a save that crashed before its rename
+    (root / "step_0000012-broken").mkdir()
+    assert latest_checkpoint(tmp_path).name == "step_0000003"
+    assert latest_checkpoint(tmp_path / "elsewhere") is None
+
+
+def test_command_line_overrides_and_default_output_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "tiny.yaml"
+    OmegaConf.save(OmegaConf.from_dotlist(TINY), config)
+    final = main(["--config", str(config), "train.steps=2", "model.attention_type=softmax"])
+    assert final.resolve() == (tmp_path / "runs" / "tiny" / "final").resolve()
+    saved = OmegaConf.load(tmp_path / "runs" / "tiny" / "config.yaml")
+    assert saved.train.steps == 2 and saved.model.attention_type == "softmax"
+
+
+# ---------------------------------------------------------------------- bad input: one clear error, before training
+class NoTraining(Trainer):
+    def train(self):  # pragma: no cover - reaching it means a check did not fire
+        raise AssertionError("training started")
+
+
+def test_missing_dataset_path_fails_before_training(tmp_path):
+    with pytest.raises(FileNotFoundError, match="data.path .*nowhere"):
+        NoTraining(tiny("data.name=imagefolder", f"data.path={tmp_path / 'nowhere'}"), tmp_path / "run").train()
+    assert not (tmp_path / "run").exists()
+
+
+def test_image_size_not_divisible_by_patch_size_fails_before_training():
+    with pytest.raises(ValueError, match="model.sample_size=10 is not divisible by model.patch_size=4"):
+        tiny("model.sample_size=10", "model.patch_size=4")
+
+
+def test_class_conditional_config_on_unlabelled_data_fails_before_training(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(4):
+        Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(folder / f"{i}.png")
+    cfg = tiny("data.name=imagefolder", f"data.path={folder}", "data.conditional=true", "model.in_channels=3",
+               "train.batch_size=2", "data.limit=null")
+    with pytest.raises(ValueError, match="data.conditional=true needs labelled data.*images"):
+        NoTraining(cfg, tmp_path / "run").train()
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override, key", [("train.sample_scheduler=fancy", "train.sample_scheduler"),
+                                           ("diffusion.prediction_type=noise", "diffusion.prediction_type")])
+def test_unknown_scheduler_or_prediction_type_fails_before_training(override, key):
+    with pytest.raises(ValueError, match=rf"{key}=.* is not valid; choose one of"):
+        main(["--config", str(Path(__file__).resolve().parents[1] / "configs" / "digits_uvic.yaml"), override])
+
+
+def test_output_dir_of_another_config_fails_without_resume(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    save_config(tiny("train.lr=5e-4"), out / "config.yaml")
+    with pytest.raises(ValueError, match=r"holds a run of another config \(differs in train.lr\).*--resume latest"):
+        NoTraining(tiny(), out).train()
+
+
+def test_global_batch_not_divisible_by_grad_accum_fails(tmp_path):
+    with pytest.raises(ValueError, match=r"train.batch_size=15 .* divisible by processes \(1\) x train.grad_accum \(2\)"):
+        NoTraining(tiny("train.batch_size=15", "train.grad_accum=2"), tmp_path / "run").train()
+
+
+def test_resume_from_a_missing_path_fails(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--resume .*nope"):
+        NoTraining(tiny(), tmp_path / "run", resume=str(tmp_path / "nope")).train()
