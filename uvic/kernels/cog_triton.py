@@ -39,6 +39,25 @@ def _dot(a, b, FP32_DOT: tl.constexpr):
 
 
 @triton.jit
+def _tile(PTR, b, h, idx, dims, s_b, s_h, s_l, s_d, L, D):
+    """(len(idx), BLOCK_D) tile of a (B, H, L, D) tensor: positions idx of head (b, h), zeros outside."""
+    mask = (idx[:, None] < L) & (dims[None, :] < D)
+    return tl.load(PTR + b * s_b + h * s_h + idx[:, None] * s_l + dims[None, :] * s_d, mask=mask, other=0.0)
+
+
+@triton.jit
+def _weights_and_score_grad(q, k, v, d_o, lse, delta, M, b, h, rows, cols, LQ, LK, smb, smh, smm, smn, scale,
+                            HAS_MASK: tl.constexpr, FP32_DOT: tl.constexpr):
+    """(A, dS) of one (BLOCK_M, BLOCK_N) block, recomputed from the saved log-sum-exp of |S|."""
+    s = _dot(q, tl.trans(k), FP32_DOT) * scale
+    valid = _valid(M, b, h, rows, cols, LQ, LK, smb, smh, smm, smn, HAS_MASK)
+    a_abs = tl.where(valid, tl.exp(tl.abs(s) - lse[:, None]), 0.0)  # |A|
+    a = tl.where(s > 0, a_abs, tl.where(s < 0, -a_abs, 0.0))  # A
+    d_a = _dot(d_o, tl.trans(v), FP32_DOT)  # dA = dO Vᵀ
+    return a, a_abs * d_a - a * delta[:, None]  # dS = |A| ⊙ dA − A ⊙ rowsum(dO ⊙ O)
+
+
+@triton.jit
 def _valid(M, b, h, rows, cols, LQ, LK, smb, smh, smm, smn, HAS_MASK: tl.constexpr):
     """(BLOCK_M, BLOCK_N) True where the score exists and the mask (if any) says attend."""
     inside = (rows[:, None] < LQ) & (cols[None, :] < LK)
@@ -61,18 +80,15 @@ def _cog_fwd(Q, K, V, M, O, LSE,
     h = bh % H
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + dims[None, :] * sqd,
-                mask=(rows[:, None] < LQ) & (dims[None, :] < D), other=0.0)  # (BLOCK_M, BLOCK_D)
+    q = _tile(Q, b, h, rows, dims, sqb, sqh, sqm, sqd, LQ, D)  # (BLOCK_M, BLOCK_D)
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running max of |S|; |S| >= 0, so 0 is a valid start
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp(|S| - m_i)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start in range(0, LK, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        kt = tl.load(K + b * skb + h * skh + cols[None, :] * skn + dims[:, None] * skd,
-                     mask=(cols[None, :] < LK) & (dims[:, None] < D), other=0.0)  # (BLOCK_D, BLOCK_N)
-        v = tl.load(V + b * svb + h * svh + cols[:, None] * svn + dims[None, :] * svd,
-                    mask=(cols[:, None] < LK) & (dims[None, :] < D), other=0.0)  # (BLOCK_N, BLOCK_D)
-        s = _dot(q, kt, FP32_DOT) * scale  # (BLOCK_M, BLOCK_N) float32
+        k = _tile(K, b, h, cols, dims, skb, skh, skn, skd, LK, D)  # (BLOCK_N, BLOCK_D)
+        v = _tile(V, b, h, cols, dims, svb, svh, svn, svd, LK, D)
+        s = _dot(q, tl.trans(k), FP32_DOT) * scale  # (BLOCK_M, BLOCK_N) float32
         valid = _valid(M, b, h, rows, cols, LQ, LK, smb, smh, smm, smn, HAS_MASK)
         magnitude = tl.where(valid, tl.abs(s), float("-inf"))
         m_new = tl.maximum(m_i, tl.max(magnitude, 1))
@@ -101,27 +117,22 @@ def _cog_bwd_dkdv(Q, K, V, M, DO, LSE, DELTA, DK, DV,
     h = bh % H
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
-    col_mask = (cols[:, None] < LK) & (dims[None, :] < D)
-    k = tl.load(K + b * skb + h * skh + cols[:, None] * skn + dims[None, :] * skd, mask=col_mask, other=0.0)
-    v = tl.load(V + b * svb + h * svh + cols[:, None] * svn + dims[None, :] * svd, mask=col_mask, other=0.0)
+    k = _tile(K, b, h, cols, dims, skb, skh, skn, skd, LK, D)  # (BLOCK_N, BLOCK_D)
+    v = _tile(V, b, h, cols, dims, svb, svh, svn, svd, LK, D)
     d_k = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     d_v = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for start in range(0, LQ, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
-        row_mask = (rows[:, None] < LQ) & (dims[None, :] < D)
-        q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + dims[None, :] * sqd, mask=row_mask, other=0.0)
-        d_o = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdm + dims[None, :] * sdd, mask=row_mask, other=0.0)
+        q = _tile(Q, b, h, rows, dims, sqb, sqh, sqm, sqd, LQ, D)  # (BLOCK_M, BLOCK_D)
+        d_o = _tile(DO, b, h, rows, dims, sdb, sdh, sdm, sdd, LQ, D)
         lse = tl.load(LSE + bh * LQ + rows, mask=rows < LQ, other=0.0)
         delta = tl.load(DELTA + bh * LQ + rows, mask=rows < LQ, other=0.0)
-        s = _dot(q, tl.trans(k), FP32_DOT) * scale  # (BLOCK_M, BLOCK_N)
-        valid = _valid(M, b, h, rows, cols, LQ, LK, smb, smh, smm, smn, HAS_MASK)
-        a_abs = tl.where(valid, tl.exp(tl.abs(s) - lse[:, None]), 0.0)  # |A|
-        a = tl.where(s > 0, a_abs, tl.where(s < 0, -a_abs, 0.0))  # A
-        d_v += _dot(tl.trans(a.to(d_o.dtype)), d_o, FP32_DOT)
-        d_a = _dot(d_o, tl.trans(v), FP32_DOT)  # dA = dO Vᵀ
-        d_s = a_abs * d_a - a * delta[:, None]  # dS = |A| ⊙ dA − A ⊙ rowsum(dO ⊙ O)
-        d_k += _dot(tl.trans(d_s.to(q.dtype)), q, FP32_DOT)
+        a, d_s = _weights_and_score_grad(q, k, v, d_o, lse, delta, M, b, h, rows, cols, LQ, LK, smb, smh, smm, smn,
+                                         scale, HAS_MASK, FP32_DOT)
+        d_v += _dot(tl.trans(a.to(d_o.dtype)), d_o, FP32_DOT)  # dV = Aᵀ dO
+        d_k += _dot(tl.trans(d_s.to(q.dtype)), q, FP32_DOT)  # dK = dSᵀ Q (· scale at the end)
     offsets = bh * LK * D + cols[:, None] * D + dims[None, :]  # DK, DV contiguous (B, H, Lk, D)
+    col_mask = (cols[:, None] < LK) & (dims[None, :] < D)
     tl.store(DK + offsets, (d_k * scale).to(DK.dtype.element_ty), mask=col_mask)
     tl.store(DV + offsets, d_v.to(DV.dtype.element_ty), mask=col_mask)
 
@@ -139,26 +150,20 @@ def _cog_bwd_dq(Q, K, V, M, DO, LSE, DELTA, DQ,
     h = bh % H
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    row_mask = (rows[:, None] < LQ) & (dims[None, :] < D)
-    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + dims[None, :] * sqd, mask=row_mask, other=0.0)
-    d_o = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdm + dims[None, :] * sdd, mask=row_mask, other=0.0)
+    q = _tile(Q, b, h, rows, dims, sqb, sqh, sqm, sqd, LQ, D)  # (BLOCK_M, BLOCK_D)
+    d_o = _tile(DO, b, h, rows, dims, sdb, sdh, sdm, sdd, LQ, D)
     lse = tl.load(LSE + bh * LQ + rows, mask=rows < LQ, other=0.0)
     delta = tl.load(DELTA + bh * LQ + rows, mask=rows < LQ, other=0.0)
     d_q = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start in range(0, LK, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        col_mask = (cols[:, None] < LK) & (dims[None, :] < D)
-        k = tl.load(K + b * skb + h * skh + cols[:, None] * skn + dims[None, :] * skd, mask=col_mask, other=0.0)
-        v = tl.load(V + b * svb + h * svh + cols[:, None] * svn + dims[None, :] * svd, mask=col_mask, other=0.0)
-        s = _dot(q, tl.trans(k), FP32_DOT) * scale
-        valid = _valid(M, b, h, rows, cols, LQ, LK, smb, smh, smm, smn, HAS_MASK)
-        a_abs = tl.where(valid, tl.exp(tl.abs(s) - lse[:, None]), 0.0)
-        a = tl.where(s > 0, a_abs, tl.where(s < 0, -a_abs, 0.0))
-        d_a = _dot(d_o, tl.trans(v), FP32_DOT)
-        d_s = a_abs * d_a - a * delta[:, None]
-        d_q += _dot(d_s.to(k.dtype), k, FP32_DOT)
+        k = _tile(K, b, h, cols, dims, skb, skh, skn, skd, LK, D)
+        v = _tile(V, b, h, cols, dims, svb, svh, svn, svd, LK, D)
+        _, d_s = _weights_and_score_grad(q, k, v, d_o, lse, delta, M, b, h, rows, cols, LQ, LK, smb, smh, smm, smn,
+                                         scale, HAS_MASK, FP32_DOT)
+        d_q += _dot(d_s.to(k.dtype), k, FP32_DOT)  # dQ = dS K (· scale at the end)
     tl.store(DQ + bh * LQ * D + rows[:, None] * D + dims[None, :], (d_q * scale).to(DQ.dtype.element_ty),
-             mask=row_mask)
+             mask=(rows[:, None] < LQ) & (dims[None, :] < D))
 
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
