@@ -152,3 +152,45 @@ def test_global_batch_not_divisible_by_grad_accum_fails(tmp_path):
 def test_resume_from_a_missing_path_fails(tmp_path):
     with pytest.raises(FileNotFoundError, match="--resume .*nope"):
         NoTraining(tiny(), tmp_path / "run", resume=str(tmp_path / "nope")).train()
+
+
+def test_fid_during_training_is_logged_to_metrics_csv(tmp_path, monkeypatch):
+    monkeypatch.setenv("UVIC_CACHE_DIR", str(tmp_path / "cache"))  # the digits feature CNN trains here once
+    cfg = tiny("eval.fid_every=2", "eval.fid_ref=digits", "eval.fid_num_samples=64", "eval.fid_steps=2",
+               "eval.fid_scheduler=ddim", "train.steps=2")
+    Trainer(cfg, tmp_path / "run").train()
+    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    assert rows[0] == "step,metric,value" and len(rows) == 2
+    step, metric, value = rows[1].split(",")
+    assert (step, metric) == ("2", "fid") and float(value) > 0
+
+
+def test_latent_data_trains_and_grids_and_final_decode_through_the_vae(tmp_path):
+    import numpy as np
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    from uvic.latents import extract_latents
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(  # a tiny random-weight VAE: 16x16 RGB <-> 4x8x8 latents
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16), sample_size=16, scaling_factor=0.18215,
+    )
+    vae.save_pretrained(tmp_path / "vae")
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "images" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "images" / c / f"{i}.png")
+    latents = extract_latents(tmp_path / "images", tmp_path / "latents", vae=tmp_path / "vae", resolution=16,
+                              batch_size=4, shard_size=8, num_workers=0, progress=False)
+    cfg = tiny("data.name=latents", f"data.path={latents}", "data.conditional=true", "data.limit=null",
+               "model.in_channels=4", "diffusion.clip_sample=false", "train.batch_size=4", "train.steps=2")
+    final = Trainer(cfg, tmp_path / "run").train()
+    pipe = UViCPipeline.from_pretrained(final)
+    assert pipe.vae is not None and pipe.model.config.num_classes == 3
+    assert pipe(batch_size=2, num_inference_steps=2, output_type="pt").images.shape == (2, 3, 16, 16)
+    grid = Image.open(tmp_path / "run" / "samples" / "step_0000002.png")
+    assert grid.mode == "RGB" and grid.size[1] == 2 * 17 + 1  # 2 class rows of decoded 16x16 images

@@ -33,7 +33,7 @@ from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
 from .config import config_diff, load_config, save_config
@@ -179,6 +179,7 @@ class Trainer:
             self.ema.to(accelerator.device)
             accelerator.print(f"resumed from {self.resume_from} at step {self.state.step}")
         self.writer = None
+        self._vae = None  # latent data: the decoder, loaded on first use
 
     # ------------------------------------------------------------------ checks before training
     def _check_data_against_model(self) -> None:
@@ -336,11 +337,23 @@ class Trainer:
         return final
 
     # ------------------------------------------------------------------ EMA artifacts
-    def ema_pipeline(self, scheduler_name: Optional[str] = None) -> UViCPipeline:
-        """UViCPipeline of the current EMA weights; the training scheduler or a named sampler."""
+    def ema_pipeline(self, scheduler_name: Optional[str] = None, decode: bool = True) -> UViCPipeline:
+        """UViCPipeline of the current EMA weights; the training scheduler or a named sampler.
+
+        decode: for latent data, attach the VAE the latents came from (loaded once), so grids,
+        FID and final/ see images.
+        """
         self.ema.copy_to(self.ema_model.parameters())
         scheduler = self.noise_scheduler if scheduler_name is None else make_scheduler(scheduler_name, self.noise_scheduler.config)
         pipe = UViCPipeline(model=self.ema_model, scheduler=scheduler)
+        if decode and self.cfg.data.name == "latents":
+            if self._vae is None:
+                from .latents import attach_vae  # the latents part; needed only for latent data
+
+                source = self.dataset.dataset if isinstance(self.dataset, Subset) else self.dataset
+                attach_vae(pipe, source, scale_factor=self.cfg.data.scale_factor)
+                self._vae = pipe.vae.to(self.accelerator.device)
+            pipe.register_modules(vae=self._vae)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -414,7 +427,7 @@ class Trainer:
         self.accelerator.save_state(str(tmp))
         if self.is_main:
             self.raw_model.save_pretrained(tmp / "model")
-            self.ema_pipeline().model.save_pretrained(tmp / "ema_model")
+            self.ema_pipeline(decode=False).model.save_pretrained(tmp / "ema_model")
             self.noise_scheduler.save_pretrained(tmp / "scheduler")
             if final.exists():
                 shutil.rmtree(final)
