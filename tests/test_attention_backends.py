@@ -280,7 +280,8 @@ def test_triton_kernels_in_the_interpreter():
         env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600,
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )
-    assert result.returncode == 0 and re.search(r"\b4 passed", result.stdout), result.stdout[-3000:] + result.stderr[-2000:]
+    report = result.stdout[-3000:] + result.stderr[-2000:]
+    assert result.returncode == 0 and re.search(r"\b4 passed", result.stdout), report
 
 
 @pytest.mark.parametrize(

@@ -1,11 +1,12 @@
-"""Cog attention in plain PyTorch that never holds more than one chunk of scores at a time.
+"""Cog attention in plain PyTorch, chunk by chunk, with the closed-form backward.
 
     S = Q Kᵀ · scale,  A = sign(S) ⊙ softmax(|S|),  O = A V        (DESIGN.md)
 
 Heads are flattened to N = B·H and walked in chunks (a group of whole heads, or a block of
 query rows of one head) of about `budget` scores, so no temporary larger than a chunk is ever
-allocated and memory stays bounded however long the sequence. The elementwise work of a chunk
-runs in place (eager) or through torch.compile (`compiler="inductor"`: one fused pass). Backward uses the closed form
+allocated and, unless A is kept for backward, memory stays bounded however long the sequence.
+The elementwise work of a chunk runs in place (eager) or through torch.compile
+(`compiler="inductor"`: one fused pass). Backward uses the closed form
 
     dV = Aᵀ dO,  dA = dO Vᵀ,  dS = |A| ⊙ dA − A ⊙ rowsum(dO ⊙ O),  dQ = dS K·scale,  dK = dSᵀ Q·scale
 
@@ -137,7 +138,8 @@ def cog_forward(q, k, v, scale: float, mask=None, *, keep_weights=False, budget=
     """Forward on flattened heads. q (N, Lq, D) already multiplied by scale, k, v (N, Lk, D).
 
     mask: None or boolean (B, H, Lq, Lk) view with B·H = N. compiler: None (eager, in place) or a
-    torch.compile backend ("inductor") that fuses each chunk's elementwise work. Returns (O (N, Lq, D), A (N, Lq, Lk) if keep_weights else None, lse (N, Lq, 1)).
+    torch.compile backend ("inductor") that fuses each chunk's elementwise work.
+    Returns (O (N, Lq, D), A (N, Lq, Lk) if keep_weights else None, lse (N, Lq, 1)).
     """
     n, lq, _ = q.shape
     lk = k.shape[1]
