@@ -52,7 +52,8 @@ def values_and_grads(fn, q, k, v, d_out):
 
 def assert_matches_formula(fn, q, k, v, mask=None, tol=1e-10, seed=2):
     """fn's output and (dQ, dK, dV) against autograd through the float64 formula."""
-    d_out = torch.randn(*q.shape[:-1], v.shape[-1], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    d_out = torch.randn(*q.shape[:-1], v.shape[-1], generator=g, dtype=torch.float64).to(v.device)
     got = values_and_grads(fn, q, k, v, d_out.to(v.dtype))
     want = values_and_grads(lambda q, k, v: naive_cog(q, k, v, q.shape[-1] ** -0.5, mask), q.double(), k.double(),
                             v.double(), d_out)
@@ -317,3 +318,15 @@ def test_triton_kernel_rows_sum_to_one_and_half_precision_is_finite(interpreted_
     assert torch.isfinite(out).all() and all(torch.isfinite(t.grad).all() for t in (q, k, v))
     expected = naive_cog(q.detach(), k.detach(), v.detach(), 8**-0.5)
     torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2), (torch.float16, 1e-2)])
+def test_triton_kernel_on_cuda_matches_float64_formula(dtype, tol):
+    pytest.importorskip("triton", reason="triton is not installed")
+    q, k, v = (t.cuda() for t in qkv(b=2, h=3, lq=130, lk=77, d=64, dtype=dtype))
+    mask = key_padding_mask(2, 77).cuda()
+    assert resolve_cog_backend(q, k, v) == "triton"
+    for m in (None, mask):
+        assert_matches_formula(lambda q, k, v: cog_attention(q, k, v, mask=m, backend="triton"), q, k, v,
+                               None if m is None else m, tol)
