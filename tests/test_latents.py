@@ -29,7 +29,7 @@ from uvic.latents import (
     shard_name,
     shards_for_process,
 )
-from uvic.model import UViT, preset_config
+from uvic.model import UViT
 from uvic.pipeline import UViCPipeline
 
 REPO = Path(__file__).resolve().parents[1]
