@@ -26,8 +26,10 @@ on a model; never part of a model's config):
 UVIC_ATTENTION_COMPILE=1 (or =<torch.compile backend>) it goes through torch.compile instead
 (compiled on first use, only for score matrices of at least 2^20 entries and not inside an
 enclosing torch.compile). Compiling measured no faster on CPU (docs/benchmarks.md), so it is off
-by default. Softmax attention always runs through
-`F.scaled_dot_product_attention` (which has its own fused kernels), except backend "math".
+by default.
+
+Softmax attention always runs through `F.scaled_dot_product_attention` (which has its own fused
+kernels), except with backend "math".
 """
 
 from __future__ import annotations
