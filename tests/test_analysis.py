@@ -61,6 +61,14 @@ def test_orthogonal_heads_have_zero_similarity():
     assert torch.allclose(attention_statistics(a, extras=1)["head_similarity"], torch.zeros(1, 2))
 
 
+def test_heads_that_differ_only_in_sign_look_alike_but_not_signed():
+    a = torch.full((1, 2, 2, 2), 0.5)
+    a[0, 1, :, 1] = -0.5  # head 1 subtracts key 1 where head 0 adds it
+    stats = attention_statistics(a, extras=1)
+    assert torch.allclose(stats["head_similarity"], torch.ones(1, 2))
+    assert torch.allclose(stats["head_similarity_signed"], torch.zeros(1, 2), atol=1e-6)
+
+
 def test_token_similarity_is_one_for_collapsed_and_zero_for_orthogonal_tokens():
     collapsed = torch.randn(1, 1, 8).expand(2, 5, 8) * torch.rand(2, 5, 1).add(0.1)
     assert torch.allclose(token_similarity(collapsed), torch.ones(2), atol=1e-5)

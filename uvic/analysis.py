@@ -41,8 +41,9 @@ STATISTICS = {
     "sink_score": "mass on the most-attended key: max over keys of |A| averaged over queries "
     "(uniform: 1/L; pure sink: 1)",
     "extras_mass": "mass on the time/label tokens (the first model.extras tokens), averaged over queries",
-    "head_similarity": "cosine similarity of this head's (signed) attention rows with those of the block's other "
-    "heads (lower: more diverse heads)",
+    "head_similarity": "cosine similarity of this head's rows of |A| with those of the block's other heads: "
+    "where heads look (lower: more diverse heads)",
+    "head_similarity_signed": "the same on the signed rows of A: where and with which sign heads look",
     "collapse": "mean pairwise cosine similarity of the patch-token representations after the block "
     "(1: all tokens alike)",
 }
@@ -68,14 +69,15 @@ def attention_statistics(a: torch.Tensor, extras: int) -> Dict[str, torch.Tensor
         "entropy": torch.special.entr(mag).sum(-1).mean(-1),
         "sink_score": key_mass.max(dim=-1).values,
         "extras_mass": key_mass[..., :extras].sum(-1),
-        "head_similarity": head_similarity(a),
+        "head_similarity": head_similarity(mag),
+        "head_similarity_signed": head_similarity(a),
         "key_mass": key_mass,
     }
     return stats
 
 
 def head_similarity(a: torch.Tensor) -> torch.Tensor:
-    """Mean cosine similarity of each head's (signed) attention rows with the other heads' -> (B, H).
+    """Mean cosine similarity of each head's attention rows with the other heads' -> (B, H).
 
     a: (B, H, Lq, Lk). NaN for a single head.
     """
@@ -509,7 +511,8 @@ def write_summary(analyses, rows, path, *, inputs: str, figures: Sequence[str], 
                                          for n in names)) for t in timesteps]
 
     lines.append("\n## Per block (mean over heads and timesteps; s = softmax block, c = Cog block)\n")
-    for stat in ("neg_mass", "sink_score", "extras_mass", "entropy", "head_similarity", "collapse"):
+    for stat in ("neg_mass", "sink_score", "extras_mass", "entropy", "head_similarity", "head_similarity_signed",
+                 "collapse"):
         lines += [f"**{stat}**\n", _md_header("block", *names)]
         for b in sorted({r["block"] for r in rows}):
             cells = []
