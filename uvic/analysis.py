@@ -700,10 +700,9 @@ def _model_names(paths: Sequence[str], names: Optional[str]) -> List[str]:
             raise ValueError(f"--names has {len(out)} names for {len(paths)} models")
     else:
         out = []
-        for p in paths:
+        for p in paths:  # runs/X/final -> X
             p = Path(p).resolve()
-            parts = [q for q in (p.parent.name, p.name) if q]
-            out.append(p.parent.name if p.name in {"final", "model", "ema_model"} and p.parent.name else parts[-1])
+            out.append(p.parent.name if p.name in {"final", "model", "ema_model"} and p.parent.name else p.name)
     seen = {}
     unique = []
     for n in out:
