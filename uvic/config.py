@@ -111,6 +111,7 @@ class TrainConfig:
     checkpoint_every: int = 5000  # 0 = only at the end
     keep_checkpoints: int = 2  # the last N complete checkpoints are kept
     compile: bool = False  # torch.compile the model
+    cpu_threads: Optional[int] = None  # on the CPU: torch intra-op threads (None = torch's default)
 
 
 @dataclass

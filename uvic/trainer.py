@@ -105,6 +105,8 @@ class Trainer:
             cpu=cpu,
         )
         self.is_main = accelerator.is_main_process
+        if t.cpu_threads and accelerator.device.type == "cpu":
+            torch.set_num_threads(t.cpu_threads)
         processes = accelerator.num_processes
         if t.batch_size % (processes * t.grad_accum):
             raise ValueError(
