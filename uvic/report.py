@@ -292,6 +292,7 @@ def plot_fid(rows: List[dict], path, ylabel: str = "FID") -> Path:
         ax.bar(labels, [r["fid"] for r in rows], color=[colors.get(r["attention"], "tab:gray") for r in rows])
         for i, r in enumerate(rows):
             ax.annotate(f"{r['fid']:.3g}", (i, r["fid"]), ha="center", va="bottom")
+        ax.set_ylim(top=1.15 * max(r["fid"] for r in rows))  # room for the labels
     ax.set_ylabel(f"{ylabel} (lower is better)")
     ax.set_title(f"{rows[0]['num_samples']} samples vs {rows[0]['ref']}")
     fig.tight_layout()
