@@ -2,7 +2,6 @@
 digits classifier), statistics files, FID during training, and one clear message per bad input."""
 
 import logging
-import os
 
 import numpy as np
 import pytest
@@ -15,25 +14,6 @@ from uvic import digits_classifier, metrics
 from uvic.metrics import FIDStatistics, compute_metrics, compute_statistics, frechet_distance
 from uvic.model import UViT
 from uvic.pipeline import UViCPipeline
-
-
-@pytest.fixture(scope="session", autouse=True)
-def uvic_cache(tmp_path_factory):
-    """One cache (digits classifier, reference features) for the whole session, never the user's."""
-    path = tmp_path_factory.getbasetemp() / "uvic_cache"
-    old = os.environ.get("UVIC_CACHE_DIR")
-    os.environ["UVIC_CACHE_DIR"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("UVIC_CACHE_DIR")
-    else:
-        os.environ["UVIC_CACHE_DIR"] = old
-
-
-@pytest.fixture(autouse=True)
-def no_hub(tmp_path, monkeypatch):
-    """torch.hub looks in an empty folder: nothing is found there, and nothing downloads."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
 
 
 @pytest.fixture(scope="module")

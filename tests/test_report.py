@@ -2,7 +2,6 @@
 from the command line, the CSV, run specs and bad input."""
 
 import csv
-import os
 
 import numpy as np
 import pytest
@@ -17,31 +16,7 @@ TINY = dict(sample_size=8, in_channels=1, patch_size=2, embed_dim=16, depth=2, n
 FAST = ["--steps", "2", "--scheduler", "ddim", "--batch-size", "16"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def uvic_cache(tmp_path_factory):
-    """The digits classifier and reference features in the session's cache (shared with test_metrics), never
-    the user's."""
-    old = os.environ.get("UVIC_CACHE_DIR")
-    os.environ["UVIC_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "uvic_cache")
-    yield
-    if old is None:
-        os.environ.pop("UVIC_CACHE_DIR")
-    else:
-        os.environ["UVIC_CACHE_DIR"] = old
-
-
-@pytest.fixture(autouse=True)
-def no_hub(tmp_path, monkeypatch):
-    """torch.hub looks in an empty folder: the Inception weights are never found, nothing downloads."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_run(root, name, attention_type, steps=(2, 4)):

@@ -25,13 +25,7 @@ TINY = dict(sample_size=8, patch_size=2, embed_dim=32, depth=2, num_heads=2)
 SET = dict(num_samples=7, shard_size=3, batch_size=2, steps=2, scheduler="ddim", progress=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, above all on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(num_classes=5, in_channels=3, seed=0):
