@@ -23,11 +23,17 @@ from typing import Iterator, Optional, Tuple
 
 import torch
 
-# Scores per chunk: 2^18 float32 = 1 MiB, so a chunk and its scratch stay in a 2 MiB L2 cache:
-# fastest measured on 1 thread. Each chunk costs ~12 small ops, so on an oversubscribed machine
-# with several threads per process larger chunks (2^20-2^22) lose less to thread barriers
-# (docs/benchmarks.md).
-DEFAULT_BUDGET = 1 << 18
+# Scores per chunk and CPU thread: 2^18 float32 = 1 MiB, so a thread's share of a chunk and its
+# scratch stay in a 2 MiB per-core L2 cache. Fastest measured: 2^18 on 1 thread, 2^19 on 2 threads
+# (docs/benchmarks.md). On GPUs (the fallback when Triton is absent) chunks are large so that each
+# op still fills the device; that size is not tuned.
+SCORES_PER_THREAD = 1 << 18
+GPU_BUDGET = 1 << 24
+
+
+def default_budget(device: torch.device) -> int:
+    """Scores per chunk: SCORES_PER_THREAD per CPU thread, or GPU_BUDGET elsewhere."""
+    return SCORES_PER_THREAD * torch.get_num_threads() if device.type == "cpu" else GPU_BUDGET
 
 
 def _chunks(n: int, lq: int, lk: int, budget: int) -> Iterator[Tuple[slice, slice]]:
@@ -134,13 +140,14 @@ def _compiled(fn, backend: str) -> _Compiled:
     return _Compiled(fn, backend)
 
 
-def cog_forward(q, k, v, scale: float, mask=None, *, keep_weights=False, budget=DEFAULT_BUDGET, compiler=None):
+def cog_forward(q, k, v, scale: float, mask=None, *, keep_weights=False, budget=None, compiler=None):
     """Forward on flattened heads. q (N, Lq, D) already multiplied by scale, k, v (N, Lk, D).
 
     mask: None or boolean (B, H, Lq, Lk) view with B·H = N. compiler: None (eager, in place) or a
     torch.compile backend ("inductor") that fuses each chunk's elementwise work.
     Returns (O (N, Lq, D), A (N, Lq, Lk) if keep_weights else None, lse (N, Lq, 1)).
     """
+    budget = budget or default_budget(q.device)
     n, lq, _ = q.shape
     lk = k.shape[1]
     num_heads = mask.shape[1] if mask is not None else 1
@@ -174,9 +181,10 @@ def cog_forward(q, k, v, scale: float, mask=None, *, keep_weights=False, budget=
     return out, weights, lse
 
 
-def cog_backward(d_out, q, k, v, out, scale: float, mask=None, *, weights=None, lse=None, budget=DEFAULT_BUDGET,
+def cog_backward(d_out, q, k, v, out, scale: float, mask=None, *, weights=None, lse=None, budget=None,
                  compiler=None):
     """Gradients (dQ, dK, dV) of `cog_forward`; needs `weights` (A) or `lse`, q pre-scaled as there."""
+    budget = budget or default_budget(q.device)
     n, lq, _ = q.shape
     lk = k.shape[1]
     num_heads = mask.shape[1] if mask is not None else 1
@@ -256,7 +264,7 @@ class _CogAttention(torch.autograd.Function):
         return d_q, d_k, d_v, None, None, None, None, None
 
 
-def cog_attention_chunked(q, k, v, scale: float, mask=None, *, keep_weights=True, budget=DEFAULT_BUDGET,
+def cog_attention_chunked(q, k, v, scale: float, mask=None, *, keep_weights=True, budget=None,
                           compiler=None):
     """O (B, H, Lq, D) of Cog attention for q (B, H, Lq, D), k, v (B, H, Lk, D), in v's dtype.
 
@@ -266,6 +274,7 @@ def cog_attention_chunked(q, k, v, scale: float, mask=None, *, keep_weights=True
     """
     if mask is not None:
         mask = mask.expand(*q.shape[:-1], k.shape[-2])
+    budget = budget or default_budget(q.device)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         return _CogAttention.apply(q, k, v, mask, scale, keep_weights, budget, compiler)
     dtype = torch.promote_types(q.dtype, torch.float32)
