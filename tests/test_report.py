@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_run(root, name, attention_type, steps=(2, 4)):
-    """A finished run in the CONTRACTS layout: config.yaml, checkpoints/step_XXXXXXX/{model,ema_model,scheduler},
+    """A finished run in the run-directory layout (README.md, "Train"): config.yaml, checkpoints/step_XXXXXXX/{model,ema_model,scheduler},
     final/ (pipeline folder of the last EMA weights)."""
     run = root / name
     scheduler = DDPMScheduler(num_train_timesteps=100)

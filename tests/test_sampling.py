@@ -44,7 +44,7 @@ def state_equal(a, b):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """A finished run in the CONTRACTS layout: config.yaml, checkpoints/step_XXXXXXX/{model,ema_model,scheduler}
+    """A finished run in the run-directory layout (README.md, "Train"): config.yaml, checkpoints/step_XXXXXXX/{model,ema_model,scheduler}
     (steps 10 and 20, raw and EMA weights differing), an incomplete checkpoint, final/."""
     run = tmp_path_factory.mktemp("runs") / "tiny_uvic"
     scheduler = DDPMScheduler(num_train_timesteps=100)

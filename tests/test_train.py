@@ -79,6 +79,14 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     assert not torch.equal(trained["pos_embed"], a["pos_embed"])  # the resumed steps did change the weights
 
 
+def test_rerunning_the_same_config_continues_instead_of_starting_over(tmp_path):
+    overrides = ["train.steps=6", "train.checkpoint_every=2"]
+    with pytest.raises(KeyboardInterrupt):
+        CrashAfter(tiny(*overrides), tmp_path / "run").train()
+    again = Trainer(tiny(*overrides), tmp_path / "run")  # the same command, no --resume
+    assert again.step == 4 and latest_checkpoint(tmp_path / "run").name == "step_0000004"
+
+
 def test_latest_ignores_a_half_written_checkpoint(tmp_path):
     root = tmp_path / "checkpoints"
     (root / "step_0000003").mkdir(parents=True)

@@ -2,7 +2,7 @@
 
     python train.py --config configs/digits_uvic.yaml train.lr=1e-4 --output-dir runs/x [--resume latest]
 
-One run writes one folder (layout in notes/CONTRACTS.md):
+One run writes one folder (the run-directory layout in README.md, "Train"):
 
     config.yaml  checkpoints/step_XXXXXXX/{accelerate state, model/, ema_model/, scheduler/}
     samples/step_XXXXXXX.png  logs/ (TensorBoard)  metrics.csv  final/ (UViCPipeline, EMA weights)
@@ -223,8 +223,14 @@ class Trainer:
                     f"{self.out} holds a run of another config (differs in {', '.join(differs[:6])}); "
                     f"pass --resume latest to continue it with this config, or choose another --output-dir"
                 )
-            if saved.is_file() and self.is_main:  # same config, no --resume: start over
-                warnings.warn(f"{self.out} holds an earlier run of this config: starting over (use --resume latest to continue)")
+            found = latest_checkpoint(self.out) if saved.is_file() else None
+            if found is not None:  # same config, interrupted or finished: nothing is thrown away
+                self.accelerator.print(
+                    f"{self.out} holds a run of this config: continuing from {found.name} "
+                    f"(choose another --output-dir for a new run)"
+                )
+                return found
+            if saved.is_file() and self.is_main:  # a run of this config that never checkpointed
                 self._clear_run_artifacts()
             return None
         if differs:
