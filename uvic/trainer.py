@@ -20,7 +20,6 @@ import copy
 import csv
 import math
 import os
-import re
 import shutil
 import time
 import warnings
@@ -41,8 +40,8 @@ from .data import build_dataset, dataset_shape
 from .diffusion import build_scheduler, diffusion_loss, drop_labels
 from .model import UViT
 from .pipeline import UViCPipeline, make_scheduler
+from .sampling import list_checkpoints
 
-CHECKPOINT_RE = re.compile(r"^step_(\d{7,})$")
 LR_SCHEDULE_NAMES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 RUN_ARTIFACTS = ("checkpoints", "samples", "logs", "final", "metrics.csv")
 
@@ -53,9 +52,8 @@ def checkpoint_name(step: int) -> str:
 
 def latest_checkpoint(run_dir) -> Optional[Path]:
     """The complete checkpoint with the highest step under run_dir/checkpoints (temp names never match)."""
-    root = Path(run_dir) / "checkpoints"
-    found = [(int(m.group(1)), p) for p in root.glob("step_*") if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))]
-    return max(found)[1] if found else None
+    steps = list_checkpoints(run_dir)
+    return Path(run_dir) / "checkpoints" / checkpoint_name(steps[-1]) if steps else None
 
 
 class EpochSampler(DistributedSampler):
@@ -440,9 +438,9 @@ class Trainer:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)  # complete: only now does `latest` see it
-            steps = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_RE.match(p.name)))
-            for _, old in steps[: max(0, len(steps) - self.cfg.train.keep_checkpoints)]:
-                shutil.rmtree(old)
+            steps = list_checkpoints(self.out)
+            for step in steps[: max(0, len(steps) - self.cfg.train.keep_checkpoints)]:
+                shutil.rmtree(root / checkpoint_name(step))
         self.accelerator.wait_for_everyone()
         return final
 
