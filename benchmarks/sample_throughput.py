@@ -77,7 +77,7 @@ def main(argv=None):
     pipes = {}
     for name in args.schedulers:
         for attention, model in models.items():
-            pipe = UViCPipeline(model=model, scheduler=make_scheduler(name, base.config))
+            pipe = UViCPipeline(transformer=model, scheduler=make_scheduler(name, base.config))
             pipe.set_progress_bar_config(disable=True)
             pipes[name, attention] = pipe
     for attention in models:  # warm-up (allocator, kernels)

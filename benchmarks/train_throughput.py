@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from uvic.config import load_config  # noqa: E402
+from uvic.config import load_config, model_kwargs  # noqa: E402
 from uvic.diffusion import build_scheduler, diffusion_loss  # noqa: E402
 from uvic.model import UViT  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
@@ -35,7 +35,7 @@ VARIANTS = ("softmax", "cog")  # U-ViT, U-ViC
 
 
 def build(cfg, attention_type: str, device: torch.device):
-    kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k not in ("preset", "gradient_checkpointing")}
+    kwargs = model_kwargs(cfg)
     kwargs["attention_type"] = attention_type
     if cfg.data.conditional and kwargs["num_classes"] <= 0:
         kwargs["num_classes"] = 11

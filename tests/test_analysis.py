@@ -131,17 +131,18 @@ def test_query_tokens_resolve_to_token_indices_and_reject_bad_specs():
         resolve_query_tokens(["label"], (4, 4), extras=1)
 
 
-def _save_pipeline_folder(path, **config):
-    UViT(**TINY, **config).save_pretrained(path / "model")
+def _save_pipeline_folder(path, transformer="transformer", **config):
+    UViT(**TINY, **config).save_pretrained(path / transformer)
     DDPMScheduler(num_train_timesteps=100).save_pretrained(path / "scheduler")
 
 
 def test_command_compares_two_models_and_writes_every_file(tmp_path):
     torch.manual_seed(0)
-    _save_pipeline_folder(tmp_path / "uvit", num_classes=3)
+    _save_pipeline_folder(tmp_path / "uvit", transformer="model", num_classes=3)  # the old pipeline layout
+    assert resolve_model(tmp_path / "uvit").model_dir == tmp_path / "uvit" / "model"
     run = tmp_path / "runs" / "uvic"
     _save_pipeline_folder(run / "final", num_classes=3, attention_type="cog")
-    assert resolve_model(run).model_dir == run / "final" / "model"
+    assert resolve_model(run).model_dir == run / "final" / "transformer"
     images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
     np.savez(tmp_path / "images.npz", arr_0=images, labels=np.array([0, 1, 2, 1]))
     out = tmp_path / "out"

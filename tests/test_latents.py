@@ -371,7 +371,7 @@ train: {{steps: 3, batch_size: 4, warmup_steps: 1, log_every: 1, sample_every: 0
     final = trainer.main(["--config", str(config), "--output-dir", str(run), "--cpu"])
     assert (final / "vae" / "config.json").exists(), "latent runs keep their VAE in final/ (uvic.latents.attach_vae)"
     pipe = sampling.load_pipeline(run)
-    assert pipe.model.config.num_classes == 4 and pipe.vae.config.scaling_factor == 0.18215
+    assert pipe.transformer.config.num_classes == 4 and pipe.vae.config.scaling_factor == 0.18215
 
     samples = sampling.main([str(run), "--num-samples", "6", "--out", str(tmp_path / "samples"), "--steps", "2",
                              "--guidance", "1.4", "--batch-size", "6", "--device", "cpu", "--no-progress"])

@@ -215,7 +215,7 @@ def test_npz_images_are_memory_mapped_when_stored_uncompressed(tmp_path):
 def test_pipeline_fid_samples_and_scores_a_pipeline():
     torch.manual_seed(0)
     model = UViT(sample_size=8, in_channels=1, patch_size=2, embed_dim=16, depth=2, num_heads=2).eval()
-    pipe = UViCPipeline(model=model, scheduler=DDPMScheduler(num_train_timesteps=100))
+    pipe = UViCPipeline(transformer=model, scheduler=DDPMScheduler(num_train_timesteps=100))
     fid = metrics.pipeline_fid(pipe, num_samples=6, ref="digits", steps=2, scheduler="ddim", batch_size=3,
                                device="cpu")
     assert np.isfinite(fid) and fid > 1.0  # an untrained model draws noise, far from digits

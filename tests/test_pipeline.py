@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def tiny_pipeline(num_classes=5, scheduler=None, seed=0):
     torch.manual_seed(seed)
     model = UViT(**TINY, num_classes=num_classes).eval()
-    pipe = UViCPipeline(model=model, scheduler=scheduler or DDPMScheduler(num_train_timesteps=100))
+    pipe = UViCPipeline(transformer=model, scheduler=scheduler or DDPMScheduler(num_train_timesteps=100))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -30,8 +30,8 @@ def test_save_pretrained_round_trip_gives_the_same_samples(tmp_path):
     pipe.save_pretrained(tmp_path / "final")
     loaded = UViCPipeline.from_pretrained(tmp_path / "final")
     loaded.set_progress_bar_config(disable=True)
-    assert isinstance(loaded.model, UViT) and isinstance(loaded.scheduler, DDPMScheduler) and loaded.vae is None
-    assert loaded.model.config.num_classes == 5
+    assert isinstance(loaded.transformer, UViT) and isinstance(loaded.scheduler, DDPMScheduler) and loaded.vae is None
+    assert loaded.transformer.config.num_classes == 5
     kwargs = dict(batch_size=3, num_inference_steps=4, class_labels=[0, 1, 3], guidance_scale=2.0, output_type="pt")
     expected = pipe(generator=generators(3), **kwargs).images
     assert torch.equal(loaded(generator=generators(3), **kwargs).images, expected)
@@ -75,7 +75,7 @@ def test_guidance_one_is_the_conditional_model_alone():
     x = torch.cat([torch.randn((1, 3, 8, 8), generator=g) for g in generators(2)])
     with torch.no_grad():
         for t in scheduler.timesteps:
-            x = scheduler.step(pipe.model(x, t, class_labels=labels).sample, t, x).prev_sample
+            x = scheduler.step(pipe.transformer(x, t, class_labels=labels).sample, t, x).prev_sample
     assert torch.allclose(images, (x / 2 + 0.5).clamp(0, 1), atol=1e-6)
 
     guided = pipe(batch_size=2, num_inference_steps=3, class_labels=labels, guidance_scale=3.0,
@@ -88,8 +88,8 @@ def test_u_vit_scale_0_4_is_guidance_1_4_and_zero_is_the_null_class():
     x, t, labels = torch.randn(3, 3, 8, 8), torch.tensor(50), torch.tensor([0, 1, 3])
     null = torch.full_like(labels, 4)  # num_classes=5: real classes 0..3, null label 4
     with torch.no_grad():
-        cond = pipe.model(x, t, class_labels=labels).sample
-        uncond = pipe.model(x, t, class_labels=null).sample
+        cond = pipe.transformer(x, t, class_labels=labels).sample
+        uncond = pipe.transformer(x, t, class_labels=null).sample
         assert torch.allclose(pipe.predict(x, t, labels, 1.4), cond + 0.4 * (cond - uncond), atol=1e-5)
         assert torch.allclose(pipe.predict(x, t, labels, 0.0), uncond, atol=1e-6)
 
@@ -135,7 +135,7 @@ def test_latent_model_decodes_through_its_vae_and_saves_it(tmp_path):
                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
                         sample_size=16, scaling_factor=0.5).eval()
     model = UViT(**{**TINY, "in_channels": 4}, num_classes=3).eval()
-    pipe = UViCPipeline(model=model, scheduler=DDPMScheduler(num_train_timesteps=100, clip_sample=False), vae=vae)
+    pipe = UViCPipeline(transformer=model, scheduler=DDPMScheduler(num_train_timesteps=100, clip_sample=False), vae=vae)
     pipe.set_progress_bar_config(disable=True)
     assert pipe.image_shape == (3, 16, 16)
     images = pipe(batch_size=2, num_inference_steps=2, generator=generators(2), output_type="pt").images
@@ -150,7 +150,7 @@ def test_latent_model_decodes_through_its_vae_and_saves_it(tmp_path):
 def test_non_finite_samples_fail_with_one_message():
     pipe = tiny_pipeline()
     with torch.no_grad():
-        pipe.model.decoder_pred.bias.fill_(float("nan"))
+        pipe.transformer.decoder_pred.bias.fill_(float("nan"))
     with pytest.raises(ValueError, match="DDPMScheduler produced non-finite samples"):
         pipe(batch_size=1, num_inference_steps=2)
 
@@ -158,11 +158,11 @@ def test_non_finite_samples_fail_with_one_message():
 def test_timestep_offset_shifts_what_the_model_sees_and_is_saved(tmp_path):
     """Reference discrete-time U-ViT checkpoints were trained on timesteps 1..N (offset 1)."""
     pipe = tiny_pipeline()
-    shifted = UViCPipeline(model=pipe.model, scheduler=pipe.scheduler, timestep_offset=1)
+    shifted = UViCPipeline(transformer=pipe.transformer, scheduler=pipe.scheduler, timestep_offset=1)
     x, labels = torch.randn(2, 3, 8, 8), torch.tensor([0, 1])
     t = torch.tensor(10)
     with torch.no_grad():
-        assert torch.equal(shifted.predict(x, t, labels, 1.0), pipe.model(x, 11, class_labels=labels).sample)
+        assert torch.equal(shifted.predict(x, t, labels, 1.0), pipe.transformer(x, 11, class_labels=labels).sample)
         assert not torch.allclose(pipe.predict(x, t, labels, 1.0), shifted.predict(x, t, labels, 1.0))
     shifted.save_pretrained(tmp_path / "final")
     assert UViCPipeline.from_pretrained(tmp_path / "final").config.timestep_offset == 1

@@ -31,7 +31,7 @@ def make_run(root, name, attention_type, steps=(2, 4)):
         model.save_pretrained(folder / "model")
         model.save_pretrained(folder / "ema_model")
         scheduler.save_pretrained(folder / "scheduler")
-    UViCPipeline(model=model, scheduler=scheduler).save_pretrained(run / "final")
+    UViCPipeline(transformer=model, scheduler=scheduler).save_pretrained(run / "final")
     (run / "config.yaml").write_text(f"model:\n  attention_type: {attention_type}\ntrain:\n  steps: {steps[-1]}\n")
     return run
 

@@ -34,7 +34,7 @@ def tiny_model(num_classes=5, in_channels=3, seed=0):
 
 
 def tiny_pipeline(**kwargs):
-    return UViCPipeline(model=tiny_model(**kwargs), scheduler=DDPMScheduler(num_train_timesteps=100))
+    return UViCPipeline(transformer=tiny_model(**kwargs), scheduler=DDPMScheduler(num_train_timesteps=100))
 
 
 def state_equal(a, b):
@@ -55,7 +55,7 @@ def run_dir(tmp_path_factory):
         ema.save_pretrained(folder / "ema_model")
         scheduler.save_pretrained(folder / "scheduler")
     (run / "checkpoints" / ".step_0000030.tmp" / "model").mkdir(parents=True)  # being written: never `latest`
-    UViCPipeline(model=ema, scheduler=scheduler).save_pretrained(run / "final")
+    UViCPipeline(transformer=ema, scheduler=scheduler).save_pretrained(run / "final")
     (run / "config.yaml").write_text("model:\n  sample_size: 8\ndiffusion: {}\ndata:\n  name: digits\ntrain: {}\neval: {}\n")
     return run
 
@@ -71,13 +71,13 @@ def unconditional(tmp_path_factory):
 # ---------------------------------------------------------------------- loading
 def test_load_pipeline_accepts_every_model_kind(run_dir, tmp_path):
     final = load_pipeline(run_dir / "final")
-    assert state_equal(load_pipeline(run_dir).model, final.model)  # a run directory means its final/
+    assert state_equal(load_pipeline(run_dir).transformer, final.transformer)  # a run directory means its final/
     latest = run_dir / "checkpoints" / "step_0000020"
-    assert state_equal(load_pipeline(run_dir, checkpoint="latest").model, UViT.from_pretrained(latest / "ema_model"))
-    assert state_equal(load_pipeline(run_dir, checkpoint="latest", ema=False).model, UViT.from_pretrained(latest / "model"))
+    assert state_equal(load_pipeline(run_dir, checkpoint="latest").transformer, UViT.from_pretrained(latest / "ema_model"))
+    assert state_equal(load_pipeline(run_dir, checkpoint="latest", ema=False).transformer, UViT.from_pretrained(latest / "model"))
     step10 = run_dir / "checkpoints" / "step_0000010"
-    assert state_equal(load_pipeline(run_dir, checkpoint=10, ema=False).model, UViT.from_pretrained(step10 / "model"))
-    assert state_equal(load_pipeline(step10).model, UViT.from_pretrained(step10 / "ema_model"))
+    assert state_equal(load_pipeline(run_dir, checkpoint=10, ema=False).transformer, UViT.from_pretrained(step10 / "model"))
+    assert state_equal(load_pipeline(step10).transformer, UViT.from_pretrained(step10 / "ema_model"))
     assert load_pipeline(step10).scheduler.config.num_train_timesteps == 100
 
     # A published U-ViT .pth: reference parameter names, reference keywords in YAML (flat) or JSON (sections).
@@ -86,14 +86,14 @@ def test_load_pipeline_accepts_every_model_kind(run_dir, tmp_path):
     (tmp_path / "ref.yaml").write_text("img_size: 8\npatch_size: 2\nin_chans: 3\nembed_dim: 32\ndepth: 2\n"
                                        "num_heads: 2\nnum_classes: 5\nname: uvit\n")
     flat = load_pipeline(tmp_path / "nnet_ema.pth", reference_config=tmp_path / "ref.yaml")
-    assert state_equal(flat.model, model)
+    assert state_equal(flat.transformer, model)
     assert flat.scheduler.config.num_train_timesteps == 1000 and flat.scheduler.config.beta_schedule == "linear"
     nnet = dict(img_size=8, patch_size=2, in_chans=3, embed_dim=32, depth=2, num_heads=2, num_classes=5)
     (tmp_path / "ref.json").write_text(json.dumps(
         {"nnet": nnet, "uvic": {"attention_type": "cog"}, "scheduler": {"beta_schedule": "scaled_linear"},
          "timestep_offset": 1}))
     sectioned = load_pipeline(tmp_path / "nnet_ema.pth", reference_config=tmp_path / "ref.json")
-    assert state_equal(sectioned.model, model) and sectioned.model.attention_layout() == ["softmax", "cog", "softmax"]
+    assert state_equal(sectioned.transformer, model) and sectioned.transformer.attention_layout() == ["softmax", "cog", "softmax"]
     assert sectioned.scheduler.config.beta_schedule == "scaled_linear" and sectioned.config.timestep_offset == 1
     assert flat.config.timestep_offset == 0
 
@@ -162,7 +162,7 @@ def test_pngs_of_a_finished_npz_set_come_from_its_shards(tmp_path):
     pipe = tiny_pipeline()
     arr = np.load(generate_samples(pipe, tmp_path / "set", **SET))["arr_0"]
     calls = []
-    handle = pipe.model.register_forward_hook(lambda *args: calls.append(1))
+    handle = pipe.transformer.register_forward_hook(lambda *args: calls.append(1))
     folder = generate_samples(pipe, tmp_path / "set", formats=("png",), **SET)
     handle.remove()
     assert folder == tmp_path / "set" / "png" and not calls  # nothing drawn again
@@ -201,7 +201,7 @@ def test_interrupted_then_resumed_set_equals_an_uninterrupted_one(tmp_path):
             raise KeyboardInterrupt
 
     out = tmp_path / "resumed"
-    handle = pipe.model.register_forward_hook(interrupt)
+    handle = pipe.transformer.register_forward_hook(interrupt)
     with pytest.raises(KeyboardInterrupt):
         generate_samples(pipe, out, **kwargs)
     handle.remove()
@@ -219,7 +219,7 @@ def test_interrupted_then_resumed_set_equals_an_uninterrupted_one(tmp_path):
     assert sorted(p.name for p in shards.iterdir()) == ["shard_000000.npz", "shard_000001.npz", "shard_000002.npz"]
 
     shutil.rmtree(shards)  # a finished set needs its shards no more: the same command again draws nothing
-    handle = pipe.model.register_forward_hook(interrupt)
+    handle = pipe.transformer.register_forward_hook(interrupt)
     calls.clear()
     assert generate_samples(pipe, out, **kwargs) == out / "samples.npz" and not calls
     handle.remove()

@@ -4,12 +4,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from uvic.config import load_config, save_config
 from uvic.pipeline import UViCPipeline
-from uvic.trainer import Trainer, latest_checkpoint, main
+from uvic.runs import RunDir
+from uvic.trainer import Trainer, main
 
 # A model and run small enough for seconds on a CPU: 8x8 digits, embed 32, depth 2.
 TINY = [
@@ -41,10 +43,12 @@ def test_run_writes_the_contract_layout_and_a_loadable_final_pipeline(tmp_path):
         assert (ckpt / sub).is_dir()
     assert not torch.equal(weights(ckpt / "model")["pos_embed"], weights(ckpt / "ema_model")["pos_embed"])
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_0000002.png", "step_0000004.png"]
+    with Image.open(out / "samples" / "step_0000004.png") as grid:  # 8 px digits drawn 8x: 64 px cells, 1 px gaps
+        assert grid.size == (8 * 65 + 1, 10 * 65 + 1)  # 8 columns, a row per class
     assert any((out / "logs").iterdir())
     pipe = UViCPipeline.from_pretrained(final)
-    assert pipe.model.config.num_classes == 11 and pipe.scheduler.config.prediction_type == "epsilon"
-    for name, tensor in weights(final / "model").items():  # final/ holds the EMA weights
+    assert pipe.transformer.config.num_classes == 11 and pipe.scheduler.config.prediction_type == "epsilon"
+    for name, tensor in weights(final / "transformer").items():  # final/ holds the EMA weights
         assert torch.equal(tensor, weights(ckpt / "ema_model")[name])
     images = pipe(batch_size=2, num_inference_steps=2, class_labels=[3, 7], output_type="pt").images
     assert images.shape == (2, 1, 8, 8)
@@ -67,7 +71,7 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     Trainer(tiny(*overrides), tmp_path / "a").train()
     with pytest.raises(KeyboardInterrupt):
         CrashAfter(tiny(*overrides), tmp_path / "b").train()
-    assert latest_checkpoint(tmp_path / "b").name == "step_0000003"
+    assert RunDir(tmp_path / "b").latest().name == "step_0000003"
     resumed = Trainer(tiny(*overrides), tmp_path / "b", resume="latest")
     assert resumed.step == 3
     resumed.train()
@@ -84,7 +88,20 @@ def test_rerunning_the_same_config_continues_instead_of_starting_over(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         CrashAfter(tiny(*overrides), tmp_path / "run").train()
     again = Trainer(tiny(*overrides), tmp_path / "run")  # the same command, no --resume
-    assert again.step == 4 and latest_checkpoint(tmp_path / "run").name == "step_0000004"
+    assert again.step == 4 and RunDir(tmp_path / "run").latest().name == "step_0000004"
+
+
+def test_a_run_that_never_checkpointed_is_kept_unless_overwrite(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        CrashAfter(tiny("train.steps=6"), out).train()  # no checkpoint yet, but logs/ written
+    assert any((out / "logs").iterdir()) and not (out / "checkpoints").exists()
+    with pytest.raises(ValueError, match=r"holds logs but no complete checkpoint.*--overwrite"):
+        NoTraining(tiny("train.steps=6"), out).train()
+    assert any((out / "logs").iterdir())  # nothing deleted
+    fresh = Trainer(tiny("train.steps=6", "train.lr=5e-4"), out, overwrite=True)  # any config: a new run
+    assert fresh.step == 0 and not (out / "logs").exists()
+    assert OmegaConf.load(out / "config.yaml").train.lr == 5e-4
 
 
 def test_latest_ignores_a_half_written_checkpoint(tmp_path):
@@ -92,8 +109,8 @@ def test_latest_ignores_a_half_written_checkpoint(tmp_path):
     (root / "step_0000003").mkdir(parents=True)
     (root / ".step_0000009.tmp").mkdir()  # a save that crashed before its rename
     (root / "step_0000012-broken").mkdir()
-    assert latest_checkpoint(tmp_path).name == "step_0000003"
-    assert latest_checkpoint(tmp_path / "elsewhere") is None
+    assert RunDir(tmp_path).latest().name == "step_0000003"
+    assert RunDir(tmp_path / "elsewhere").latest() is None
 
 
 def test_command_line_overrides_and_default_output_dir(tmp_path, monkeypatch):
@@ -198,7 +215,7 @@ def test_latent_data_trains_and_grids_and_final_decode_through_the_vae(tmp_path)
                "model.in_channels=4", "diffusion.clip_sample=false", "train.batch_size=4", "train.steps=2")
     final = Trainer(cfg, tmp_path / "run").train()
     pipe = UViCPipeline.from_pretrained(final)
-    assert pipe.vae is not None and pipe.model.config.num_classes == 3
+    assert pipe.vae is not None and pipe.transformer.config.num_classes == 3
     assert pipe(batch_size=2, num_inference_steps=2, output_type="pt").images.shape == (2, 3, 16, 16)
     grid = Image.open(tmp_path / "run" / "samples" / "step_0000002.png")
-    assert grid.mode == "RGB" and grid.size[1] == 2 * 17 + 1  # 2 class rows of decoded 16x16 images
+    assert grid.mode == "RGB" and grid.size[1] == 2 * 65 + 1  # 2 class rows of decoded 16x16 images, drawn 4x

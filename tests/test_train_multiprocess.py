@@ -60,7 +60,7 @@ def test_two_cpu_ranks_split_the_global_batch_and_end_identical(tmp_path):
     assert images[0] != images[1]  # each rank trained on its own share of every global batch
     w0, w1 = (torch.load(tmp_path / f"weights_{r}.pt", weights_only=True) for r in (0, 1))
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
-    assert (tmp_path / "run" / "final" / "model").is_dir() and (tmp_path / "run" / "checkpoints" / "step_0000003").is_dir()
+    assert (tmp_path / "run" / "final" / "transformer").is_dir() and (tmp_path / "run" / "checkpoints" / "step_0000003").is_dir()
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from .attention import cog_reference, softmax_reference
 from .model import UViT
+from .runs import RunDir
 
 REFERENCES = {"softmax": softmax_reference, "cog": cog_reference}
 
@@ -207,33 +208,32 @@ class ModelSource:
 
 
 def resolve_model(path) -> ModelSource:
-    """Pipeline folder (model/ + scheduler/), run directory (final/ or latest checkpoint) or UViT folder."""
+    """Pipeline folder (transformer/ + scheduler/), run directory (final/, else its latest checkpoint's
+    EMA weights), checkpoint folder (ema_model/) or UViT folder."""
+    from .pipeline import LEGACY_TRANSFORMER_KEY
+
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model path {path} does not exist")
-    if (path / "final" / "model" / "config.json").is_file():
-        return resolve_model(path / "final")
-    if (path / "model" / "config.json").is_file():
-        scheduler = path / "scheduler"
-        return ModelSource(path, path / "model", scheduler if scheduler.is_dir() else None, _find_run_dir(path))
+    if RunDir.is_run(path):
+        run = RunDir(path)
+        if run.final.is_dir():
+            return resolve_model(run.final)
+        if run.latest() is not None:
+            return resolve_model(run.latest())
+    run = RunDir.find(path)
+    run_dir = run.path if run is not None else None
+    for name in ("transformer", "ema_model", LEGACY_TRANSFORMER_KEY):
+        if (path / name / "config.json").is_file():
+            scheduler = path / "scheduler"
+            return ModelSource(path, path / name, scheduler if scheduler.is_dir() else None, run_dir)
     if (path / "config.json").is_file():
         scheduler = path.parent / "scheduler"
-        return ModelSource(path, path, scheduler if scheduler.is_dir() else None, _find_run_dir(path))
-    steps = sorted((path / "checkpoints").glob("step_*/ema_model/config.json"))
-    if steps:
-        return resolve_model(steps[-1].parent)
+        return ModelSource(path, path, scheduler if scheduler.is_dir() else None, run_dir)
     raise FileNotFoundError(
-        f"{path} is not a model: expected a pipeline folder (model/config.json + scheduler/), a run directory "
+        f"{path} is not a model: expected a pipeline folder (transformer/config.json + scheduler/), a run directory "
         "(final/ or checkpoints/step_*/ema_model/) or a UViT folder (config.json)"
     )
-
-
-def _find_run_dir(path: Path) -> Optional[Path]:
-    """The nearest folder at or above path (3 levels) holding a run's config.yaml."""
-    for parent in [path, *list(path.parents)[:3]]:
-        if (parent / "config.yaml").is_file():
-            return parent
-    return None
 
 
 def load_model(source: ModelSource):
@@ -702,7 +702,7 @@ def _model_names(paths: Sequence[str], names: Optional[str]) -> List[str]:
         out = []
         for p in paths:  # runs/X/final -> X
             p = Path(p).resolve()
-            out.append(p.parent.name if p.name in {"final", "model", "ema_model"} and p.parent.name else p.name)
+            out.append(p.parent.name if p.name in {"final", "transformer", "model", "ema_model"} and p.parent.name else p.name)
     seen = {}
     unique = []
     for n in out:
@@ -787,7 +787,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m uvic.analysis", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("attention", help="attention statistics, maps and collapse curves of one or more models")
-    p.add_argument("models", nargs="+", help="pipeline folder (model/ + scheduler/), run directory or UViT folder")
+    p.add_argument("models", nargs="+", help="pipeline folder (transformer/ + scheduler/), run directory or UViT folder")
     p.add_argument("--out", required=True, help="output folder for stats.csv, summary.md and PNG figures")
     p.add_argument("--timesteps", default="50,500,950", help="comma-separated diffusion timesteps (default 50,500,950)")
     p.add_argument("--num-images", type=int, default=16, help="images (noisy inputs) per timestep (default 16)")

@@ -242,6 +242,11 @@ def validate_config(cfg: DictConfig) -> None:
         raise ValueError(f"data.name={data.name!r} needs data.path (the {data.name} location)")
 
 
+def model_kwargs(cfg: DictConfig) -> dict:
+    """UViT's keyword arguments from a resolved config (the model section less the non-architecture keys)."""
+    return {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k not in ("preset", "gradient_checkpointing")}
+
+
 def save_config(cfg: DictConfig, path) -> None:
     OmegaConf.save(cfg, path)
 

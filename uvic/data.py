@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
+# Every image file uvic reads (training folders, latent extraction, scoring) is one of these.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
@@ -55,6 +56,39 @@ def build_dataset(data_cfg, sample_size: int, train: bool = True) -> Dataset:
         dataset = Subset(dataset, range(limit))
         dataset.num_classes = num_classes
     return dataset
+
+
+def resolve_data_config(cfg):
+    """(cfg with the data-derived values filled in, training data set): checks the data against the
+    model (channels, size, labels) and sets model.num_classes = classes + 1 (the null label last) for
+    class-conditional runs. `cfg` itself is left unchanged."""
+    cfg = cfg.copy()
+    m, d = cfg.model, cfg.data
+    dataset = build_dataset(d, m.sample_size, train=True)
+    shape = dataset_shape(dataset)  # (C, H, W)
+    if shape[0] != m.in_channels:
+        raise ValueError(f"data {d.name!r} has {shape[0]} channels but model.in_channels={m.in_channels}")
+    if tuple(shape[1:]) != (m.sample_size, m.sample_size):
+        raise ValueError(f"data {d.name!r} gives {shape[1]}x{shape[2]} samples but model.sample_size={m.sample_size}")
+    classes = int(getattr(dataset, "num_classes", 0) or 0)
+    if d.conditional:
+        if classes < 1:
+            where = f" at {d.path!r}" if d.path else ""
+            raise ValueError(
+                f"data.conditional=true needs labelled data, but data {d.name!r}{where} has no class labels "
+                f"(image folders are labelled by class subfolders); set data.conditional=false"
+            )
+        if m.num_classes not in (-1, 0, classes + 1):
+            raise ValueError(
+                f"model.num_classes={m.num_classes} but the data has {classes} classes: it must be "
+                f"{classes + 1} (classes + the null label) or left unset"
+            )
+        m.num_classes = classes + 1
+    elif m.num_classes > 0:
+        raise ValueError(f"model.num_classes={m.num_classes} needs data.conditional=true")
+    if cfg.train.sample_guidance != 1.0 and not d.conditional:
+        raise ValueError("train.sample_guidance != 1 needs a class-conditional run (data.conditional=true)")
+    return cfg, dataset
 
 
 def _existing_path(path: Optional[str], key: str) -> Path:

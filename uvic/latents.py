@@ -36,9 +36,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from .data import IMAGE_EXTENSIONS
+from .runs import atomic_write
+
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"  # the VAE of U-ViT (autoencoder_kl_ema) and DiT
 SCALE_FACTOR = 0.18215  # Stable Diffusion's latent scale: unit variance for the SD VAE
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 META = "meta.json"
 VAE_DIR = "vae"
 STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -159,7 +161,7 @@ def attach_vae(pipeline, source, *, scale_factor: Optional[float] = None):
             vae = load_vae(source)
     if scale_factor is not None:
         vae.register_to_config(scaling_factor=float(scale_factor))
-    vae.to(pipeline.model.device)
+    vae.to(pipeline.transformer.device)
     pipeline.register_modules(vae=vae)
     return pipeline
 
@@ -179,12 +181,6 @@ def read_meta(folder: Union[str, Path]) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{str(path)!r} not found: not a latent folder (make one with `python -m uvic.latents extract`)")
     return json.loads(path.read_text())
-
-
-def _write_atomic(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 @torch.no_grad()
@@ -252,7 +248,8 @@ def extract_latents(
             )
     elif process_index == 0:
         out.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out / META, json.dumps(meta, indent=1))
+        text = json.dumps(meta, indent=1)
+        atomic_write(out / META, lambda f: f.write(text.encode()))
     if process_index == 0 and not (out / VAE_DIR / "config.json").exists():
         tmp = out / f".{VAE_DIR}.tmp-{os.getpid()}"
         autoencoder.save_pretrained(tmp)

@@ -4,11 +4,22 @@ Classifier-free guidance follows U-ViT: the conditional and the null-class halve
 batch and ε̂ = ε_uncond + w (ε_cond − ε_uncond). w = 1 is no guidance (the conditional model
 alone, one forward pass); U-ViT's "scale 0.4" (ε_cond + 0.4 (ε_cond − ε_uncond)) is w = 1.4;
 w = 0 is the unconditional (null-class) model alone.
+
+Saved pipelines load with `UViCPipeline.from_pretrained(folder)`, or through diffusers' custom
+pipeline route, with the one-line `pipeline.py` that `save_pretrained` writes beside model_index.json:
+
+    DiffusionPipeline.from_pretrained(folder, custom_pipeline="pipeline", trust_remote_code=True)
+
+The denoiser component is `transformer` (diffusers' name for transformer backbones); folders saved
+when it was called `model` (a model/ subfolder, model_index.json key "model") still load.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
+import os
+from pathlib import Path
 from typing import List, Optional, Union
 
 import torch
@@ -47,6 +58,14 @@ SCHEDULERS = {
     "plms": (PNDMScheduler, {"skip_prk_steps": True}),
 }
 
+# Written beside model_index.json: diffusers' custom-pipeline route imports the class from it.
+PIPELINE_FILE = "pipeline.py"
+_PIPELINE_SHIM = '''"""UViCPipeline for DiffusionPipeline.from_pretrained(folder, custom_pipeline="pipeline", trust_remote_code=True)."""
+
+from uvic.pipeline import UViCPipeline  # noqa: F401  (pip install uvic)
+'''
+LEGACY_TRANSFORMER_KEY = "model"  # the denoiser's component name before it became `transformer`
+
 # Facts of the trained model that every sampler must share. diffusers' from_config drops keys the source
 # config left at their default (`_use_default_values`), so these are passed explicitly.
 _TRAINING_KEYS = (
@@ -76,7 +95,7 @@ def make_scheduler(name: str, base_config, **overrides):
 
 
 class UViCPipeline(DiffusionPipeline):
-    """Sampling pipeline: `model` (UViT), `scheduler` (any diffusers scheduler), optional `vae`.
+    """Sampling pipeline: `transformer` (UViT), `scheduler` (any diffusers scheduler), optional `vae`.
 
     With a `vae` (diffusers AutoencoderKL) the model works on latents, decoded as
     vae.decode(latents / vae.config.scaling_factor).
@@ -86,25 +105,43 @@ class UViCPipeline(DiffusionPipeline):
     latents), trained with n = 1..N where diffusers' index n-1 has the same noise level.
     """
 
-    model_cpu_offload_seq = "model->vae"
+    model_cpu_offload_seq = "transformer->vae"
     _optional_components = ["vae"]
 
-    def __init__(self, model: UViT, scheduler, vae=None, timestep_offset: int = 0):
+    def __init__(self, transformer: UViT, scheduler, vae=None, timestep_offset: int = 0):
         super().__init__()
-        self.register_modules(model=model, scheduler=scheduler, vae=vae)
+        self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae)
         self.register_to_config(timestep_offset=int(timestep_offset))
+
+    # ------------------------------------------------------------------ saving and loading
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        super().save_pretrained(save_directory, *args, **kwargs)
+        (Path(save_directory) / PIPELINE_FILE).write_text(_PIPELINE_SHIM)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' loading; a local folder of the old layout (`model` component) loads its UViT
+        from model/ as the transformer."""
+        folder = Path(pretrained_model_name_or_path)
+        index = folder / "model_index.json"
+        if "transformer" not in kwargs and index.is_file():
+            components = json.loads(index.read_text())
+            if LEGACY_TRANSFORMER_KEY in components and "transformer" not in components:
+                kwargs["transformer"] = UViT.from_pretrained(folder / LEGACY_TRANSFORMER_KEY,
+                                                             torch_dtype=kwargs.get("torch_dtype"))
+        return super().from_pretrained(os.fspath(pretrained_model_name_or_path), **kwargs)
 
     # ------------------------------------------------------------------ what the pipeline produces
     @property
     def num_real_classes(self) -> int:
         """Classes a user may ask for (the last label of the table is the null class); 0 if unconditional."""
-        n = self.model.config.num_classes
+        n = self.transformer.config.num_classes
         return n - 1 if n > 0 else 0
 
     @property
     def image_shape(self) -> tuple:
         """(C, H, W) of the images this pipeline returns (after VAE decoding for latent models)."""
-        cfg = self.model.config
+        cfg = self.transformer.config
         if self.vae is None:
             return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -140,11 +177,11 @@ class UViCPipeline(DiffusionPipeline):
         offset = self.config.get("timestep_offset", 0)
         t = t + offset if offset else t
         if labels is None or guidance_scale == 1.0:
-            return self.model(x, t, class_labels=labels).sample
-        null = torch.full_like(labels, self.model.config.num_classes - 1)
+            return self.transformer(x, t, class_labels=labels).sample
+        null = torch.full_like(labels, self.transformer.config.num_classes - 1)
         if guidance_scale == 0.0:
-            return self.model(x, t, class_labels=null).sample
-        both = self.model(torch.cat([x, x]), t, class_labels=torch.cat([labels, null])).sample  # (2B, C, H, W)
+            return self.transformer(x, t, class_labels=null).sample
+        both = self.transformer(torch.cat([x, x]), t, class_labels=torch.cat([labels, null])).sample  # (2B, C, H, W)
         cond, uncond = both.chunk(2)
         return uncond + guidance_scale * (cond - uncond)
 
@@ -172,8 +209,8 @@ class UViCPipeline(DiffusionPipeline):
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"got {len(generator)} generators for batch_size={batch_size}")
         labels = self.check_inputs(batch_size, class_labels, guidance_scale)
-        device, dtype = self._execution_device, self.model.dtype
-        cfg = self.model.config
+        device, dtype = self._execution_device, self.transformer.dtype
+        cfg = self.transformer.config
         shape = (batch_size, cfg.in_channels, cfg.sample_size, cfg.sample_size)
         x = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)  # x_T, kept in float32
         if labels is not None:
@@ -203,3 +240,18 @@ class UViCPipeline(DiffusionPipeline):
                 images = self.numpy_to_pil(images)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+
+def save_grid(images: torch.Tensor, path, nrow: int = 8, padding: int = 2, min_cell: int = 64) -> Path:
+    """Save (N, C, H, W) images in [0, 1] as one PNG grid of `nrow` columns. Small images are first
+    enlarged by the integer factor that makes each cell at least `min_cell` pixels, with nearest-
+    neighbour (every model pixel stays one sharp square), so a grid of 8 px digits can be looked at."""
+    from torchvision.utils import save_image
+
+    factor = max(1, -(-min_cell // min(images.shape[-2:])))  # ceil(min_cell / side)
+    if factor > 1:
+        images = torch.nn.functional.interpolate(images, scale_factor=factor, mode="nearest")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(images, str(path), nrow=nrow, padding=padding)
+    return path

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from . import metrics
+from .runs import RunDir
 
 CSV_COLUMNS = (
     "date", "samples", "model", "attention", "params", "step", "sampler", "steps", "guidance", "seed",
@@ -44,13 +45,14 @@ class RunSpec:
     checkpoint: Optional[str] = None
 
     @property
+    def run(self) -> Optional[RunDir]:
+        """The run folder of `path`: itself, or the folder holding it (final/)."""
+        run = RunDir.find(self.path)
+        return run if run is not None and run.path in (self.path, self.path.parent) else None
+
+    @property
     def run_dir(self) -> Optional[Path]:
-        if (self.path / "checkpoints").is_dir() or (self.path / "config.yaml").is_file():
-            return self.path
-        parent = self.path.parent
-        if (parent / "checkpoints").is_dir() or (parent / "config.yaml").is_file():
-            return parent
-        return None
+        return self.run.path if self.run is not None else None
 
     @property
     def name(self) -> str:
@@ -63,39 +65,20 @@ class RunSpec:
     def steps_trained(self) -> Optional[int]:
         """Training steps behind the weights: the checkpoint's step, or for final/ the run's train.steps
         (its last checkpoint when there is no config)."""
-        from .sampling import list_checkpoints
-
-        run = self.run_dir
         if self.checkpoint is not None and str(self.checkpoint).isdigit():
             return int(self.checkpoint)
-        if run is None:
-            return None
-        steps = list_checkpoints(run)
-        if self.checkpoint == "latest":
-            return steps[-1] if steps else None
-        config = run / "config.yaml"
-        if config.is_file():
-            from omegaconf import OmegaConf
-
-            value = OmegaConf.load(config).get("train", {}).get("steps")
-            if value is not None:
-                return int(value)
-        return steps[-1] if steps else None
+        return self.run.steps_trained(self.checkpoint) if self.run is not None else None
 
 
 def is_model(path) -> bool:
     """A pipeline folder, run directory or checkpoint folder (as opposed to a set of samples)?"""
     p = Path(str(path).split("@")[0])
-    return p.is_dir() and any(
-        (p / name).exists() for name in ("model_index.json", "config.yaml", "checkpoints", "final", "ema_model")
-    )
+    return p.is_dir() and ((p / "model_index.json").exists() or (p / "ema_model").exists() or RunDir.is_run(p))
 
 
 def parse_run_specs(text: str, checkpoints: Optional[Sequence[str]] = None) -> List[RunSpec]:
     """"RUN", "RUN@STEP", "RUN@latest", "RUN@all" (every checkpoint); `checkpoints` applies to a plain RUN
     ("final" meaning final/)."""
-    from .sampling import list_checkpoints
-
     path_text, _, at = str(text).partition("@")
     path = Path(path_text).expanduser()
     if not path.is_dir():
@@ -104,7 +87,7 @@ def parse_run_specs(text: str, checkpoints: Optional[Sequence[str]] = None) -> L
     specs = []
     for ck in wanted:
         if ck == "all":
-            steps = list_checkpoints(path)
+            steps = RunDir(path).checkpoints()
             if not steps:
                 raise FileNotFoundError(f"{path}@all: the run has no complete checkpoint under checkpoints/")
             specs += [RunSpec(path, str(s)) for s in steps]
@@ -140,8 +123,8 @@ def sample_model(spec: RunSpec, out_dir, *, num_samples: int, scheduler: str, st
     pipe = load_pipeline(spec.path, checkpoint=spec.checkpoint, ema=True)
     info = {
         "model": spec.label,
-        "attention": pipe.model.config.attention_type,
-        "params": sum(p.numel() for p in pipe.model.parameters()),
+        "attention": pipe.transformer.config.attention_type,
+        "params": sum(p.numel() for p in pipe.transformer.parameters()),
         "step": spec.steps_trained(),
     }
     pipe.to(torch.device(device) if device else ("cuda" if torch.cuda.is_available() else "cpu"))

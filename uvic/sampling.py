@@ -21,26 +21,25 @@ import argparse
 import hashlib
 import json
 import os
-import re
 import zipfile
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
 
-from .pipeline import SCHEDULERS, UViCPipeline, make_scheduler
+from .config import TIMESTEP_SPACINGS
+from .pipeline import SCHEDULERS, UViCPipeline, make_scheduler, save_grid
+from .runs import RunDir, atomic_write, checkpoint_pipeline
 
 CLASS_MODES = ("uniform", "balanced")  # i.i.d. uniform labels (ADM, DiT) | label = index mod classes
 FORMATS = ("npz", "png")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
 MANIFEST = "manifest.json"
 SAMPLES_NPZ = "samples.npz"
 ASSEMBLED = ".assembled.json"  # the sample count of samples.npz, written after it
 # Manifest keys that define the set: a rerun into the same folder must agree on all of them.
 IDENTITY_KEYS = ("model", "seed", "scheduler", "steps", "guidance", "classes", "shard_size", "image_shape", "dtype")
-_STEP_RE = re.compile(r"^step_(\d+)$")
 MODEL_KINDS = (
     "a pipeline folder (model_index.json, e.g. runs/NAME/final), a run directory (config.yaml, "
     "checkpoints/, final/), a checkpoint folder (model/, ema_model/, scheduler/) or a published "
@@ -134,73 +133,12 @@ def load_reference_pipeline(path, reference_config) -> UViCPipeline:
     model = load_reference_checkpoint(str(path), nnet, **overrides).eval()
     scheduler = DDPMScheduler(**((cfg.get("scheduler") or {}) if sectioned else {}))
     offset = cfg.get("timestep_offset", 0) if sectioned else 0
-    pipe = UViCPipeline(model=model, scheduler=scheduler, timestep_offset=offset)
+    pipe = UViCPipeline(transformer=model, scheduler=scheduler, timestep_offset=offset)
     if sectioned and cfg.get("vae"):
         from .latents import attach_vae
 
         attach_vae(pipe, cfg["vae"])
     return pipe
-
-
-def list_checkpoints(run_dir) -> List[int]:
-    """Steps of the complete checkpoints of a run directory, ascending (temporary folders are skipped)."""
-    root = Path(run_dir) / "checkpoints"
-    found = [int(m.group(1)) for p in root.glob("step_*") if p.is_dir() and (m := _STEP_RE.match(p.name))]
-    return sorted(found)
-
-
-def _checkpoint_dir(run_dir: Path, checkpoint) -> Path:
-    steps = list_checkpoints(run_dir)
-    if not steps:
-        raise FileNotFoundError(f"run directory {run_dir} has no complete checkpoint under checkpoints/")
-    if str(checkpoint) == "latest":
-        step = steps[-1]
-    else:
-        try:
-            step = int(checkpoint)
-        except ValueError:
-            raise ValueError(f"checkpoint={checkpoint!r} is not valid; use 'latest' or a step number") from None
-        if step not in steps:
-            raise FileNotFoundError(f"run directory {run_dir} has no checkpoint at step {step}; available: {steps}")
-    return run_dir / "checkpoints" / f"step_{step:07d}"
-
-
-def _load_checkpoint_pipeline(step_dir: Path, ema: bool, run_dir: Optional[Path]) -> UViCPipeline:
-    """model/ or ema_model/ plus scheduler/ of one checkpoint folder; the VAE of a latent run from its config."""
-    import diffusers
-
-    from .model import UViT
-
-    sub = step_dir / ("ema_model" if ema else "model")
-    if not (sub / "config.json").is_file():
-        raise FileNotFoundError(f"checkpoint {step_dir} has no {sub.name}/ (expected UViT.save_pretrained output)")
-    sched_dir = step_dir / "scheduler"
-    if not (sched_dir / "scheduler_config.json").is_file():
-        raise FileNotFoundError(f"checkpoint {step_dir} has no scheduler/ (expected the training scheduler)")
-    class_name = json.loads((sched_dir / "scheduler_config.json").read_text()).get("_class_name", "DDPMScheduler")
-    scheduler = getattr(diffusers, class_name, diffusers.DDPMScheduler).from_pretrained(sched_dir)
-    pipe = UViCPipeline(model=UViT.from_pretrained(sub).eval(), scheduler=scheduler)
-    vae_source = _run_vae_source(run_dir) if run_dir is not None else None
-    if vae_source is not None:
-        from .latents import attach_vae
-
-        attach_vae(pipe, vae_source[0], scale_factor=vae_source[1])
-    return pipe
-
-
-def _run_vae_source(run_dir: Path):
-    """(VAE source, scale factor) of a latent-diffusion run: final/vae if saved, else its latents data; or None."""
-    if (run_dir / "final" / "vae" / "config.json").is_file():
-        return run_dir / "final" / "vae", None
-    config = run_dir / "config.yaml"
-    if not config.is_file():
-        return None
-    from omegaconf import OmegaConf
-
-    data = OmegaConf.load(config).get("data") or {}
-    if data.get("name") == "latents" and data.get("path"):
-        return data["path"], data.get("scale_factor")
-    return None
 
 
 def load_pipeline(model, checkpoint=None, ema: bool = True, reference_config=None) -> UViCPipeline:
@@ -228,7 +166,6 @@ def load_pipeline(model, checkpoint=None, ema: bool = True, reference_config=Non
         raise ValueError(f"--reference-config applies to a published U-ViT .pth file, not to the folder {path}")
 
     is_pipeline = (path / "model_index.json").is_file()
-    is_run = (path / "checkpoints").is_dir() or (path / "final").is_dir() or (path / "config.yaml").is_file()
     is_step = (path / "scheduler").is_dir() and ((path / "model").is_dir() or (path / "ema_model").is_dir())
     if (is_pipeline or is_step) and checkpoint is not None:
         raise ValueError(f"--checkpoint applies to run directories; {path} is a single model folder")
@@ -237,26 +174,15 @@ def load_pipeline(model, checkpoint=None, ema: bool = True, reference_config=Non
             raise ValueError(f"{path} holds EMA weights only; for the raw weights pass a run directory with --checkpoint")
         return UViCPipeline.from_pretrained(path)
     if is_step:
-        run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
-        return _load_checkpoint_pipeline(path, ema, run_dir)
-    if is_run:
-        if checkpoint is None:
-            final = path / "final"
-            if (final / "model_index.json").is_file():
-                return load_pipeline(final, ema=ema)
-            raise FileNotFoundError(
-                f"run directory {path} has no final/ (training not finished?); pass --checkpoint latest "
-                f"or one of the steps {list_checkpoints(path)}"
-            )
-        return _load_checkpoint_pipeline(_checkpoint_dir(path, checkpoint), ema, path)
+        return checkpoint_pipeline(path, ema)
+    if RunDir.is_run(path):
+        return RunDir(path).pipeline(checkpoint, ema=ema)
     raise ValueError(f"MODEL {path} is none of the accepted kinds: {MODEL_KINDS}")
 
 
 def with_scheduler(pipeline: UViCPipeline, scheduler=None, timestep_spacing: Optional[str] = None) -> UViCPipeline:
     """A pipeline sharing `pipeline`'s model and VAE with another sampler (name, scheduler object or None
     = the pipeline's own), without progress bar. `pipeline` itself is left unchanged."""
-    if timestep_spacing is not None and timestep_spacing not in TIMESTEP_SPACINGS:
-        raise ValueError(f"timestep_spacing={timestep_spacing!r} is not valid; use one of {TIMESTEP_SPACINGS}")
     if scheduler is None or isinstance(scheduler, str):
         base = pipeline.scheduler
         overrides = {} if timestep_spacing is None else {"timestep_spacing": timestep_spacing}
@@ -264,7 +190,7 @@ def with_scheduler(pipeline: UViCPipeline, scheduler=None, timestep_spacing: Opt
             scheduler = type(base).from_config(base.config, **overrides)
         else:
             scheduler = make_scheduler(scheduler, base.config, **overrides)
-    pipe = UViCPipeline(model=pipeline.model, scheduler=scheduler, vae=pipeline.vae,
+    pipe = UViCPipeline(transformer=pipeline.transformer, scheduler=scheduler, vae=pipeline.vae,
                         timestep_offset=pipeline.config.get("timestep_offset", 0))
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -273,7 +199,7 @@ def with_scheduler(pipeline: UViCPipeline, scheduler=None, timestep_spacing: Opt
 def model_fingerprint(pipeline: UViCPipeline) -> str:
     """sha256 (16 hex digits) of the model's and VAE's config and weights: which network made a set."""
     digest = hashlib.sha256(f"timestep_offset={pipeline.config.get('timestep_offset', 0)}".encode())
-    for module in (pipeline.model, pipeline.vae):
+    for module in (pipeline.transformer, pipeline.vae):
         if module is None:
             continue
         config = {k: v for k, v in dict(module.config).items() if not k.startswith("_")}
@@ -331,7 +257,6 @@ def sample_grid(pipeline: UViCPipeline, path, *, per_row: int = 8, seed: int = 0
                 guidance: float = 1.0, class_labels=None, batch_size: int = 64, timestep_spacing=None,
                 progress: bool = True) -> Path:
     """One PNG grid of `per_row` columns: a row per class (class-conditional) or `per_row` rows."""
-    from torchvision.utils import save_image
     from tqdm.auto import tqdm
 
     if per_row < 1 or batch_size < 1 or steps < 1:
@@ -349,10 +274,7 @@ def sample_grid(pipeline: UViCPipeline, path, *, per_row: int = 8, seed: int = 0
             images.append(draw(pipe, idx, None if labels is None else labels[idx], seed=seed, steps=steps,
                                guidance=guidance).cpu())
             bar.update(len(idx))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(torch.cat(images), path, nrow=per_row, padding=2)
-    return path
+    return save_grid(torch.cat(images), path, nrow=per_row, padding=2)
 
 
 # ---------------------------------------------------------------------- sample sets
@@ -363,16 +285,6 @@ class _SingleProcess:
 
     def wait_for_everyone(self):
         pass
-
-
-def _atomic_write(path: Path, write: Callable):
-    """write(file) to a temporary name beside `path`, then rename: readers see all of it or nothing."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _json_ready(value):
@@ -470,7 +382,7 @@ def generate_samples(
         "classes": classes,
         "shard_size": shard_size,
         "image_shape": list(pipe.image_shape),
-        "dtype": str(pipe.model.dtype).removeprefix("torch."),
+        "dtype": str(pipe.transformer.dtype).removeprefix("torch."),
         "num_samples": num_samples,
         "source": str(pipeline.config.get("_name_or_path", "")),
         "formats": list(formats),
@@ -483,7 +395,7 @@ def generate_samples(
             (out_dir / "png").mkdir(exist_ok=True)
         for stale in [*out_dir.glob(".*.tmp-*"), *out_dir.glob("*/.*.tmp-*")]:  # left by an interrupted run
             stale.unlink(missing_ok=True)
-        _atomic_write(out_dir / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
+        atomic_write(out_dir / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
     state.wait_for_everyone()
 
     result = out_dir / (SAMPLES_NPZ if "npz" in formats else "png")
@@ -512,7 +424,7 @@ def generate_samples(
             arrays["labels"] = labels
         if "png" in formats:
             _write_pngs(out_dir, arrays["arr_0"], indices)
-        _atomic_write(_shard_path(out_dir, k), lambda f: np.savez(f, **arrays))  # the shard is complete now
+        atomic_write(_shard_path(out_dir, k), lambda f: np.savez(f, **arrays))  # the shard is complete now
     bar.close()
     state.wait_for_everyone()
 
@@ -526,7 +438,7 @@ def _write_pngs(out_dir: Path, images: np.ndarray, indices: Sequence[int]):
     from PIL import Image
 
     for image, i in zip(images, indices):
-        _atomic_write(out_dir / "png" / f"{i:06d}.png", lambda f: Image.fromarray(image).save(f, format="PNG"))
+        atomic_write(out_dir / "png" / f"{i:06d}.png", lambda f: Image.fromarray(image).save(f, format="PNG"))
 
 
 def _write_missing_pngs(out_dir: Path, shards: List[range], todo: List[int], rank: int, world: int):
@@ -565,8 +477,8 @@ def _assemble(out_dir: Path, shards: List[range], manifest: dict):
                 labels[indices.start : indices.stop] = shard["labels"]
     arrays = {"arr_0": arr} if labels is None else {"arr_0": arr, "labels": labels}
     record.unlink(missing_ok=True)
-    _atomic_write(out_dir / SAMPLES_NPZ, lambda f: np.savez(f, **arrays))
-    _atomic_write(record, lambda f: f.write(json.dumps(num_samples).encode()))
+    atomic_write(out_dir / SAMPLES_NPZ, lambda f: np.savez(f, **arrays))
+    atomic_write(record, lambda f: f.write(json.dumps(num_samples).encode()))
 
 
 # ---------------------------------------------------------------------- command line
@@ -595,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--out", help="grid: a .png file or a folder; set: the folder (required)")
     add("--format", nargs="+", default=["npz"], choices=FORMATS, help="set: npz (arr_0 NHWC uint8 + labels) and/or png")
     add("--shard-size", type=int, default=1000, help="set: samples per shard, the unit of resume")
-    add("--scheduler", default="dpm++2m", help=f"sampler: {', '.join(SCHEDULERS)}, or 'saved' (the pipeline's own)")
+    add("--scheduler", default="dpm++2m", choices=[*SCHEDULERS, "saved"], help="sampler; 'saved': the pipeline's own")
     add("--steps", type=int, default=50, help="number of sampling steps")
     add("--timestep-spacing", choices=TIMESTEP_SPACINGS, help="override the sampler's timestep spacing")
     add("--guidance", type=float, default=1.0, help="classifier-free guidance w (1 = off; U-ViT's 0.4 is 1.4)")
@@ -616,18 +528,15 @@ def _grid_path(args) -> Path:
     name = f"grid_{args.scheduler}_{args.steps}steps_w{args.guidance:g}_seed{args.seed}.png"
     if args.out:
         return Path(args.out) if args.out.lower().endswith(".png") else Path(args.out) / name
-    path = Path(args.model)
-    run_dir = path.parent if path.name == "final" else path
-    if path.is_dir() and ((run_dir / "config.yaml").is_file() or (run_dir / "checkpoints").is_dir()):
-        return run_dir / "samples" / name
+    run = RunDir.find(args.model) if Path(args.model).is_dir() else None
+    if run is not None:
+        return run.path / "samples" / name
     return Path(name)
 
 
 def run(args) -> Path:
     """sample.py with parsed arguments; returns the grid, samples.npz or png folder."""
     # Everything that can be checked without the model is checked first.
-    if args.scheduler != "saved" and args.scheduler not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {args.scheduler!r}; valid: {', '.join(SCHEDULERS)}, saved")
     if args.num_samples is not None and not args.out:
         raise ValueError("--num-samples needs --out FOLDER")
     if args.grid is not None and args.classes is not None:
@@ -654,11 +563,11 @@ def run(args) -> Path:
     resolved = resolve_classes(classes, pipe.num_real_classes)
     pipe.check_inputs(1, None if resolved is None else 0, args.guidance)
     pipe.to(device)
-    for module in (pipe.model, pipe.vae):
+    for module in (pipe.transformer, pipe.vae):
         if module is not None and module.dtype != DTYPES[args.dtype]:
             torch.nn.Module.to(module, DTYPES[args.dtype])  # ModelMixin.to warns about an empty fp32-module list
     if args.compile:
-        pipe.model.compile()
+        pipe.transformer.compile()
 
     common = dict(seed=args.seed, scheduler=scheduler, steps=args.steps, guidance=args.guidance,
                   batch_size=args.batch_size, timestep_spacing=args.timestep_spacing, progress=args.progress)

@@ -22,7 +22,6 @@ import math
 import os
 import shutil
 import time
-import warnings
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Tuple
 
@@ -31,29 +30,18 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
-from .config import config_diff, load_config, save_config
-from .data import build_dataset, dataset_shape
+from .config import load_config, model_kwargs, save_config
+from .data import resolve_data_config
 from .diffusion import build_scheduler, diffusion_loss, drop_labels
 from .model import UViT
-from .pipeline import UViCPipeline, make_scheduler
-from .sampling import list_checkpoints
+from .pipeline import UViCPipeline, make_scheduler, save_grid
+from .runs import CONFIG, RunDir, checkpoint_name
 
 LR_SCHEDULE_NAMES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
-RUN_ARTIFACTS = ("checkpoints", "samples", "logs", "final", "metrics.csv")
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step_{step:07d}"
-
-
-def latest_checkpoint(run_dir) -> Optional[Path]:
-    """The complete checkpoint with the highest step under run_dir/checkpoints (temp names never match)."""
-    steps = list_checkpoints(run_dir)
-    return Path(run_dir) / "checkpoints" / checkpoint_name(steps[-1]) if steps else None
 
 
 class EpochSampler(DistributedSampler):
@@ -86,14 +74,19 @@ class TrainState:
 class Trainer:
     """Builds everything from a config, checks it before any training, then `train()`.
 
-    resume: None (fresh run), "latest" (highest complete checkpoint of output_dir, or a fresh
-    run if there is none) or a checkpoint / run folder.
+    resume: None (fresh run, or the continuation of this config's run in output_dir), "latest"
+    (highest complete checkpoint of output_dir, or a fresh run if there is none) or a checkpoint /
+    run folder; overwrite: start over in output_dir, deleting its run artifacts (RunDir.prepare has
+    the rules). dataset: the training set from `resolve_data_config(cfg)`, built here when None.
     """
 
-    def __init__(self, cfg: DictConfig, output_dir, resume: Optional[str] = None, cpu: Optional[bool] = None):
-        self.cfg = cfg = cfg.copy()
-        self.out = Path(output_dir)
-        t = cfg.train
+    def __init__(self, cfg: DictConfig, output_dir, resume: Optional[str] = None, cpu: Optional[bool] = None,
+                 overwrite: bool = False, dataset=None):
+        if dataset is None:
+            cfg, dataset = resolve_data_config(cfg)
+        self.cfg, self.dataset, t = cfg, dataset, cfg.train
+        self.run = RunDir(output_dir)
+        self.out = self.run.path
         if cpu is None:  # no GPU: accelerate's CPU mode (gloo when launched with torchrun)
             cpu = not torch.cuda.is_available()
         self.accelerator = accelerator = Accelerator(
@@ -105,59 +98,37 @@ class Trainer:
         self.is_main = accelerator.is_main_process
         if t.cpu_threads and accelerator.device.type == "cpu":
             torch.set_num_threads(t.cpu_threads)
-        processes = accelerator.num_processes
-        if t.batch_size % (processes * t.grad_accum):
-            raise ValueError(
-                f"train.batch_size={t.batch_size} (the global batch) must be divisible by processes ({processes}) "
-                f"x train.grad_accum ({t.grad_accum}) = {processes * t.grad_accum}"
-            )
-        self.per_process_batch = t.batch_size // (processes * t.grad_accum)
-
-        # ---- data, and the config facts that depend on it
-        self.dataset = build_dataset(cfg.data, cfg.model.sample_size, train=True)
-        self._check_data_against_model()
+        self.per_process_batch, self.batches_per_epoch = self._batch_split(accelerator.num_processes)
         self.conditional = bool(cfg.data.conditional)
-        self.null_label = self.dataset.num_classes if self.conditional else None
-        self.batches_per_epoch = (len(self.dataset) // processes) // self.per_process_batch
-        if self.batches_per_epoch < 1:
-            raise ValueError(
-                f"the data set has {len(self.dataset)} examples, fewer than one global batch "
-                f"(train.batch_size={t.batch_size}); lower train.batch_size"
-            )
-        self.resume_from = self._check_output_dir(resume)
+        self.null_label = cfg.model.num_classes - 1 if self.conditional else None
+        self.resume_from = self.run.prepare(cfg, resume, overwrite, log=accelerator.print)
 
         # ---- model, EMA, optimizer, LR schedule
         set_seed(t.seed)  # identical initial weights on every process
         self.noise_scheduler = build_scheduler(cfg.diffusion)
-        model_kwargs = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if k not in ("preset", "gradient_checkpointing")}
-        self.raw_model = UViT(**model_kwargs)
+        self.raw_model = UViT(**model_kwargs(cfg))
         if cfg.model.gradient_checkpointing:
             self.raw_model.enable_gradient_checkpointing()
-        train_model = torch.compile(self.raw_model) if t.compile else self.raw_model
         optimizer = torch.optim.AdamW(
             self.raw_model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, eps=t.adam_eps
         )
         lr_scheduler = get_scheduler(
             LR_SCHEDULE_NAMES[t.lr_schedule], optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.steps
         )
+        train_model = torch.compile(self.raw_model) if t.compile else self.raw_model
         self.model, self.optimizer, self.lr_scheduler = accelerator.prepare(train_model, optimizer, lr_scheduler)
-        self.ema = EMAModel(
-            self.raw_model.parameters(),
-            decay=t.ema_decay,
-            update_after_step=t.ema_update_after_step,
-            model_cls=UViT,
-            model_config=self.raw_model.config,
-        )
+        self.ema = EMAModel(self.raw_model.parameters(), decay=t.ema_decay, update_after_step=t.ema_update_after_step,
+                            model_cls=UViT, model_config=self.raw_model.config)
         self.ema_model = copy.deepcopy(self.raw_model).eval().requires_grad_(False)  # EMA weights go here
         self.state = TrainState()
         accelerator.register_for_checkpointing(self.ema)
         accelerator.register_for_checkpointing(self.state)
 
         # ---- data loader: order = f(seed, epoch); never touches the global RNG
-        self.sampler = EpochSampler(self.dataset, processes, accelerator.process_index, seed=t.seed)
+        self.sampler = EpochSampler(dataset, accelerator.num_processes, accelerator.process_index, seed=t.seed)
         d = cfg.data
         self.loader = DataLoader(
-            self.dataset,
+            dataset,
             batch_size=self.per_process_batch,
             sampler=self.sampler,
             drop_last=True,
@@ -169,8 +140,10 @@ class Trainer:
 
         # ---- run folder, then restore
         if self.is_main:
+            if overwrite:
+                self.run.clear()
             self.out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.out / "config.yaml")
+            save_config(cfg, self.out / CONFIG)
         accelerator.wait_for_everyone()
         if self.resume_from is None:
             set_seed(t.seed, device_specific=True)  # each process draws its own noise and timesteps
@@ -181,80 +154,22 @@ class Trainer:
         self.writer = None
         self._vae = None  # latent data: the decoder, loaded on first use
 
-    # ------------------------------------------------------------------ checks before training
-    def _check_data_against_model(self) -> None:
-        cfg, dataset = self.cfg, self.dataset
-        m, d = cfg.model, cfg.data
-        shape = dataset_shape(dataset)  # (C, H, W)
-        if shape[0] != m.in_channels:
-            raise ValueError(f"data {d.name!r} has {shape[0]} channels but model.in_channels={m.in_channels}")
-        if tuple(shape[1:]) != (m.sample_size, m.sample_size):
+    def _batch_split(self, processes: int) -> Tuple[int, int]:
+        """(per-process micro-batch, micro-batches per epoch) of the global train.batch_size."""
+        t = self.cfg.train
+        if t.batch_size % (processes * t.grad_accum):
             raise ValueError(
-                f"data {d.name!r} gives {shape[1]}x{shape[2]} samples but model.sample_size={m.sample_size}"
+                f"train.batch_size={t.batch_size} (the global batch) must be divisible by processes ({processes}) "
+                f"x train.grad_accum ({t.grad_accum}) = {processes * t.grad_accum}"
             )
-        classes = int(getattr(dataset, "num_classes", 0) or 0)
-        if d.conditional:
-            if classes < 1:
-                where = f" at {d.path!r}" if d.path else ""
-                raise ValueError(
-                    f"data.conditional=true needs labelled data, but data {d.name!r}{where} has no class labels "
-                    f"(image folders are labelled by class subfolders); set data.conditional=false"
-                )
-            if m.num_classes not in (-1, 0, classes + 1):
-                raise ValueError(
-                    f"model.num_classes={m.num_classes} but the data has {classes} classes: it must be "
-                    f"{classes + 1} (classes + the null label) or left unset"
-                )
-            m.num_classes = classes + 1
-        elif m.num_classes > 0:
-            raise ValueError(f"model.num_classes={m.num_classes} needs data.conditional=true")
-        if self.cfg.train.sample_guidance != 1.0 and not d.conditional:
-            raise ValueError("train.sample_guidance != 1 needs a class-conditional run (data.conditional=true)")
-
-    def _check_output_dir(self, resume: Optional[str]) -> Optional[Path]:
-        """The checkpoint to resume from (or None); refuses to mix two configs in one folder."""
-        saved = self.out / "config.yaml"
-        differs = config_diff(OmegaConf.load(saved), self.cfg) if saved.is_file() else []
-        if resume is None:
-            if differs:
-                raise ValueError(
-                    f"{self.out} holds a run of another config (differs in {', '.join(differs[:6])}); "
-                    f"pass --resume latest to continue it with this config, or choose another --output-dir"
-                )
-            found = latest_checkpoint(self.out) if saved.is_file() else None
-            if found is not None:  # same config, interrupted or finished: nothing is thrown away
-                self.accelerator.print(
-                    f"{self.out} holds a run of this config: continuing from {found.name} "
-                    f"(choose another --output-dir for a new run)"
-                )
-                return found
-            if saved.is_file() and self.is_main:  # a run of this config that never checkpointed
-                self._clear_run_artifacts()
-            return None
-        if differs:
-            warnings.warn(f"resuming with a changed config: {', '.join(differs)}")
-        if resume == "latest":
-            found = latest_checkpoint(self.out)
-            if found is None:
-                self.accelerator.print(f"--resume latest: no checkpoint in {self.out}/checkpoints, starting a new run")
-            return found
-        path = Path(resume)
-        if (path / "checkpoints").is_dir():  # a run folder
-            found = latest_checkpoint(path)
-            if found is None:
-                raise FileNotFoundError(f"--resume {resume}: no complete checkpoint under {path / 'checkpoints'}")
-            return found
-        if not path.is_dir():
-            raise FileNotFoundError(f"--resume {resume}: no such checkpoint folder (or use --resume latest)")
-        return path
-
-    def _clear_run_artifacts(self) -> None:
-        for name in RUN_ARTIFACTS:
-            p = self.out / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
+        per_process = t.batch_size // (processes * t.grad_accum)
+        per_epoch = (len(self.dataset) // processes) // per_process
+        if per_epoch < 1:
+            raise ValueError(
+                f"the data set has {len(self.dataset)} examples, fewer than one global batch "
+                f"(train.batch_size={t.batch_size}); lower train.batch_size"
+            )
+        return per_process, per_epoch
 
     # ------------------------------------------------------------------ the loop
     @property
@@ -351,7 +266,7 @@ class Trainer:
         """
         self.ema.copy_to(self.ema_model.parameters())
         scheduler = self.noise_scheduler if scheduler_name is None else make_scheduler(scheduler_name, self.noise_scheduler.config)
-        pipe = UViCPipeline(model=self.ema_model, scheduler=scheduler)
+        pipe = UViCPipeline(transformer=self.ema_model, scheduler=scheduler)
         if decode and self.cfg.data.name == "latents":
             if self._vae is None:
                 from .latents import attach_vae  # the latents part; needed only for latent data
@@ -373,8 +288,6 @@ class Trainer:
 
     def save_sample_grid(self) -> Optional[Path]:
         if self.is_main:
-            from torchvision.utils import save_image
-
             t = self.cfg.train
             num, labels = self.grid_labels()
             pipe = self.ema_pipeline(t.sample_scheduler)
@@ -387,9 +300,7 @@ class Trainer:
                 generator=generator,
                 output_type="pt",
             ).images  # (N, C, H, W) in [0, 1]
-            path = self.out / "samples" / f"{checkpoint_name(self.step)}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_image(images.float().cpu(), str(path), nrow=8, padding=1)
+            save_grid(images.float().cpu(), self.out / "samples" / f"{checkpoint_name(self.step)}.png", nrow=8, padding=1)
             self.writer.add_images("samples", images.float().cpu(), self.step)
         self.accelerator.wait_for_everyone()
 
@@ -433,14 +344,14 @@ class Trainer:
         self.accelerator.save_state(str(tmp))
         if self.is_main:
             self.raw_model.save_pretrained(tmp / "model")
-            self.ema_pipeline(decode=False).model.save_pretrained(tmp / "ema_model")
+            self.ema_pipeline(decode=False).transformer.save_pretrained(tmp / "ema_model")
             self.noise_scheduler.save_pretrained(tmp / "scheduler")
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)  # complete: only now does `latest` see it
-            steps = list_checkpoints(self.out)
+            steps = self.run.checkpoints()
             for step in steps[: max(0, len(steps) - self.cfg.train.keep_checkpoints)]:
-                shutil.rmtree(root / checkpoint_name(step))
+                shutil.rmtree(self.run.checkpoint(step))
         self.accelerator.wait_for_everyone()
         return final
 
@@ -474,6 +385,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 model.attention_type=softmax")
     parser.add_argument("--output-dir", help="run folder (default: runs/<config name>)")
     parser.add_argument("--resume", help="'latest' or a checkpoint / run folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a new run in --output-dir, deleting its checkpoints, samples, logs, final/ and metrics.csv")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
     return parser.parse_args(argv)
@@ -485,6 +398,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     if not args.config and not config.is_file():
         raise FileNotFoundError(f"no --config given and the default {config} is missing")
     overrides = list(args.overrides) + (["train.compile=true"] if args.compile else [])
-    cfg = load_config(config, overrides)
+    cfg, dataset = resolve_data_config(load_config(config, overrides))
     output_dir = args.output_dir or str(Path("runs") / config.stem)
-    return Trainer(cfg, output_dir, resume=args.resume, cpu=True if args.cpu else None).train()
+    trainer = Trainer(cfg, output_dir, resume=args.resume, cpu=True if args.cpu else None, overwrite=args.overwrite,
+                      dataset=dataset)
+    return trainer.train()

@@ -1,0 +1,250 @@
+"""One run folder: its config, its complete checkpoints, its pipelines, and the rules for reusing it.
+
+    run = RunDir("runs/digits_uvic")
+    run.checkpoints()          # [2000, 4000]: complete checkpoints only, ascending
+    run.latest()               # runs/digits_uvic/checkpoints/step_0004000, or None
+    pipe = run.pipeline()      # final/ (EMA weights); run.pipeline("latest", ema=False): raw weights
+
+Layout (written by uvic.trainer):
+
+    config.yaml  checkpoints/step_XXXXXXX/{accelerate state, model/, ema_model/, scheduler/}
+    samples/step_XXXXXXX.png  logs/ (TensorBoard)  metrics.csv  final/ (UViCPipeline, EMA weights)
+
+A checkpoint is written under a temporary name and renamed when complete, so the names matching
+step_XXXXXXX are exactly the complete checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Callable, List, Optional, Union
+
+CONFIG = "config.yaml"
+CHECKPOINTS = "checkpoints"
+FINAL = "final"
+RUN_ARTIFACTS = (CHECKPOINTS, "samples", "logs", FINAL, "metrics.csv")  # what --overwrite deletes
+_STEP_RE = re.compile(r"^step_(\d+)$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def atomic_write(path, write: Callable) -> Path:
+    """write(binary file) to a temporary name beside `path`, then rename: readers see all of it or nothing."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+class RunDir:
+    """A training run's folder (it need not exist yet: the trainer creates it)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    @staticmethod
+    def is_run(path) -> bool:
+        path = Path(path)
+        return (path / CONFIG).is_file() or (path / CHECKPOINTS).is_dir() or (path / FINAL).is_dir()
+
+    @classmethod
+    def find(cls, path) -> Optional["RunDir"]:
+        """The run holding `path` (itself or up to 3 levels above: final/, final/transformer/, a checkpoint,
+        its ema_model/); None if none."""
+        path = Path(path)
+        for candidate in (path, *list(path.parents)[:3]):
+            if (candidate / CONFIG).is_file() or (candidate / CHECKPOINTS).is_dir():
+                return cls(candidate)
+        return None
+
+    # ------------------------------------------------------------------ what the folder holds
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def final(self) -> Path:
+        return self.path / FINAL
+
+    def config(self):
+        """The resolved config.yaml (an OmegaConf DictConfig), or None."""
+        from omegaconf import OmegaConf
+
+        path = self.path / CONFIG
+        return OmegaConf.load(path) if path.is_file() else None
+
+    def checkpoints(self) -> List[int]:
+        """Steps of the complete checkpoints, ascending (temporary folders never match)."""
+        root = self.path / CHECKPOINTS
+        found = [int(m.group(1)) for p in root.glob("step_*") if p.is_dir() and (m := _STEP_RE.match(p.name))]
+        return sorted(found)
+
+    def checkpoint(self, step: int) -> Path:
+        return self.path / CHECKPOINTS / checkpoint_name(step)
+
+    def latest(self) -> Optional[Path]:
+        """The complete checkpoint with the highest step, or None."""
+        steps = self.checkpoints()
+        return self.checkpoint(steps[-1]) if steps else None
+
+    def resolve_step(self, checkpoint: Union[str, int]) -> int:
+        """"latest" or a step number -> a step that has a complete checkpoint."""
+        steps = self.checkpoints()
+        if not steps:
+            raise FileNotFoundError(f"run directory {self.path} has no complete checkpoint under {CHECKPOINTS}/")
+        if str(checkpoint) == "latest":
+            return steps[-1]
+        try:
+            step = int(checkpoint)
+        except ValueError:
+            raise ValueError(f"checkpoint={checkpoint!r} is not valid; use 'latest' or a step number") from None
+        if step not in steps:
+            raise FileNotFoundError(f"run directory {self.path} has no checkpoint at step {step}; available: {steps}")
+        return step
+
+    def steps_trained(self, checkpoint: Optional[Union[str, int]] = None) -> Optional[int]:
+        """Training steps behind the weights: the checkpoint's step, or for final/ the run's train.steps
+        (its last checkpoint when there is no config)."""
+        if checkpoint is not None and str(checkpoint).isdigit():
+            return int(checkpoint)
+        steps = self.checkpoints()
+        if checkpoint == "latest":
+            return steps[-1] if steps else None
+        cfg = self.config()
+        value = cfg.get("train", {}).get("steps") if cfg is not None else None
+        if value is not None:
+            return int(value)
+        return steps[-1] if steps else None
+
+    def vae_source(self):
+        """(VAE source, scale factor) of a latent-diffusion run: final/vae if saved, else the latents data
+        named by data.path (uvic.latents reads its meta); None for pixel runs."""
+        if (self.final / "vae" / "config.json").is_file():
+            return self.final / "vae", None
+        cfg = self.config()
+        data = (cfg.get("data") if cfg is not None else None) or {}
+        if data.get("name") == "latents" and data.get("path"):
+            return data["path"], data.get("scale_factor")
+        return None
+
+    # ------------------------------------------------------------------ pipelines
+    def pipeline(self, step: Optional[Union[str, int]] = None, ema: bool = True):
+        """UViCPipeline of final/ (step None; EMA weights only) or of checkpoint `step` ("latest" or a
+        number) with its EMA (ema=True) or raw weights, on the CPU in float32."""
+        if step is None:
+            if not ema:
+                raise ValueError(f"{self.final} holds EMA weights only; pass a checkpoint for the raw weights")
+            if not (self.final / "model_index.json").is_file():
+                raise FileNotFoundError(
+                    f"run directory {self.path} has no final/ (training not finished?); pass --checkpoint latest "
+                    f"or one of the steps {self.checkpoints()}"
+                )
+            from .pipeline import UViCPipeline
+
+            return UViCPipeline.from_pretrained(self.final)
+        return checkpoint_pipeline(self.checkpoint(self.resolve_step(step)), ema=ema, run=self)
+
+    # ------------------------------------------------------------------ reuse policy (the trainer's)
+    def prepare(self, cfg, resume: Optional[str] = None, overwrite: bool = False, log=print) -> Optional[Path]:
+        """Check the folder before a run of `cfg` and return the checkpoint to resume from (or None).
+
+        resume None: a folder with a run of this config continues from its latest checkpoint; one of
+        another config is refused. resume "latest": the latest checkpoint (none: a fresh run), config
+        changes allowed with a warning. Any other resume: a checkpoint folder or a run folder.
+        overwrite: a new run here whatever the folder holds (the caller deletes it with `clear`).
+        Nothing is deleted here: a folder with artifacts but no checkpoint is refused without overwrite.
+        """
+        from .config import config_diff
+
+        if overwrite:
+            if resume is not None:
+                raise ValueError("--overwrite starts a new run; it cannot be combined with --resume")
+            return None
+        saved = self.config()
+        differs = config_diff(saved, cfg) if saved is not None else []
+        if resume is None:
+            if differs:
+                raise ValueError(
+                    f"{self.path} holds a run of another config (differs in {', '.join(differs[:6])}); "
+                    f"pass --resume latest to continue it with this config, --overwrite to start over, "
+                    f"or choose another --output-dir"
+                )
+            found = self.latest() if saved is not None else None
+            if found is not None:  # same config, interrupted or finished: nothing is thrown away
+                log(f"{self.path} holds a run of this config: continuing from {found.name} "
+                    f"(choose another --output-dir for a new run)")
+                return found
+            left = [name for name in RUN_ARTIFACTS if (self.path / name).exists()]
+            if left:  # a run that never checkpointed (or files of unknown origin): keep them
+                raise ValueError(
+                    f"{self.path} holds {', '.join(left)} but no complete checkpoint to continue from; "
+                    f"pass --overwrite to delete them and start over, or choose another --output-dir"
+                )
+            return None
+        if differs:
+            warnings.warn(f"resuming with a changed config: {', '.join(differs)}")
+        if resume == "latest":
+            found = self.latest()
+            if found is None:
+                log(f"--resume latest: no checkpoint in {self.path / CHECKPOINTS}, starting a new run")
+            return found
+        path = Path(resume)
+        if (path / CHECKPOINTS).is_dir():  # a run folder
+            found = RunDir(path).latest()
+            if found is None:
+                raise FileNotFoundError(f"--resume {resume}: no complete checkpoint under {path / CHECKPOINTS}")
+            return found
+        if not path.is_dir():
+            raise FileNotFoundError(f"--resume {resume}: no such checkpoint folder (or use --resume latest)")
+        return path
+
+    def clear(self) -> None:
+        """Delete the run's artifacts (RUN_ARTIFACTS): what --overwrite does before a new run."""
+        for name in RUN_ARTIFACTS:
+            p = self.path / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+
+
+def checkpoint_pipeline(step_dir, ema: bool = True, run: Optional[RunDir] = None):
+    """The pipeline of one checkpoint folder: ema_model/ (ema=True) or model/, with its scheduler/; for
+    a latent run (`run`, found from the folder when None) the VAE its latents came from."""
+    import diffusers
+
+    from .model import UViT
+    from .pipeline import UViCPipeline
+
+    step_dir = Path(step_dir)
+    sub = step_dir / ("ema_model" if ema else "model")
+    if not (sub / "config.json").is_file():
+        raise FileNotFoundError(f"checkpoint {step_dir} has no {sub.name}/ (expected UViT.save_pretrained output)")
+    sched_dir = step_dir / "scheduler"
+    if not (sched_dir / "scheduler_config.json").is_file():
+        raise FileNotFoundError(f"checkpoint {step_dir} has no scheduler/ (expected the training scheduler)")
+    class_name = json.loads((sched_dir / "scheduler_config.json").read_text()).get("_class_name", "DDPMScheduler")
+    scheduler = getattr(diffusers, class_name, diffusers.DDPMScheduler).from_pretrained(sched_dir)
+    pipe = UViCPipeline(transformer=UViT.from_pretrained(sub).eval(), scheduler=scheduler)
+    if run is None and step_dir.parent.name == CHECKPOINTS:
+        run = RunDir(step_dir.parent.parent)
+    vae_source = run.vae_source() if run is not None else None
+    if vae_source is not None:
+        from .latents import attach_vae
+
+        attach_vae(pipe, vae_source[0], scale_factor=vae_source[1])
+    return pipe
