@@ -1,11 +1,15 @@
 """UViCPipeline: save/load, every scheduler, U-ViT-style guidance, per-sample generators, VAE decoding."""
 
+import json
+
+import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipeline
+from PIL import Image
 
 from uvic.model import UViT
-from uvic.pipeline import SCHEDULERS, UViCPipeline, make_scheduler
+from uvic.pipeline import SCHEDULERS, UViCPipeline, make_scheduler, save_grid
 
 TINY = dict(sample_size=8, in_channels=3, patch_size=2, embed_dim=32, depth=2, num_heads=2)
 
@@ -35,6 +39,36 @@ def test_save_pretrained_round_trip_gives_the_same_samples(tmp_path):
     kwargs = dict(batch_size=3, num_inference_steps=4, class_labels=[0, 1, 3], guidance_scale=2.0, output_type="pt")
     expected = pipe(generator=generators(3), **kwargs).images
     assert torch.equal(loaded(generator=generators(3), **kwargs).images, expected)
+
+
+def test_diffusers_loads_a_saved_pipeline_through_its_custom_pipeline_file(tmp_path, monkeypatch):
+    import diffusers.utils.dynamic_modules_utils as dynamic
+
+    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "modules"))  # where diffusers copies the file
+    pipe = tiny_pipeline()
+    pipe.save_pretrained(tmp_path / "final")
+    loaded = DiffusionPipeline.from_pretrained(tmp_path / "final", custom_pipeline="pipeline", trust_remote_code=True)
+    assert type(loaded) is UViCPipeline and loaded.config.timestep_offset == 0
+    assert torch.equal(loaded.transformer.pos_embed, pipe.transformer.pos_embed)
+
+
+def test_a_folder_saved_with_the_old_model_component_still_loads(tmp_path):
+    pipe = tiny_pipeline()
+    pipe.save_pretrained(tmp_path / "old")
+    index = json.loads((tmp_path / "old" / "model_index.json").read_text())  # the layout before the rename:
+    index["model"] = index.pop("transformer")  # model_index.json key "model", weights in model/
+    (tmp_path / "old" / "model_index.json").write_text(json.dumps(index))
+    (tmp_path / "old" / "transformer").rename(tmp_path / "old" / "model")
+    loaded = UViCPipeline.from_pretrained(tmp_path / "old")
+    assert set(loaded.components) == {"transformer", "scheduler", "vae"}
+    for name, tensor in pipe.transformer.state_dict().items():
+        assert torch.equal(loaded.transformer.state_dict()[name], tensor)
+
+
+def test_public_api_imports_from_the_package():
+    from uvic import UViCPipeline as P, UViT as M, make_scheduler as f
+
+    assert (P, M, f) == (UViCPipeline, UViT, make_scheduler)
 
 
 @pytest.mark.parametrize("name", list(SCHEDULERS))
@@ -166,3 +200,14 @@ def test_timestep_offset_shifts_what_the_model_sees_and_is_saved(tmp_path):
         assert not torch.allclose(pipe.predict(x, t, labels, 1.0), shifted.predict(x, t, labels, 1.0))
     shifted.save_pretrained(tmp_path / "final")
     assert UViCPipeline.from_pretrained(tmp_path / "final").config.timestep_offset == 1
+
+
+@pytest.mark.parametrize("side, cell", [(8, 64), (24, 72), (100, 100)])  # x8, x3 (ceil 64/24), as is
+def test_grids_are_saved_upscaled_to_cells_of_at_least_64_pixels(tmp_path, side, cell):
+    images = torch.rand(6, 3, side, side)
+    path = save_grid(images, tmp_path / "g.png", nrow=3, padding=2)
+    grid = torch.from_numpy(np.array(Image.open(path))).permute(2, 0, 1)
+    assert grid.shape == (3, 2 * (cell + 2) + 2, 3 * (cell + 2) + 2)
+    first = grid[:, 2 : 2 + cell, 2 : 2 + cell].float()  # nearest-neighbour: each pixel a k x k block
+    k = cell // side
+    assert torch.equal(first, first[:, ::k, ::k].repeat_interleave(k, 1).repeat_interleave(k, 2))

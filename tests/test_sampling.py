@@ -243,12 +243,12 @@ def test_a_folder_of_another_model_or_seed_is_refused_before_sampling(tmp_path):
 def test_grid_has_a_row_per_class_and_goes_to_the_run_samples_folder(run_dir, unconditional, tmp_path):
     path = main([str(run_dir / "final"), "--grid", "3", "--steps", "2", "--device", "cpu", "--no-progress"])
     assert path == run_dir / "samples" / "grid_dpm++2m_2steps_w1_seed0.png"
-    assert Image.open(path).size == (3 * 10 + 2, 4 * 10 + 2)  # 3 per row, 4 classes; 8 px + 2 px padding
+    assert Image.open(path).size == (3 * 66 + 2, 4 * 66 + 2)  # 3 per row, 4 classes; 8 px drawn 8x + 2 px padding
     rows = main([str(run_dir / "final"), "--grid", "2", "--class-labels", "3", "1", "--guidance", "1.4", "--steps", "2",
                  "--out", str(tmp_path / "g.png"), "--device", "cpu", "--no-progress"])
-    assert Image.open(rows).size == (22, 22)
+    assert Image.open(rows).size == (134, 134)
     grid = main([str(unconditional), "--grid", "2", "--steps", "2", "--out", str(tmp_path), "--no-progress"])
-    assert grid.parent == tmp_path and Image.open(grid).size == (22, 22)
+    assert grid.parent == tmp_path and Image.open(grid).size == (134, 134)
 
 
 def test_cli_set_from_a_checkpoint_equals_the_library_call(run_dir, tmp_path):

@@ -507,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--out", help="grid: a .png file or a folder; set: the folder (required)")
     add("--format", nargs="+", default=["npz"], choices=FORMATS, help="set: npz (arr_0 NHWC uint8 + labels) and/or png")
     add("--shard-size", type=int, default=1000, help="set: samples per shard, the unit of resume")
-    add("--scheduler", default="dpm++2m", choices=[*SCHEDULERS, "saved"], help="sampler; 'saved': the pipeline's own")
+    add("--scheduler", default="dpm++2m", help=f"sampler: {', '.join(SCHEDULERS)}, or 'saved' (the pipeline's own)")
     add("--steps", type=int, default=50, help="number of sampling steps")
     add("--timestep-spacing", choices=TIMESTEP_SPACINGS, help="override the sampler's timestep spacing")
     add("--guidance", type=float, default=1.0, help="classifier-free guidance w (1 = off; U-ViT's 0.4 is 1.4)")
@@ -537,6 +537,8 @@ def _grid_path(args) -> Path:
 def run(args) -> Path:
     """sample.py with parsed arguments; returns the grid, samples.npz or png folder."""
     # Everything that can be checked without the model is checked first.
+    if args.scheduler != "saved" and args.scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {args.scheduler!r}; valid: {', '.join(SCHEDULERS)}, saved")
     if args.num_samples is not None and not args.out:
         raise ValueError("--num-samples needs --out FOLDER")
     if args.grid is not None and args.classes is not None:
