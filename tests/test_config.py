@@ -108,3 +108,40 @@ def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(CONFIGS / "digits_uvic.yaml", ["train.steps=7"])
     OmegaConf.save(cfg, tmp_path / "config.yaml")
     assert config_diff(load_config(tmp_path / "config.yaml"), cfg) == []
+
+
+# ---------------------------------------------------------------------- ImageNet configs
+IMAGENET_CONFIGS = ["imagenet256_uvit_l2", "imagenet256_uvit_h2", "imagenet512_uvit_l4", "imagenet512_uvit_h4"]
+
+
+@pytest.mark.parametrize("name", IMAGENET_CONFIGS)
+def test_imagenet_configs_are_twins_with_the_paper_recipe(name):
+    uvit = load_config(CONFIGS / f"{name}.yaml")
+    uvic = load_config(CONFIGS / f"{name.replace('uvit', 'uvic')}.yaml")
+    assert (uvit.model.attention_type, uvic.model.attention_type) == ("softmax", "cog")
+    uvic.model.attention_type = "softmax"
+    assert OmegaConf.to_container(uvit) == OmegaConf.to_container(uvic)  # twins differ only there
+    large = "_l" in name
+    m, d, t = uvit.model, uvit.diffusion, uvit.train
+    assert (m.embed_dim, m.depth, m.num_heads) == ((1024, 20, 16) if large else (1152, 28, 16))
+    assert (m.sample_size, m.patch_size) == ((32, 2) if "256" in name else (64, 4))
+    assert (m.in_channels, m.num_classes, m.use_final_conv, m.gradient_checkpointing) == (4, 1001, large, True)
+    assert (d.beta_schedule, d.beta_start, d.beta_end, d.num_train_timesteps) == ("scaled_linear", 0.00085, 0.012, 1000)
+    assert d.prediction_type == "epsilon" and d.clip_sample is False
+    assert d.p_uncond == (0.15 if large else 0.1)  # baofff/U-ViT configs: L 0.15, H 0.1
+    assert (t.batch_size, t.lr, t.weight_decay, list(t.betas), t.warmup_steps) == (1024, 2e-4, 0.03, [0.99, 0.99], 5000)
+    assert t.steps == (300_000 if large and "256" in name else 500_000)
+    assert (t.mixed_precision, t.ema_decay, t.sample_scheduler, t.sample_steps) == ("bf16", 0.9999, "dpm++2m", 50)
+    assert t.sample_guidance == (1.4 if "256" in name else 1.7)  # U-ViT's scale 0.4 (256) and 0.7 (512)
+    assert uvit.data.name == "latents" and uvit.data.conditional and uvit.data.scale_factor == 0.18215
+
+
+def test_data_derived_values_are_filled_in_when_the_config_is_resolved():
+    from uvic.data import resolve_data_config
+
+    cfg = load_config(CONFIGS / "digits_uvic.yaml", ["data.conditional=true", "data.limit=32"])
+    resolved, dataset = resolve_data_config(cfg)
+    assert resolved.model.num_classes == 11 and dataset.num_classes == 10  # 10 digits + the null label
+    assert cfg.model.num_classes == -1  # the given config is left as it was
+    with pytest.raises(ValueError, match="model.num_classes=5 but the data has 10 classes"):
+        resolve_data_config(load_config(CONFIGS / "digits_uvic.yaml", ["data.conditional=true", "model.num_classes=5"]))

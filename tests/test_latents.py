@@ -1,5 +1,5 @@
 """Latent diffusion: ADM center crop, VAE-moment shards (resume, ranks), LatentDataset sampling,
-attach_vae, ImageNet configs and presets, and the whole path extract -> train -> sample -> FID."""
+attach_vae, ImageNet presets, and the whole path extract -> train -> sample -> FID (ImageNet configs: test_config)."""
 
 import json
 import os
@@ -275,41 +275,18 @@ def test_imagenet_presets_have_the_expected_parameter_counts(preset, size, conv,
     assert round(n / 1e6) == published_m  # U-ViT paper, Table 1 / Table 5
 
 
-CONFIGS = ["imagenet256_uvit_l2", "imagenet256_uvit_h2", "imagenet512_uvit_l4", "imagenet512_uvit_h4"]
-
-
-@pytest.mark.parametrize("name", CONFIGS)
-def test_imagenet_configs_are_twins_with_the_paper_recipe(name):
-    from uvic.config import load_config
-
-    uvit = load_config(REPO / "configs" / f"{name}.yaml")
-    uvic = load_config(REPO / "configs" / f"{name.replace('uvit', 'uvic')}.yaml")
-    assert (uvit.model.attention_type, uvic.model.attention_type) == ("softmax", "cog")
-    uvic.model.attention_type = "softmax"
-    assert OmegaConf.to_container(uvit) == OmegaConf.to_container(uvic)  # twins differ only there
-    large = "_l" in name
-    m, d, t = uvit.model, uvit.diffusion, uvit.train
-    assert (m.embed_dim, m.depth, m.num_heads) == ((1024, 20, 16) if large else (1152, 28, 16))
-    assert (m.sample_size, m.patch_size) == ((32, 2) if "256" in name else (64, 4))
-    assert (m.in_channels, m.num_classes, m.use_final_conv, m.gradient_checkpointing) == (4, 1001, large, True)
-    assert (d.beta_schedule, d.beta_start, d.beta_end, d.num_train_timesteps) == ("scaled_linear", 0.00085, 0.012, 1000)
-    assert d.prediction_type == "epsilon" and d.clip_sample is False
-    assert d.p_uncond == (0.15 if large else 0.1)  # baofff/U-ViT configs: L 0.15, H 0.1
-    assert (t.batch_size, t.lr, t.weight_decay, list(t.betas), t.warmup_steps) == (1024, 2e-4, 0.03, [0.99, 0.99], 5000)
-    assert t.steps == (300_000 if large and "256" in name else 500_000)
-    assert (t.mixed_precision, t.ema_decay, t.sample_scheduler, t.sample_steps) == ("bf16", 0.9999, "dpm++2m", 50)
-    assert t.sample_guidance == (1.4 if "256" in name else 1.7)  # U-ViT's scale 0.4 (256) and 0.7 (512)
-    assert uvit.data.name == "latents" and uvit.data.conditional and uvit.data.scale_factor == 0.18215
-
-
 def test_uvit_h2_trains_one_step_at_batch_1_with_gradient_checkpointing():
+    # H/2's width, heads, patch and input at depth 2 (the full 28 blocks add nothing to what is checked:
+    # 501M parameters took 58 s and 5.4 GB on a CPU); the parameter count of depth 28 is checked above.
     with torch.device("meta"):
-        model = UViT.from_preset("uvit-h/2", sample_size=32, in_channels=4, num_classes=1001, use_final_conv=False)
+        model = UViT.from_preset("uvit-h/2", sample_size=32, in_channels=4, num_classes=1001, use_final_conv=False,
+                                 depth=2)
+    assert (model.config.embed_dim, model.config.num_heads, model.config.patch_size) == (1152, 16, 2)
     model.to_empty(device="cpu")
     torch.manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
-            p.uniform_(-0.03, 0.03)  # std ~0.017; trunc_normal_ over 500M weights is slow on CPU
+            p.uniform_(-0.03, 0.03)  # std ~0.017, like U-ViT's trunc_normal_(std=0.02)
     model.enable_gradient_checkpointing()
     x = torch.randn(1, 4, 32, 32)
     out = model(x, torch.tensor([500]), class_labels=torch.tensor([1000])).sample  # null label

@@ -199,11 +199,12 @@ def resolve_model(cfg: DictConfig) -> DictConfig:
 
 def validate_config(cfg: DictConfig) -> None:
     """Fail fast on values no run could use (each message names the key and what is valid)."""
+    from .attention import ATTENTION_TYPES
     from .pipeline import SCHEDULERS
 
     m, d, data, t, e = cfg.model, cfg.diffusion, cfg.data, cfg.train, cfg.eval
     choices = [
-        ("model.attention_type", m.attention_type, ("softmax", "cog")),
+        ("model.attention_type", m.attention_type, ATTENTION_TYPES),
         ("diffusion.prediction_type", d.prediction_type, PREDICTION_TYPES),
         ("diffusion.beta_schedule", d.beta_schedule, BETA_SCHEDULES),
         ("diffusion.timestep_spacing", d.timestep_spacing, TIMESTEP_SPACINGS),

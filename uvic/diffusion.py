@@ -18,21 +18,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from .config import BETA_SCHEDULES, PREDICTION_TYPES
 
 
 def build_scheduler(diffusion_cfg) -> DDPMScheduler:
-    """The training DDPMScheduler of a `diffusion` config section."""
-    if diffusion_cfg.prediction_type not in PREDICTION_TYPES:
-        raise ValueError(
-            f"diffusion.prediction_type={diffusion_cfg.prediction_type!r} is not valid; "
-            f"choose one of: {', '.join(PREDICTION_TYPES)}"
-        )
-    if diffusion_cfg.beta_schedule not in BETA_SCHEDULES:
-        raise ValueError(
-            f"diffusion.beta_schedule={diffusion_cfg.beta_schedule!r} is not valid; "
-            f"choose one of: {', '.join(BETA_SCHEDULES)}"
-        )
+    """The training DDPMScheduler of a validated `diffusion` config section (uvic.config checks its values)."""
     return DDPMScheduler(
         num_train_timesteps=diffusion_cfg.num_train_timesteps,
         beta_start=diffusion_cfg.beta_start,
@@ -53,15 +42,11 @@ def snr(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
 
 
 def training_target(scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
-    """What the network should output at x_t, by the scheduler's prediction type."""
+    """What the network should output at x_t, by the scheduler's prediction type (one of config.PREDICTION_TYPES)."""
     kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
     if kind == "v_prediction":
         return scheduler.get_velocity(x0, noise, timesteps)
-    if kind == "sample":
-        return x0
-    raise ValueError(f"prediction_type={kind!r} is not valid; choose one of: {', '.join(PREDICTION_TYPES)}")
+    return {"epsilon": noise, "sample": x0}[kind]
 
 
 def loss_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, snr_gamma: Optional[float]) -> torch.Tensor:

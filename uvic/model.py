@@ -24,7 +24,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from timm.layers import Mlp, trunc_normal_
 
-from .attention import ATTENTION_TYPES, Attention
+from .attention import Attention
 
 # name -> architecture; the patch size comes from the "/2" or "/4" suffix (DESIGN.md, U-ViT paper).
 PRESETS = {
@@ -119,9 +119,7 @@ class UViT(ModelMixin, ConfigMixin):
         attention_type: str = "softmax",
         softmax_blocks: Optional[Sequence[int]] = None,
     ):
-        super().__init__()
-        if attention_type not in ATTENTION_TYPES:
-            raise ValueError(f"attention_type must be one of {ATTENTION_TYPES}, got {attention_type!r}")
+        super().__init__()  # attention_type is checked once, by Attention (every block builds one)
         if sample_size % patch_size:
             raise ValueError(f"sample_size {sample_size} is not divisible by patch_size {patch_size}")
         if embed_dim % num_heads:
@@ -166,7 +164,7 @@ class UViT(ModelMixin, ConfigMixin):
         bad = [i for i in keep if not 0 <= int(i) <= depth]
         if bad:
             raise ValueError(f"softmax_blocks {bad} out of range: blocks are numbered 0..{depth}")
-        return ["softmax" if i in keep else "cog" for i in range(depth + 1)]
+        return ["softmax" if i in keep else attention_type for i in range(depth + 1)]
 
     @staticmethod
     def _init_weights(m: nn.Module):
