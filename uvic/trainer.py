@@ -1,11 +1,8 @@
 """The accelerate training loop: data, U-ViT/U-ViC, diffusion loss, EMA, checkpoints, logs, grids.
 
-    python train.py --config configs/digits_uvic.yaml train.lr=1e-4 --output-dir runs/x [--resume latest]
+    python train.py --config configs/digits_uvic.yaml train.lr=1e-4 --output-dir runs/x [--resume latest | --overwrite]
 
-One run writes one folder (the run-directory layout in README.md, "Train"):
-
-    config.yaml  checkpoints/step_XXXXXXX/{accelerate state, model/, ema_model/, scheduler/}
-    samples/step_XXXXXXX.png  logs/ (TensorBoard)  metrics.csv  final/ (UViCPipeline, EMA weights)
+One run writes one folder (layout and reuse rules: uvic.runs.RunDir).
 
 train.batch_size is the GLOBAL batch: each optimizer step sees batch_size images, split over
 processes x grad_accum micro-batches. A resumed run ends with the same weights as an
@@ -103,43 +100,13 @@ class Trainer:
         self.null_label = cfg.model.num_classes - 1 if self.conditional else None
         self.resume_from = self.run.prepare(cfg, resume, overwrite, log=accelerator.print)
 
-        # ---- model, EMA, optimizer, LR schedule
         set_seed(t.seed)  # identical initial weights on every process
-        self.noise_scheduler = build_scheduler(cfg.diffusion)
-        self.raw_model = UViT(**model_kwargs(cfg))
-        if cfg.model.gradient_checkpointing:
-            self.raw_model.enable_gradient_checkpointing()
-        optimizer = torch.optim.AdamW(
-            self.raw_model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, eps=t.adam_eps
-        )
-        lr_scheduler = get_scheduler(
-            LR_SCHEDULE_NAMES[t.lr_schedule], optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.steps
-        )
-        train_model = torch.compile(self.raw_model) if t.compile else self.raw_model
-        self.model, self.optimizer, self.lr_scheduler = accelerator.prepare(train_model, optimizer, lr_scheduler)
-        self.ema = EMAModel(self.raw_model.parameters(), decay=t.ema_decay, update_after_step=t.ema_update_after_step,
-                            model_cls=UViT, model_config=self.raw_model.config)
-        self.ema_model = copy.deepcopy(self.raw_model).eval().requires_grad_(False)  # EMA weights go here
+        self._build_model()
         self.state = TrainState()
         accelerator.register_for_checkpointing(self.ema)
         accelerator.register_for_checkpointing(self.state)
-
-        # ---- data loader: order = f(seed, epoch); never touches the global RNG
-        self.sampler = EpochSampler(dataset, accelerator.num_processes, accelerator.process_index, seed=t.seed)
-        d = cfg.data
-        self.loader = DataLoader(
-            dataset,
-            batch_size=self.per_process_batch,
-            sampler=self.sampler,
-            drop_last=True,
-            num_workers=d.num_workers,
-            pin_memory=d.pin_memory,
-            persistent_workers=d.persistent_workers and d.num_workers > 0,
-            generator=torch.Generator().manual_seed(t.seed),
-        )
-
-        # ---- run folder, then restore
-        if self.is_main:
+        self.sampler, self.loader = self._build_loader()
+        if self.is_main:  # the run folder
             if overwrite:
                 self.run.clear()
             self.out.mkdir(parents=True, exist_ok=True)
@@ -153,6 +120,41 @@ class Trainer:
             accelerator.print(f"resumed from {self.resume_from} at step {self.state.step}")
         self.writer = None
         self._vae = None  # latent data: the decoder, loaded on first use
+
+    def _build_model(self) -> None:
+        """The noise scheduler, UViT, its EMA, AdamW and the LR schedule (prepared by accelerate)."""
+        cfg, t = self.cfg, self.cfg.train
+        self.noise_scheduler = build_scheduler(cfg.diffusion)
+        self.raw_model = UViT(**model_kwargs(cfg))
+        if cfg.model.gradient_checkpointing:
+            self.raw_model.enable_gradient_checkpointing()
+        optimizer = torch.optim.AdamW(
+            self.raw_model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, eps=t.adam_eps
+        )
+        lr_scheduler = get_scheduler(
+            LR_SCHEDULE_NAMES[t.lr_schedule], optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.steps
+        )
+        train_model = torch.compile(self.raw_model) if t.compile else self.raw_model
+        self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(train_model, optimizer, lr_scheduler)
+        self.ema = EMAModel(self.raw_model.parameters(), decay=t.ema_decay, update_after_step=t.ema_update_after_step,
+                            model_cls=UViT, model_config=self.raw_model.config)
+        self.ema_model = copy.deepcopy(self.raw_model).eval().requires_grad_(False)  # EMA weights go here
+
+    def _build_loader(self) -> Tuple[EpochSampler, DataLoader]:
+        """Data order = f(seed, epoch): never touches the global RNG."""
+        d, seed, accelerator = self.cfg.data, self.cfg.train.seed, self.accelerator
+        sampler = EpochSampler(self.dataset, accelerator.num_processes, accelerator.process_index, seed=seed)
+        loader = DataLoader(
+            self.dataset,
+            batch_size=self.per_process_batch,
+            sampler=sampler,
+            drop_last=True,
+            num_workers=d.num_workers,
+            pin_memory=d.pin_memory,
+            persistent_workers=d.persistent_workers and d.num_workers > 0,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        return sampler, loader
 
     def _batch_split(self, processes: int) -> Tuple[int, int]:
         """(per-process micro-batch, micro-batches per epoch) of the global train.batch_size."""
