@@ -137,7 +137,7 @@ def downsample_factor(vae) -> int:
 
 def attach_vae(pipeline, source, *, scale_factor: Optional[float] = None):
     """Give a UViCPipeline the VAE its latents came from, so it decodes to images and
-    save_pretrained writes vae/ beside model/ and scheduler/.
+    save_pretrained writes vae/ beside transformer/ and scheduler/.
 
     source: a LatentDataset, an extraction folder (meta.json; its vae/ copy is used), a VAE folder
     or hub id, or an AutoencoderKL. scale_factor: the factor the model was trained with (default:
