@@ -237,6 +237,8 @@ def validate_config(cfg: DictConfig) -> None:
         raise ValueError(f"train.betas must be two numbers (beta1, beta2), got {list(t.betas)}")
     if d.snr_gamma is not None and d.snr_gamma <= 0:
         raise ValueError(f"diffusion.snr_gamma must be > 0 or null, got {d.snr_gamma}")
+    if t.sample_guidance != 1.0 and not data.conditional:
+        raise ValueError("train.sample_guidance != 1 needs a class-conditional run (data.conditional=true)")
     if e.fid_every > 0 and not e.fid_ref:
         raise ValueError("eval.fid_every > 0 needs eval.fid_ref (reference statistics for FID)")
     if data.name in ("imagefolder", "latents") and not data.path:

@@ -1,0 +1,57 @@
+"""RunDir: one run folder's complete checkpoints, the run around a path, its pipelines; the atomic write."""
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from uvic.model import UViT
+from uvic.runs import RunDir, atomic_write, checkpoint_name
+
+TINY = dict(sample_size=8, in_channels=1, patch_size=2, embed_dim=16, depth=2, num_heads=2)
+
+
+def fake_checkpoint(run, step, seed):
+    folder = run / "checkpoints" / checkpoint_name(step)
+    for i, sub in enumerate(("model", "ema_model")):
+        torch.manual_seed(seed + i)
+        UViT(**TINY).save_pretrained(folder / sub)
+    DDPMScheduler(num_train_timesteps=10).save_pretrained(folder / "scheduler")
+    return folder
+
+
+def test_checkpoints_steps_and_the_run_around_a_path(tmp_path):
+    run = tmp_path / "run"
+    (run / "config.yaml").parent.mkdir()
+    (run / "config.yaml").write_text("train: {steps: 9}\n")
+    fake_checkpoint(run, 2, seed=0)
+    fake_checkpoint(run, 4, seed=2)
+    (run / "checkpoints" / ".step_0000006.tmp").mkdir()  # being written: never listed
+    r = RunDir(run)
+    assert r.checkpoints() == [2, 4] and r.latest() == run / "checkpoints" / "step_0000004"
+    assert (r.steps_trained(), r.steps_trained("latest"), r.steps_trained(2)) == (9, 4, 2)
+    assert RunDir.find(run / "checkpoints" / "step_0000002" / "ema_model").path == run
+    assert RunDir.find(tmp_path) is None and r.vae_source() is None
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint at step 3; available: \[2, 4\]"):
+        r.resolve_step(3)
+
+
+def test_pipeline_of_a_checkpoint_holds_its_ema_or_raw_weights(tmp_path):
+    folder = fake_checkpoint(tmp_path / "run", 2, seed=0)
+    r = RunDir(tmp_path / "run")
+    ema, raw = r.pipeline("latest"), r.pipeline(2, ema=False)
+    assert torch.equal(ema.transformer.pos_embed, UViT.from_pretrained(folder / "ema_model").pos_embed)
+    assert torch.equal(raw.transformer.pos_embed, UViT.from_pretrained(folder / "model").pos_embed)
+    with pytest.raises(FileNotFoundError, match="has no final/"):
+        r.pipeline()
+
+
+def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
+    path = atomic_write(tmp_path / "a.json", lambda f: f.write(b"old"))
+
+    def fail(f):
+        f.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        atomic_write(path, fail)
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["a.json"]
