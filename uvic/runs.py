@@ -150,13 +150,13 @@ class RunDir:
         """UViCPipeline of final/ (step None; EMA weights only) or of checkpoint `step` ("latest" or a
         number) with its EMA (ema=True) or raw weights, on the CPU in float32."""
         if step is None:
-            if not ema:
-                raise ValueError(f"{self.final} holds EMA weights only; pass a checkpoint for the raw weights")
             if not (self.final / "model_index.json").is_file():
                 raise FileNotFoundError(
                     f"run directory {self.path} has no final/ (training not finished?); pass --checkpoint latest "
                     f"or one of the steps {self.checkpoints()}"
                 )
+            if not ema:
+                raise ValueError(f"{self.final} holds EMA weights only; for the raw weights pass a checkpoint")
             from .pipeline import UViCPipeline
 
             return UViCPipeline.from_pretrained(self.final)

@@ -337,9 +337,8 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """checkpoints/step_XXXXXXX: accelerate state + model/, ema_model/, scheduler/; atomic rename; rotation."""
-        root = self.out / "checkpoints"
-        final = root / checkpoint_name(self.step)
-        tmp = root / f".{final.name}.tmp"
+        final = self.run.checkpoint(self.step)
+        tmp = final.with_name(f".{final.name}.tmp")  # never matches a complete checkpoint's name
         if self.is_main and tmp.exists():
             shutil.rmtree(tmp)
         self.accelerator.wait_for_everyone()
@@ -359,9 +358,9 @@ class Trainer:
 
     def save_final(self) -> Path:
         """final/: UViCPipeline(EMA model, training scheduler), safetensors."""
-        final = self.out / "final"
+        final = self.run.final
         if self.is_main:
-            tmp = self.out / ".final.tmp"
+            tmp = final.with_name(".final.tmp")
             if tmp.exists():
                 shutil.rmtree(tmp)
             self.ema_pipeline().save_pretrained(str(tmp), safe_serialization=True)
