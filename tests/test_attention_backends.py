@@ -275,7 +275,7 @@ def test_triton_kernels_in_the_interpreter():
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )
     report = result.stdout[-3000:] + result.stderr[-2000:]
-    assert result.returncode == 0 and re.search(r"\b4 passed", result.stdout), report
+    assert result.returncode == 0 and re.search(r"\b6 passed", result.stdout), report
 
 
 @pytest.mark.parametrize(
@@ -294,6 +294,18 @@ def test_triton_kernel_matches_float64_formula(interpreted_triton, dtype, mask_s
         mask[..., 0] = True
     assert resolve_cog_backend(q, k, v, backend="triton") == "triton"
     assert_matches_formula(lambda q, k, v: cog_attention(q, k, v, mask=mask, backend="triton"), q, k, v, mask, tol)
+
+
+@pytest.mark.parametrize("head_dim", [72, 80])  # U-ViT-H (1152 / 16) and a 64 + 16 split without padding
+def test_triton_kernel_non_power_of_two_head_dims_and_zero_scores(interpreted_triton, head_dim):
+    from uvic.kernels.cog_triton import split_head_dim  # noqa: PLC0415
+
+    assert split_head_dim(head_dim) == (64, 16)
+    packed = torch.randn(1, 20, 3, 2, head_dim, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    q, k, v = (packed[:, :, i].transpose(1, 2).float() for i in range(3))  # packed-qkv strides
+    k[:, :, 4] = 0  # exact zero scores: sign 0, gradient 0, as autograd gives
+    q[:, :, 17] = 0
+    assert_matches_formula(lambda q, k, v: cog_attention(q, k, v, backend="triton"), q, k, v, None, 1e-5)
 
 
 def test_triton_kernel_rows_sum_to_one_and_half_precision_is_finite(interpreted_triton):

@@ -145,7 +145,7 @@ def _run_self_check(device: torch.device, dtype: torch.dtype, head_dim: int) -> 
             leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
             out = fn(*leaves, scale, mask)
             grads = torch.autograd.grad(out, leaves, d_out)
-            results.append([out.float(), *(t.float() for t in grads)])
+            results.append([out.detach().float(), *(t.float() for t in grads)])
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     except Exception as error:  # any kernel failure: compile, launch, resources
@@ -174,7 +174,12 @@ def triton_self_check(device: torch.device, dtype: torch.dtype, head_dim: int) -
 
 def _auto_triton(q, k, v) -> bool:
     """Whether "auto" uses the kernels for these inputs (module docstring)."""
-    if q.device.type != "cuda" or _triton_problem(q, k, v) is not None:
+    return q.device.type == "cuda" and _triton_allowed(q, k, v)
+
+
+def _triton_allowed(q, k, v) -> bool:
+    """The kernels can run these inputs, are faster than the PyTorch backends and passed their self-check."""
+    if _triton_problem(q, k, v) is not None:
         return False
     if q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return False  # IEEE float32 dots run without tensor cores: the PyTorch backends are faster

@@ -180,7 +180,8 @@ def _compute_dtype(q: torch.Tensor) -> torch.dtype:
 @torch.library.custom_op("uvic::cog_chunked", mutates_args=())
 def cog_chunked_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
                    keep_weights: bool, budget: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(O (B, H, Lq, Dv) in v's dtype, kept): kept is A (B·H, Lq, Lk) or the lse of |S| (B·H, Lq, 1)."""
+    """(O (B, H, Lq, Dv) in v's dtype, kept): kept is A (B·H, Lq, Lk) or the lse of |S| (B·H, Lq, 1).
+    budget: scores per chunk, 0 for default_budget."""
     dtype = _compute_dtype(q)
     with torch.autocast(q.device.type, enabled=False):
         out, weights, lse = cog_forward(_flat(q, dtype) * scale, _flat(k, dtype), _flat(v, dtype), mask,
@@ -240,5 +241,5 @@ def cog_attention_chunked(q, k, v, scale: float, mask=None, *, keep_weights=True
     if mask is not None:
         mask = mask.expand(*q.shape[:-1], k.shape[-2])
     training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    budget = budget or default_budget(q.device)
-    return cog_chunked_op(q, k, v, mask, float(scale), keep_weights and training, budget)[0]
+    # budget 0: default_budget, read inside the op (torch.get_num_threads would break a compiled graph)
+    return cog_chunked_op(q, k, v, mask, float(scale), keep_weights and training, budget or 0)[0]
