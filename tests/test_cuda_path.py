@@ -103,7 +103,7 @@ def test_uvic_cog_backend_forces_a_backend(monkeypatch):
         resolve_cog_backend(q, k, v)
 
 
-@pytest.mark.parametrize("backend", ["lean", "chunked"])
+@pytest.mark.parametrize("backend", ["auto", "lean", "chunked"])
 def test_compiled_attention_has_no_graph_break(backend):
     import torch._dynamo  # noqa: PLC0415
 
@@ -154,3 +154,82 @@ def test_gpu_check_tiny_runs_end_to_end_on_cpu(tmp_path):
     assert [row["attention"] for row in report["training"]] == ["U-ViT", "U-ViC"]
     assert all(row["img/s"] > 0 for row in report["training"] + report["sampling"])
     assert "**Correctness: all passed**" in (tmp_path / "report.md").read_text()
+
+
+# ---------------------------------------------------------------------------------- on a GPU
+# Skipped without CUDA; the same kernels run in the interpreter in test_attention_backends.py.
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def packed(batch, length, heads, dim, dtype, device, seed=0):
+    """(B, L, 3, H, D) packed qkv, as the model makes it."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(batch, length, 3, heads, dim, generator=g, device=device, dtype=dtype)
+
+
+def heads(qkv):
+    """q, k, v (B, H, L, D): strided views of packed qkv."""
+    return [qkv[:, :, i].transpose(1, 2) for i in range(3)]
+
+
+def relative_error(fn, qkv, rows=slice(None)):
+    """max |x - ref| / max |ref| over O and dQKV against float64 autograd of the formula, on the
+    batch entries `rows` (the kernel runs on the whole batch)."""
+    leaf = qkv.detach().clone().requires_grad_()
+    out = fn(*heads(leaf))
+    d_out = torch.randn_like(out)
+    got = [out, torch.autograd.grad(out, leaf, d_out)[0]]
+    ref_leaf = qkv[rows].detach().double().requires_grad_()
+    ref = attention.cog_reference(*heads(ref_leaf))[0]
+    want = [ref, torch.autograd.grad(ref, ref_leaf, d_out[rows].double())[0]]
+    return max(float((x[rows].double() - y).abs().max() / y.abs().max()) for x, y in zip(got, want))
+
+
+def triton(q, k, v):
+    return cog_attention(q, k, v, backend="triton")
+
+
+@cuda
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 6e-2), (torch.float16, 2e-2), (torch.float32, 2e-2)])
+@pytest.mark.parametrize("dim", [64, 72, 80, 128])
+@pytest.mark.parametrize("length", [17, 257, 1025, 4097])
+def test_triton_on_cuda_matches_float64(dtype, tol, dim, length):
+    pytest.importorskip("triton")
+    assert relative_error(triton, packed(1, length, 2, dim, dtype, "cuda")) <= tol
+
+
+@cuda
+def test_triton_on_cuda_with_batch_times_heads_past_65535():
+    pytest.importorskip("triton")
+    qkv = packed(4100, 17, 16, 64, torch.bfloat16, "cuda")  # B·H = 65,600
+    assert relative_error(triton, qkv, slice(-2, None)) <= 6e-2
+
+
+@cuda
+def test_triton_on_cuda_with_offsets_past_2_to_the_31():
+    pytest.importorskip("triton")
+    batch, length, num_heads, dim = 2420, 257, 16, 72  # packed batch stride 3·1152·257: 2.15e9 elements at the end
+    if torch.cuda.mem_get_info()[0] < 3 * batch * length * 3 * num_heads * dim * 2:
+        pytest.skip("not enough GPU memory")
+    q, k, v = heads(packed(batch, length, num_heads, dim, torch.bfloat16, "cuda"))
+    assert v.storage_offset() + v.stride(0) * (batch - 1) > 2**31
+    with torch.no_grad():
+        out = triton(q, k, v)
+        ref = attention.cog_reference(*(t[-2:].double() for t in (q, k, v)))[0]
+    assert float((out[-2:].double() - ref).abs().max() / ref.abs().max()) <= 6e-2
+
+
+@cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_triton_on_a_device_that_is_not_current():
+    pytest.importorskip("triton")
+    assert torch.cuda.current_device() == 0
+    assert relative_error(triton, packed(2, 65, 4, 64, torch.bfloat16, "cuda:1")) <= 6e-2
+
+
+@cuda
+def test_auto_self_check_passes_on_this_gpu():
+    pytest.importorskip("triton")
+    for dtype in (torch.bfloat16, torch.float16):
+        for dim in (64, 72):
+            assert triton_self_check(torch.device("cuda", 0), dtype, dim) is None

@@ -129,32 +129,31 @@ SELF_CHECK_TOLERANCE = {torch.float32: 2e-2, torch.float16: 2e-2, torch.bfloat16
 
 
 def _run_self_check(device: torch.device, dtype: torch.dtype, head_dim: int) -> Optional[str]:
-    """Kernels against "chunked" at a small shape (two blocks of queries and keys, ragged ends,
+    """Kernels against "chunked" at a small shape (several blocks, ragged ends, both kernel variants (mask or none),
     packed-qkv strides, a key mask): values and gradients. None when they agree, else why not."""
     g = torch.Generator().manual_seed(0)
-    b, h, length = 2, 2, 150
-    qkv = torch.randn(b, length, 3, h, head_dim, generator=g).to(device, dtype)  # packed, as in the model
-    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, L, D) strided views
+    b, h, length = 2, 2, 130  # GPU blocks: 128 + 2 query rows, 64 + 64 + 2 keys
+    packed = torch.randn(b, length, 3, h, head_dim, generator=g).to(device, dtype)  # qkv as in the model
     mask = torch.rand(b, 1, 1, length, generator=g).to(device) > 0.2
     mask[..., 0] = True
     d_out = torch.randn(b, h, length, head_dim, generator=g).to(device, dtype)
     scale = head_dim**-0.5
-    results = []
     try:
-        for fn in (_triton_attention, _chunked_attention):
-            leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-            out = fn(*leaves, scale, mask)
-            grads = torch.autograd.grad(out, leaves, d_out)
-            results.append([out.detach().float(), *(t.float() for t in grads)])
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        for m in (None, mask):  # both kernel variants
+            results = []
+            for fn in (_triton_attention, _chunked_attention):
+                leaf = packed.detach().clone().requires_grad_()
+                q, k, v = (leaf[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, L, D) strided views
+                out = fn(q, k, v, scale, m)
+                (grad,) = torch.autograd.grad(out, leaf, d_out)
+                results.append([out.detach().float(), grad.float()])
+            for name, got, want in zip(("O", "dQ/dK/dV"), *results):
+                error = float((got - want).abs().max() / want.abs().max().clamp_min(1e-6))
+                if not error <= SELF_CHECK_TOLERANCE[dtype]:  # also catches NaN
+                    return f"{name} differs from 'chunked' by {error:.2g} of its largest value (tolerance " \
+                           f"{SELF_CHECK_TOLERANCE[dtype]})"
     except Exception as error:  # any kernel failure: compile, launch, resources
         return f"the kernels raised {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-    for name, got, want in zip(("O", "dQ", "dK", "dV"), *results):
-        error = float((got - want).abs().max() / want.abs().max().clamp_min(1e-6))
-        if not error <= SELF_CHECK_TOLERANCE[dtype]:  # also catches NaN
-            return f"{name} differs from 'chunked' by {error:.2g} of its largest value (tolerance " \
-                   f"{SELF_CHECK_TOLERANCE[dtype]})"
     return None
 
 
@@ -172,6 +171,7 @@ def triton_self_check(device: torch.device, dtype: torch.dtype, head_dim: int) -
     return _SELF_CHECKS[key]
 
 
+@torch.compiler.assume_constant_result  # decided eagerly while torch.compile traces: no graph break
 def _auto_triton(q, k, v) -> bool:
     """Whether "auto" uses the kernels for these inputs (module docstring)."""
     return q.device.type == "cuda" and _triton_allowed(q, k, v)
