@@ -233,3 +233,52 @@ def test_auto_self_check_passes_on_this_gpu():
     for dtype in (torch.bfloat16, torch.float16):
         for dim in (64, 72):
             assert triton_self_check(torch.device("cuda", 0), dtype, dim) is None
+
+
+# ---------------------------------------------------------------------------------- compiled for GPUs, on the CPU
+def compile_kernel(kernel, pointers: dict, constants: dict, arch: int, num_warps: int, num_stages: int):
+    """triton.compile of `kernel` for sm_<arch> (triton's own ptxas; no GPU needed)."""
+    import inspect  # noqa: PLC0415
+
+    import triton  # noqa: PLC0415
+    from triton.backends.compiler import GPUTarget  # noqa: PLC0415
+    from triton.compiler import ASTSource  # noqa: PLC0415
+
+    params = list(inspect.signature(kernel.fn).parameters)
+    signature = {p: "constexpr" if p in constants else pointers.get(p, "fp32" if p == "scale" else "i32")
+                 for p in params}
+    source = ASTSource(kernel, signature, {(params.index(k),): v for k, v in constants.items()})
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles real kernels")
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("dtype, head_dim", [("bf16", 72), ("fp32", 64)])
+def test_kernels_compile_for_ampere_and_hopper_within_their_shared_memory_estimate(arch, dtype, head_dim):
+    pytest.importorskip("triton")
+    from uvic.kernels import cog_triton as ct  # noqa: PLC0415
+
+    d0, d1 = ct.split_head_dim(head_dim)
+    fp32 = dtype == "fp32"
+    element = 4 if fp32 else 2
+    for kind, kernel, (block_m, block_n, warps, stages), tensors in [
+        ("forward", ct._cog_fwd, ct.FORWARD_CANDIDATES[0], "Q K V M O"),
+        ("backward", ct._cog_bwd, ct.BACKWARD_CANDIDATES[0], "Q K V M DO DK DV"),
+    ]:
+        pointers = {name: f"*{dtype}" for name in tensors.split()}
+        pointers.update(M="*u8", LSE="*fp32", DELTA="*fp32", DQ="*fp32")
+        constants = dict(HAS_MASK=True, FP32=fp32, PRECISION="tf32" if fp32 else "ieee", BLOCK_M=block_m,
+                         BLOCK_N=block_n, D0=d0, D1=d1)
+        try:
+            compiled = compile_kernel(kernel, pointers, constants, arch, warps, stages)
+        except (FileNotFoundError, RuntimeError) as error:
+            if "ptxas" in str(error).lower() and "not found" in str(error).lower():
+                pytest.skip(f"no ptxas: {error}")
+            raise
+        assert compiled.metadata.shared <= ct.shared_memory_bytes(kind, block_m, block_n, d0 + d1, element, stages)
+        ptx = compiled.asm["ptx"]
+        assert ("wgmma" if arch == 90 else "mma.sync") in ptx, f"{kind}: no tensor-core instructions for sm_{arch}"
+    delta = compile_kernel(ct._cog_bwd_delta, {"O": f"*{dtype}", "DO": f"*{dtype}", "DELTA": "*fp32"},
+                           dict(BLOCK_M=64, D0=d0, D1=d1), arch, 4, 1)
+    assert delta.metadata.shared <= 64 * 1024
