@@ -9,7 +9,8 @@ Writes <out>/report.md and <out>/report.json (default out: gpu_check/):
    autograd through the float64 formula, O and dQ/dK/dV, at head dims 64/72/80/128, L
    17/257/1025/4097, packed-qkv strides, bf16/fp16/fp32. Error is max |x - ref| / max |ref|.
 2. Attention forward and forward+backward time and peak memory against SDPA (flash on CUDA),
-   bf16, L = 1025, D = 64 and 72. Target: Cog fwd+bwd <= 1.3x SDPA.
+   L = 1025, D = 64 and 72, bf16 (target: Cog fwd+bwd <= 1.3x SDPA) and fp32 (which of lean /
+   chunked / IEEE-float32 triton `auto` should use where TF32 is off).
 3. Training-step throughput (img/s, peak memory), U-ViT vs U-ViC: CIFAR-10 S/2 batch 128, latent
    L/2 and H/2 batch 32 (bf16 autocast, gradient checkpointing). Target: U-ViC <= 1.1x U-ViT step.
 4. 50-step guided sampling throughput (img/s), U-ViT vs U-ViC, latent L/2 (no VAE decode).
@@ -50,10 +51,10 @@ TINY_MODEL = (dict(sample_size=8, in_channels=1, patch_size=2, embed_dim=32, dep
 def plan(tiny: bool) -> dict:
     if tiny:
         return dict(dims=[16, 24], lengths=[17, 33], dtypes=["fp32"], heads=2,
-                    attn=dict(batch=2, heads=2, lengths=[65], dims=[16], dtype="fp32", repeats=1),
+                    attn=dict(batch=2, heads=2, lengths=[65], dims=[16], dtypes=["fp32"], repeats=1),
                     models={"tiny": TINY_MODEL}, repeats=1, sample=dict(batch=2, steps=2))
     return dict(dims=[64, 72, 80, 128], lengths=[17, 257, 1025, 4097], dtypes=["bf16", "fp16", "fp32"], heads=2,
-                attn=dict(batch=16, heads=16, lengths=[1025], dims=[64, 72], dtype="bf16", repeats=10),
+                attn=dict(batch=16, heads=16, lengths=[1025], dims=[64, 72], dtypes=["bf16", "fp32"], repeats=10),
                 models=MODELS, repeats=5, sample=dict(batch=32, steps=50))
 
 
@@ -93,33 +94,34 @@ def correctness(p: dict, device: torch.device) -> list:
 
 
 def attention_speed(p: dict, device: torch.device) -> list:
+    """fp32 rows (TF32 as configured) show which PyTorch backend `auto` should prefer on CUDA."""
     a = p["attn"]
-    dtype = DTYPES[a["dtype"]]
     table = attention_bench.backends(device)
     table.pop("math")  # the plain formula is not a contender
     rows = []
     g = torch.Generator().manual_seed(1)
-    for length in a["lengths"]:
-        for dim in a["dims"]:
-            shape = (a["batch"], a["heads"], length, dim)
-            inputs = [torch.randn(shape, generator=g).to(device, dtype) for _ in range(3)]
-            d_out = torch.randn(shape, generator=g).to(device, dtype)
-            times = {(name, mode): [] for name in table for mode in ("fwd", "fwd+bwd")}
-            for round_ in range(a["repeats"] + 1):
+    for dtype_name in a["dtypes"]:
+        for length in a["lengths"]:
+            for dim in a["dims"]:
+                shape = (a["batch"], a["heads"], length, dim)
+                inputs = [torch.randn(shape, generator=g).to(device, DTYPES[dtype_name]) for _ in range(3)]
+                d_out = torch.randn(shape, generator=g).to(device, DTYPES[dtype_name])
+                times = {(name, mode): [] for name in table for mode in ("fwd", "fwd+bwd")}
+                for round_ in range(a["repeats"] + 1):
+                    for name, fn in table.items():
+                        for mode in ("fwd", "fwd+bwd"):
+                            seconds = attention_bench.timed(fn, inputs, d_out, mode == "fwd+bwd", device)
+                            if round_:  # round 0 warms up
+                                times[name, mode].append(seconds)
+                median = {key: statistics.median(values) for key, values in times.items()}
                 for name, fn in table.items():
+                    row = dict(backend=name, length=length, head_dim=dim, dtype=dtype_name)
                     for mode in ("fwd", "fwd+bwd"):
-                        seconds = attention_bench.timed(fn, inputs, d_out, mode == "fwd+bwd", device)
-                        if round_:  # round 0 warms up
-                            times[name, mode].append(seconds)
-            median = {key: statistics.median(values) for key, values in times.items()}
-            for name, fn in table.items():
-                row = dict(backend=name, length=length, head_dim=dim, dtype=a["dtype"])
-                for mode in ("fwd", "fwd+bwd"):
-                    row[f"{mode} ms"] = 1e3 * median[name, mode]
-                    row[f"{mode} / sdpa"] = median[name, mode] / median["sdpa", mode]
-                    row[f"{mode} peak MiB"] = attention_bench.peak_bytes(fn, inputs, d_out, mode == "fwd+bwd",
-                                                                          device) / 2**20
-                rows.append(row)
+                        row[f"{mode} ms"] = 1e3 * median[name, mode]
+                        row[f"{mode} / sdpa"] = median[name, mode] / median["sdpa", mode]
+                        row[f"{mode} peak MiB"] = attention_bench.peak_bytes(fn, inputs, d_out, mode == "fwd+bwd",
+                                                                              device) / 2**20
+                    rows.append(row)
     return rows
 
 

@@ -38,8 +38,9 @@ def _ptxas() -> str:
     try:
         from triton.backends.nvidia.compiler import get_ptxas  # noqa: PLC0415
 
-        ptxas = get_ptxas()
-        return f"{ptxas.version} ({ptxas.path})" if hasattr(ptxas, "version") else str(ptxas)
+        major, minor = torch.cuda.get_device_capability() if torch.cuda.is_available() else (9, 0)
+        ptxas = get_ptxas(10 * major + minor)
+        return f"{ptxas.version} ({ptxas.path})"
     except Exception as error:
         return f"not available ({type(error).__name__})"
 
