@@ -35,7 +35,7 @@ import attention as attention_bench  # noqa: E402
 import train_step as train_step_bench  # noqa: E402
 
 from uvic import doctor  # noqa: E402
-from uvic.attention import ATTENTION_BACKENDS, _triton_problem, cog_attention, cog_reference, resolve_cog_backend  # noqa: E402
+from uvic.attention import ATTENTION_BACKENDS, cog_attention, cog_reference, resolve_cog_backend, triton_problem  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOLERANCE = {"fp32": 2e-2, "fp16": 2e-2, "bf16": 6e-2}  # of max |reference|; fp32 may run TF32
@@ -76,7 +76,7 @@ def correctness(p: dict, device: torch.device) -> list:
                 want = [ref.detach(), *torch.autograd.grad(ref, leaf, d_out)[0].unbind(2)]
                 inputs = [packed.to(dtype)[:, :, i].transpose(1, 2) for i in range(3)]
                 backends = {resolve_cog_backend(*inputs[:2], inputs[2].detach().requires_grad_())}
-                if _triton_problem(*inputs) is None:
+                if triton_problem(*inputs) is None:
                     backends.add("triton")
                 for backend in sorted(backends):
                     row = dict(backend=backend, dtype=dtype_name, head_dim=dim, length=length)

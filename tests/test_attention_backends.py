@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from uvic.attention import (
     ATTENTION_BACKENDS,
     cog_attention,
-    cog_reference,
     resolve_cog_backend,
     softmax_attention,
     softmax_reference,

@@ -32,7 +32,7 @@ def kernels_usable(monkeypatch):
     """A clean self-check cache, and the kernels' entry point reported usable on CPU tensors, so that
     auto's CUDA branch runs here with whatever `_triton_attention` the test installs."""
     monkeypatch.setattr(attention, "_SELF_CHECKS", {})
-    monkeypatch.setattr(attention, "_triton_problem", lambda q, k, v: None)
+    monkeypatch.setattr(attention, "triton_problem", lambda q, k, v: None)
     monkeypatch.setattr(attention, "_auto_triton", attention._triton_allowed)  # skips only the device test
     with allow_tf32(True):
         yield
@@ -82,7 +82,7 @@ def test_auto_falls_back_and_warns_once_when_the_kernels_fail_or_mismatch(kernel
 
 
 def test_float32_goes_to_the_kernels_only_when_tf32_is_allowed(monkeypatch):
-    monkeypatch.setattr(attention, "_triton_problem", lambda q, k, v: None)
+    monkeypatch.setattr(attention, "triton_problem", lambda q, k, v: None)
     monkeypatch.setattr(attention, "triton_self_check", lambda *a: None)
     q, k, v = qkv()
     with allow_tf32(False):

@@ -105,7 +105,7 @@ def _needs_grad(*tensors):
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def _triton_problem(q, k, v) -> Optional[str]:
+def triton_problem(q, k, v) -> Optional[str]:
     """Why the Triton kernels cannot run these inputs, or None when they can."""
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
@@ -179,7 +179,7 @@ def _auto_triton(q, k, v) -> bool:
 
 def _triton_allowed(q, k, v) -> bool:
     """The kernels can run these inputs, are faster than the PyTorch backends and passed their self-check."""
-    if _triton_problem(q, k, v) is not None:
+    if triton_problem(q, k, v) is not None:
         return False
     if q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return False  # IEEE float32 dots run without tensor cores: the PyTorch backends are faster
@@ -200,7 +200,7 @@ def resolve_cog_backend(q, k, v, *, backend: Optional[str] = None, return_weight
                              "only the plain formula materialises A for the caller")
         return "math"
     if name == "triton":
-        problem = _triton_problem(q, k, v)
+        problem = triton_problem(q, k, v)
         if problem:
             raise ValueError(f"attention backend 'triton' cannot run here: {problem}")
     if name != "auto":
