@@ -274,7 +274,7 @@ def test_triton_kernels_in_the_interpreter():
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )
     report = result.stdout[-3000:] + result.stderr[-2000:]
-    assert result.returncode == 0 and re.search(r"\b7 passed", result.stdout), report
+    assert result.returncode == 0 and re.search(r"\b8 passed", result.stdout), report
 
 
 @pytest.mark.parametrize(
@@ -295,12 +295,21 @@ def test_triton_kernel_matches_float64_formula(interpreted_triton, dtype, mask_s
     assert_matches_formula(lambda q, k, v: cog_attention(q, k, v, mask=mask, backend="triton"), q, k, v, mask, tol)
 
 
-@pytest.mark.parametrize("head_dim", [72, 80])  # U-ViT-H (1152 / 16) and a 64 + 16 split without padding
-def test_triton_kernel_non_power_of_two_head_dims_and_zero_scores(interpreted_triton, head_dim):
-    from uvic.kernels.cog_triton import split_head_dim  # noqa: PLC0415
+@pytest.mark.parametrize("head_dim, gpu_blocks", [(72, False), (80, False), (72, True)])
+def test_triton_kernel_non_power_of_two_head_dims_and_zero_scores(interpreted_triton, monkeypatch, head_dim,
+                                                                  gpu_blocks):
+    """72: U-ViT-H (1152 / 16), 64 + 16 with 8 padded; 80: 64 + 16 exactly. gpu_blocks: the block
+    sizes a GPU launches (first candidates) instead of the interpreter's small ones."""
+    from uvic.kernels import cog_triton  # noqa: PLC0415
 
-    assert split_head_dim(head_dim) == (64, 16)
-    packed = torch.randn(1, 20, 3, 2, head_dim, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    assert cog_triton.split_head_dim(head_dim) == (64, 16)
+    length = 20
+    if gpu_blocks:
+        length = 130  # 128 + 2 query rows, 64 + 64 + 2 keys
+        blocks = {"forward": cog_triton.FORWARD_CANDIDATES[0], "backward": cog_triton.BACKWARD_CANDIDATES[0]}
+        monkeypatch.setattr(cog_triton, "launch_config", lambda kind, d, *_: cog_triton.LaunchConfig(
+            *blocks[kind][:2], *cog_triton.split_head_dim(d), *blocks[kind][2:]))
+    packed = torch.randn(1, length, 3, 2, head_dim, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     q, k, v = (packed[:, :, i].transpose(1, 2).float() for i in range(3))  # packed-qkv strides
     k[:, :, 4] = 0  # exact zero scores: sign 0, gradient 0, as autograd gives
     q[:, :, 17] = 0
