@@ -8,7 +8,7 @@ Shapes are those of U-ViT-S/2 attention (B=16, H=8, D=64; L=257 is CIFAR-10 32x3
 For every (L, dtype) all backends are timed in alternating order, round after round, and the
 median is printed with its ratio to SDPA, so background load hits all of them alike. "fwd" runs
 under torch.no_grad (inference); "fwd+bwd" is forward then backward of a fixed dO. The first
-round is a warm-up (torch.compile of the elementwise work happens there) and is not counted.
+round is a warm-up (Triton compiles its kernels there) and is not counted.
 
 Peak memory is measured in a separate, untimed call: on CUDA torch.cuda.max_memory_allocated;
 on CPU the largest "Total Allocated" of the CPU allocator seen by torch.profiler

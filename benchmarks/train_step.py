@@ -32,7 +32,7 @@ def build(config: dict, attention_type: str, state, device, backend="auto"):
     model = UViT(**config, attention_type=attention_type)
     if state is not None:
         model.load_state_dict(state)
-    model.set_attention_backend(backend)
+    model.set_cog_backend(backend)
     model = torch.nn.Module.to(model, device)  # ModelMixin.to warns about an empty fp32 module list
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=0.03, betas=(0.99, 0.999))
     return model, optimizer
@@ -40,11 +40,12 @@ def build(config: dict, attention_type: str, state, device, backend="auto"):
 
 def step(model, optimizer, batch, dtype, device) -> float:
     x, noise, t = batch
+    labels = t % (model.config.num_classes - 1) if model.config.num_classes > 0 else None  # class-conditional
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        loss = F.mse_loss(model(x + noise, t).sample.float(), noise)
+        loss = F.mse_loss(model(x + noise, t, class_labels=labels).sample.float(), noise)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -117,7 +117,9 @@ def test_attention_module_uses_its_formula(attention_type, reference):
     torch.manual_seed(0)
     attn = Attention(16, num_heads=4, attention_type=attention_type).double()
     x = torch.randn(2, 6, 16, dtype=torch.float64)
-    q, k, v = attn.qkv_heads(x)
+    # U-ViT's split, written out: the qkv features are [q | k | v], each [head 0 | head 1 | ...]
+    qkv = (x @ attn.qkv.weight.T).reshape(2, 6, 3, 4, 4).permute(2, 0, 3, 1, 4)  # (3, B, H, L, D)
+    q, k, v = qkv[0], qkv[1], qkv[2]
     expected = attn.proj(reference(q, k, v)[0].transpose(1, 2).reshape(2, 6, 16))
     torch.testing.assert_close(attn(x), expected)
 

@@ -11,22 +11,28 @@ Each row's absolute weights sum to 1. Softmax attention is A = softmax(S).
 All functions take (B, H, L, D) tensors. `*_reference` are the plain formulas every faster
 path is tested against; `cog_attention` / `softmax_attention` are what the model calls.
 
-Backends of `cog_attention` (a runtime choice: `backend=` here, `UViT.set_attention_backend`
-on a model; never part of a model's config):
+Backends of `cog_attention` (a runtime choice: `backend=` here, `UViT.set_cog_backend` on a
+model; never part of a model's config):
 
     "math"     the plain formula under autograd (holds several Lq x Lk tensors for backward)
     "lean"     closed-form backward that keeps only A (uvic.kernels.cog_torch)
     "chunked"  keeps only the row log-sum-exp of |S|; scores are made chunk by chunk, forward
                and backward, so memory stays bounded for long sequences
     "triton"   fused flash-style kernels (uvic.kernels.cog_triton): CUDA with triton installed
-    "auto"     "triton" where it can run; else "lean" when autograd needs gradients and
-               "chunked" when it does not (inference); "math" when the weights are returned
+    "auto"     "triton" on CUDA where the kernels can run, passed their self-check, and (for
+               float32) TF32 is allowed; else "lean" when autograd needs gradients and "chunked"
+               when it does not (inference); "math" when the weights are returned
 
-"lean" and "chunked" run their elementwise work eagerly, in place, on cache-sized chunks; with
-UVIC_ATTENTION_COMPILE=1 (or =<torch.compile backend>) it goes through torch.compile instead
-(compiled on first use, only for score matrices of at least 2^20 entries and not inside an
-enclosing torch.compile). Compiling measured no faster on CPU (docs/benchmarks.md), so it is off
-by default.
+`auto` never lets a kernel problem stop a run: the first time it would use "triton" for a
+(device, dtype, head dim) it runs the kernels at a small shape against "chunked" (values and
+gradients) inside try/except; on an exception or a mismatch it warns once, naming the cause, and
+uses the PyTorch backends for that key from then on (`triton_self_check`, cached per key).
+The environment variable UVIC_COG_BACKEND=<name> overrides every backend choice (also an
+explicit one) except where the weights are returned, e.g. UVIC_COG_BACKEND=chunked to rule the
+kernels out.
+
+All backends share one convention where a score is exactly 0: sign(S) = 0, so A = 0 there and
+its gradient dS = 0 (what autograd gives for the plain formula).
 
 Softmax attention always runs through `F.scaled_dot_product_attention` (which has its own fused
 kernels), except with backend "math".
@@ -36,7 +42,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Optional
+import warnings
+from typing import Dict, Optional, Tuple
 
 import einops
 import torch
@@ -45,7 +52,6 @@ import torch.nn.functional as F
 
 ATTENTION_TYPES = ("softmax", "cog")
 ATTENTION_BACKENDS = ("auto", "math", "lean", "chunked", "triton")
-COMPILE_MIN_SCORES = 1 << 20  # below this, compiling the elementwise work costs more than it saves
 
 
 def _scale(q: torch.Tensor, scale: Optional[float]) -> float:
@@ -89,49 +95,117 @@ def cog_reference(q, k, v, *, scale=None, mask=None):
     return _weighted_values(a, v), a
 
 
-def _check_backend(backend: str) -> str:
+def _check_backend(backend):
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
     return backend
 
 
-def _needs_grad(*tensors) -> bool:
+def _needs_grad(*tensors):
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def _triton_problem(q, k, v) -> Optional[str]:
+def triton_problem(q, k, v) -> Optional[str]:
     """Why the Triton kernels cannot run these inputs, or None when they can."""
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
-    if q.device.type != "cuda":
-        from .kernels import cog_triton  # noqa: PLC0415  (triton is importable, checked above)
+    from .kernels import cog_triton  # noqa: PLC0415  (triton is importable, checked above)
 
-        if not cog_triton.interpreting():
-            return f"tensors are on {q.device.type}; the kernels need CUDA (or TRITON_INTERPRET=1)"
-    from .kernels.cog_triton import SUPPORTED_DTYPES  # noqa: PLC0415
+    return cog_triton.problem(q, k, v)
 
-    if not q.shape[-1] == k.shape[-1] == v.shape[-1] <= 256:
-        return f"head dims {q.shape[-1]}, {k.shape[-1]}, {v.shape[-1]}; the kernels need one head dim <= 256"
-    if q.dtype not in SUPPORTED_DTYPES or not q.dtype == k.dtype == v.dtype:
-        return f"dtypes {q.dtype}, {k.dtype}, {v.dtype}; the kernels need one of {SUPPORTED_DTYPES} for all three"
+
+def _triton_attention(q, k, v, scale, mask):
+    """The kernels' entry point (imported on use: needs triton)."""
+    from .kernels.cog_triton import cog_attention_triton  # noqa: PLC0415
+
+    return cog_attention_triton(q, k, v, scale, mask)
+
+
+# Self-check results of the Triton kernels, keyed by (device, dtype, head dim): None = passed,
+# else the reason they are not used. Filled on first use by `triton_self_check`; the one piece of
+# module state, so each process checks each key once and warns at most once per key.
+_SELF_CHECKS: Dict[Tuple[str, torch.dtype, int], Optional[str]] = {}
+SELF_CHECK_TOLERANCE = {torch.float32: 2e-2, torch.float16: 2e-2, torch.bfloat16: 6e-2}  # of max |reference|
+
+
+def _run_self_check(device: torch.device, dtype: torch.dtype, head_dim: int) -> Optional[str]:
+    """Kernels against "chunked" at a small shape (several blocks, ragged ends, both kernel variants (mask or none),
+    packed-qkv strides, a key mask): values and gradients. None when they agree, else why not."""
+    g = torch.Generator().manual_seed(0)
+    b, h, length = 2, 2, 130  # GPU blocks: 128 + 2 query rows, 64 + 64 + 2 keys
+    packed = torch.randn(b, length, 3, h, head_dim, generator=g).to(device, dtype)  # qkv as in the model
+    mask = torch.rand(b, 1, 1, length, generator=g).to(device) > 0.2
+    mask[..., 0] = True
+    d_out = torch.randn(b, h, length, head_dim, generator=g).to(device, dtype)
+    scale = head_dim**-0.5
+    try:
+        for m in (None, mask):  # both kernel variants
+            results = []
+            for fn in (_triton_attention, _chunked_attention):
+                leaf = packed.detach().clone().requires_grad_()
+                q, k, v = (leaf[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, L, D) strided views
+                out = fn(q, k, v, scale, m)
+                (grad,) = torch.autograd.grad(out, leaf, d_out)
+                results.append([out.detach().float(), grad.float()])
+            for name, got, want in zip(("O", "dQ/dK/dV"), *results):
+                error = float((got - want).abs().max() / want.abs().max().clamp_min(1e-6))
+                if not error <= SELF_CHECK_TOLERANCE[dtype]:  # also catches NaN
+                    return f"{name} differs from 'chunked' by {error:.2g} of its largest value (tolerance " \
+                           f"{SELF_CHECK_TOLERANCE[dtype]})"
+    except Exception as error:  # any kernel failure: compile, launch, resources
+        return f"the kernels raised {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
     return None
+
+
+def triton_self_check(device: torch.device, dtype: torch.dtype, head_dim: int) -> Optional[str]:
+    """None when the Triton kernels passed their self-check for this key, else why they are not used
+    (warned once). Cached in _SELF_CHECKS."""
+    key = (str(device), dtype, head_dim)
+    if key not in _SELF_CHECKS:
+        with torch.enable_grad():
+            problem = _run_self_check(device, dtype, head_dim)
+        if problem:
+            warnings.warn(f"Cog attention: Triton kernels disabled for {dtype} head dim {head_dim} on {device} "
+                          f"({problem}); using the PyTorch backends instead (set UVIC_COG_BACKEND to force one)")
+        _SELF_CHECKS[key] = problem
+    return _SELF_CHECKS[key]
+
+
+@torch.compiler.assume_constant_result  # decided eagerly while torch.compile traces: no graph break
+def _auto_triton(q, k, v) -> bool:
+    """Whether "auto" uses the kernels for these inputs (module docstring)."""
+    return q.device.type == "cuda" and _triton_allowed(q, k, v)
+
+
+def _triton_allowed(q, k, v) -> bool:
+    """The kernels can run these inputs, are faster than the PyTorch backends and passed their self-check."""
+    if triton_problem(q, k, v) is not None:
+        return False
+    if q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return False  # IEEE float32 dots run without tensor cores: the PyTorch backends are faster
+    return triton_self_check(q.device, q.dtype, q.shape[-1]) is None
 
 
 def resolve_cog_backend(q, k, v, *, backend: Optional[str] = None, return_weights: bool = False) -> str:
     """The backend `cog_attention` uses for these inputs: `backend` checked, or "auto" resolved."""
     name = _check_backend("auto" if backend is None else backend)
+    forced = os.environ.get("UVIC_COG_BACKEND")
+    if forced:
+        if forced not in ATTENTION_BACKENDS:
+            raise ValueError(f"UVIC_COG_BACKEND must be one of {ATTENTION_BACKENDS}, got {forced!r}")
+        name = name if return_weights else forced
     if return_weights:
         if name not in ("auto", "math"):
             raise ValueError(f"return_weights=True needs backend 'math' or 'auto', got {name!r}: "
                              "only the plain formula materialises A for the caller")
         return "math"
     if name == "triton":
-        problem = _triton_problem(q, k, v)
+        problem = triton_problem(q, k, v)
         if problem:
             raise ValueError(f"attention backend 'triton' cannot run here: {problem}")
     if name != "auto":
         return name
-    if q.device.type == "cuda" and _triton_problem(q, k, v) is None:
+    if _auto_triton(q, k, v):
         return "triton"
     return "lean" if _needs_grad(q, k, v) else "chunked"
 
@@ -143,17 +217,10 @@ def _check_shapes(q, k, v):
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)} (backend 'math' broadcasts)")
 
 
-def _compiler(q, k) -> Optional[str]:
-    """torch.compile backend for the elementwise work of "lean"/"chunked", or None (module docstring).
+def _chunked_attention(q, k, v, scale, mask, keep_weights=False):
+    from .kernels.cog_torch import cog_attention_chunked  # noqa: PLC0415
 
-    UVIC_ATTENTION_COMPILE: unset/"0" = never, "1" = "inductor", any other value = that backend.
-    """
-    setting = os.environ.get("UVIC_ATTENTION_COMPILE", "0")
-    if setting == "0" or torch.compiler.is_compiling():
-        return None
-    if q.shape[:-1].numel() * k.shape[-2] < COMPILE_MIN_SCORES:
-        return None
-    return "inductor" if setting == "1" else setting
+    return cog_attention_chunked(q, k, v, scale, mask, keep_weights=keep_weights)
 
 
 def cog_attention(q, k, v, *, scale=None, mask=None, return_weights=False, backend=None):
@@ -172,13 +239,8 @@ def cog_attention(q, k, v, *, scale=None, mask=None, return_weights=False, backe
     _check_shapes(q, k, v)
     scale = _scale(q, scale)
     if name == "triton":
-        from .kernels.cog_triton import cog_attention_triton  # noqa: PLC0415  (needs triton)
-
-        return cog_attention_triton(q, k, v, scale, mask)
-    from .kernels.cog_torch import cog_attention_chunked  # noqa: PLC0415
-
-    return cog_attention_chunked(q, k, v, scale, mask, keep_weights=name == "lean",
-                                 compiler=_compiler(q, k))
+        return _triton_attention(q, k, v, scale, mask)
+    return _chunked_attention(q, k, v, scale, mask, keep_weights=name == "lean")
 
 
 def softmax_attention(q, k, v, *, scale=None, mask=None, return_weights=False, backend=None):
@@ -217,7 +279,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def extra_repr(self) -> str:
+    def extra_repr(self):
         return f"num_heads={self.num_heads}, attention_type={self.attention_type!r}, backend={self.backend!r}"
 
     def set_backend(self, backend: str):
@@ -229,7 +291,7 @@ class Attention(nn.Module):
         qkv = einops.rearrange(self.qkv(x), "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
         return qkv[0], qkv[1], qkv[2]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, L, C)
+    def forward(self, x):  # x: (B, L, C)
         q, k, v = self.qkv_heads(x)
         out = ATTENTION_FUNCTIONS[self.attention_type](q, k, v, backend=self.backend)  # (B, H, L, D)
         return self.proj(einops.rearrange(out, "B H L D -> B L (H D)"))

@@ -191,9 +191,11 @@ class UViT(ModelMixin, ConfigMixin):
         """Which attention each block uses, in forward order, e.g. ['softmax', 'cog', ..., 'softmax']."""
         return [blk.attn.attention_type for blk in self.blocks]
 
-    def set_attention_backend(self, backend: str) -> None:
-        """Run every block's attention through `backend`: "auto", "math", "lean", "chunked" or "triton"
-        (uvic.attention). A runtime choice, like the device: not stored in the config."""
+    def set_cog_backend(self, backend: str):
+        """Run every block's Cog attention through `backend`: "auto", "math", "lean", "chunked" or
+        "triton" (uvic.attention). A runtime choice, like the device: not stored in the config.
+        Named apart from diffusers' `set_attention_backend`, which picks diffusers' own attention
+        processors and keeps its diffusers meaning here."""
         for blk in self.blocks:
             blk.attn.set_backend(backend)
 

@@ -5,20 +5,21 @@
 Heads are flattened to N = B·H and walked in chunks (a group of whole heads, or a block of
 query rows of one head) of about `budget` scores, so no temporary larger than a chunk is ever
 allocated and, unless A is kept for backward, memory stays bounded however long the sequence.
-The elementwise work of a chunk runs in place (eager) or through torch.compile
-(`compiler="inductor"`: one fused pass). Backward uses the closed form
+The elementwise work of a chunk runs in place. Backward uses the closed form
 
     dV = Aᵀ dO,  dA = dO Vᵀ,  dS = |A| ⊙ dA − A ⊙ rowsum(dO ⊙ O),  dQ = dS K·scale,  dK = dSᵀ Q·scale
 
 and keeps either A itself (`keep_weights=True`: one N·Lq·Lk tensor, no recomputation) or only
 the row log-sum-exp of |S| (`keep_weights=False`: O(N·Lq) memory, scores recomputed chunk by
-chunk in backward, the way flash attention does it).
+chunk in backward, the way flash attention does it). Where a score is exactly 0, sign(S) = 0
+makes A and dS 0 there (autograd's convention for sign and abs at 0), in every backend.
+
+The autograd entry is the custom op `uvic::cog_chunked` (torch.library), so torch.compile traces
+a model through it without a graph break.
 """
 
 from __future__ import annotations
 
-import functools
-import warnings
 from typing import Iterator, Optional, Tuple
 
 import torch
@@ -81,28 +82,14 @@ def _weights_eager(s, mask_c, scratch, normalize: bool):
     return (a.div_(z) if normalize else a), z, m
 
 
-def _weights_fused(s, mask_c):
-    """`_weights_eager` without scratch, written for torch.compile to fuse into one pass."""
-    magnitude = s.abs() if mask_c is None else s.abs().masked_fill(~mask_c, float("-inf"))
-    m = magnitude.amax(-1, keepdim=True)
-    e = torch.exp(magnitude - m)
-    z = e.sum(-1, keepdim=True)
-    return torch.sign(s) * e / z, torch.log(z) + m
-
-
 def _recomputed_eager(s, mask_c, lse, scratch):
-    """(A over s, |A| in scratch) from scores and the saved row lse of |S|."""
+    """(A over s, |A| in scratch) from scores and the saved row lse of |S|; |A| is 0 where S is 0."""
     e = torch.abs(s, out=scratch)
     if mask_c is not None:
         e.masked_fill_(~mask_c, float("-inf"))
     e.sub_(lse).exp_()
-    return s.sign_().mul_(e), e
-
-
-def _recomputed_fused(s, mask_c, lse):
-    magnitude = s.abs() if mask_c is None else s.abs().masked_fill(~mask_c, float("-inf"))
-    e = torch.exp(magnitude - lse)
-    return torch.sign(s) * e, e
+    a = s.sign_().mul_(e)
+    return a, torch.abs(a, out=e)
 
 
 def _score_grad_eager(a, a_abs, d_a, delta):
@@ -110,41 +97,10 @@ def _score_grad_eager(a, a_abs, d_a, delta):
     return d_a.mul_(a_abs).addcmul_(a, delta, value=-1)
 
 
-def _score_grad_fused(a, d_a, delta):
-    return a.abs() * d_a - a * delta
-
-
-class _Compiled:
-    """fn through torch.compile(backend=...), built on the first call (never at import); if compiling
-    fails (no C++ compiler, unsupported device) it warns once and runs fn eagerly from then on."""
-
-    def __init__(self, fn, backend: str):
-        self.fn, self.backend, self.compiled, self.failed = fn, backend, None, False
-
-    def __call__(self, *args):
-        if self.failed:
-            return self.fn(*args)
-        if self.compiled is None:
-            self.compiled = torch.compile(self.fn, backend=self.backend, dynamic=True)
-        try:
-            return self.compiled(*args)
-        except Exception as error:  # a compiler problem; a real error in fn re-raises just below
-            self.failed = True
-            warnings.warn(f"torch.compile of {self.fn.__name__} failed, running it eagerly: {error}")
-            return self.fn(*args)
-
-
-@functools.cache
-def _compiled(fn, backend: str) -> _Compiled:
-    """One lazily compiled wrapper per (function, compiler), cached the way torch caches kernels."""
-    return _Compiled(fn, backend)
-
-
-def cog_forward(q, k, v, scale: float, mask=None, *, keep_weights=False, budget=None, compiler=None):
+def cog_forward(q, k, v, mask=None, *, keep_weights=False, budget=None):
     """Forward on flattened heads. q (N, Lq, D) already multiplied by scale, k, v (N, Lk, D).
 
-    mask: None or boolean (B, H, Lq, Lk) view with B·H = N. compiler: None (eager, in place) or a
-    torch.compile backend ("inductor") that fuses each chunk's elementwise work.
+    mask: None or boolean (B, H, Lq, Lk) view with B·H = N.
     Returns (O (N, Lq, D), A (N, Lq, Lk) if keep_weights else None, lse (N, Lq, 1)).
     """
     budget = budget or default_budget(q.device)
@@ -154,35 +110,25 @@ def cog_forward(q, k, v, scale: float, mask=None, *, keep_weights=False, budget=
     kt = k.transpose(1, 2)  # (N, D, Lk)
     out = q.new_empty(n, lq, v.shape[-1])
     lse = q.new_empty(n, lq, 1)
-    if keep_weights and compiler:  # A is kept whole anyway: one fused pass makes it, no copies
-        budget = max(budget, n * lq * lk)
-    chunks = list(_chunks(n, lq, lk, budget))
-    weights = q.new_empty(n, lq, lk) if keep_weights and not compiler else None
+    weights = q.new_empty(n, lq, lk) if keep_weights else None
     chunk = _largest_chunk(n, lq, lk, budget)
     s_buffer = q.new_empty(chunk) if weights is None else None
-    e_buffer = None if compiler else q.new_empty(chunk)
-    for heads, rows in chunks:
+    e_buffer = q.new_empty(chunk)
+    for heads, rows in _chunks(n, lq, lk, budget):
         shape = (heads.stop - heads.start, rows.stop - rows.start, lk)
         s_out = _scratch(s_buffer, shape) if weights is None else weights[heads, rows]
         s = torch.bmm(q[heads, rows], kt[heads], out=s_out)  # (g, r, Lk) scores
         mask_c = _mask_chunk(mask, heads, rows, num_heads)
-        if compiler:
-            a, lse_c = _compiled(_weights_fused, compiler)(s, mask_c)
-            if keep_weights:
-                weights = a  # the budget above made this the one chunk
-            torch.bmm(a, v[heads], out=out[heads, rows])
-        else:  # without A to keep, normalise the (r, D) output instead of the (r, Lk) weights
-            a, z, m = _weights_eager(s, mask_c, _scratch(e_buffer, shape), normalize=keep_weights)
-            out_c = torch.bmm(a, v[heads], out=out[heads, rows])
-            if not keep_weights:
-                out_c.div_(z)
-            lse_c = z.log_().add_(m)
-        lse[heads, rows] = lse_c
+        # without A to keep, normalise the (r, D) output instead of the (r, Lk) weights
+        a, z, m = _weights_eager(s, mask_c, _scratch(e_buffer, shape), normalize=keep_weights)
+        out_c = torch.bmm(a, v[heads], out=out[heads, rows])
+        if not keep_weights:
+            out_c.div_(z)
+        lse[heads, rows] = z.log_().add_(m)
     return out, weights, lse
 
 
-def cog_backward(d_out, q, k, v, out, scale: float, mask=None, *, weights=None, lse=None, budget=None,
-                 compiler=None):
+def cog_backward(d_out, q, k, v, out, scale: float, mask=None, *, weights=None, lse=None, budget=None):
     """Gradients (dQ, dK, dV) of `cog_forward`; needs `weights` (A) or `lse`, q pre-scaled as there."""
     budget = budget or default_budget(q.device)
     n, lq, _ = q.shape
@@ -196,31 +142,24 @@ def cog_backward(d_out, q, k, v, out, scale: float, mask=None, *, weights=None, 
     d_v = torch.empty_like(v) if whole_heads else torch.zeros_like(v)
     chunk = _largest_chunk(n, lq, lk, budget)
     s_buffer = q.new_empty(chunk) if weights is None else None
-    e_buffer = None if compiler and weights is not None else q.new_empty(chunk)
+    e_buffer = q.new_empty(chunk)
     da_buffer = q.new_empty(chunk)
     for heads, rows in _chunks(n, lq, lk, budget):
         shape = (heads.stop - heads.start, rows.stop - rows.start, lk)
-        a_abs = None
         if weights is not None:
             a = weights[heads, rows]
+            a_abs = torch.abs(a, out=_scratch(e_buffer, shape))
         else:  # recompute A from the saved log-sum-exp
             s = torch.bmm(q[heads, rows], kt[heads], out=_scratch(s_buffer, shape))
             mask_c = _mask_chunk(mask, heads, rows, num_heads)
-            if compiler:
-                a, a_abs = _compiled(_recomputed_fused, compiler)(s, mask_c, lse[heads, rows])
-            else:
-                a, a_abs = _recomputed_eager(s, mask_c, lse[heads, rows], _scratch(e_buffer, shape))
+            a, a_abs = _recomputed_eager(s, mask_c, lse[heads, rows], _scratch(e_buffer, shape))
         d_o = d_out[heads, rows]
         if whole_heads:
             torch.bmm(a.transpose(1, 2), d_o, out=d_v[heads])
         else:
             d_v[heads].baddbmm_(a.transpose(1, 2), d_o)
         d_a = torch.bmm(d_o, vt[heads], out=_scratch(da_buffer, shape))  # dA
-        if compiler:
-            d_s = _compiled(_score_grad_fused, compiler)(a, d_a, delta[heads, rows])
-        else:
-            a_abs = torch.abs(a, out=_scratch(e_buffer, shape)) if a_abs is None else a_abs
-            d_s = _score_grad_eager(a, a_abs, d_a, delta[heads, rows])  # dS = |A| ⊙ dA − A ⊙ delta
+        d_s = _score_grad_eager(a, a_abs, d_a, delta[heads, rows])  # dS = |A| ⊙ dA − A ⊙ delta
         torch.bmm(d_s, k[heads], out=d_q[heads, rows])
         if whole_heads:  # q carries the scale already
             torch.bmm(d_s.transpose(1, 2), q[heads], out=d_k[heads])
@@ -234,51 +173,73 @@ def _flat(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.to(dtype).reshape(-1, *x.shape[-2:]).contiguous()
 
 
-class _CogAttention(torch.autograd.Function):
-    """Autograd wrapper of cog_forward / cog_backward for (B, H, L, D) inputs."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, mask, scale, keep_weights, budget, compiler):
-        dtype = torch.promote_types(q.dtype, torch.float32)
-        with torch.autocast(q.device.type, enabled=False):
-            q3 = _flat(q, dtype) * scale  # never in place: _flat may return q itself
-            k3, v3 = _flat(k, dtype), _flat(v, dtype)
-            out, weights, lse = cog_forward(q3, k3, v3, scale, mask, keep_weights=keep_weights, budget=budget,
-                                               compiler=compiler)
-        ctx.save_for_backward(q3, k3, v3, out, weights if keep_weights else lse)
-        ctx.mask, ctx.scale, ctx.keep_weights, ctx.budget = mask, scale, keep_weights, budget
-        ctx.compiler = compiler
-        ctx.dtypes = (q.dtype, k.dtype, v.dtype)
-        return out.view(*q.shape[:-1], v.shape[-1]).to(v.dtype)
-
-    @staticmethod
-    def backward(ctx, d_out):
-        q3, k3, v3, out, kept = ctx.saved_tensors
-        with torch.autocast(q3.device.type, enabled=False):
-            d_out3 = _flat(d_out, q3.dtype)
-            weights, lse = (kept, None) if ctx.keep_weights else (None, kept)
-            grads = cog_backward(d_out3, q3, k3, v3, out, ctx.scale, ctx.mask, weights=weights, lse=lse,
-                                 budget=ctx.budget, compiler=ctx.compiler)
-        shape = d_out.shape[:2]
-        d_q, d_k, d_v = (g.view(*shape, *g.shape[1:]).to(t) for g, t in zip(grads, ctx.dtypes))
-        return d_q, d_k, d_v, None, None, None, None, None
+def _compute_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(q.dtype, torch.float32)
 
 
-def cog_attention_chunked(q, k, v, scale: float, mask=None, *, keep_weights=True, budget=None,
-                          compiler=None):
+@torch.library.custom_op("uvic::cog_chunked", mutates_args=())
+def cog_chunked_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
+                   keep_weights: bool, budget: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(O (B, H, Lq, Dv) in v's dtype, kept): kept is A (B·H, Lq, Lk) or the lse of |S| (B·H, Lq, 1).
+    budget: scores per chunk, 0 for default_budget."""
+    dtype = _compute_dtype(q)
+    with torch.autocast(q.device.type, enabled=False):
+        out, weights, lse = cog_forward(_flat(q, dtype) * scale, _flat(k, dtype), _flat(v, dtype), mask,
+                                        keep_weights=keep_weights, budget=budget)
+    return out.view(*q.shape[:-1], v.shape[-1]).to(v.dtype), weights if keep_weights else lse
+
+
+@cog_chunked_op.register_fake
+def _(q, k, v, mask, scale, keep_weights, budget):
+    dtype = _compute_dtype(q)
+    n, lq, lk = q.shape[:-1].numel(), q.shape[-2], k.shape[-2]
+    kept = q.new_empty(n, lq, lk if keep_weights else 1, dtype=dtype)
+    return q.new_empty(*q.shape[:-1], v.shape[-1], dtype=v.dtype), kept
+
+
+@torch.library.custom_op("uvic::cog_chunked_backward", mutates_args=())
+def cog_chunked_backward_op(d_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            out: torch.Tensor, kept: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
+                            keep_weights: bool, budget: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dQ, dK, dV) in the dtypes of q, k, v."""
+    dtype = kept.dtype
+    with torch.autocast(q.device.type, enabled=False):
+        weights, lse = (kept, None) if keep_weights else (None, kept)
+        grads = cog_backward(_flat(d_out, dtype), _flat(q, dtype) * scale, _flat(k, dtype), _flat(v, dtype),
+                             _flat(out, dtype), scale, mask, weights=weights, lse=lse, budget=budget)
+    return tuple(g.view(t.shape).to(t.dtype) for g, t in zip(grads, (q, k, v)))
+
+
+@cog_chunked_backward_op.register_fake
+def _(d_out, q, k, v, out, kept, mask, scale, keep_weights, budget):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, scale, keep_weights, budget = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1])
+    ctx.mask, ctx.scale, ctx.keep_weights, ctx.budget = mask, scale, keep_weights, budget
+
+
+def _backward(ctx, d_out, _d_kept):
+    q, k, v, out, kept = ctx.saved_tensors
+    d_q, d_k, d_v = cog_chunked_backward_op(d_out, q, k, v, out, kept, ctx.mask, ctx.scale, ctx.keep_weights,
+                                            ctx.budget)
+    return d_q, d_k, d_v, None, None, None, None
+
+
+cog_chunked_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def cog_attention_chunked(q, k, v, scale: float, mask=None, *, keep_weights=True, budget=None):
     """O (B, H, Lq, D) of Cog attention for q (B, H, Lq, D), k, v (B, H, Lk, D), in v's dtype.
 
     Scores run in float32 (float64 for float64 inputs). mask: None or boolean broadcastable to
     (B, H, Lq, Lk), True = attend. keep_weights: save A for backward (fast) or only the row
-    log-sum-exp of |S| (lean memory). Without autograd nothing is saved and no chunk is kept.
+    log-sum-exp of |S| (lean memory). Without autograd A is never kept.
     """
     if mask is not None:
         mask = mask.expand(*q.shape[:-1], k.shape[-2])
-    budget = budget or default_budget(q.device)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        return _CogAttention.apply(q, k, v, mask, scale, keep_weights, budget, compiler)
-    dtype = torch.promote_types(q.dtype, torch.float32)
-    with torch.autocast(q.device.type, enabled=False):
-        out, _, _ = cog_forward(_flat(q, dtype) * scale, _flat(k, dtype), _flat(v, dtype), scale, mask,
-                                budget=budget, compiler=compiler)
-    return out.view(*q.shape[:-1], v.shape[-1]).to(v.dtype)
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    # budget 0: default_budget, read inside the op (torch.get_num_threads would break a compiled graph)
+    return cog_chunked_op(q, k, v, mask, float(scale), keep_weights and training, budget or 0)[0]
