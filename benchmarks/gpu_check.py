@@ -184,7 +184,7 @@ def sampling(p: dict, device: torch.device) -> list:
     seconds = {attention: [] for attention in models}
     for round_ in range(2):
         for attention, model in models.items():
-            pipe = UViCPipeline(model=model, scheduler=scheduler)
+            pipe = UViCPipeline(transformer=model, scheduler=scheduler)
             pipe.set_progress_bar_config(disable=True)
             attention_bench.sync(device)
             start = time.perf_counter()
