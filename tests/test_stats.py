@@ -18,7 +18,7 @@ def test_t_interval_of_known_values_matches_a_hand_computation():
     half = T_TABLE[4] * math.sqrt(0.5)
     assert iv.mean == pytest.approx(3.0) and iv.n == 5
     assert iv.low == pytest.approx(3.0 - half, abs=1e-4) and iv.high == pytest.approx(3.0 + half, abs=1e-4)
-    assert iv.format(".2f") == "3.00 ± 1.96 (n = 5)"
+    assert iv.format(".2f") == "3.00 ± 1.96 (n = 5)" and t_interval([-1.0, -2.0]).format("+.1f").startswith("-1.5 ± 6.4")
 
 
 def test_one_seed_is_reported_as_one_seed_without_interval():

@@ -35,7 +35,7 @@ class Interval:
     def format(self, spec: str = ".3f") -> str:
         if self.low is None:
             return f"{self.mean:{spec}} (n = {self.n})"
-        return f"{self.mean:{spec}} ± {self.half_width:{spec}} (n = {self.n})"
+        return f"{self.mean:{spec}} ± {self.half_width:{spec.replace('+', '')}} (n = {self.n})"
 
 
 def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Interval:
