@@ -2,6 +2,7 @@
 digits classifier), statistics files, FID during training, and one clear message per bad input."""
 
 import logging
+import pickle
 
 import numpy as np
 import pytest
@@ -200,13 +201,15 @@ def test_untagged_statistics_are_taken_as_inception_with_a_note(tmp_path, caplog
         compute_metrics(digits_rgb, str(tmp_path / "foreign.npz"), feature_extractor="digits")
 
 
-def test_npz_images_are_memory_mapped_when_stored_uncompressed(tmp_path):
+def test_npz_images_are_read_lazily_when_stored_uncompressed(tmp_path):
     x = np.random.default_rng(0).integers(0, 256, (5, 4, 4, 3), dtype=np.uint8)
     np.savez(tmp_path / "a.npz", arr_0=x, labels=np.arange(5))
     np.savez_compressed(tmp_path / "b.npz", arr_0=x)
     mapped = metrics.npz_array(tmp_path / "a.npz")
-    assert isinstance(mapped, np.memmap) and np.array_equal(mapped, x)
+    assert isinstance(mapped, metrics.NpzMember) and np.array_equal(mapped, x) and np.array_equal(mapped[4], x[4])
     assert np.array_equal(metrics.npz_array(tmp_path / "b.npz"), x)
+    copy = pickle.loads(pickle.dumps(mapped))  # as DataLoader workers get it: their own stream
+    assert np.array_equal(copy[3], x[3]) and np.array_equal(copy[1], x[1])  # backwards too
     item = metrics.load_input(str(tmp_path / "a.npz")).images[2]
     assert item.dtype == torch.uint8 and torch.equal(item, torch.from_numpy(x[2]).permute(2, 0, 1))
 

@@ -1,4 +1,5 @@
-"""FID, IS, KID and precision/recall through torch-fidelity, and FID reference statistics.
+"""FID, IS, KID and precision/recall through torch-fidelity: inputs, feature extractors and the metrics.
+The Fréchet distance and statistics files are uvic.fid.
 
 The FID convention is torch-fidelity's: its "inception-v3-compat" network reproduces the TensorFlow
 Inception graph of the original FID code (TTUR) and of the ADM evaluator, image resize included;
@@ -9,7 +10,7 @@ digits demo is scored in the 64-d feature space of a small digits classifier ins
 
 Inputs (samples or reference) may be
     a torch-fidelity registered input     "cifar10-train", "cifar10-val", ..., and "digits"
-    a folder of images                    PNG / JPEG, all of one size
+    a folder of images                    any of uvic.data.IMAGE_EXTENSIONS, all of one size
     an .npz of images                     arr_0 (N, H, W, C) uint8, C = 1 or 3 (ADM / DiT layout)
     a statistics file                     .npz with mu (D,) and sigma (D, D): FID only
     a torch Dataset of uint8 (3, H, W) tensors or a uint8 NHWC array (from Python)
@@ -26,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import struct
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -168,7 +168,7 @@ def make_extractor(name: Optional[str] = None, *, inception_weights_path=None, d
 
 # ---------------------------------------------------------------------- inputs
 class ArrayImages(Dataset):
-    """uint8 (N, H, W, C) array (C = 1 or 3; may be a memmap) -> uint8 (3, H, W) tensors."""
+    """uint8 (N, H, W, C) array (C = 1 or 3; or an NpzMember) -> uint8 (3, H, W) tensors."""
 
     def __init__(self, array: np.ndarray):
         self.array = array
@@ -177,7 +177,7 @@ class ArrayImages(Dataset):
         return len(self.array)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        x = torch.from_numpy(np.array(self.array[i])).permute(2, 0, 1)  # (C, H, W); a copy: memmaps are read-only
+        x = torch.from_numpy(np.array(self.array[i])).permute(2, 0, 1)  # (C, H, W); a copy: NpzMember rows are read-only
         return x.expand(3, -1, -1).contiguous() if x.shape[0] == 1 else x
 
 
@@ -204,27 +204,51 @@ class MetricInput:
         return self.stats.num_samples if self.stats is not None else None
 
 
-def npz_array(path, key: str = "arr_0") -> np.ndarray:
-    """Member `key` of an .npz, memory-mapped when stored uncompressed (np.savez): 50K ImageNet samples
-    need not fit in memory. Compressed members are read whole."""
+class NpzMember:
+    """An uncompressed (np.savez) .npy member of an .npz, read one row at a time through zipfile's stream:
+    50K ImageNet samples need not fit in memory. Array-like: shape, dtype, ndim, len, [i], np.asarray."""
+
+    def __init__(self, path, key: str = "arr_0"):
+        self.path, self.key = str(path), key
+        with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            self.shape, self.fortran, self.dtype = read_header(f)
+            self.offset = f.tell()  # of the data, in the member
+        if self.dtype.hasobject:
+            raise ValueError(f"{path}: {key} holds Python objects, not images")
+        self.ndim = len(self.shape)
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        self._stream = None  # opened on first read, per process (see __getstate__)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if self._stream is None:
+            self._zip = zipfile.ZipFile(self.path)
+            self._stream = self._zip.open(f"{self.key}.npy")
+        self._stream.seek(self.offset + int(i) * self.row_bytes)  # in order (as a DataLoader reads): no skip
+        return np.frombuffer(self._stream.read(self.row_bytes), self.dtype).reshape(self.shape[1:])
+
+    def __array__(self, dtype=None, copy=None):
+        with np.load(self.path, allow_pickle=False) as f:
+            return f[self.key] if dtype is None else f[self.key].astype(dtype)
+
+    def __getstate__(self):  # DataLoader workers open their own stream
+        return {k: v for k, v in self.__dict__.items() if k not in ("_zip", "_stream")} | {"_stream": None}
+
+
+def npz_array(path, key: str = "arr_0"):
+    """Member `key` of an .npz: read row by row when stored uncompressed (np.savez, NpzMember), whole when
+    compressed or in Fortran order."""
     with zipfile.ZipFile(path) as zf:
-        info = zf.getinfo(f"{key}.npy")
-    if info.compress_type != zipfile.ZIP_STORED:
+        stored = zf.getinfo(f"{key}.npy").compress_type == zipfile.ZIP_STORED
+    member = NpzMember(path, key) if stored else None
+    if member is None or member.fortran:
         with np.load(path, allow_pickle=False) as f:
             return f[key]
-    with open(path, "rb") as f:
-        f.seek(info.header_offset)
-        name_len, extra_len = struct.unpack("<HH", f.read(30)[26:30])  # zip local file header
-        f.seek(info.header_offset + 30 + name_len + extra_len)
-        version = np.lib.format.read_magic(f)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read_header(f)
-        if dtype.hasobject:
-            raise ValueError(f"{path}: {key} holds Python objects, not images")
-        offset = f.tell()
-    if 0 in shape:
-        return np.zeros(shape, dtype)
-    return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=offset, order="F" if fortran else "C")
+    return member
 
 
 def check_image_array(array: np.ndarray, source: str) -> np.ndarray:
