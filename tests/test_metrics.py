@@ -12,7 +12,8 @@ from diffusers import DDPMScheduler
 from PIL import Image
 
 from uvic import digits_classifier, metrics
-from uvic.metrics import FIDStatistics, compute_metrics, compute_statistics, frechet_distance
+from uvic.fid import FIDStatistics, frechet_distance
+from uvic.metrics import compute_metrics, compute_statistics
 from uvic.model import UViT
 from uvic.pipeline import UViCPipeline
 

@@ -41,7 +41,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
 from . import digits_classifier
 from .data import IMAGE_EXTENSIONS
-from .fid import FIDStatistics, bootstrap_fid, frechet_distance  # noqa: F401 (uvic.metrics.FIDStatistics)
+from .fid import FIDStatistics, bootstrap_fid, frechet_distance
 
 logger = logging.getLogger(__name__)
 
