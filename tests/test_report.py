@@ -187,3 +187,17 @@ def test_compare_reports_seed_groups_bootstrap_and_paired_difference(seeded_runs
     verdict = "no significant difference" if cmp.interval.contains(0.0) else "is better (lower) than"
     assert f"**Verdict:** tiny_uvic vs tiny_uvit: {cmp.verdict('U-ViC', 'U-ViT')}." in md and verdict in md
     assert "20 resamples" in md and out["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_model_of_another_size_than_the_reference_is_refused_before_sampling(runs, tmp_path, capsys):
+    np.savez(tmp_path / "ref16.npz", arr_0=np.zeros((4, 16, 16, 3), np.uint8))
+    with pytest.raises(SystemExit) as err:
+        evaluate.main([str(runs[1] / "final"), "--ref", str(tmp_path / "ref16.npz"), "--num-samples", "4", "--offline",
+                       "--samples-out", str(tmp_path / "s"), "--csv", "", *FAST])
+    message = capsys.readouterr().err
+    assert err.value.code == 2 and "8x8 px" in message and "16x16 px" in message and "--allow-resize" in message
+    assert not (tmp_path / "s").exists()  # nothing sampled
+    with pytest.raises(ValueError, match="8x8 px"):
+        report.compare([str(runs[0])], ref=str(tmp_path / "ref16.npz"), out_dir=tmp_path / "cmp", num_samples=4,
+                       steps=2, scheduler="ddim", isc=False, kid=False, progress=False, download=False)
+    assert not (tmp_path / "cmp" / "samples").exists()

@@ -118,15 +118,17 @@ def run_eval(args) -> dict:
     samples, info = args.samples, {}
     if is_model(args.samples):
         (spec,) = parse_run_specs(args.samples)
+        ref_in = metrics.load_input(args.ref, data_root=args.data_root, download=not args.offline) if args.ref else None
         num = args.num_samples
         if num is None:
-            ref_count = metrics.load_input(args.ref, data_root=args.data_root, download=not args.offline).count
+            ref_count = ref_in.count if ref_in is not None else None
             num = min(ref_count or MAX_DEFAULT_SAMPLES, MAX_DEFAULT_SAMPLES)
         out = Path(args.samples_out) if args.samples_out else default_samples_dir(
             spec, args.scheduler, args.steps, args.guidance, args.seed)
         npz, info = sample_model(spec, out, num_samples=num, scheduler=args.scheduler, steps=args.steps,
                                  guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
-                                 device=args.device)
+                                 device=args.device, ref=ref_in, feature_extractor=args.feature_extractor,
+                                 allow_resize=args.allow_resize)
         samples = str(npz)
         print(f"samples    {npz} ({num} from {spec.label}, {args.scheduler}, {args.steps} steps, "
               f"w={args.guidance:g})")

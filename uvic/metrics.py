@@ -503,6 +503,7 @@ def check_resolution(samples: MetricInput, ref: MetricInput, extractor: str, all
     """Samples and reference images of one size: the extractor would resize them silently, and a score across
     resolutions measures the resize too. Resolution-free extractors (the digits CNN) and allow_resize pass."""
     a, b = samples.image_size, ref.image_size
+    extractor = EXTRACTOR_ALIASES.get(extractor, extractor)
     if a is None or b is None or tuple(a) == tuple(b) or allow_resize or extractor in RESOLUTION_FREE:
         return
     raise ValueError(
@@ -551,7 +552,7 @@ def compute_metrics(
     ref_in = load_input(ref, data_root=data_root, download=download, cache=True)
     _check_counts(samples_in, ref_in, fid=fid, kid=kid, isc=isc, prc=prc, kid_subset_size=kid_subset_size)
     extractor_name = choose_extractor(feature_extractor, samples_in, ref_in)
-    check_resolution(samples_in, ref_in, EXTRACTOR_ALIASES.get(extractor_name, extractor_name), allow_resize)
+    check_resolution(samples_in, ref_in, extractor_name, allow_resize)
     bootstrap = bootstrap if fid and samples_in.images is not None else 0  # resamples images, not statistics
     extractor = make_extractor(extractor_name, inception_weights_path=inception_weights, download=download)
     if fid:  # statistics files against these features, before any image is seen
@@ -641,7 +642,9 @@ def pipeline_fid(
     """
     from .sampling import generate_samples
 
-    load_input(ref)  # a bad reference fails before any sampling
+    ref_in = load_input(ref)  # a bad reference, or one of another size, fails before any sampling
+    size = MetricInput("the pipeline's samples", image_size=tuple(pipeline.image_shape[1:]))
+    check_resolution(size, ref_in, choose_extractor(None, ref_in), allow_resize=False)
     with tempfile.TemporaryDirectory(prefix="uvic-fid-") as tmp:
         npz = generate_samples(pipeline, tmp, num_samples=num_samples, batch_size=batch_size, seed=seed,
                                scheduler=scheduler, steps=steps, progress=False)

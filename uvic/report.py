@@ -130,8 +130,10 @@ def sampler_name(manifest: dict) -> Optional[str]:
 
 
 def sample_model(spec: RunSpec, out_dir, *, num_samples: int, scheduler: str, steps: int, guidance: float,
-                 seed: int, batch_size: int, device=None, progress: bool = True):
-    """Sample `spec` into out_dir (resumable) -> (samples.npz path, model info for reports)."""
+                 seed: int, batch_size: int, device=None, progress: bool = True, ref=None,
+                 feature_extractor: Optional[str] = None, allow_resize: bool = False):
+    """Sample `spec` into out_dir (resumable) -> (samples.npz path, model info for reports). With `ref` (a
+    MetricInput), images of another size than the reference's are refused before sampling (check_resolution)."""
     import torch
 
     from .sampling import generate_samples, load_pipeline
@@ -143,6 +145,9 @@ def sample_model(spec: RunSpec, out_dir, *, num_samples: int, scheduler: str, st
         "params": sum(p.numel() for p in pipe.model.parameters()),
         "step": spec.steps_trained(),
     }
+    if ref is not None:
+        size = metrics.MetricInput(spec.label, image_size=tuple(pipe.image_shape[1:]))
+        metrics.check_resolution(size, ref, metrics.choose_extractor(feature_extractor, ref), allow_resize)
     pipe.to(torch.device(device) if device else ("cuda" if torch.cuda.is_available() else "cpu"))
     npz = generate_samples(pipe, out_dir, num_samples=num_samples, batch_size=batch_size, seed=seed,
                            scheduler=None if scheduler == "saved" else scheduler, steps=steps, guidance=guidance,
@@ -497,7 +502,8 @@ def compare(runs: Sequence[str], *, ref: str, out_dir, num_samples: int, schedul
         sample_dir = Path(samples_dir or Path(out_dir) / "samples") / spec.label.replace("@", "_at_")
         npz, info = sample_model(spec, sample_dir, num_samples=num_samples, scheduler=scheduler, steps=steps,
                                  guidance=guidance, seed=seed, batch_size=batch_size, device=device,
-                                 progress=progress)
+                                 progress=progress, ref=ref_in, feature_extractor=metric_kwargs.get("feature_extractor"),
+                                 allow_resize=metric_kwargs.get("allow_resize", False))
         result = metrics.compute_metrics(str(npz), ref_in, fid=True, isc=isc, kid=kid, prc=prc, batch_size=batch_size,
                                          device=device, kid_subset_size=kid_subset_size, bootstrap=bootstrap,
                                          bootstrap_seed=seed, **metric_kwargs)
