@@ -201,3 +201,14 @@ def test_a_model_of_another_size_than_the_reference_is_refused_before_sampling(r
         report.compare([str(runs[0])], ref=str(tmp_path / "ref16.npz"), out_dir=tmp_path / "cmp", num_samples=4,
                        steps=2, scheduler="ddim", isc=False, kid=False, progress=False, download=False)
     assert not (tmp_path / "cmp" / "samples").exists()
+
+
+def test_a_csv_with_older_columns_is_rewritten_with_the_current_ones(tmp_path):
+    old_columns = report.CSV_COLUMNS[:-3]
+    (tmp_path / "r.csv").write_text(",".join(old_columns) + "\n" + ",".join("x" * len(old_columns)) + "\n")
+    report.append_csv(tmp_path / "r.csv", [{"model": "new", "train_seed": 3}])
+    rows = read_csv(tmp_path / "r.csv")
+    assert list(rows[0]) == list(report.CSV_COLUMNS)
+    assert (rows[0]["model"], rows[0]["train_seed"]) == ("x", "") and (rows[1]["model"], rows[1]["train_seed"]) == ("new", "3")
+    report.append_csv(tmp_path / "r.csv", [{"model": "third"}])  # current columns: appended
+    assert [r["model"] for r in read_csv(tmp_path / "r.csv")] == ["x", "new", "third"]

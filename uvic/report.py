@@ -264,12 +264,18 @@ def make_row(result: dict, *, samples: str, ref: str, manifest: Optional[dict] =
 
 
 def append_csv(path, rows: Sequence[dict]) -> Path:
-    """Append rows (CSV_COLUMNS) to `path`, writing the header when the file is new."""
+    """Append rows (CSV_COLUMNS) to `path`, writing the header when the file is new; a file written with older
+    columns is rewritten once with the current ones (its rows kept, new columns blank)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+    if not new:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames != list(CSV_COLUMNS):
+                rows, new = [*reader, *rows], True
+    with open(path, "w" if new else "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         if new:
             writer.writeheader()
         writer.writerows([{k: ("" if v is None else v) for k, v in r.items()} for r in rows])
