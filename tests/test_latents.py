@@ -332,7 +332,7 @@ def random_inception(tmp_path):
 
 
 def test_extract_train_sample_with_guidance_decode_and_score(latents, image_folder, random_inception, tmp_path, monkeypatch):
-    from uvic import report, sampling, trainer
+    from uvic import evaluate, sampling, trainer
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # nothing is found or fetched there
     monkeypatch.setenv("UVIC_CACHE_DIR", str(tmp_path / "cache"))
@@ -360,6 +360,6 @@ train: {{steps: 3, batch_size: 4, warmup_steps: 1, log_every: 1, sample_every: 0
     crops = export_crops(image_folder, tmp_path / "ref", resolution=RES, limit=6, num_workers=0, progress=False)
     common = ["--inception-weights", str(random_inception), "--offline", "--batch-size", "12", "--device", "cpu",
               "--csv", ""]
-    report.main([str(crops), "--save-stats", str(tmp_path / "ref_stats.npz"), *common])
-    result = report.main([str(samples), "--ref", str(tmp_path / "ref_stats.npz"), *common])
+    evaluate.main([str(crops), "--save-stats", str(tmp_path / "ref_stats.npz"), *common])
+    result = evaluate.main([str(samples), "--ref", str(tmp_path / "ref_stats.npz"), *common])
     assert np.isfinite(result["fid"]) and result["fid"] > 0

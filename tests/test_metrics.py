@@ -2,6 +2,7 @@
 digits classifier), statistics files, FID during training, and one clear message per bad input."""
 
 import logging
+import pickle
 
 import numpy as np
 import pytest
@@ -11,7 +12,8 @@ from diffusers import DDPMScheduler
 from PIL import Image
 
 from uvic import digits_classifier, metrics
-from uvic.metrics import FIDStatistics, compute_metrics, compute_statistics, frechet_distance
+from uvic.fid import FIDStatistics, frechet_distance
+from uvic.metrics import compute_metrics, compute_statistics
 from uvic.model import UViT
 from uvic.pipeline import UViCPipeline
 
@@ -200,13 +202,15 @@ def test_untagged_statistics_are_taken_as_inception_with_a_note(tmp_path, caplog
         compute_metrics(digits_rgb, str(tmp_path / "foreign.npz"), feature_extractor="digits")
 
 
-def test_npz_images_are_memory_mapped_when_stored_uncompressed(tmp_path):
+def test_npz_images_are_read_lazily_when_stored_uncompressed(tmp_path):
     x = np.random.default_rng(0).integers(0, 256, (5, 4, 4, 3), dtype=np.uint8)
     np.savez(tmp_path / "a.npz", arr_0=x, labels=np.arange(5))
     np.savez_compressed(tmp_path / "b.npz", arr_0=x)
     mapped = metrics.npz_array(tmp_path / "a.npz")
-    assert isinstance(mapped, np.memmap) and np.array_equal(mapped, x)
+    assert isinstance(mapped, metrics.NpzMember) and np.array_equal(mapped, x) and np.array_equal(mapped[4], x[4])
     assert np.array_equal(metrics.npz_array(tmp_path / "b.npz"), x)
+    copy = pickle.loads(pickle.dumps(mapped))  # as DataLoader workers get it: their own stream
+    assert np.array_equal(copy[3], x[3]) and np.array_equal(copy[1], x[1])  # backwards too
     item = metrics.load_input(str(tmp_path / "a.npz")).images[2]
     assert item.dtype == torch.uint8 and torch.equal(item, torch.from_numpy(x[2]).permute(2, 0, 1))
 
@@ -247,3 +251,36 @@ def test_bad_inputs_give_one_clear_message(tmp_path, digits_rgb):
         compute_metrics(ok, "digits", feature_extractor="resnet")
     with pytest.raises(ValueError, match="IS averages 10 splits"):
         compute_metrics(ok[:5], "digits", isc=True)
+
+
+# ---------------------------------------------------------------------- resolution, bootstrap, extensions
+def test_samples_and_reference_of_different_sizes_are_refused_unless_allowed(tmp_path):
+    small, large = np.zeros((4, 16, 16, 3), np.uint8), np.zeros((4, 32, 32, 3), np.uint8)
+    with pytest.raises(ValueError) as err:  # before any weights are looked for
+        compute_metrics(small, large, download=False)
+    assert "16x16 px" in str(err.value) and "32x32 px" in str(err.value) and "--allow-resize" in str(err.value)
+    with pytest.raises(FileNotFoundError, match="Inception weights are missing"):  # past the check: the weights
+        compute_metrics(small, large, download=False, allow_resize=True)
+
+
+def test_digits_features_are_resolution_free_so_16px_samples_score_against_8px_digits(digits_rgb):
+    x16 = torch.nn.functional.interpolate(torch.from_numpy(digits_rgb[:200]).permute(0, 3, 1, 2).float(), size=16,
+                                          mode="bilinear", antialias=True)
+    x16 = x16.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert compute_metrics(x16, "digits", batch_size=512)["fid"] < 1.0
+
+
+def test_bootstrap_interval_of_fid_over_samples(digits_rgb):
+    r = compute_metrics(digits_rgb[::4], "digits", batch_size=512, bootstrap=50, bootstrap_seed=3)
+    assert r["fid_low"] < r["fid_high"] and r["fid_high"] > r["fid"] - 1e-9
+    again = compute_metrics(digits_rgb[::4], "digits", batch_size=512, bootstrap=50, bootstrap_seed=3)
+    assert (again["fid_low"], again["fid_high"]) == (r["fid_low"], r["fid_high"])  # seeded
+
+
+def test_a_webp_folder_can_be_scored(tmp_path, digits_rgb):
+    folder = tmp_path / "webp"
+    folder.mkdir()
+    for i, im in enumerate(digits_rgb[:20]):
+        Image.fromarray(im).save(folder / f"{i:03d}.webp", lossless=True)
+    r = compute_metrics(str(folder), "digits", batch_size=512)
+    assert r["num_samples"] == 20 and np.isfinite(r["fid"])

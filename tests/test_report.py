@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from uvic import report
+from uvic import evaluate, report
 from uvic.model import UViT
 from uvic.pipeline import UViCPipeline
 
@@ -19,20 +19,22 @@ FAST = ["--steps", "2", "--scheduler", "ddim", "--batch-size", "16"]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def make_run(root, name, attention_type, steps=(2, 4)):
+def make_run(root, name, attention_type, steps=(2, 4), seed=None, train_extra=""):
     """A finished run in the run-directory layout (README.md, "Train"): config.yaml, checkpoints/step_XXXXXXX/{model,ema_model,scheduler},
     final/ (pipeline folder of the last EMA weights)."""
     run = root / name
     scheduler = DDPMScheduler(num_train_timesteps=100)
     for i, step in enumerate(steps):
-        torch.manual_seed(i)
+        torch.manual_seed(i if seed is None else 1000 * seed + i)  # other seeds, other weights
         model = UViT(**TINY, attention_type=attention_type).eval()
         folder = run / "checkpoints" / f"step_{step:07d}"
         model.save_pretrained(folder / "model")
         model.save_pretrained(folder / "ema_model")
         scheduler.save_pretrained(folder / "scheduler")
     UViCPipeline(transformer=model, scheduler=scheduler).save_pretrained(run / "final")
-    (run / "config.yaml").write_text(f"model:\n  attention_type: {attention_type}\ntrain:\n  steps: {steps[-1]}\n")
+    seed_line = "" if seed is None else f"  seed: {seed}\n"
+    (run / "config.yaml").write_text(f"model:\n  attention_type: {attention_type}\ntrain:\n  steps: {steps[-1]}\n"
+                                     f"{seed_line}{train_extra}")
     return run
 
 
@@ -48,7 +50,7 @@ def read_csv(path):
 
 
 def test_compare_report_on_two_tiny_runs(runs, tmp_path):
-    out = report.main(["compare", str(runs[0]), str(runs[1]), "--ref", "digits", "--num-samples", "12",
+    out = evaluate.main(["compare", str(runs[0]), str(runs[1]), "--ref", "digits", "--num-samples", "12",
                        "--kid-subset-size", "10", "--out", str(tmp_path / "cmp"), "--samples-dir", str(tmp_path / "s"),
                        *FAST])
     md = out["md"].read_text()
@@ -93,8 +95,8 @@ def test_run_spec_syntax(runs, suffix, checkpoints, expected):
 def test_eval_cli_scores_a_pipeline_folder_and_appends_a_csv_row(runs, tmp_path, capsys):
     args = [str(runs[1] / "final"), "--ref", "digits", "--num-samples", "10", "--csv", str(tmp_path / "r.csv"),
             "--samples-out", str(tmp_path / "s"), *FAST]
-    first = report.main(args)
-    second = report.main([*args, "--isc"])
+    first = evaluate.main(args)
+    second = evaluate.main([*args, "--isc"])
     assert second["fid"] == pytest.approx(first["fid"], rel=1e-9)  # the same samples, resumed, not redrawn
     printed = capsys.readouterr().out
     assert f"FID        {first['fid']:.4f}" in printed and "IS " in printed
@@ -105,11 +107,11 @@ def test_eval_cli_scores_a_pipeline_folder_and_appends_a_csv_row(runs, tmp_path,
 
 
 def test_eval_cli_reads_the_manifest_of_a_sample_set(runs, tmp_path, capsys):
-    report.main([str(runs[0] / "final"), "--ref", "digits", "--num-samples", "10", "--csv", "",
+    evaluate.main([str(runs[0] / "final"), "--ref", "digits", "--num-samples", "10", "--csv", "",
                  "--samples-out", str(tmp_path / "set"), *FAST])
-    by_npz = report.main([str(tmp_path / "set" / "samples.npz"), "--ref", "digits", "--csv", str(tmp_path / "r.csv"),
+    by_npz = evaluate.main([str(tmp_path / "set" / "samples.npz"), "--ref", "digits", "--csv", str(tmp_path / "r.csv"),
                           "--save-stats", str(tmp_path / "stats.npz")])
-    by_folder = report.main([str(tmp_path / "set"), "--ref", "digits", "--csv", str(tmp_path / "r.csv")])
+    by_folder = evaluate.main([str(tmp_path / "set"), "--ref", "digits", "--csv", str(tmp_path / "r.csv")])
     assert by_folder["fid"] == by_npz["fid"]  # a sample.py folder means its samples.npz
     for row in read_csv(tmp_path / "r.csv"):
         assert (row["sampler"], row["steps"], row["guidance"], row["num_samples"]) == ("ddim", "2", "1.0", "10")
@@ -118,15 +120,95 @@ def test_eval_cli_reads_the_manifest_of_a_sample_set(runs, tmp_path, capsys):
 
 def test_eval_cli_bad_input_exits_with_one_message(tmp_path, capsys):
     with pytest.raises(SystemExit) as err:
-        report.main([str(tmp_path / "nowhere"), "--ref", "digits"])
+        evaluate.main([str(tmp_path / "nowhere"), "--ref", "digits"])
     assert err.value.code == 2 and "does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        report.main([str(tmp_path), "--ref", "digits", "--scheduler", "magic"])
+        evaluate.main([str(tmp_path), "--ref", "digits", "--scheduler", "magic"])
     assert "unknown scheduler 'magic'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        report.main([str(tmp_path)])
+        evaluate.main([str(tmp_path)])
     assert "--ref is required" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="does not exist"):
         report.parse_run_specs(str(tmp_path / "no_run"))
     with pytest.raises(ValueError, match="not valid"):
         report.parse_run_specs(f"{tmp_path}@soon")
+
+
+# ---------------------------------------------------------------------- seeds: groups, intervals, pairs
+def test_group_by_seed_groups_configs_that_differ_only_in_train_seed():
+    def cfg(attention, seed, lr=1e-3):
+        return {"model": {"attention_type": attention}, "train": {"seed": seed, "lr": lr}}
+
+    configs = [cfg("cog", 0), cfg("softmax", 0), cfg("cog", 1), cfg("cog", 0, lr=2e-3), None, cfg("cog", 2)]
+    names = ["c_s0", "t_s0", "c_s1", "c_lr", "pipe", "c_s2"]
+    rows = [{"model": n, "attention": c and c["model"]["attention_type"], "fid": float(i),
+             "train_seed": c and c["train"]["seed"]} for i, (n, c) in enumerate(zip(names, configs))]
+    groups = report.group_by_seed(rows, configs, [None] * 6)
+    assert [[r["model"] for r in g.rows] for g in groups] == [["c_s0", "c_s1", "c_s2"], ["t_s0"], ["c_lr"], ["pipe"]]
+    assert [g.name for g in groups] == ["c", "t_s0", "c_lr", "pipe"]
+    assert groups[0].fid_by_seed == {0: 0.0, 1: 2.0, 2: 5.0} and groups[1].interval.low is None
+    (cog, soft, cmp), = report.paired_comparisons(groups)  # c and t differ only in attention; c_lr has no partner
+    assert (cog.name, soft.name, cmp.seeds, cmp.differences) == ("c", "t_s0", (0,), (0.0 - 1.0,))
+    # the same checkpoint of two runs with equal config and seed is one run twice
+    with pytest.raises(ValueError, match="same train.seed"):
+        report.group_by_seed(rows[:1] * 2, configs[:1] * 2, [None, None])
+    # other checkpoints are other groups
+    assert len(report.group_by_seed(rows[:1] * 2, configs[:1] * 2, ["2", "4"])) == 2
+
+
+@pytest.fixture(scope="module")
+def seeded_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("seeded")
+    runs = [make_run(root, f"tiny_{name}_s{seed}", attention, steps=(4,), seed=seed)
+            for name, attention in (("uvit", "softmax"), ("uvic", "cog")) for seed in (0, 1, 2)]
+    return runs + [make_run(root, "tiny_uvic_lr", "cog", steps=(4,), seed=0, train_extra="  lr: 0.002\n")]
+
+
+def test_compare_reports_seed_groups_bootstrap_and_paired_difference(seeded_runs, tmp_path):
+    out = report.compare([str(r) for r in seeded_runs], ref="digits", out_dir=tmp_path, num_samples=12, steps=2,
+                         scheduler="ddim", batch_size=16, isc=False, kid=False, bootstrap=20, progress=False)
+    rows, groups = out["rows"], out["groups"]
+    assert [(g.name, len(g.rows)) for g in groups] == [("tiny_uvit", 3), ("tiny_uvic", 3), ("tiny_uvic_lr", 1)]
+    csv_rows = read_csv(out["csv"])
+    assert [r["train_seed"] for r in csv_rows] == ["0", "1", "2", "0", "1", "2", "0"]
+    assert all(float(r["fid_low"]) < float(r["fid_high"]) for r in csv_rows)
+    fid = {r["model"]: float(r["fid"]) for r in csv_rows}
+    uvic = groups[1]
+    assert uvic.interval.mean == pytest.approx(np.mean([fid[f"tiny_uvic_s{s}"] for s in range(3)]))
+    (cog, soft, cmp), = report.paired_comparisons(groups)  # tiny_uvic_lr differs in lr too: no partner
+    assert (cog.name, soft.name, cmp.seeds) == ("tiny_uvic", "tiny_uvit", (0, 1, 2))
+    assert cmp.differences == pytest.approx([fid[f"tiny_uvic_s{s}"] - fid[f"tiny_uvit_s{s}"] for s in range(3)])
+
+    md = out["md"].read_text()
+    assert "FID(U-ViC) − FID(U-ViT)" in md and "negative difference favours U-ViC" in md
+    assert f"| tiny_uvic | U-ViC (Cog) | 3 | 12 | {uvic.interval.format()} |" in md
+    assert f"| tiny_uvic_lr | U-ViC (Cog) | 1 | 12 | {groups[2].interval.mean:.3f} (n = 1) |" in md  # no interval
+    assert f"| tiny_uvic | tiny_uvit | 3 | {cmp.interval.format('+.3f')} |" in md
+    verdict = "no significant difference" if cmp.interval.contains(0.0) else "is better (lower) than"
+    assert f"**Verdict:** tiny_uvic vs tiny_uvit: {cmp.verdict('U-ViC', 'U-ViT')}." in md and verdict in md
+    assert "20 resamples" in md and out["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_model_of_another_size_than_the_reference_is_refused_before_sampling(runs, tmp_path, capsys):
+    np.savez(tmp_path / "ref16.npz", arr_0=np.zeros((4, 16, 16, 3), np.uint8))
+    with pytest.raises(SystemExit) as err:
+        evaluate.main([str(runs[1] / "final"), "--ref", str(tmp_path / "ref16.npz"), "--num-samples", "4", "--offline",
+                       "--samples-out", str(tmp_path / "s"), "--csv", "", *FAST])
+    message = capsys.readouterr().err
+    assert err.value.code == 2 and "8x8 px" in message and "16x16 px" in message and "--allow-resize" in message
+    assert not (tmp_path / "s").exists()  # nothing sampled
+    with pytest.raises(ValueError, match="8x8 px"):
+        report.compare([str(runs[0])], ref=str(tmp_path / "ref16.npz"), out_dir=tmp_path / "cmp", num_samples=4,
+                       steps=2, scheduler="ddim", isc=False, kid=False, progress=False, download=False)
+    assert not (tmp_path / "cmp" / "samples").exists()
+
+
+def test_a_csv_with_older_columns_is_rewritten_with_the_current_ones(tmp_path):
+    old_columns = report.CSV_COLUMNS[:-3]
+    (tmp_path / "r.csv").write_text(",".join(old_columns) + "\n" + ",".join("x" * len(old_columns)) + "\n")
+    report.append_csv(tmp_path / "r.csv", [{"model": "new", "train_seed": 3}])
+    rows = read_csv(tmp_path / "r.csv")
+    assert list(rows[0]) == list(report.CSV_COLUMNS)
+    assert (rows[0]["model"], rows[0]["train_seed"]) == ("x", "") and (rows[1]["model"], rows[1]["train_seed"]) == ("new", "3")
+    report.append_csv(tmp_path / "r.csv", [{"model": "third"}])  # current columns: appended
+    assert [r["model"] for r in read_csv(tmp_path / "r.csv")] == ["x", "new", "third"]

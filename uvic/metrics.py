@@ -1,4 +1,5 @@
-"""FID, IS, KID and precision/recall through torch-fidelity, and FID reference statistics.
+"""FID, IS, KID and precision/recall through torch-fidelity: inputs, feature extractors and the metrics.
+The Fréchet distance and statistics files are uvic.fid.
 
 The FID convention is torch-fidelity's: its "inception-v3-compat" network reproduces the TensorFlow
 Inception graph of the original FID code (TTUR) and of the ADM evaluator, image resize included;
@@ -9,7 +10,7 @@ digits demo is scored in the 64-d feature space of a small digits classifier ins
 
 Inputs (samples or reference) may be
     a torch-fidelity registered input     "cifar10-train", "cifar10-val", ..., and "digits"
-    a folder of images                    PNG / JPEG, all of one size
+    a folder of images                    any of uvic.data.IMAGE_EXTENSIONS, all of one size
     an .npz of images                     arr_0 (N, H, W, C) uint8, C = 1 or 3 (ADM / DiT layout)
     a statistics file                     .npz with mu (D,) and sigma (D, D): FID only
     a torch Dataset of uint8 (3, H, W) tensors or a uint8 NHWC array (from Python)
@@ -26,14 +27,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
-import struct
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Union
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -41,6 +40,8 @@ from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
 from . import digits_classifier
+from .data import IMAGE_EXTENSIONS
+from .fid import FIDStatistics, bootstrap_fid, frechet_distance
 
 logger = logging.getLogger(__name__)
 
@@ -48,87 +49,11 @@ INCEPTION = "inception-v3-compat"
 INCEPTION_WEIGHTS_URL = URL_INCEPTION_V3  # weights-inception-2015-12-05-6726825d.pth on torch-fidelity's releases
 INCEPTION_WEIGHTS_FILE = INCEPTION_WEIGHTS_URL.rsplit("/", 1)[1]
 EXTRACTOR_ALIASES = {"inception": INCEPTION, "digits": digits_classifier.EXTRACTOR_NAME}
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 KID_SUBSET_SIZE = 1000  # torch-fidelity's default
 PRC_NEIGHBORHOOD = 3
 ISC_SPLITS = 10
+RESOLUTION_FREE = (digits_classifier.EXTRACTOR_NAME,)  # built to score any size (8x8 digits, 16 px samples)
 PARALLEL_DECODE_MIN = 1000  # image files from which DataLoader workers pay for their start-up
-
-
-# ---------------------------------------------------------------------- Fréchet distance, statistics
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """‖μ1 − μ2‖² + tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½), in float64.
-
-    With Σ1 = V diag(w) Vᵀ and A = V_r diag(√w_r) over its r non-zero eigenvalues (Σ1 = A Aᵀ),
-    tr (Σ1 Σ2)^½ = tr (Aᵀ Σ2 A)^½: an (r, r) symmetric positive semi-definite matrix whose eigenvalues
-    come from eigvalsh (real, stable), and small when Σ1 has low rank (fewer samples than features).
-    """
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    d = mu1.shape[0]
-    if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
-        raise ValueError(
-            f"statistics do not match: mu {mu1.shape} / {mu2.shape}, sigma {sigma1.shape} / {sigma2.shape}"
-        )
-    w, v = np.linalg.eigh((sigma1 + sigma1.T) / 2)
-    keep = w > max(w.max(), 0.0) * d * np.finfo(np.float64).eps
-    a = v[:, keep] * np.sqrt(w[keep])  # (D, r)
-    m = a.T @ sigma2 @ a  # (r, r)
-    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
-
-
-@dataclass
-class FIDStatistics:
-    """Mean (D,) and covariance (D, D) of features, and which features they are (None: unknown)."""
-
-    mu: np.ndarray
-    sigma: np.ndarray
-    extractor: Optional[str] = None  # torch-fidelity feature extractor name
-    layer: Optional[str] = None  # its feature layer
-    weights: Optional[str] = None  # sha256 prefix of the extractor weights
-    num_samples: Optional[int] = None
-
-    @classmethod
-    def from_features(cls, features, **tags) -> "FIDStatistics":
-        """(N, D) features -> statistics (np.cov: unbiased, as TTUR, pytorch-fid and torch-fidelity)."""
-        f = np.asarray(features, dtype=np.float64)
-        return cls(f.mean(axis=0), np.cov(f, rowvar=False), num_samples=len(f), **tags)
-
-    @property
-    def tagged(self) -> bool:
-        return self.extractor is not None
-
-    def describe(self) -> str:
-        if not self.tagged:
-            return f"untagged {self.mu.shape[0]}-d statistics"
-        return f"{self.extractor} layer {self.layer} (weights {self.weights})"
-
-    def save(self, path) -> Path:
-        """A .npz readable by pytorch-fid / U-ViT / ADM tools (mu, sigma) that also names its features."""
-        path = Path(path)
-        if path.suffix != ".npz":
-            raise ValueError(f"statistics file {path} must end in .npz")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tags = {k: np.str_(v) for k, v in (("extractor", self.extractor), ("layer", self.layer),
-                                           ("weights", self.weights)) if v is not None}
-        if self.num_samples is not None:
-            tags["num_samples"] = np.int64(self.num_samples)
-        np.savez(path, mu=self.mu, sigma=self.sigma, **tags)
-        return path
-
-    @classmethod
-    def load(cls, path) -> "FIDStatistics":
-        with np.load(path, allow_pickle=False) as f:
-            if "mu" not in f.files or "sigma" not in f.files:
-                raise ValueError(f"{path} is not a statistics file: it has {f.files}, expected mu and sigma")
-            tag = {k: str(f[k]) for k in ("extractor", "layer", "weights") if k in f.files}
-            n = int(f["num_samples"]) if "num_samples" in f.files else None
-            mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
-        if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-            raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not (D,) and (D, D)")
-        return cls(mu, sigma, num_samples=n, **tag)
 
 
 # ---------------------------------------------------------------------- feature extractors
@@ -243,7 +168,7 @@ def make_extractor(name: Optional[str] = None, *, inception_weights_path=None, d
 
 # ---------------------------------------------------------------------- inputs
 class ArrayImages(Dataset):
-    """uint8 (N, H, W, C) array (C = 1 or 3; may be a memmap) -> uint8 (3, H, W) tensors."""
+    """uint8 (N, H, W, C) array (C = 1 or 3; or an NpzMember) -> uint8 (3, H, W) tensors."""
 
     def __init__(self, array: np.ndarray):
         self.array = array
@@ -252,7 +177,7 @@ class ArrayImages(Dataset):
         return len(self.array)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        x = torch.from_numpy(np.array(self.array[i])).permute(2, 0, 1)  # (C, H, W); a copy: memmaps are read-only
+        x = torch.from_numpy(np.array(self.array[i])).permute(2, 0, 1)  # (C, H, W); a copy: NpzMember rows are read-only
         return x.expand(3, -1, -1).contiguous() if x.shape[0] == 1 else x
 
 
@@ -279,27 +204,51 @@ class MetricInput:
         return self.stats.num_samples if self.stats is not None else None
 
 
-def npz_array(path, key: str = "arr_0") -> np.ndarray:
-    """Member `key` of an .npz, memory-mapped when stored uncompressed (np.savez): 50K ImageNet samples
-    need not fit in memory. Compressed members are read whole."""
+class NpzMember:
+    """An uncompressed (np.savez) .npy member of an .npz, read one row at a time through zipfile's stream:
+    50K ImageNet samples need not fit in memory. Array-like: shape, dtype, ndim, len, [i], np.asarray."""
+
+    def __init__(self, path, key: str = "arr_0"):
+        self.path, self.key = str(path), key
+        with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            self.shape, self.fortran, self.dtype = read_header(f)
+            self.offset = f.tell()  # of the data, in the member
+        if self.dtype.hasobject:
+            raise ValueError(f"{path}: {key} holds Python objects, not images")
+        self.ndim = len(self.shape)
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        self._stream = None  # opened on first read, per process (see __getstate__)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if self._stream is None:
+            self._zip = zipfile.ZipFile(self.path)
+            self._stream = self._zip.open(f"{self.key}.npy")
+        self._stream.seek(self.offset + int(i) * self.row_bytes)  # in order (as a DataLoader reads): no skip
+        return np.frombuffer(self._stream.read(self.row_bytes), self.dtype).reshape(self.shape[1:])
+
+    def __array__(self, dtype=None, copy=None):
+        with np.load(self.path, allow_pickle=False) as f:
+            return f[self.key] if dtype is None else f[self.key].astype(dtype)
+
+    def __getstate__(self):  # DataLoader workers open their own stream
+        return {k: v for k, v in self.__dict__.items() if k not in ("_zip", "_stream")} | {"_stream": None}
+
+
+def npz_array(path, key: str = "arr_0"):
+    """Member `key` of an .npz: read row by row when stored uncompressed (np.savez, NpzMember), whole when
+    compressed or in Fortran order."""
     with zipfile.ZipFile(path) as zf:
-        info = zf.getinfo(f"{key}.npy")
-    if info.compress_type != zipfile.ZIP_STORED:
+        stored = zf.getinfo(f"{key}.npy").compress_type == zipfile.ZIP_STORED
+    member = NpzMember(path, key) if stored else None
+    if member is None or member.fortran:
         with np.load(path, allow_pickle=False) as f:
             return f[key]
-    with open(path, "rb") as f:
-        f.seek(info.header_offset)
-        name_len, extra_len = struct.unpack("<HH", f.read(30)[26:30])  # zip local file header
-        f.seek(info.header_offset + 30 + name_len + extra_len)
-        version = np.lib.format.read_magic(f)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read_header(f)
-        if dtype.hasobject:
-            raise ValueError(f"{path}: {key} holds Python objects, not images")
-        offset = f.tell()
-    if 0 in shape:
-        return np.zeros(shape, dtype)
-    return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=offset, order="F" if fortran else "C")
+    return member
 
 
 def check_image_array(array: np.ndarray, source: str) -> np.ndarray:
@@ -548,9 +497,20 @@ def _check_counts(samples: MetricInput, ref: MetricInput, *, fid, kid, isc, prc,
                 )
     if isc and n < ISC_SPLITS:
         raise ValueError(f"IS averages {ISC_SPLITS} splits: it needs at least {ISC_SPLITS} samples, got {n}")
-    if fid and samples.image_size and ref.image_size and samples.image_size != ref.image_size:
-        logger.info("samples are %s, reference %s: both are resized by the extractor", samples.image_size,
-                    ref.image_size)
+
+
+def check_resolution(samples: MetricInput, ref: MetricInput, extractor: str, allow_resize: bool) -> None:
+    """Samples and reference images of one size: the extractor would resize them silently, and a score across
+    resolutions measures the resize too. Resolution-free extractors (the digits CNN) and allow_resize pass."""
+    a, b = samples.image_size, ref.image_size
+    extractor = EXTRACTOR_ALIASES.get(extractor, extractor)
+    if a is None or b is None or tuple(a) == tuple(b) or allow_resize or extractor in RESOLUTION_FREE:
+        return
+    raise ValueError(
+        f"samples {samples.source} are {a[1]}x{a[0]} px but reference {ref.source} is {b[1]}x{b[0]} px: the "
+        f"feature extractor would resize both silently, so the score would measure the resize too. Sample at "
+        f"{b[1]}x{b[0]}, or pass --allow-resize (Python: allow_resize=True) to score them anyway."
+    )
 
 
 def compute_metrics(
@@ -570,11 +530,16 @@ def compute_metrics(
     download: bool = True,
     cache_root=None,
     verbose: bool = False,
+    allow_resize: bool = False,
+    bootstrap: int = 0,
+    bootstrap_seed: int = 0,
 ) -> dict:
     """FID (and IS, KID, precision/recall) of `samples` against `ref` (see the module docstring for the
     accepted forms). The extractor is `feature_extractor` ("inception", "digits", a torch-fidelity name),
     else chosen from the inputs (choose_extractor). cache_root: torch-fidelity's feature / statistics cache
-    of the reference (default $UVIC_CACHE_DIR/fidelity_cache; False: off).
+    of the reference (default $UVIC_CACHE_DIR/fidelity_cache; False: off). Samples and reference of different
+    sizes are refused unless allow_resize (see check_resolution). bootstrap > 0: also a percentile bootstrap
+    interval of the FID over the samples ("fid_low", "fid_high"; that many resamples, seeded by bootstrap_seed).
 
     Returns {"fid", "isc_mean", "isc_std", "kid_mean", "kid_std", "precision", "recall", "f_score"} (the
     metrics asked for) plus "extractor", "num_samples", "num_ref".
@@ -586,8 +551,10 @@ def compute_metrics(
     samples_in = load_input(samples, data_root=data_root, download=download)
     ref_in = load_input(ref, data_root=data_root, download=download, cache=True)
     _check_counts(samples_in, ref_in, fid=fid, kid=kid, isc=isc, prc=prc, kid_subset_size=kid_subset_size)
-    extractor = make_extractor(choose_extractor(feature_extractor, samples_in, ref_in),
-                               inception_weights_path=inception_weights, download=download)
+    extractor_name = choose_extractor(feature_extractor, samples_in, ref_in)
+    check_resolution(samples_in, ref_in, extractor_name, allow_resize)
+    bootstrap = bootstrap if fid and samples_in.images is not None else 0  # resamples images, not statistics
+    extractor = make_extractor(extractor_name, inception_weights_path=inception_weights, download=download)
     if fid:  # statistics files against these features, before any image is seen
         if samples_in.images is None:
             extractor.check(samples_in.stats, samples_in.source)
@@ -598,7 +565,7 @@ def compute_metrics(
     tf = _Fidelity(extractor, sorted(layers), batch_size=batch_size, device=device, cache_root=cache_root,
                    verbose=verbose, kid_subset_size=kid_subset_size, prc_neighborhood=PRC_NEIGHBORHOOD,
                    isc_splits=ISC_SPLITS)
-    need_features = kid or isc or prc
+    need_features = kid or isc or prc or bootstrap
     feats_s = tf.features(samples_in) if samples_in.images is not None and need_features else None
     feats_r = tf.features(ref_in) if (kid or prc) else None
 
@@ -607,6 +574,10 @@ def compute_metrics(
         stats_s = samples_in.stats if samples_in.images is None else tf.statistics(samples_in, feats_s)
         stats_r = ref_in.stats if ref_in.stats is not None else tf.statistics(ref_in, feats_r)
         out["fid"] = frechet_distance(stats_s.mu, stats_s.sigma, stats_r.mu, stats_r.sigma)
+        if bootstrap:
+            iv = bootstrap_fid(feats_s[extractor.layer("fid")].numpy(), stats_r, resamples=bootstrap,
+                               seed=bootstrap_seed)
+            out.update(fid_low=iv.low, fid_high=iv.high)
     if isc:
         from torch_fidelity.metric_isc import isc_featuresdict_to_metric
 
@@ -671,7 +642,9 @@ def pipeline_fid(
     """
     from .sampling import generate_samples
 
-    load_input(ref)  # a bad reference fails before any sampling
+    ref_in = load_input(ref)  # a bad reference, or one of another size, fails before any sampling
+    size = MetricInput("the pipeline's samples", image_size=tuple(pipeline.image_shape[1:]))
+    check_resolution(size, ref_in, choose_extractor(None, ref_in), allow_resize=False)
     with tempfile.TemporaryDirectory(prefix="uvic-fid-") as tmp:
         npz = generate_samples(pipeline, tmp, num_samples=num_samples, batch_size=batch_size, seed=seed,
                                scheduler=scheduler, steps=steps, progress=False)

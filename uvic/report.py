@@ -1,35 +1,34 @@
-"""Scoring sample sets and models, and the U-ViC vs U-ViT comparison report (eval_fid.py, `uvic-eval`).
-
-    eval_fid.py SAMPLES --ref REF [--kid] [--isc] [--prc]       one sample set (or model) -> stdout + CSV row
-    eval_fid.py SAMPLES --save-stats PATH                        statistics file of any input, for reuse
-    eval_fid.py compare RUN_A RUN_B ... --ref REF --num-samples N --scheduler S --steps K
-                                                                 every run sampled alike and scored ->
-                                                                 report.md, report.csv, fid.png
+"""Scoring models and the U-ViC vs U-ViT comparison report (report.md, report.csv, fid.png).
 
 A model (pipeline folder, run directory, RUN@STEP) is first sampled with uvic.sampling into a
 resumable sample set, then scored like any other set. Sampling metadata of a set (sampler, steps,
-guidance, model) comes from its manifest.json when there is one.
+guidance, model) comes from its manifest.json when there is one. Runs that differ only in train.seed
+are grouped and summarised over seeds (uvic.stats); the command line is uvic.evaluate.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import datetime
 import json
 import math
+import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
-from . import metrics
+import numpy as np
+
+from . import metrics, stats
+from .config import TrainConfig
 from .runs import RunDir
 
 CSV_COLUMNS = (
     "date", "samples", "model", "attention", "params", "step", "sampler", "steps", "guidance", "seed",
     "num_samples", "ref", "num_ref", "extractor", "fid", "isc_mean", "isc_std", "kid_mean", "kid_std",
-    "precision", "recall",
+    "precision", "recall", "train_seed", "fid_low", "fid_high",
 )  # fmt: skip
 ATTENTION_NAMES = {"softmax": "U-ViT (softmax)", "cog": "U-ViC (Cog)"}
 DEFAULT_CSV = "runs/eval_fid.csv"
@@ -114,8 +113,10 @@ def sampler_name(manifest: dict) -> Optional[str]:
 
 
 def sample_model(spec: RunSpec, out_dir, *, num_samples: int, scheduler: str, steps: int, guidance: float,
-                 seed: int, batch_size: int, device=None, progress: bool = True):
-    """Sample `spec` into out_dir (resumable) -> (samples.npz path, model info for reports)."""
+                 seed: int, batch_size: int, device=None, progress: bool = True, ref=None,
+                 feature_extractor: Optional[str] = None, allow_resize: bool = False):
+    """Sample `spec` into out_dir (resumable) -> (samples.npz path, model info for reports). With `ref` (a
+    MetricInput), images of another size than the reference's are refused before sampling (check_resolution)."""
     import torch
 
     from .sampling import generate_samples, load_pipeline
@@ -127,6 +128,9 @@ def sample_model(spec: RunSpec, out_dir, *, num_samples: int, scheduler: str, st
         "params": sum(p.numel() for p in pipe.transformer.parameters()),
         "step": spec.steps_trained(),
     }
+    if ref is not None:
+        size = metrics.MetricInput(spec.label, image_size=tuple(pipe.image_shape[1:]))
+        metrics.check_resolution(size, ref, metrics.choose_extractor(feature_extractor, ref), allow_resize)
     pipe.to(torch.device(device) if device else ("cuda" if torch.cuda.is_available() else "cpu"))
     npz = generate_samples(pipe, out_dir, num_samples=num_samples, batch_size=batch_size, seed=seed,
                            scheduler=None if scheduler == "saved" else scheduler, steps=steps, guidance=guidance,
@@ -139,6 +143,86 @@ def default_samples_dir(spec: RunSpec, scheduler: str, steps: int, guidance: flo
     folder that is not in a run, <folder>_eval_samples/..."""
     where = spec.run_dir / "eval_samples" if spec.run_dir else spec.path.with_name(f"{spec.path.name}_eval_samples")
     return where / f"{spec.checkpoint or 'final'}_{scheduler}_{steps}steps_w{guidance:g}_seed{seed}"
+
+
+# ---------------------------------------------------------------------- seeds: groups, intervals, pairs
+@dataclass
+class SeedGroup:
+    """Runs whose configs differ only in train.seed (at the same checkpoint), and their FIDs by seed."""
+
+    name: str
+    attention: Optional[str]
+    rows: List[dict]
+    pair_key: str  # the config without train.seed and model.attention_type: U-ViC / U-ViT partners share it
+
+    @property
+    def fid_by_seed(self) -> Dict[Any, float]:
+        return {r["train_seed"]: r["fid"] for r in self.rows}
+
+    @property
+    def interval(self) -> stats.Interval:
+        """Mean FID over seeds with its t-interval (one seed: no interval)."""
+        return stats.t_interval([r["fid"] for r in self.rows])
+
+
+def run_config(spec: RunSpec) -> Optional[dict]:
+    """The run's config.yaml as a dict (None for a pipeline folder outside a run)."""
+    from omegaconf import OmegaConf
+
+    config = spec.run.config() if spec.run is not None else None
+    return None if config is None else OmegaConf.to_container(config)
+
+
+def _config_key(config: dict, checkpoint, drop: Sequence[str]) -> str:
+    config = json.loads(json.dumps(config))  # a deep copy of plain values
+    for dotted in drop:
+        *parents, leaf = dotted.split(".")
+        node = config
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return json.dumps([config, checkpoint], sort_keys=True)
+
+
+def _group_name(names: List[str]) -> str:
+    """The members' common name prefix, less a trailing "_seed" / "_s" ("digits_uvic_s0", "digits_uvic_s1" ->
+    "digits_uvic")."""
+    prefix = re.sub(r"[_\-.]*(seed|s)?$", "", os.path.commonprefix(names))
+    return prefix if len(names) > 1 and prefix else names[0]
+
+
+def group_by_seed(rows: List[dict], configs: List[Optional[dict]], checkpoints: List[Optional[str]]) -> List[SeedGroup]:
+    """Rows (with "train_seed") grouped by their run config without train.seed, in first-seen order. A run
+    without config.yaml is a group of its own."""
+    groups: Dict[str, List[int]] = {}
+    for i, (config, ck) in enumerate(zip(configs, checkpoints)):
+        key = f"run {i}" if config is None else _config_key(config, ck, ["train.seed"])
+        groups.setdefault(key, []).append(i)
+    out = []
+    for key, members in groups.items():
+        first = members[0]
+        config = configs[first]
+        pair_key = f"run {first}" if config is None else _config_key(config, checkpoints[first],
+                                                                     ["train.seed", "model.attention_type"])
+        seeds = [rows[i]["train_seed"] for i in members]
+        if len(set(seeds)) != len(seeds):
+            names = ", ".join(rows[i]["model"] for i in members)
+            raise ValueError(f"runs {names} have the same config and the same train.seed: the same run twice?")
+        out.append(SeedGroup(_group_name([rows[i]["model"] for i in members]), rows[first]["attention"],
+                             [rows[i] for i in members], pair_key))
+    return out
+
+
+def paired_comparisons(groups: List[SeedGroup]) -> List[tuple]:
+    """(U-ViC group, U-ViT group, PairedComparison of FID U-ViC − U-ViT by train.seed) for every pair of
+    groups that differ only in model.attention_type and share a seed."""
+    pairs = []
+    for cog in (g for g in groups if g.attention == "cog"):
+        for soft in (g for g in groups if g.attention == "softmax" and g.pair_key == cog.pair_key):
+            if set(cog.fid_by_seed) & set(soft.fid_by_seed):
+                pairs.append((cog, soft, stats.paired_difference(cog.fid_by_seed, soft.fid_by_seed)))
+    return pairs
 
 
 # ---------------------------------------------------------------------- rows, CSV, report
@@ -161,12 +245,18 @@ def make_row(result: dict, *, samples: str, ref: str, manifest: Optional[dict] =
 
 
 def append_csv(path, rows: Sequence[dict]) -> Path:
-    """Append rows (CSV_COLUMNS) to `path`, writing the header when the file is new."""
+    """Append rows (CSV_COLUMNS) to `path`, writing the header when the file is new; a file written with older
+    columns is rewritten once with the current ones (its rows kept, new columns blank)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+    if not new:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames != list(CSV_COLUMNS):
+                rows, new = [*reader, *rows], True
+    with open(path, "w" if new else "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         if new:
             writer.writeheader()
         writer.writerows([{k: ("" if v is None else v) for k, v in r.items()} for r in rows])
@@ -206,8 +296,56 @@ def features_note(extractor: str) -> str:
     return f"torch-fidelity extractor {extractor}"
 
 
-def write_report(rows: List[dict], out_dir, *, settings: dict, command: str) -> dict:
-    """report.md (table), report.csv (all columns) and fid.png in out_dir -> their paths."""
+def statistics_lines(groups: List[SeedGroup], settings: dict) -> List[str]:
+    """The report's statistics: per group mean ± t-interval over seeds, the paired U-ViC − U-ViT comparison,
+    and the verdict the intervals support."""
+    conf = f"{stats.CONFIDENCE:.0%}"
+    boot = settings.get("bootstrap") or 0
+    lines = [
+        "## Statistics over seeds",
+        "",
+        f"Runs whose config.yaml differ only in train.seed form a group. Per group: mean FID over its seeds ± the "
+        f"half-width of the {conf} t-interval (t · s / √n, n − 1 degrees of freedom); a group of one seed is "
+        f"reported as that one seed, without an interval. "
+        + (f"Per run (table above): the {conf} percentile bootstrap interval of its FID over its "
+           f"{settings['num_samples']} samples ({boot} resamples of the sample features with replacement, "
+           f"seed {settings.get('bootstrap_seed', 0)}; the reference fixed): the spread from the finite sample "
+           "set alone, not from training. Resampling repeats samples, which raises FID, so this interval can lie "
+           "above the FID itself: read its width." if boot else "No bootstrap over samples (--bootstrap 0)."),
+        "",
+        f"| group | attention | seeds | samples per run | FID mean ± {conf} t-interval | FID by seed |",
+        "|---|---|---|---|---|---|",
+    ]
+    for g in groups:
+        by_seed = ", ".join(f"{s}: {_fmt(v)}" for s, v in g.fid_by_seed.items())
+        lines.append(f"| {g.name} | {ATTENTION_NAMES.get(g.attention, g.attention or '–')} | {len(g.rows)} | "
+                     f"{_fmt(g.rows[0]['num_samples'], ',d')} | {g.interval.format()} | {by_seed} |")
+    pairs = paired_comparisons(groups)
+    lines += ["", "## U-ViC against U-ViT, paired by seed", ""]
+    if not pairs:
+        lines += ["No U-ViC group has a U-ViT partner (configs that differ only in model.attention_type, with a "
+                  "train.seed in common): no paired comparison, no verdict.", ""]
+        return lines
+    lines += [
+        f"Difference = FID(U-ViC) − FID(U-ViT) for the same train.seed, with its {conf} t-interval over the "
+        "paired seeds. FID is lower-is-better: a negative difference favours U-ViC, a positive one U-ViT.",
+        "",
+        f"| U-ViC | U-ViT | paired seeds | difference U-ViC − U-ViT ± {conf} t-interval | interval | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for cog, soft, cmp in pairs:
+        iv = cmp.interval
+        where = "–" if iv.low is None else f"[{iv.low:.3f}, {iv.high:.3f}]"
+        lines.append(f"| {cog.name} | {soft.name} | {len(cmp.seeds)} | {iv.format('+.3f')} | {where} | "
+                     f"{cmp.verdict('U-ViC', 'U-ViT')} |")
+    lines += ["", "**Verdict:** " + "; ".join(f"{cog.name} vs {soft.name}: {cmp.verdict('U-ViC', 'U-ViT')}"
+                                              for cog, soft, cmp in pairs) + ".", ""]
+    return lines
+
+
+def write_report(rows: List[dict], out_dir, *, settings: dict, command: str,
+                 groups: Optional[List[SeedGroup]] = None) -> dict:
+    """report.md (tables, statistics, verdict), report.csv (all columns) and fid.png in out_dir -> their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"md": out_dir / "report.md", "csv": out_dir / "report.csv", "png": out_dir / "fid.png"}
@@ -215,6 +353,10 @@ def write_report(rows: List[dict], out_dir, *, settings: dict, command: str) -> 
     append_csv(paths["csv"], rows)
     have = {k for r in rows for k, v in r.items() if v is not None}
     header = ["model", "attention", "params", "steps trained", "FID"]
+    if "fid_low" in have:
+        header.append(f"FID {stats.CONFIDENCE:.0%} bootstrap")
+    if "train_seed" in have:
+        header.append("train seed")
     if "isc_mean" in have:
         header.append("IS")
     if "kid_mean" in have:
@@ -235,6 +377,10 @@ def write_report(rows: List[dict], out_dir, *, settings: dict, command: str) -> 
     for r in rows:
         cells = [r["model"], ATTENTION_NAMES.get(r["attention"], r["attention"] or "–"),
                  _fmt(r["params"], ",d"), _fmt(r["step"], ",d"), _fmt(r["fid"])]
+        if "fid_low" in have:
+            cells.append("–" if r["fid_low"] is None else f"[{r['fid_low']:.3f}, {r['fid_high']:.3f}]")
+        if "train_seed" in have:
+            cells.append(_fmt(r["train_seed"], "d"))
         if "isc_mean" in have:
             cells.append(f"{_fmt(r['isc_mean'], '.2f')} ± {_fmt(r['isc_std'], '.2f')}")
         if "kid_mean" in have:
@@ -244,19 +390,31 @@ def write_report(rows: List[dict], out_dir, *, settings: dict, command: str) -> 
         if "precision" in have:
             cells += [_fmt(r["precision"]), _fmt(r["recall"])]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    lines += ["", f"![FID]({paths['png'].name})", "", "Made with:", "", f"    {command}",
+    lines.append("")
+    if groups:
+        lines += statistics_lines(groups, settings)
+    lines += [f"![FID]({paths['png'].name})", "", "Made with:", "", f"    {command}",
               "", f"{rows[0]['date']}; rows also in {paths['csv'].name}.", ""]
     paths["md"].write_text("\n".join(lines))
-    plot_fid(rows, paths["png"], ylabel="FID" if rows[0]["extractor"] == metrics.INCEPTION else "Fréchet distance")
+    plot_fid(rows, paths["png"], groups=groups,
+             ylabel="FID" if rows[0]["extractor"] == metrics.INCEPTION else "Fréchet distance")
     return paths
 
 
-def plot_fid(rows: List[dict], path, ylabel: str = "FID") -> Path:
-    """FID per run (bars), or FID against training step when a run comes with several checkpoints."""
+def plot_fid(rows: List[dict], path, ylabel: str = "FID", groups: Optional[List[SeedGroup]] = None) -> Path:
+    """FID against training step when a run comes with several checkpoints; else one bar per seed group (its
+    mean, error bar: the t-interval over seeds) with each run's FID as a dot (error bar: its bootstrap
+    interval over samples, drawn as a segment)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
+
+    def boot_bars(xs, rs, color):  # bootstrap intervals as segments: they need not contain the FID (bias)
+        have = [(x, r) for x, r in zip(xs, rs) if r.get("fid_low") is not None]
+        if have:
+            ax.vlines([x for x, _ in have], [r["fid_low"] for _, r in have], [r["fid_high"] for _, r in have],
+                      color=color, linewidth=1)
 
     by_run: dict = {}
     for r in rows:
@@ -266,16 +424,31 @@ def plot_fid(rows: List[dict], path, ylabel: str = "FID") -> Path:
     if any(len(v) > 1 for v in by_run.values()):
         for name, rs in by_run.items():
             rs = sorted((r for r in rs if r["step"] is not None), key=lambda r: r["step"])
-            ax.plot([r["step"] for r in rs], [r["fid"] for r in rs], marker="o", label=name,
-                    color=colors.get(rs[0]["attention"]) if rs else None)
+            color = colors.get(rs[0]["attention"]) if rs else None
+            ax.plot([r["step"] for r in rs], [r["fid"] for r in rs], marker="o", label=name, color=color)
+            boot_bars([r["step"] for r in rs], rs, color)
         ax.set_xlabel("training step")
         ax.legend()
     else:
-        labels = [r["model"] for r in rows]
-        ax.bar(labels, [r["fid"] for r in rows], color=[colors.get(r["attention"], "tab:gray") for r in rows])
-        for i, r in enumerate(rows):
-            ax.annotate(f"{r['fid']:.3g}", (i, r["fid"]), ha="center", va="bottom")
-        ax.set_ylim(top=1.15 * max(r["fid"] for r in rows))  # room for the labels
+        groups = groups or [SeedGroup(r["model"], r["attention"], [r], "") for r in rows]
+        top = 0.0
+        for i, g in enumerate(groups):
+            iv = g.interval
+            half = iv.half_width or 0.0
+            ax.bar(i, iv.mean, yerr=half if iv.low is not None else None, capsize=6, alpha=0.6,
+                   color=colors.get(g.attention, "tab:gray"))
+            fids = [r["fid"] for r in g.rows]
+            xs = [i + d for d in ((np.arange(len(fids)) - (len(fids) - 1) / 2) * 0.12)]
+            ax.plot(xs, fids, "o", color="black", markersize=3)
+            boot_bars(xs, g.rows, "gray")
+            group_top = max(iv.mean + half, *(r.get("fid_high") or r["fid"] for r in g.rows))
+            ax.annotate(f"{iv.mean:.3g}" + (f"±{half:.2g}" if iv.low is not None else "") + f"\nn={iv.n}",
+                        (i, group_top), ha="center", va="bottom", fontsize=8)
+            top = max(top, group_top)
+        ax.set_xticks(range(len(groups)), [g.name for g in groups])
+        ax.set_ylim(top=1.25 * top)  # room for the labels
+        ax.set_xlabel(f"bars: mean ± {stats.CONFIDENCE:.0%} t-interval over seeds; dots: runs (gray: bootstrap)",
+                      fontsize=8)
     ax.set_ylabel(f"{ylabel} (lower is better)")
     ax.set_title(f"{rows[0]['num_samples']} samples vs {rows[0]['ref']}")
     fig.tight_layout()
@@ -287,13 +460,14 @@ def plot_fid(rows: List[dict], path, ylabel: str = "FID") -> Path:
 def compare(runs: Sequence[str], *, ref: str, out_dir, num_samples: int, scheduler: str = "dpm++2m",
             steps: int = 50, guidance: float = 1.0, seed: int = 0, batch_size: int = 64, device=None,
             checkpoints: Optional[Sequence[str]] = None, isc: bool = True, kid: bool = True, prc: bool = False,
-            kid_subset_size: int = metrics.KID_SUBSET_SIZE, command: str = "", progress: bool = True,
-            samples_dir=None, **metric_kwargs) -> dict:
-    """Sample every run alike into samples_dir (default out_dir/samples), score each against `ref`, write the
-    report to out_dir.
+            kid_subset_size: int = metrics.KID_SUBSET_SIZE, bootstrap: int = 200, command: str = "",
+            progress: bool = True, samples_dir=None, **metric_kwargs) -> dict:
+    """Sample every run alike into samples_dir (default out_dir/samples), score each against `ref` (with a
+    bootstrap interval over samples from `bootstrap` resamples; 0: none), group runs that differ only by
+    train.seed, and write the report to out_dir.
 
     KID uses subsets of min(kid_subset_size, num_samples, reference size); KID is left out against a
-    reference that holds only statistics. Returns the report's paths and the rows.
+    reference that holds only statistics. Returns the report's paths, the rows and the seed groups.
     """
     specs = [s for text in runs for s in parse_run_specs(text, checkpoints)]
     labels = [s.label for s in specs]
@@ -301,6 +475,9 @@ def compare(runs: Sequence[str], *, ref: str, out_dir, num_samples: int, schedul
         raise ValueError(f"runs repeat: {labels}")
     if num_samples < 2:
         raise ValueError(f"--num-samples must be at least 2, got {num_samples}")
+    if bootstrap == 1 or bootstrap < 0:
+        raise ValueError(f"--bootstrap must be 0 (off) or at least 2 resamples, got {bootstrap}")
+    configs = [run_config(s) for s in specs]
     ref_in = metrics.load_input(ref, data_root=metric_kwargs.get("data_root"),
                                 download=metric_kwargs.get("download", True), cache=True)
     if kid and ref_in.num_images is None:
@@ -308,173 +485,24 @@ def compare(runs: Sequence[str], *, ref: str, out_dir, num_samples: int, schedul
         kid = False
     kid_subset_size = min(kid_subset_size, num_samples, ref_in.num_images or num_samples)
     rows = []
-    for spec in specs:
+    for spec, config in zip(specs, configs):
         sample_dir = Path(samples_dir or Path(out_dir) / "samples") / spec.label.replace("@", "_at_")
         npz, info = sample_model(spec, sample_dir, num_samples=num_samples, scheduler=scheduler, steps=steps,
                                  guidance=guidance, seed=seed, batch_size=batch_size, device=device,
-                                 progress=progress)
+                                 progress=progress, ref=ref_in, feature_extractor=metric_kwargs.get("feature_extractor"),
+                                 allow_resize=metric_kwargs.get("allow_resize", False))
         result = metrics.compute_metrics(str(npz), ref_in, fid=True, isc=isc, kid=kid, prc=prc, batch_size=batch_size,
-                                         device=device, kid_subset_size=kid_subset_size, **metric_kwargs)
+                                         device=device, kid_subset_size=kid_subset_size, bootstrap=bootstrap,
+                                         bootstrap_seed=seed, **metric_kwargs)
         print(f"{spec.label}: " + format_result(result).replace("\n", "; "), file=sys.stderr)
+        train_seed = None if config is None else config.get("train", {}).get("seed", TrainConfig.seed)
         rows.append(make_row(result, samples=str(npz), ref=str(ref), manifest=metrics.read_manifest(Path(npz)),
-                             **info))
+                             train_seed=train_seed, **info))
+    groups = group_by_seed(rows, configs, [s.checkpoint for s in specs])
     settings = dict(num_samples=num_samples, scheduler=scheduler, steps=steps, guidance=guidance, seed=seed,
-                    ref=ref, kid_subset_size=kid_subset_size)
+                    ref=ref, kid_subset_size=kid_subset_size, bootstrap=bootstrap, bootstrap_seed=seed)
     command = command or (f"python eval_fid.py compare {' '.join(map(str, runs))} --ref {ref} --num-samples "
-                          f"{num_samples} --scheduler {scheduler} --steps {steps} --guidance {guidance:g} --seed {seed}")
-    paths = write_report(rows, out_dir, settings=settings, command=command)
-    return {**paths, "rows": rows}
-
-
-# ---------------------------------------------------------------------- command line
-def _add_metric_options(add):
-    add("--ref", help="reference: cifar10-train, cifar10-val, digits, ... (torch-fidelity registered), a folder "
-                      "of images, an .npz of images or a statistics .npz (mu, sigma)")
-    add("--batch-size", type=int, default=64, help="images per feature-extractor batch (and per sampling batch)")
-    add("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    add("--feature-extractor", help="inception | digits | a torch-fidelity extractor name "
-                                    "(default: digits for --ref digits, else inception)")
-    add("--inception-weights", metavar="PATH", help=f"local copy of {metrics.INCEPTION_WEIGHTS_FILE}")
-    add("--data-root", metavar="PATH", help="where registered datasets' files are (downloads off)")
-    add("--offline", action="store_true", help="never download (weights, datasets)")
-    add("--kid-subset-size", type=int, default=metrics.KID_SUBSET_SIZE, help="KID subset size")
-    add("--cache-root", metavar="PATH", help="reference feature cache (default $UVIC_CACHE_DIR/fidelity_cache)")
-    add("--no-cache", action="store_true", help="do not cache reference features")
-    add("--scheduler", default="dpm++2m", help="sampler for models (uvic.pipeline.SCHEDULERS or 'saved')")
-    add("--steps", type=int, default=50, help="sampling steps for models")
-    add("--guidance", type=float, default=1.0, help="classifier-free guidance w for models (1 = off)")
-    add("--seed", type=int, default=0, help="sampling seed for models")
-    add("--verbose", action="store_true", help="torch-fidelity's progress output")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="eval_fid.py",
-        description="FID / IS / KID / precision-recall of a sample set or model with torch-fidelity "
-                    "(compare: the U-ViC vs U-ViT report, see `eval_fid.py compare -h`).",
-        epilog="examples:\n"
-               "  python eval_fid.py runs/digits_uvic/final --ref digits\n"
-               "  python eval_fid.py samples/c10/samples.npz --ref cifar10-train --isc --kid\n"
-               "  python eval_fid.py cifar10-train --save-stats stats/cifar10_train.npz\n"
-               "  python eval_fid.py compare runs/digits_uvit runs/digits_uvic --ref digits --num-samples 500",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add = parser.add_argument
-    add("samples", metavar="SAMPLES", help="folder of PNGs, .npz (arr_0 NHWC uint8), statistics .npz, registered "
-                                           "input, or a model: pipeline folder / run directory / RUN@STEP")
-    add("--isc", action="store_true", help="Inception Score")
-    add("--kid", action="store_true", help="Kernel Inception Distance")
-    add("--prc", action="store_true", help="precision and recall (k = 3)")
-    add("--no-fid", dest="fid", action="store_false", help="skip FID")
-    add("--save-stats", metavar="PATH", help="write SAMPLES' FID statistics (tagged .npz) to PATH")
-    add("--csv", default=DEFAULT_CSV, help=f"append the result row here (default {DEFAULT_CSV}; '' = off)")
-    add("--num-samples", type=int, help="models: samples to draw (default: the reference's size, at most 50K)")
-    add("--samples-out", metavar="DIR", help="models: where the sample set goes (default RUN/eval_samples/...)")
-    _add_metric_options(add)
-    return parser
-
-
-def build_compare_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="eval_fid.py compare",
-        description="Sample every run with the same settings, score each, and write report.md, report.csv "
-                    "and fid.png (FID per run, or against training step for several checkpoints).",
-    )
-    add = parser.add_argument
-    add("runs", nargs="+", metavar="RUN", help="run directory or pipeline folder; RUN@STEP, RUN@latest, RUN@all")
-    add("--num-samples", type=int, required=True, help="samples per model")
-    add("--checkpoints", help="comma-separated checkpoints for every plain RUN: steps, latest, final")
-    add("--out", default="docs/results/compare", help="report folder")
-    add("--samples-dir", help="where the sample sets go (default OUT/samples; resumable, reused by reruns)")
-    add("--no-isc", dest="isc", action="store_false", help="skip IS")
-    add("--no-kid", dest="kid", action="store_false", help="skip KID")
-    add("--prc", action="store_true", help="also precision and recall")
-    _add_metric_options(add)
-    return parser
-
-
-def _metric_kwargs(args) -> dict:
-    return dict(
-        inception_weights=args.inception_weights, data_root=args.data_root, feature_extractor=args.feature_extractor,
-        download=not args.offline, cache_root=False if args.no_cache else args.cache_root, verbose=args.verbose,
-    )
-
-
-def _check_common(args) -> None:
-    from .pipeline import SCHEDULERS
-
-    for name in ("batch_size", "steps", "kid_subset_size", "num_samples"):
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if args.scheduler != "saved" and args.scheduler not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {args.scheduler!r}; valid: {', '.join(SCHEDULERS)}, saved")
-
-
-def run_eval(args) -> dict:
-    """eval_fid.py SAMPLES ...: score one set (sampling it first when it is a model)."""
-    _check_common(args)
-    if not args.ref and not args.save_stats:
-        raise ValueError("--ref is required (or --save-stats PATH to only write SAMPLES' statistics)")
-    mk = _metric_kwargs(args)
-    samples, info = args.samples, {}
-    if is_model(args.samples):
-        (spec,) = parse_run_specs(args.samples)
-        num = args.num_samples
-        if num is None:
-            ref_count = metrics.load_input(args.ref, data_root=args.data_root, download=not args.offline).count
-            num = min(ref_count or MAX_DEFAULT_SAMPLES, MAX_DEFAULT_SAMPLES)
-        out = Path(args.samples_out) if args.samples_out else default_samples_dir(
-            spec, args.scheduler, args.steps, args.guidance, args.seed)
-        npz, info = sample_model(spec, out, num_samples=num, scheduler=args.scheduler, steps=args.steps,
-                                 guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
-                                 device=args.device)
-        samples = str(npz)
-        print(f"samples    {npz} ({num} from {spec.label}, {args.scheduler}, {args.steps} steps, "
-              f"w={args.guidance:g})")
-    if args.save_stats:
-        if args.ref and not args.feature_extractor:  # the features the metrics below use
-            ref_in = metrics.load_input(args.ref, data_root=args.data_root, download=not args.offline)
-            mk["feature_extractor"] = metrics.choose_extractor(None, metrics.load_input(samples), ref_in)
-        stats = metrics.compute_statistics(samples, batch_size=args.batch_size, device=args.device, **mk)
-        print(f"statistics {stats.save(args.save_stats)} ({stats.describe()}, {stats.num_samples} images)")
-    if not args.ref:
-        return {}
-    result = metrics.compute_metrics(samples, args.ref, fid=args.fid, kid=args.kid, isc=args.isc, prc=args.prc,
-                                     batch_size=args.batch_size, device=args.device,
-                                     kid_subset_size=args.kid_subset_size, **mk)
-    print(format_result(result))
-    manifest = metrics.read_manifest(Path(samples)) if Path(samples).exists() else None
-    row = make_row(result, samples=args.samples, ref=args.ref, manifest=manifest, **info)
-    if args.csv:
-        print(f"row appended to {append_csv(args.csv, [row])}")
-    return result
-
-
-def run_compare(args, command: str) -> dict:
-    _check_common(args)
-    if not args.ref:
-        raise ValueError("compare needs --ref")
-    checkpoints = [c.strip() for c in args.checkpoints.split(",")] if args.checkpoints else None
-    out = compare(args.runs, ref=args.ref, out_dir=args.out, num_samples=args.num_samples, scheduler=args.scheduler,
-                  steps=args.steps, guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
-                  device=args.device, checkpoints=checkpoints, isc=args.isc, kid=args.kid, prc=args.prc,
-                  kid_subset_size=args.kid_subset_size, command=command, samples_dir=args.samples_dir,
-                  **_metric_kwargs(args))
-    print(Path(out["md"]).read_text())
-    print(f"report: {out['md']}, {out['csv']}, {out['png']}")
-    return out
-
-
-def main(argv: Optional[Sequence[str]] = None):
-    """Entry point of eval_fid.py and `uvic-eval`. Bad input ends with one message and exit status 2."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    compare_mode = bool(argv) and argv[0] == "compare"
-    parser = build_compare_parser() if compare_mode else build_parser()
-    args = parser.parse_args(argv[1:] if compare_mode else argv)
-    try:
-        if compare_mode:
-            return run_compare(args, "python eval_fid.py " + " ".join(argv))
-        return run_eval(args)
-    except (ValueError, FileNotFoundError) as err:
-        parser.error(str(err))
+                          f"{num_samples} --scheduler {scheduler} --steps {steps} --guidance {guidance:g} --seed {seed} "
+                          f"--bootstrap {bootstrap}")
+    paths = write_report(rows, out_dir, settings=settings, command=command, groups=groups)
+    return {**paths, "rows": rows, "groups": groups}

@@ -1,0 +1,99 @@
+"""Fréchet distance between Gaussians fitted to features, the statistics files that hold them, and the
+bootstrap interval of an FID over samples. Pure numpy: no feature extractor here (see uvic.metrics).
+
+    d² = ‖μ1 − μ2‖² + tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½)        (Heusel et al. 2017; Dowson & Landau 1982)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .stats import Interval, bootstrap_interval
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """‖μ1 − μ2‖² + tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½), in float64.
+
+    With Σ1 = V diag(w) Vᵀ and A = V_r diag(√w_r) over its r non-zero eigenvalues (Σ1 = A Aᵀ),
+    tr (Σ1 Σ2)^½ = tr (Aᵀ Σ2 A)^½: an (r, r) symmetric positive semi-definite matrix whose eigenvalues
+    come from eigvalsh (real, stable), and small when Σ1 has low rank (fewer samples than features).
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    d = mu1.shape[0]
+    if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
+        raise ValueError(
+            f"statistics do not match: mu {mu1.shape} / {mu2.shape}, sigma {sigma1.shape} / {sigma2.shape}"
+        )
+    w, v = np.linalg.eigh((sigma1 + sigma1.T) / 2)
+    keep = w > max(w.max(), 0.0) * d * np.finfo(np.float64).eps
+    a = v[:, keep] * np.sqrt(w[keep])  # (D, r)
+    m = a.T @ sigma2 @ a  # (r, r)
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+
+@dataclass
+class FIDStatistics:
+    """Mean (D,) and covariance (D, D) of features, and which features they are (None: unknown)."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    extractor: Optional[str] = None  # torch-fidelity feature extractor name
+    layer: Optional[str] = None  # its feature layer
+    weights: Optional[str] = None  # sha256 prefix of the extractor weights
+    num_samples: Optional[int] = None
+
+    @classmethod
+    def from_features(cls, features, **tags) -> "FIDStatistics":
+        """(N, D) features -> statistics (np.cov: unbiased, as TTUR, pytorch-fid and torch-fidelity)."""
+        f = np.asarray(features, dtype=np.float64)
+        return cls(f.mean(axis=0), np.cov(f, rowvar=False), num_samples=len(f), **tags)
+
+    @property
+    def tagged(self) -> bool:
+        return self.extractor is not None
+
+    def describe(self) -> str:
+        if not self.tagged:
+            return f"untagged {self.mu.shape[0]}-d statistics"
+        return f"{self.extractor} layer {self.layer} (weights {self.weights})"
+
+    def save(self, path) -> Path:
+        """A .npz readable by pytorch-fid / U-ViT / ADM tools (mu, sigma) that also names its features."""
+        path = Path(path)
+        if path.suffix != ".npz":
+            raise ValueError(f"statistics file {path} must end in .npz")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tags = {k: np.str_(v) for k, v in (("extractor", self.extractor), ("layer", self.layer),
+                                           ("weights", self.weights)) if v is not None}
+        if self.num_samples is not None:
+            tags["num_samples"] = np.int64(self.num_samples)
+        np.savez(path, mu=self.mu, sigma=self.sigma, **tags)
+        return path
+
+    @classmethod
+    def load(cls, path) -> "FIDStatistics":
+        with np.load(path, allow_pickle=False) as f:
+            if "mu" not in f.files or "sigma" not in f.files:
+                raise ValueError(f"{path} is not a statistics file: it has {f.files}, expected mu and sigma")
+            tag = {k: str(f[k]) for k in ("extractor", "layer", "weights") if k in f.files}
+            n = int(f["num_samples"]) if "num_samples" in f.files else None
+            mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+        if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+            raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not (D,) and (D, D)")
+        return cls(mu, sigma, num_samples=n, **tag)
+
+
+def bootstrap_fid(features, ref: FIDStatistics, *, resamples: int = 200, seed: int = 0) -> Interval:
+    """FID of (N, D) sample features against `ref` with a percentile bootstrap interval over the samples:
+    the features are resampled with replacement and the FID recomputed `resamples` times (seeded)."""
+    def fid_of(f):  # (N, D) -> FID
+        return frechet_distance(f.mean(axis=0), np.cov(f, rowvar=False), ref.mu, ref.sigma)
+
+    return bootstrap_interval(np.asarray(features, np.float64), fid_of, resamples=resamples, seed=seed)
