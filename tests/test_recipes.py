@@ -1,0 +1,213 @@
+"""The paper's recipes: U-ViT's official samplers against independent restatements of baofff/U-ViT's
+code (sde.py, dpm_solver_pytorch.py, dpm_solver_pp.py) on a Gaussian toy whose exact ε is known, the
+continuous-time VP-SDE training and time map, and the reference configs of the published checkpoints."""
+
+import math
+
+import pytest
+import torch
+
+from uvic.diffusion import make_scheduler, vp_sde_of
+from uvic.model import UViT, UViTOutput
+from uvic.pipeline import UViCPipeline
+
+SHAPE = (6, 2, 4, 4)  # (B, C, H, W) of the toy
+MU, STD = 0.1, 0.2  # the toy data: x_0 ~ N(MU, STD^2) per pixel
+N = 1000
+
+
+# ---------------------------------------------------------------------- the toy and the two schedules, restated
+def vp_log_alpha(t, beta_0=0.1, beta_1=20.0):  # log sqrt(ᾱ(t)) of the linear VP-SDE
+    return -0.25 * t**2 * (beta_1 - beta_0) - 0.5 * t * beta_0
+
+
+SD_BETAS = torch.linspace(0.00085**0.5, 0.012**0.5, N, dtype=torch.float64) ** 2  # train_ldm_discrete.py
+SD_LOG_ALPHA = 0.5 * torch.cumsum(torch.log(1.0 - SD_BETAS), 0)  # log α at t_n = n/N, n = 1..N
+SD_T = torch.arange(1, N + 1, dtype=torch.float64) / N
+
+
+def sd_log_alpha(t):  # dpm_solver_pp's discrete schedule: log α piecewise linear in t over t_n = n/N
+    return torch.from_numpy(__import__("numpy").interp(t.numpy(), SD_T.numpy(), SD_LOG_ALPHA.numpy()))
+
+
+def exact_eps(x, log_alpha):
+    """E[ε | x_t] for x_0 ~ N(MU, STD²): σ (x − α MU) / (α² STD² + σ²)."""
+    a2 = math.exp(2 * float(log_alpha))
+    return math.sqrt(1 - a2) * (x - math.sqrt(a2) * MU) / (a2 * STD**2 + 1 - a2)
+
+
+class GaussianToy(UViT):
+    """A UViT-shaped model whose output is the exact ε of the toy at the time it is given."""
+
+    def __init__(self, time_to_log_alpha):
+        super().__init__(sample_size=SHAPE[2], in_channels=SHAPE[1], patch_size=2, embed_dim=8, depth=2, num_heads=1)
+        self.time_to_log_alpha = time_to_log_alpha
+
+    def forward(self, sample, timestep, class_labels=None, **kwargs):
+        time = torch.as_tensor(timestep, dtype=torch.float64).reshape(-1)[0]
+        return UViTOutput(sample=exact_eps(sample.double(), self.time_to_log_alpha(time)).to(sample.dtype))
+
+
+def continuous_toy():  # model input 999·t
+    return GaussianToy(lambda time: vp_log_alpha(time / 999.0))
+
+
+def discrete_toy():  # model input n (= N·t); official H models see n = 1..N
+    return GaussianToy(lambda time: sd_log_alpha(time.reshape(1) / N)[0])
+
+
+def run_pipeline(model, scheduler, steps, x_T, offset=0, generator=None):
+    pipe = UViCPipeline(model=model, scheduler=scheduler, timestep_offset=offset)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(batch_size=SHAPE[0], num_inference_steps=steps, latents=x_T, generator=generator,
+                  output_type="pt").images
+    return images.double() * 2 - 1  # back to x_0 (the toy stays inside [-1, 1])
+
+
+def continuous_base():
+    from uvic.config import load_config
+    from uvic.diffusion import build_scheduler
+
+    return build_scheduler(load_config(None, ["diffusion.schedule=vp_continuous", "diffusion.clip_sample=false"]).diffusion)
+
+
+# ---------------------------------------------------------------------- restatements of the official samplers
+def official_euler_maruyama(x, steps, generator, eps=1e-3):
+    """sde.euler_maruyama(ReverseSDE(ScoreModel(noise_pred, VPSDE()))): model input 999·t."""
+    beta = lambda t: 0.1 + t * (20.0 - 0.1)
+    grid = [0.0] + torch.linspace(eps, 1.0, steps, dtype=torch.float64).tolist()
+    x = x.double()
+    for s, t in list(zip(grid, grid[1:]))[::-1]:
+        cum_beta = -math.expm1(2 * vp_log_alpha(t))
+        score = -exact_eps(x, vp_log_alpha(999.0 * t / 999.0)) / math.sqrt(cum_beta)
+        drift = -0.5 * beta(t) * x - beta(t) * score
+        mean = x + drift * (s - t)
+        noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).double()
+        x = mean + math.sqrt(beta(t) * (t - s)) * noise if s != 0 else mean
+    return x
+
+
+def _lam(log_alpha):
+    return log_alpha - 0.5 * math.log(-math.expm1(2 * log_alpha))
+
+
+def official_dpm_solver_fast(x, steps, eps=1e-4):
+    """dpm_solver_pytorch.DPM_Solver(fast_version=True) with NoiseScheduleVP('linear'), time input 999·t."""
+    b0, b1 = 0.1, 20.0
+    la = lambda t: vp_log_alpha(t, b0, b1)
+    sig = lambda t: math.sqrt(-math.expm1(2 * la(t)))
+
+    def inv(lam):
+        tmp = 2.0 * (b1 - b0) * math.log1p(math.exp(-2.0 * lam))
+        return tmp / (math.sqrt(b0**2 + tmp) + b0) / (b1 - b0)
+
+    model = lambda x, t: exact_eps(x, vp_log_alpha(999.0 * t / 999.0))
+    k = steps // 3 + 1
+    orders = [3] * (k - 2) + [2, 1] if steps % 3 == 0 else [3] * (k - 1) + ([1] if steps % 3 == 1 else [2])
+    lams = torch.linspace(_lam(la(1.0)), _lam(la(eps)), k + 1, dtype=torch.float64).tolist()
+    ts = [inv(v) for v in lams]
+    x = x.double()
+    for i, order in enumerate(orders):
+        s, t = ts[i], ts[i + 1]
+        h = _lam(la(t)) - _lam(la(s))
+        n_s = model(x, s)
+        if order == 1:
+            x = math.exp(la(t) - la(s)) * x - sig(t) * math.expm1(h) * n_s
+        elif order == 2:
+            r1 = 0.5
+            s1 = inv(_lam(la(s)) + r1 * h)
+            x_s1 = math.exp(la(s1) - la(s)) * x - sig(s1) * math.expm1(r1 * h) * n_s
+            n_s1 = model(x_s1, s1)
+            x = (math.exp(la(t) - la(s)) * x - sig(t) * math.expm1(h) * n_s
+                 - (0.5 / r1) * sig(t) * math.expm1(h) * (n_s1 - n_s))
+        else:
+            r1, r2 = 1 / 3, 2 / 3
+            s1, s2 = inv(_lam(la(s)) + r1 * h), inv(_lam(la(s)) + r2 * h)
+            x_s1 = math.exp(la(s1) - la(s)) * x - sig(s1) * math.expm1(r1 * h) * n_s
+            n_s1 = model(x_s1, s1)
+            phi_22 = math.expm1(r2 * h) / (r2 * h) - 1
+            x_s2 = (math.exp(la(s2) - la(s)) * x - sig(s2) * math.expm1(r2 * h) * n_s
+                    - r2 / r1 * sig(s2) * phi_22 * (n_s1 - n_s))
+            n_s2 = model(x_s2, s2)
+            phi_2 = math.expm1(h) / h - 1
+            x = (math.exp(la(t) - la(s)) * x - sig(t) * math.expm1(h) * n_s
+                 - (1 / r2) * sig(t) * phi_2 * (n_s2 - n_s))
+    return x
+
+
+def official_dpm_solver_pp(x, steps):
+    """dpm_solver_pp.DPM_Solver(predict_x0=True).sample(eps=1/N, T=1): single-step, order 3, time-uniform,
+    discrete SD schedule (log α interpolated), model input N·t, no final denoise (eval_ldm_discrete.py)."""
+    la = lambda t: float(sd_log_alpha(torch.tensor([t], dtype=torch.float64))[0])
+    sig = lambda t: math.sqrt(-math.expm1(2 * la(t)))
+    lam_grid, t_grid = torch.tensor([_lam(v) for v in SD_LOG_ALPHA.tolist()]), SD_T
+
+    def inv(lam):  # t of λ: log α = −½ log(1 + e^{−2λ}), interpolated back on the table
+        log_alpha = -0.5 * math.log1p(math.exp(-2.0 * lam))
+        import numpy as np
+
+        return float(np.interp(log_alpha, SD_LOG_ALPHA.flip(0).numpy(), t_grid.flip(0).numpy()))
+
+    def data_pred(x, t):  # x0 prediction from the noise model
+        e = exact_eps(x, sd_log_alpha(torch.tensor([N * t / N]))[0])
+        return (x - sig(t) * e) / math.exp(la(t))
+
+    k = steps // 3 + 1
+    orders = [3] * (k - 2) + [2, 1] if steps % 3 == 0 else [3] * (k - 1) + ([1] if steps % 3 == 1 else [2])
+    uniform = torch.linspace(1.0, 1.0 / N, steps + 1, dtype=torch.float64)
+    ts = uniform[torch.cumsum(torch.tensor([0] + orders), 0)].tolist()
+    x = x.double()
+    for i, order in enumerate(orders):
+        s, t = ts[i], ts[i + 1]
+        h = _lam(la(t)) - _lam(la(s))
+        m_s = data_pred(x, s)
+        a_t = math.exp(la(t))
+        if order == 1:
+            x = sig(t) / sig(s) * x - a_t * math.expm1(-h) * m_s
+        elif order == 2:
+            r1 = 0.5
+            s1 = inv(_lam(la(s)) + r1 * h)
+            x_s1 = sig(s1) / sig(s) * x - math.exp(la(s1)) * math.expm1(-r1 * h) * m_s
+            m_s1 = data_pred(x_s1, s1)
+            x = sig(t) / sig(s) * x - a_t * math.expm1(-h) * m_s - (0.5 / r1) * a_t * math.expm1(-h) * (m_s1 - m_s)
+        else:
+            r1, r2 = 1 / 3, 2 / 3
+            s1, s2 = inv(_lam(la(s)) + r1 * h), inv(_lam(la(s)) + r2 * h)
+            x_s1 = sig(s1) / sig(s) * x - math.exp(la(s1)) * math.expm1(-r1 * h) * m_s
+            m_s1 = data_pred(x_s1, s1)
+            phi_22 = math.expm1(-r2 * h) / (r2 * h) + 1
+            x_s2 = (sig(s2) / sig(s) * x - math.exp(la(s2)) * math.expm1(-r2 * h) * m_s
+                    + r2 / r1 * math.exp(la(s2)) * phi_22 * (m_s1 - m_s))
+            m_s2 = data_pred(x_s2, s2)
+            phi_2 = math.expm1(-h) / h + 1
+            x = sig(t) / sig(s) * x - a_t * math.expm1(-h) * m_s + (1 / r2) * a_t * phi_2 * (m_s2 - m_s)
+    return x
+
+
+# ---------------------------------------------------------------------- the samplers against the restatements
+def test_euler_maruyama_matches_the_official_reverse_sde_given_the_same_noise():
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+    steps = 1000
+    ours = run_pipeline(continuous_toy(), make_scheduler("euler-maruyama", continuous_base().config), steps, x_T,
+                        generator=torch.Generator().manual_seed(7))
+    official = official_euler_maruyama(x_T, steps, torch.Generator().manual_seed(7))
+    assert (ours - official).abs().max() <= 1e-4
+    assert abs(official.std().item() - STD) < 0.1  # it does sample the toy
+
+
+def test_dpm_solver_fast_matches_the_official_dpm_solver():
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2))
+    for steps in (50, 49, 48):  # all three order patterns
+        ours = run_pipeline(continuous_toy(), make_scheduler("dpm-solver-fast", continuous_base().config), steps, x_T)
+        official = official_dpm_solver_fast(x_T, steps)
+        assert (ours - official).abs().max() <= 1e-4, steps
+
+
+def test_dpm_solver_pp_fast_matches_the_official_h_sampler():
+    from diffusers import DDPMScheduler
+
+    base = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+    ours = run_pipeline(discrete_toy(), make_scheduler("dpm-solver++-fast", base.config), 50, x_T, offset=1)
+    official = official_dpm_solver_pp(x_T, 50)
+    assert (ours - official).abs().max() <= 1e-4
