@@ -183,12 +183,43 @@ def build_scheduler(diffusion_cfg) -> DDPMScheduler:
             f"diffusion.prediction_type={diffusion_cfg.prediction_type!r} is not valid; use epsilon"
         )
     sde = VPSDE(float(diffusion_cfg.beta_min), float(diffusion_cfg.beta_max))
-    alphas_cumprod = vp_proxy_alphas_cumprod(sde, diffusion_cfg.num_train_timesteps)
+    return vp_proxy_scheduler(sde, diffusion_cfg.get("t_min", 0.0), **common)
+
+
+def vp_proxy_betas(sde: VPSDE, num_train_timesteps: int) -> List[float]:
+    """The β_i whose cumulative product is vp_proxy_alphas_cumprod."""
+    alphas_cumprod = vp_proxy_alphas_cumprod(sde, num_train_timesteps)
     previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
-    betas = 1.0 - alphas_cumprod / previous
-    scheduler = DDPMScheduler(trained_betas=betas.tolist(), **common)
-    scheduler.register_to_config(**{SCHEDULE_KEY: vp_schedule_facts(sde, diffusion_cfg.get("t_min", 0.0))})
+    return (1.0 - alphas_cumprod / previous).tolist()
+
+
+def vp_proxy_scheduler(sde: VPSDE, t_min: float = 0.0, num_train_timesteps: int = 1000, **config) -> DDPMScheduler:
+    """The DDPMScheduler that stands for a continuous VP-SDE model (proxy grid + SCHEDULE_KEY)."""
+    scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps,
+                              trained_betas=vp_proxy_betas(sde, num_train_timesteps), **config)
+    scheduler.register_to_config(**{SCHEDULE_KEY: vp_schedule_facts(sde, t_min)})
     return scheduler
+
+
+def reference_scheduler(schedule: dict) -> Tuple[DDPMScheduler, int]:
+    """(scheduler, timestep offset) of a reference config's `schedule` section:
+
+        {kind: vp_continuous, beta_min: 0.1, beta_max: 20}             # train.py, train_ldm.py
+        {kind: discrete, beta_schedule: scaled_linear, beta_start: 0.00085, beta_end: 0.012,
+         num_train_timesteps: 1000, timestep_offset: 1}                  # train_ldm_discrete.py
+    """
+    schedule = dict(schedule)
+    kind = schedule.pop("kind", None)
+    if kind not in SCHEDULES:
+        raise ValueError(f"schedule.kind={kind!r} is not valid; choose one of: {', '.join(SCHEDULES)}")
+    if kind == "vp_continuous":
+        unknown = set(schedule) - {"beta_min", "beta_max", "num_train_timesteps"}
+        if unknown:
+            raise ValueError(f"unknown keys {sorted(unknown)} in a vp_continuous schedule; valid: beta_min, beta_max, num_train_timesteps")
+        sde = VPSDE(float(schedule.get("beta_min", 0.1)), float(schedule.get("beta_max", 20.0)))
+        return vp_proxy_scheduler(sde, num_train_timesteps=schedule.get("num_train_timesteps", 1000), clip_sample=False), 0
+    offset = int(schedule.pop("timestep_offset", 0))
+    return DDPMScheduler(clip_sample=False, **schedule), offset
 
 
 def vp_schedule_facts(sde: VPSDE, t_min: float = 0.0) -> dict:
@@ -547,6 +578,8 @@ def make_scheduler(name: str, base_config, **overrides):
         extra = {**extra, **{k: v for k, v in facts.items() if k in inspect.signature(cls.__init__).parameters}}
     accepted = inspect.signature(cls.__init__).parameters
     training = {k: base_config[k] for k in _TRAINING_KEYS if k in base_config and k in accepted}
+    if sde is not None and "trained_betas" in accepted:  # the proxy grid follows from the SDE, whatever the base
+        training["trained_betas"] = vp_proxy_betas(sde, base_config.get("num_train_timesteps", 1000))
     if training.get("trained_betas") is None:
         training.pop("trained_betas", None)
     return cls.from_config(base_config, **{**training, **extra, **overrides})

@@ -56,6 +56,13 @@ def latest_checkpoint(run_dir) -> Optional[Path]:
     return Path(run_dir) / "checkpoints" / checkpoint_name(steps[-1]) if steps else None
 
 
+class FixedDecayEMA(EMAModel):
+    """U-ViT's EMA (train.ema_warmup: false): θ_ema ← d θ_ema + (1 − d) θ from the first step, d fixed."""
+
+    def get_decay(self, optimization_step: int) -> float:
+        return self.decay
+
+
 class EpochSampler(DistributedSampler):
     """DistributedSampler (shuffled by seed + epoch, drop_last) that can start `skip` indices into an epoch."""
 
@@ -141,7 +148,7 @@ class Trainer:
             LR_SCHEDULE_NAMES[t.lr_schedule], optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.steps
         )
         self.model, self.optimizer, self.lr_scheduler = accelerator.prepare(train_model, optimizer, lr_scheduler)
-        self.ema = EMAModel(
+        self.ema = (EMAModel if t.ema_warmup else FixedDecayEMA)(
             self.raw_model.parameters(),
             decay=t.ema_decay,
             update_after_step=t.ema_update_after_step,
