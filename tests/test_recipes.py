@@ -211,3 +211,150 @@ def test_dpm_solver_pp_fast_matches_the_official_h_sampler():
     ours = run_pipeline(discrete_toy(), make_scheduler("dpm-solver++-fast", base.config), 50, x_T, offset=1)
     official = official_dpm_solver_pp(x_T, 50)
     assert (ours - official).abs().max() <= 1e-4
+
+
+# ---------------------------------------------------------------------- sampler construction
+def test_ode_samplers_start_at_the_last_training_timestep():
+    from diffusers import DDPMScheduler
+
+    base = DDPMScheduler(timestep_spacing="leading")
+    for name in ("ddim", "dpm++2m", "euler", "unipc"):
+        s = make_scheduler(name, base.config)
+        s.set_timesteps(50)
+        assert int(s.timesteps[0]) == 999, name  # "leading" would start at 980
+
+
+def test_vp_samplers_refuse_a_discrete_model_and_keep_the_proxy_grid():
+    from diffusers import DDPMScheduler
+
+    with pytest.raises(ValueError, match="euler-maruyama.*continuous-time VP-SDE"):
+        make_scheduler("euler-maruyama", DDPMScheduler().config)
+    paper = make_scheduler("dpm-solver-fast", continuous_base().config)
+    again = make_scheduler("dpm++2m", paper.config)  # from a paper sampler back to a diffusers one
+    expected = torch.exp(2 * vp_log_alpha(torch.arange(1, N + 1, dtype=torch.float64) / N))
+    assert (again.alphas_cumprod.double() - expected).abs().max() <= 1e-6
+    assert vp_sde_of(again.config) is not None
+
+
+# ---------------------------------------------------------------------- continuous-time training and its time map
+def test_continuous_loss_decreases_on_digits():
+    from uvic.data import DigitsDataset
+    from uvic.diffusion import diffusion_loss
+
+    torch.manual_seed(0)
+    x0 = DigitsDataset(8).images[:32]
+    model = UViT(sample_size=8, in_channels=1, patch_size=2, embed_dim=32, depth=2, num_heads=2)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    base, losses = continuous_base(), []
+    for _ in range(40):
+        loss = diffusion_loss(model, base, x0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-8:]) < 0.8 * sum(losses[:8])
+
+
+def test_continuous_model_sees_999t_in_training_and_when_reloaded(tmp_path):
+    from uvic.config import load_config
+    from uvic.diffusion import DPMSolverFastScheduler, diffusion_loss
+    from uvic.trainer import Trainer
+
+    seen = []
+
+    def spy(module, args, kwargs):
+        seen.append(torch.as_tensor(args[1] if len(args) > 1 else kwargs["timestep"], dtype=torch.float64).reshape(-1))
+
+    # training: t ~ U(t_min, 1) enters as 999·t
+    model = UViT(sample_size=8, in_channels=1, patch_size=2, embed_dim=16, depth=2, num_heads=2)
+    handle = model.register_forward_pre_hook(spy, with_kwargs=True)
+    base = continuous_base()
+    base.register_to_config(_uvic_schedule={**base.config["_uvic_schedule"], "t_min": 0.5})
+    diffusion_loss(model, base, torch.zeros(64, 1, 8, 8))
+    assert 0.5 * 999 <= seen[0].min() and seen[0].max() <= 999 and seen[0].max() > 990
+    handle.remove()
+
+    # a trained run's final/ knows its schedule: every sampler maps its timesteps to 999·t
+    cfg = load_config(None, [
+        "model.sample_size=8", "model.in_channels=1", "model.patch_size=2", "model.embed_dim=16", "model.depth=2",
+        "model.num_heads=2", "data.name=digits", "data.limit=32", "train.batch_size=16", "train.steps=2",
+        "train.warmup_steps=1", "train.sample_every=0", "train.checkpoint_every=0", "train.ema_warmup=false",
+        "diffusion.schedule=vp_continuous", "diffusion.clip_sample=false", "train.sample_scheduler=dpm-solver-fast",
+        "train.sample_steps=3", "train.sample_num=2"])
+    pipe = UViCPipeline.from_pretrained(Trainer(cfg, tmp_path / "run").train())
+    pipe.set_progress_bar_config(disable=True)
+    pipe.model.register_forward_pre_hook(spy, with_kwargs=True)
+    for name, first, last in (("ddim", 999.0, 999.0 * 200 / 1000), ("dpm-solver-fast", 999.0, None)):
+        seen.clear()
+        pipe.scheduler = make_scheduler(name, pipe.scheduler.config)
+        pipe(batch_size=1, num_inference_steps=5, output_type="pt")
+        times = torch.cat([s[:1] for s in seen])
+        assert abs(times[0].item() - first) < 1e-3, name  # an off-by-one map gives 998.001
+        if last is not None:
+            assert abs(times[-1].item() - last) < 1e-3, name
+    assert isinstance(pipe.scheduler, DPMSolverFastScheduler)
+    assert times[-1].item() > 999 * 1e-4 and times.diff().lt(0).all()  # it ends at t = 1e-4, evaluated above it
+
+
+# ---------------------------------------------------------------------- the reference configs of the published checkpoints
+REFERENCE = {  # file -> (published parameters in millions, exact count where the paper's code gives it)
+    "cifar10_uvit_s2": (44, 44_255_328),
+    "imagenet256_uvit_l2": (287, None),
+    "imagenet256_uvit_h2": (501, None),
+    "imagenet512_uvit_l4": (287, None),
+    "imagenet512_uvit_h4": (501, None),
+}
+REFERENCE_DIR = __import__("pathlib").Path(__file__).resolve().parents[1] / "configs" / "reference"
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE))
+def test_reference_config_builds_the_published_model_schedule_and_sampler(name):
+    from omegaconf import OmegaConf
+
+    from uvic.diffusion import PAPER_SAMPLERS, reference_scheduler
+    from uvic.model import config_from_reference
+
+    cfg = OmegaConf.to_container(OmegaConf.load(REFERENCE_DIR / f"{name}.yaml"))
+    with torch.device("meta"):
+        model = UViT(**config_from_reference(cfg["nnet"]))
+    count = sum(p.numel() for p in model.parameters())
+    millions, exact = REFERENCE[name]
+    assert round(count / 1e6) == millions and (exact is None or count == exact), count
+
+    scheduler, offset = reference_scheduler(cfg["schedule"])
+    n = torch.arange(1, N + 1, dtype=torch.float64)
+    if cfg["schedule"]["kind"] == "vp_continuous":  # sde.VPSDE at t = n/N, which the model sees as 999·t
+        official, expected_offset = torch.exp(2 * vp_log_alpha(n / N)), 0
+    else:  # train_ldm_discrete.py: ᾱ_n = Π_{k<=n} (1 − β_k), the model sees n
+        official, expected_offset = torch.cumprod(1 - SD_BETAS, 0), 1
+    assert (scheduler.alphas_cumprod.double() - official).abs().max() <= 1e-6
+    assert offset == expected_offset
+    sample = cfg["sample"]
+    assert sample["scheduler"] in PAPER_SAMPLERS
+    make_scheduler(sample["scheduler"], scheduler.config).set_timesteps(sample["steps"])
+
+
+def test_reference_pth_samples_with_the_paper_sampler_and_a_latent_one_needs_its_schedule(tmp_path):
+    import yaml
+
+    from uvic.diffusion import EulerMaruyamaScheduler
+    from uvic.sampling import load_pipeline, main
+
+    nnet = dict(img_size=8, patch_size=2, in_chans=3, embed_dim=16, depth=2, num_heads=2, num_classes=-1)
+    from uvic.model import config_from_reference
+
+    torch.save(UViT(**config_from_reference(nnet)).state_dict(), tmp_path / "nnet_ema.pth")
+    ref = {"nnet": nnet, "schedule": {"kind": "vp_continuous", "beta_min": 0.1, "beta_max": 20.0},
+           "sample": {"scheduler": "euler-maruyama", "steps": 3, "guidance": 1.0}}
+    (tmp_path / "ref.yaml").write_text(yaml.safe_dump(ref))
+    pipe = load_pipeline(tmp_path / "nnet_ema.pth", reference_config=tmp_path / "ref.yaml")
+    assert isinstance(pipe.scheduler, EulerMaruyamaScheduler)
+    grid = main([str(tmp_path / "nnet_ema.pth"), "--reference-config", str(tmp_path / "ref.yaml"), "--grid", "2",
+                 "--out", str(tmp_path / "g.png"), "--no-progress", "--device", "cpu"])
+    assert grid.name == "g.png" and grid.is_file()
+
+    latent = {**nnet, "in_chans": 4}
+    torch.save(UViT(**config_from_reference(latent)).state_dict(), tmp_path / "latent.pth")
+    (tmp_path / "bare.yaml").write_text(yaml.safe_dump({"nnet": latent}))
+    with pytest.raises(ValueError, match="configs/reference/.*imagenet256_uvit_l2"):
+        load_pipeline(tmp_path / "latent.pth", reference_config=tmp_path / "bare.yaml")

@@ -60,6 +60,7 @@ class DiffusionConfig:
     beta_min: float = 0.1  # vp_continuous: β(t) = beta_min + t (beta_max - beta_min), t in [0, 1]
     beta_max: float = 20.0
     t_min: float = 0.0  # vp_continuous: training draws t ~ U(t_min, 1) (U-ViT: 0)
+    timestep_offset: int = 0  # discrete: the model sees index + offset (U-ViT's H models: 1, trained on 1..N)
     num_train_timesteps: int = 1000
     beta_schedule: str = "linear"  # one of BETA_SCHEDULES
     beta_start: float = 1e-4

@@ -3,8 +3,8 @@
 Two schedules (`diffusion.schedule`):
 
 - "discrete": a diffusers DDPMScheduler (beta_schedule, beta_start, beta_end); the model sees the
-  integer timestep i in 0..T-1 plus a `timestep_offset` (1 for U-ViT's discrete ImageNet H models,
-  trained on n = 1..N where diffusers' index n-1 has the same noise level).
+  integer timestep i in 0..T-1 plus `diffusion.timestep_offset` (1 for U-ViT's discrete ImageNet H
+  models, trained on n = 1..N where diffusers' index n-1 has the same noise level).
 - "vp_continuous": U-ViT's VP-SDE (baofff/U-ViT sde.py): β(t) = β_min + t (β_max − β_min) on
   t ∈ [0, 1], log α_t = −¼ t² (β_max − β_min) − ½ t β_min with x_t = α_t x_0 + σ_t ε, σ_t² = 1 − α_t².
   The model sees 999·t. Training draws t ~ U(t_min, 1). For diffusers samplers the saved scheduler is a
@@ -58,7 +58,9 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .config import BETA_SCHEDULES, PREDICTION_TYPES, SCHEDULES
 
-SCHEDULE_KEY = "_uvic_schedule"  # scheduler-config entry: {"schedule": "vp_continuous", "beta_min", "beta_max", "t_min"}
+# scheduler-config entry: {"schedule": "vp_continuous", "beta_min", "beta_max", "t_min"} or
+# {"schedule": "discrete", "timestep_offset"}; absent = discrete, offset 0
+SCHEDULE_KEY = "_uvic_schedule"
 VP_TIME_SCALE = 999.0  # U-ViT feeds a continuous-time model 999·t (sde.ScoreModel.predict)
 
 
@@ -134,15 +136,18 @@ def vp_sde_of(scheduler_config) -> Optional[VPSDE]:
 
 
 def model_time(timestep, scheduler_config, timestep_offset: int = 0):
-    """The model's time input for a sampler's timestep (the one map).
+    """The model's time input for a sampler's timestep (the one map, in training and sampling).
 
-    discrete: timestep + timestep_offset. vp_continuous: diffusers index i stands for t = (i+1)/T, and
-    the model sees 999·t (the official samplers below express their continuous t in the same units).
+    discrete: timestep + offset, the offset being `timestep_offset` (a pipeline's) if nonzero, else the
+    scheduler's own (SCHEDULE_KEY, from diffusion.timestep_offset). vp_continuous: diffusers index i
+    stands for t = (i+1)/T and the model sees 999·t (the official samplers' timesteps use the same units).
     """
-    if vp_sde_of(scheduler_config) is not None:
+    facts = (scheduler_config.get(SCHEDULE_KEY) if scheduler_config is not None else None) or {}
+    if facts.get("schedule") == "vp_continuous":
         n = scheduler_config["num_train_timesteps"]
         return (torch.as_tensor(timestep, dtype=torch.float64) + 1.0) * (VP_TIME_SCALE / n)
-    return timestep + timestep_offset if timestep_offset else timestep
+    offset = timestep_offset or facts.get("timestep_offset", 0)
+    return timestep + offset if offset else timestep
 
 
 def vp_proxy_alphas_cumprod(sde: VPSDE, num_train_timesteps: int) -> torch.Tensor:
@@ -171,12 +176,16 @@ def build_scheduler(diffusion_cfg) -> DDPMScheduler:
         timestep_spacing=diffusion_cfg.get("timestep_spacing", "leading"),
     )
     if schedule == "discrete":
-        return DDPMScheduler(
+        scheduler = DDPMScheduler(
             beta_start=diffusion_cfg.beta_start,
             beta_end=diffusion_cfg.beta_end,
             beta_schedule=diffusion_cfg.beta_schedule,
             **common,
         )
+        offset = int(diffusion_cfg.get("timestep_offset", 0))
+        if offset:  # U-ViT's H models: trained on n = i + 1
+            scheduler.register_to_config(**{SCHEDULE_KEY: {"schedule": "discrete", "timestep_offset": offset}})
+        return scheduler
     if diffusion_cfg.prediction_type != "epsilon":
         raise ValueError(
             f"diffusion.schedule=vp_continuous trains noise prediction (U-ViT's LSimple); "
@@ -293,7 +302,7 @@ def diffusion_loss(
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), device=x0.device)
         x_t = scheduler.add_noise(x0, noise, timesteps)  # (B, C, H, W)
         target = training_target(scheduler, x0, noise, timesteps)
-        time_input = timesteps
+        time_input = model_time(timesteps, scheduler.config)
         weights = loss_weights(scheduler, timesteps, snr_gamma)
     else:
         t_min = float(scheduler.config[SCHEDULE_KEY].get("t_min", 0.0))
