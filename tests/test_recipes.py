@@ -358,3 +358,30 @@ def test_reference_pth_samples_with_the_paper_sampler_and_a_latent_one_needs_its
     (tmp_path / "bare.yaml").write_text(yaml.safe_dump({"nnet": latent}))
     with pytest.raises(ValueError, match="configs/reference/.*imagenet256_uvit_l2"):
         load_pipeline(tmp_path / "latent.pth", reference_config=tmp_path / "bare.yaml")
+
+
+@pytest.mark.parametrize("name", ["euler-maruyama", "dpm-solver-fast", "dpm-solver++-fast"])
+def test_paper_samplers_run_with_guidance_and_per_sample_generators(name):
+    model = UViT(sample_size=8, in_channels=3, patch_size=2, embed_dim=16, depth=2, num_heads=2, num_classes=4)
+    pipe = UViCPipeline(model=model.eval(), scheduler=make_scheduler(name, continuous_base().config))
+    pipe.set_progress_bar_config(disable=True)
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(2)]
+    kwargs = dict(batch_size=2, num_inference_steps=5, guidance_scale=1.5, class_labels=[0, 1], output_type="pt")
+    first = pipe(generator=gens(), **kwargs).images
+    assert first.shape == (2, 3, 8, 8) and torch.isfinite(first).all()
+    assert torch.equal(pipe(generator=gens(), **kwargs).images, first)  # the same generators, the same samples
+
+
+def test_fixed_decay_ema_is_the_paper_decay_from_the_first_step_and_bad_sampler_choices_fail():
+    from diffusers.training_utils import EMAModel
+
+    from uvic.config import load_config
+    from uvic.trainer import FixedDecayEMA
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    assert FixedDecayEMA(params, decay=0.9999).get_decay(1) == 0.9999
+    assert EMAModel(params, decay=0.9999).get_decay(1) < 0.5  # diffusers warms up
+    with pytest.raises(ValueError, match="eval.fid_scheduler=euler-maruyama.*vp_continuous"):
+        load_config(None, ["eval.fid_scheduler=euler-maruyama"])
+    with pytest.raises(ValueError, match="vp_continuous.*prediction_type='v_prediction'"):
+        load_config(None, ["diffusion.schedule=vp_continuous", "diffusion.prediction_type=v_prediction"])

@@ -242,6 +242,9 @@ def validate_config(cfg: DictConfig) -> None:
         raise ValueError(f"diffusion.p_uncond must lie in [0, 1), got {d.p_uncond}")
     if len(t.betas) != 2:
         raise ValueError(f"train.betas must be two numbers (beta1, beta2), got {list(t.betas)}")
+    for key, name in (("train.sample_scheduler", t.sample_scheduler), ("eval.fid_scheduler", e.fid_scheduler)):
+        if name == "euler-maruyama" and d.schedule != "vp_continuous":
+            raise ValueError(f"{key}=euler-maruyama samples a diffusion.schedule=vp_continuous model; this one is {d.schedule}")
     if d.schedule == "vp_continuous":
         if d.prediction_type != "epsilon":
             raise ValueError(
