@@ -29,6 +29,7 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 import torch
 
+from .diffusion import SCHEDULE_KEY
 from .pipeline import SCHEDULERS, UViCPipeline, make_scheduler
 
 CLASS_MODES = ("uniform", "balanced")  # i.i.d. uniform labels (ADM, DiT) | label = index mod classes
@@ -311,6 +312,10 @@ def with_scheduler(pipeline: UViCPipeline, scheduler=None, timestep_spacing: Opt
 def model_fingerprint(pipeline: UViCPipeline) -> str:
     """sha256 (16 hex digits) of the model's and VAE's config and weights: which network made a set."""
     digest = hashlib.sha256(f"timestep_offset={pipeline.config.get('timestep_offset', 0)}".encode())
+    schedule = pipeline.scheduler.config.get(SCHEDULE_KEY) or {}  # a continuous-time model or a trained-in offset
+    facts = {k: v for k, v in schedule.items() if k in ("schedule", "beta_min", "beta_max", "timestep_offset")}
+    if facts:
+        digest.update(json.dumps(facts, sort_keys=True).encode())
     for module in (pipeline.model, pipeline.vae):
         if module is None:
             continue
