@@ -26,8 +26,8 @@ Official samplers, restated as diffusers schedulers (set_timesteps / step) so UV
   diffusers' DPMSolverSinglestepScheduler is not it: it takes its intermediate points on the time grid,
   not at λ-thirds of each step, and lands 0.06 away from the official result on the test's toy.
 
-The noise-prediction loss (both schedules): mean over pixels of (ε̂ − ε)², optionally min-SNR-γ
-weighted (Hang et al., ICCV 2023): min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR + 1) for v, min(SNR, γ) for x_0.
+The loss: mean over pixels of the squared error to the target (ε, v or x_0; vp_continuous: ε, as
+U-ViT's LSimple), optionally min-SNR-γ weighted (Hang et al., ICCV 2023): min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR + 1) for v, min(SNR, γ) for x_0.
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ from diffusers import (
     DDPMScheduler,
     DEISMultistepScheduler,
     DPMSolverMultistepScheduler,
-    DPMSolverSinglestepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
@@ -317,10 +316,11 @@ def diffusion_loss(
     return (per_example * weights).mean()
 
 
-# ---------------------------------------------------------------------- official samplers (VP-SDE)
-class _VPSDESampler(SchedulerMixin, ConfigMixin):
-    """Shared parts of the official VP-SDE samplers: their SDE, times in diffusers index units, the loop
-    counter. `timesteps` hold T·t − 1, so `model_time` maps them to 999·t like the discrete proxy's."""
+# ---------------------------------------------------------------------- official samplers
+class _OfficialSampler(SchedulerMixin, ConfigMixin):
+    """Shared parts of the official samplers: their noise schedule (`sde`), times in diffusers index units,
+    the loop counter. `timesteps` hold T·t − 1, so `model_time` maps them to 999·t for a VP-SDE model (as
+    for the discrete proxy) and, with offset 1, to n = T·t for U-ViT's discrete H models."""
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]  # their config keys pass silently in from_config
     order = 1
@@ -351,7 +351,7 @@ class _VPSDESampler(SchedulerMixin, ConfigMixin):
         return i
 
 
-class EulerMaruyamaScheduler(_VPSDESampler):
+class EulerMaruyamaScheduler(_OfficialSampler):
     """Euler–Maruyama on the reverse VP-SDE dx = [f(x,t) − g(t)² ∇log p_t(x)] dt + g(t) dw̄ (sde.py).
 
     Times: t_k = linspace(t_eps, 1, N) from 1 down, then a last, noiseless step to t = 0; the model is
@@ -389,7 +389,7 @@ class EulerMaruyamaScheduler(_VPSDESampler):
 _DPM_FRACTIONS = {1: (), 2: (0.5,), 3: (1.0 / 3.0, 2.0 / 3.0)}
 
 
-class DPMSolverFastScheduler(_VPSDESampler):
+class DPMSolverFastScheduler(_OfficialSampler):
     """U-ViT's DPM-Solver samplers (Lu et al. 2022): single-step, orders 3,…,3 then 2 or 1 so the model is
     evaluated exactly `steps` times (K = steps//3 + 1 steps), no final denoise.
 
