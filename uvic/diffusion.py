@@ -535,7 +535,7 @@ SCHEDULERS = {
     "plms": (PNDMScheduler, {"skip_prk_steps": True}),
     # the paper's samplers (PAPER_SAMPLERS says which published checkpoint each reproduces)
     "euler-maruyama": (EulerMaruyamaScheduler, {}),
-    "dpm-solver-fast": (DPMSolverFastScheduler, {}),
+    "dpm-solver-fast": (DPMSolverFastScheduler, {"algorithm_type": "dpmsolver", "skip_type": "logSNR"}),
     "dpm-solver++-fast": (DPMSolverFastScheduler, {"algorithm_type": "dpmsolver++", "skip_type": "time_uniform"}),
 }
 
