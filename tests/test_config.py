@@ -126,12 +126,19 @@ def test_imagenet_configs_are_twins_with_the_paper_recipe(name):
     assert (m.embed_dim, m.depth, m.num_heads) == ((1024, 20, 16) if large else (1152, 28, 16))
     assert (m.sample_size, m.patch_size) == ((32, 2) if "256" in name else (64, 4))
     assert (m.in_channels, m.num_classes, m.use_final_conv, m.gradient_checkpointing) == (4, 1001, large, True)
-    assert (d.beta_schedule, d.beta_start, d.beta_end, d.num_train_timesteps) == ("scaled_linear", 0.00085, 0.012, 1000)
+    if large:  # train_ldm.py: the continuous-time VP-SDE, model time 999·t
+        assert (d.schedule, d.beta_min, d.beta_max) == ("vp_continuous", 0.1, 20.0)
+    else:  # train_ldm_discrete.py: Stable Diffusion's betas, the model sees n = 1..N
+        assert (d.schedule, d.beta_schedule, d.beta_start, d.beta_end, d.num_train_timesteps, d.timestep_offset) == (
+            "discrete", "scaled_linear", 0.00085, 0.012, 1000, 1)
     assert d.prediction_type == "epsilon" and d.clip_sample is False
     assert d.p_uncond == (0.15 if large else 0.1)  # baofff/U-ViT configs: L 0.15, H 0.1
     assert (t.batch_size, t.lr, t.weight_decay, list(t.betas), t.warmup_steps) == (1024, 2e-4, 0.03, [0.99, 0.99], 5000)
     assert t.steps == (300_000 if large and "256" in name else 500_000)
-    assert (t.mixed_precision, t.ema_decay, t.sample_scheduler, t.sample_steps) == ("bf16", 0.9999, "dpm++2m", 50)
+    paper_sampler = "dpm-solver-fast" if large else "dpm-solver++-fast"  # eval_ldm.py / eval_ldm_discrete.py
+    assert (t.mixed_precision, t.ema_decay, t.ema_warmup, t.sample_scheduler, t.sample_steps) == (
+        "bf16", 0.9999, False, paper_sampler, 50)
+    assert (uvit.eval.fid_scheduler, uvit.eval.fid_steps) == (paper_sampler, 50)
     assert t.sample_guidance == (1.4 if "256" in name else 1.7)  # U-ViT's scale 0.4 (256) and 0.7 (512)
     assert uvit.data.name == "latents" and uvit.data.conditional and uvit.data.scale_factor == 0.18215
 

@@ -77,3 +77,22 @@ def test_loss_is_finite_and_trains_a_tiny_model():
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-5:]) < sum(losses[:5])
+
+
+def test_vp_continuous_scheduler_saves_its_sde_and_the_proxy_grid(tmp_path):
+    from uvic.diffusion import model_time, vp_sde_of
+
+    s = scheduler(schedule="vp_continuous", clip_sample=False, beta_max=15.0)
+    s.save_pretrained(tmp_path)
+    loaded = DDPMScheduler.from_pretrained(tmp_path)
+    assert vp_sde_of(loaded.config).beta_max == 15.0
+    t = torch.arange(1, 1001, dtype=torch.float64) / 1000
+    expected = torch.exp(-0.5 * t**2 * (15.0 - 0.1) - t * 0.1)  # ᾱ(t) of the VP-SDE
+    assert (loaded.alphas_cumprod.double() - expected).abs().max() <= 1e-6
+    assert float(model_time(999, loaded.config)) == pytest.approx(999.0)  # index 999 is t = 1
+    assert float(model_time(0, loaded.config)) == pytest.approx(0.999)
+    assert model_time(5, scheduler(timestep_offset=1).config) == 6 and model_time(5, default_config()) == 5
+
+
+def default_config():
+    return scheduler().config

@@ -26,6 +26,7 @@ DATASETS = ("digits", "cifar10", "imagefolder", "latents")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "linear", "cosine")  # after the linear warm-up
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+SCHEDULES = ("discrete", "vp_continuous")  # see uvic.diffusion
 
 
 @dataclass
@@ -53,8 +54,13 @@ class ModelConfig:
 
 @dataclass
 class DiffusionConfig:
-    """The training noise scheduler (diffusers DDPMScheduler) and the loss."""
+    """The noise schedule (uvic.diffusion: a diffusers DDPMScheduler, or U-ViT's continuous VP-SDE) and the loss."""
 
+    schedule: str = "discrete"  # one of SCHEDULES; vp_continuous: U-ViT's VP-SDE, model time 999·t
+    beta_min: float = 0.1  # vp_continuous: β(t) = beta_min + t (beta_max - beta_min), t in [0, 1]
+    beta_max: float = 20.0
+    t_min: float = 0.0  # vp_continuous: training draws t ~ U(t_min, 1) (U-ViT: 0)
+    timestep_offset: int = 0  # discrete: the model sees index + offset (U-ViT's H models: 1, trained on 1..N)
     num_train_timesteps: int = 1000
     beta_schedule: str = "linear"  # one of BETA_SCHEDULES
     beta_start: float = 1e-4
@@ -101,6 +107,7 @@ class TrainConfig:
     mixed_precision: str = "no"  # one of MIXED_PRECISION
     ema_decay: float = 0.9999
     ema_update_after_step: int = 0
+    ema_warmup: bool = True  # diffusers' EMA decay warm-up; false = the fixed decay of U-ViT's code
     log_every: int = 50
     sample_every: int = 5000  # 0 = only at the end
     sample_num: int = 64  # unconditional grid size (class-conditional: 8 per class row)
@@ -200,11 +207,12 @@ def resolve_model(cfg: DictConfig) -> DictConfig:
 def validate_config(cfg: DictConfig) -> None:
     """Fail fast on values no run could use (each message names the key and what is valid)."""
     from .attention import ATTENTION_TYPES
-    from .pipeline import SCHEDULERS
+    from .diffusion import SCHEDULERS
 
     m, d, data, t, e = cfg.model, cfg.diffusion, cfg.data, cfg.train, cfg.eval
     choices = [
         ("model.attention_type", m.attention_type, ATTENTION_TYPES),
+        ("diffusion.schedule", d.schedule, SCHEDULES),
         ("diffusion.prediction_type", d.prediction_type, PREDICTION_TYPES),
         ("diffusion.beta_schedule", d.beta_schedule, BETA_SCHEDULES),
         ("diffusion.timestep_spacing", d.timestep_spacing, TIMESTEP_SPACINGS),
@@ -235,6 +243,19 @@ def validate_config(cfg: DictConfig) -> None:
         raise ValueError(f"diffusion.p_uncond must lie in [0, 1), got {d.p_uncond}")
     if len(t.betas) != 2:
         raise ValueError(f"train.betas must be two numbers (beta1, beta2), got {list(t.betas)}")
+    for key, name in (("train.sample_scheduler", t.sample_scheduler), ("eval.fid_scheduler", e.fid_scheduler)):
+        if name == "euler-maruyama" and d.schedule != "vp_continuous":
+            raise ValueError(f"{key}=euler-maruyama samples a diffusion.schedule=vp_continuous model; this one is {d.schedule}")
+    if d.schedule == "vp_continuous":
+        if d.prediction_type != "epsilon":
+            raise ValueError(
+                f"diffusion.schedule=vp_continuous trains noise prediction; diffusion.prediction_type="
+                f"{d.prediction_type!r} is not valid there; use epsilon"
+            )
+        if not 0.0 < d.beta_min < d.beta_max:
+            raise ValueError(f"diffusion.beta_min, beta_max must satisfy 0 < beta_min < beta_max, got {d.beta_min}, {d.beta_max}")
+        if not 0.0 <= d.t_min < 1.0:
+            raise ValueError(f"diffusion.t_min must lie in [0, 1), got {d.t_min}")
     if d.snr_gamma is not None and d.snr_gamma <= 0:
         raise ValueError(f"diffusion.snr_gamma must be > 0 or null, got {d.snr_gamma}")
     if t.sample_guidance != 1.0 and not data.conditional:

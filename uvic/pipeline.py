@@ -23,40 +23,11 @@ from pathlib import Path
 from typing import List, Optional, Union
 
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DEISMultistepScheduler,
-    DiffusionPipeline,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    HeunDiscreteScheduler,
-    ImagePipelineOutput,
-    LMSDiscreteScheduler,
-    PNDMScheduler,
-    UniPCMultistepScheduler,
-)
+from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from .diffusion import PAPER_SAMPLERS, SCHEDULERS, make_scheduler, model_time  # noqa: F401 (re-exported)
 from .model import UViT
-
-# name -> (diffusers scheduler class, config overrides). Every one is built with `from_config` of the
-# training scheduler, so the beta schedule and prediction type carry over (see make_scheduler).
-SCHEDULERS = {
-    "ddpm": (DDPMScheduler, {}),
-    "ddim": (DDIMScheduler, {}),
-    "dpm++2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpm++3m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 3}),
-    "dpm++2m-sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler-a": (EulerAncestralDiscreteScheduler, {}),
-    "heun": (HeunDiscreteScheduler, {}),
-    "unipc": (UniPCMultistepScheduler, {}),
-    "deis": (DEISMultistepScheduler, {}),
-    "lms": (LMSDiscreteScheduler, {}),
-    "plms": (PNDMScheduler, {"skip_prk_steps": True}),
-}
 
 # Written beside model_index.json: diffusers' custom-pipeline route imports the class from it.
 PIPELINE_FILE = "pipeline.py"
@@ -66,33 +37,6 @@ from uvic.pipeline import UViCPipeline  # noqa: F401  (pip install uvic)
 '''
 LEGACY_TRANSFORMER_KEY = "model"  # the denoiser's component name before it became `transformer`
 
-# Facts of the trained model that every sampler must share. diffusers' from_config drops keys the source
-# config left at their default (`_use_default_values`), so these are passed explicitly.
-_TRAINING_KEYS = (
-    "num_train_timesteps",
-    "beta_start",
-    "beta_end",
-    "beta_schedule",
-    "trained_betas",
-    "prediction_type",
-    "rescale_betas_zero_snr",
-)
-
-
-def make_scheduler(name: str, base_config, **overrides):
-    """A fresh scheduler `name` (see SCHEDULERS) sharing `base_config`'s betas and prediction type.
-
-    overrides: further config keys, e.g. timestep_spacing="trailing".
-    """
-    if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; valid: {', '.join(SCHEDULERS)}")
-    cls, extra = SCHEDULERS[name]
-    accepted = inspect.signature(cls.__init__).parameters
-    training = {k: base_config[k] for k in _TRAINING_KEYS if k in base_config and k in accepted}
-    if training.get("trained_betas") is None:
-        training.pop("trained_betas", None)
-    return cls.from_config(base_config, **{**training, **extra, **overrides})
-
 
 class UViCPipeline(DiffusionPipeline):
     """Sampling pipeline: `transformer` (UViT), `scheduler` (any diffusers scheduler), optional `vae`.
@@ -100,9 +44,10 @@ class UViCPipeline(DiffusionPipeline):
     With a `vae` (diffusers AutoencoderKL) the model works on latents, decoded as
     vae.decode(latents / vae.config.scaling_factor).
 
-    timestep_offset: added to the scheduler's timestep before the model sees it. 0 for uvic models
-    (trained on diffusers' 0..T-1); 1 for the reference discrete-time U-ViT checkpoints (ImageNet
-    latents), trained with n = 1..N where diffusers' index n-1 has the same noise level.
+    timestep_offset: added to a discrete scheduler's timestep before the model sees it. 0 for uvic
+    models (trained on diffusers' 0..T-1); 1 for the reference discrete-time U-ViT checkpoints (ImageNet
+    H), trained with n = 1..N where diffusers' index n-1 has the same noise level. Continuous-time
+    models carry their VP-SDE in the scheduler config instead (uvic.diffusion.model_time is the map).
     """
 
     model_cpu_offload_seq = "transformer->vae"
@@ -174,8 +119,7 @@ class UViCPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------ sampling
     def predict(self, x: torch.Tensor, t, labels: Optional[torch.Tensor], guidance_scale: float) -> torch.Tensor:
         """Model output at x_t (B, C, H, W), with classifier-free guidance when guidance_scale != 1."""
-        offset = self.config.get("timestep_offset", 0)
-        t = t + offset if offset else t
+        t = model_time(t, self.scheduler.config, self.config.get("timestep_offset", 0))
         if labels is None or guidance_scale == 1.0:
             return self.transformer(x, t, class_labels=labels).sample
         null = torch.full_like(labels, self.transformer.config.num_classes - 1)
@@ -195,9 +139,11 @@ class UViCPipeline(DiffusionPipeline):
         generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        latents: Optional[torch.Tensor] = None,
     ):
         """Sample `batch_size` images. A list of generators (one per sample) makes each image
-        depend only on its own generator, whatever the batch it is drawn in.
+        depend only on its own generator, whatever the batch it is drawn in. `latents`: the initial
+        x_T (B, C, H, W) instead of one drawn from `generator` (which still drives stochastic samplers).
 
         Returns ImagePipelineOutput(images): PIL list, NHWC float numpy in [0, 1] ("np") or NCHW
         float tensor in [0, 1] ("pt").
@@ -212,7 +158,12 @@ class UViCPipeline(DiffusionPipeline):
         device, dtype = self._execution_device, self.transformer.dtype
         cfg = self.transformer.config
         shape = (batch_size, cfg.in_channels, cfg.sample_size, cfg.sample_size)
-        x = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)  # x_T, kept in float32
+        if latents is None:
+            x = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)  # x_T, kept in float32
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        else:
+            x = latents.to(device=device, dtype=torch.float32)
         if labels is not None:
             labels = labels.to(device)
 

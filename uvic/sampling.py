@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .config import TIMESTEP_SPACINGS
+from .diffusion import SCHEDULE_KEY
 from .pipeline import SCHEDULERS, UViCPipeline, make_scheduler, save_grid
 from .runs import RunDir, atomic_write, checkpoint_pipeline
 
@@ -112,41 +113,79 @@ def _read_mapping(source) -> dict:
     return data
 
 
-def load_reference_pipeline(path, reference_config) -> UViCPipeline:
-    """A published U-ViT .pth as a pipeline.
+REFERENCE_CONFIGS = "configs/reference/"  # one YAML per published U-ViT checkpoint
 
-    reference_config: the reference `nnet` keywords (img_size, patch_size, in_chans, ...), or a mapping
-    with sections `nnet` (those keywords), optional `uvic` (UViT overrides such as attention_type),
-    `scheduler` (DDPMScheduler keywords; default the linear DDPM schedule, 1000 steps), `vae` (a local
-    AutoencoderKL folder, for latent models) and `timestep_offset` (1 for the discrete-time ImageNet
-    models, trained with timesteps 1..N; default 0, right for the continuous-time CIFAR-10 model,
-    which sees 999·t).
+
+def load_reference_pipeline(path, reference_config, vae=None) -> UViCPipeline:
+    """A published U-ViT .pth as a pipeline that samples as the official eval script does.
+
+    reference_config: a YAML/JSON file or mapping (configs/reference/*.yaml) with sections `nnet` (the
+    reference keywords: img_size, patch_size, in_chans, ...), `schedule` (how it was trained, see
+    uvic.diffusion.reference_scheduler), optional `uvic` (UViT overrides such as attention_type),
+    `vae` (hub id or folder, or a mapping {source, subfolder, scale_factor}) and `sample` (scheduler,
+    steps, guidance: the paper's sampler, which becomes the pipeline's own). A flat mapping is the
+    `nnet` keywords alone. Pixel models without `schedule` are U-ViT's continuous VP-SDE (train.py);
+    a latent model without one is refused: the ImageNet L and H checkpoints differ there.
+    Legacy: `scheduler` (DDPMScheduler keywords) with `timestep_offset` is an explicit discrete schedule.
+    vae: overrides the config's VAE (a folder, hub id or AutoencoderKL).
     """
     from diffusers import DDPMScheduler
 
+    from .diffusion import make_scheduler, reference_scheduler
     from .model import load_reference_checkpoint
 
     cfg = _read_mapping(reference_config)
     sectioned = isinstance(cfg.get("nnet"), dict)
     nnet = cfg["nnet"] if sectioned else cfg
     overrides = cfg.get("uvic", {}) if sectioned else {}
+    # the schedule and sampler first: a wrong one fails before the weights load
+    if sectioned and cfg.get("scheduler") is not None:
+        scheduler, offset = DDPMScheduler(**cfg["scheduler"]), cfg.get("timestep_offset", 0)
+    elif sectioned and cfg.get("schedule") is not None:
+        scheduler, offset = reference_scheduler(cfg["schedule"])
+    elif nnet.get("in_chans", 3) == 3:
+        scheduler, offset = reference_scheduler({"kind": "vp_continuous"})
+    else:
+        raise ValueError(
+            f"{path}: a latent U-ViT checkpoint needs its noise schedule (`schedule:` in --reference-config): "
+            f"ImageNet L models are continuous-time VP-SDEs, H models discrete with offset 1. Use the matching "
+            f"file of {REFERENCE_CONFIGS} (imagenet256_uvit_l2, imagenet256_uvit_h2, imagenet512_uvit_l4, "
+            "imagenet512_uvit_h4)"
+        )
+    sample = (cfg.get("sample") or {}) if sectioned else {}
+    if sample.get("scheduler"):
+        scheduler = make_scheduler(sample["scheduler"], scheduler.config)
     model = load_reference_checkpoint(str(path), nnet, **overrides).eval()
-    scheduler = DDPMScheduler(**((cfg.get("scheduler") or {}) if sectioned else {}))
-    offset = cfg.get("timestep_offset", 0) if sectioned else 0
     pipe = UViCPipeline(transformer=model, scheduler=scheduler, timestep_offset=offset)
-    if sectioned and cfg.get("vae"):
+    vae = vae if vae is not None else (cfg.get("vae") if sectioned else None)
+    if vae is not None:
         from .latents import attach_vae
 
-        attach_vae(pipe, cfg["vae"])
+        scale_factor = None
+        if isinstance(vae, dict):
+            from diffusers import AutoencoderKL
+
+            scale_factor = vae.get("scale_factor")
+            if vae.get("subfolder"):
+                vae = AutoencoderKL.from_pretrained(vae["source"], subfolder=vae["subfolder"]).eval()
+            else:
+                vae = vae["source"]
+        attach_vae(pipe, vae, scale_factor=scale_factor)
     return pipe
 
 
-def load_pipeline(model, checkpoint=None, ema: bool = True, reference_config=None) -> UViCPipeline:
+def reference_sample_settings(reference_config) -> dict:
+    """The `sample` section (scheduler, steps, guidance) of a reference config, or {}."""
+    cfg = _read_mapping(reference_config)
+    return dict(cfg.get("sample") or {}) if isinstance(cfg.get("nnet"), dict) else {}
+
+
+def load_pipeline(model, checkpoint=None, ema: bool = True, reference_config=None, vae=None) -> UViCPipeline:
     """A UViCPipeline from `model`: a pipeline folder, a run directory, a checkpoint folder or a U-ViT .pth.
 
     Run directories give final/ (EMA weights) unless `checkpoint` ("latest" or a step) is set; then
     checkpoints/step_XXXXXXX with ema_model/ (ema=True) or model/. A .pth needs `reference_config`
-    (see load_reference_pipeline). The pipeline is on the CPU in float32.
+    (see load_reference_pipeline; `vae` replaces its VAE). The pipeline is on the CPU in float32.
     """
     if isinstance(model, UViCPipeline):
         return model
@@ -159,9 +198,9 @@ def load_pipeline(model, checkpoint=None, ema: bool = True, reference_config=Non
         if reference_config is None:
             raise ValueError(
                 f"MODEL {path} is a file: a published U-ViT checkpoint needs --reference-config "
-                "(YAML/JSON of the reference `nnet` keywords)"
+                f"(one of {REFERENCE_CONFIGS}*.yaml, or a YAML/JSON of the reference `nnet` keywords)"
             )
-        return load_reference_pipeline(path, reference_config)
+        return load_reference_pipeline(path, reference_config, vae=vae)
     if reference_config is not None:
         raise ValueError(f"--reference-config applies to a published U-ViT .pth file, not to the folder {path}")
 
@@ -199,6 +238,10 @@ def with_scheduler(pipeline: UViCPipeline, scheduler=None, timestep_spacing: Opt
 def model_fingerprint(pipeline: UViCPipeline) -> str:
     """sha256 (16 hex digits) of the model's and VAE's config and weights: which network made a set."""
     digest = hashlib.sha256(f"timestep_offset={pipeline.config.get('timestep_offset', 0)}".encode())
+    schedule = pipeline.scheduler.config.get(SCHEDULE_KEY) or {}  # a continuous-time model or a trained-in offset
+    facts = {k: v for k, v in schedule.items() if k in ("schedule", "beta_min", "beta_max", "timestep_offset")}
+    if facts:
+        digest.update(json.dumps(facts, sort_keys=True).encode())
     for module in (pipeline.transformer, pipeline.vae):
         if module is None:
             continue
@@ -499,7 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("model", metavar="MODEL", help=f"what to sample from: {MODEL_KINDS}")
     add("--checkpoint", help="run directory: 'latest' or a step number instead of final/")
     add("--ema", action=argparse.BooleanOptionalAction, default=True, help="EMA weights of a checkpoint (default on)")
-    add("--reference-config", help="YAML/JSON of the reference `nnet` keywords, for a published U-ViT .pth")
+    add("--reference-config", help=f"a published U-ViT .pth: its {REFERENCE_CONFIGS}*.yaml (architecture, schedule, "
+        "VAE, and the paper's sampler, steps and guidance as defaults)")
     add("--vae", help="AutoencoderKL folder (or latents extraction folder) that decodes a latent model")
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--grid", type=int, metavar="N", help="one PNG grid, N per row: a row per class (conditional)")
@@ -507,10 +551,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--out", help="grid: a .png file or a folder; set: the folder (required)")
     add("--format", nargs="+", default=["npz"], choices=FORMATS, help="set: npz (arr_0 NHWC uint8 + labels) and/or png")
     add("--shard-size", type=int, default=1000, help="set: samples per shard, the unit of resume")
-    add("--scheduler", default="dpm++2m", help=f"sampler: {', '.join(SCHEDULERS)}, or 'saved' (the pipeline's own)")
-    add("--steps", type=int, default=50, help="number of sampling steps")
+    add("--scheduler", help=f"sampler: {', '.join(SCHEDULERS)}, or 'saved' (the pipeline's own); default dpm++2m, "
+        "or the reference config's (paper samplers: uvic.diffusion.PAPER_SAMPLERS)")
+    add("--steps", type=int, help="number of sampling steps (default 50, or the reference config's)")
     add("--timestep-spacing", choices=TIMESTEP_SPACINGS, help="override the sampler's timestep spacing")
-    add("--guidance", type=float, default=1.0, help="classifier-free guidance w (1 = off; U-ViT's 0.4 is 1.4)")
+    add("--guidance", type=float, help="classifier-free guidance w (1 = off; U-ViT's 0.4 is 1.4); default 1, "
+        "or the reference config's")
     labels = parser.add_mutually_exclusive_group()
     labels.add_argument("--class-labels", type=int, nargs="+", metavar="Y", help="labels taken in turn (grid: the rows)")
     labels.add_argument("--classes", choices=CLASS_MODES, help="set: uniform (i.i.d., default) or balanced (index mod K)")
@@ -537,6 +583,13 @@ def _grid_path(args) -> Path:
 def run(args) -> Path:
     """sample.py with parsed arguments; returns the grid, samples.npz or png folder."""
     # Everything that can be checked without the model is checked first.
+    paper = reference_sample_settings(args.reference_config) if args.reference_config else {}
+    if args.scheduler is None:  # the paper's sampler is the reference pipeline's own
+        args.scheduler = "saved" if paper.get("scheduler") else "dpm++2m"
+    if args.steps is None:
+        args.steps = int(paper.get("steps", 50))
+    if args.guidance is None:
+        args.guidance = float(paper.get("guidance", 1.0))
     if args.scheduler != "saved" and args.scheduler not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {args.scheduler!r}; valid: {', '.join(SCHEDULERS)}, saved")
     if args.num_samples is not None and not args.out:
@@ -554,8 +607,9 @@ def run(args) -> Path:
     state = _process_state(device)
     if state.num_processes > 1:
         device = state.device
-    pipe = load_pipeline(args.model, checkpoint=args.checkpoint, ema=args.ema, reference_config=args.reference_config)
-    if args.vae:
+    pipe = load_pipeline(args.model, checkpoint=args.checkpoint, ema=args.ema, reference_config=args.reference_config,
+                         vae=args.vae)
+    if args.vae and not args.reference_config:
         from .latents import attach_vae
 
         attach_vae(pipe, args.vae)

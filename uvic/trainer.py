@@ -41,6 +41,13 @@ from .runs import CONFIG, RunDir, checkpoint_name
 LR_SCHEDULE_NAMES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
 
+class FixedDecayEMA(EMAModel):
+    """U-ViT's EMA (train.ema_warmup: false): θ_ema ← d θ_ema + (1 − d) θ from the first step, d fixed."""
+
+    def get_decay(self, optimization_step: int) -> float:
+        return self.decay
+
+
 class EpochSampler(DistributedSampler):
     """DistributedSampler (shuffled by seed + epoch, drop_last) that can start `skip` indices into an epoch."""
 
@@ -136,7 +143,7 @@ class Trainer:
         )
         train_model = torch.compile(self.raw_model) if t.compile else self.raw_model
         self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(train_model, optimizer, lr_scheduler)
-        self.ema = EMAModel(self.raw_model.parameters(), decay=t.ema_decay, update_after_step=t.ema_update_after_step,
+        self.ema = (EMAModel if t.ema_warmup else FixedDecayEMA)(self.raw_model.parameters(), decay=t.ema_decay, update_after_step=t.ema_update_after_step,
                             model_cls=UViT, model_config=self.raw_model.config)
         self.ema_model = copy.deepcopy(self.raw_model).eval().requires_grad_(False)  # EMA weights go here
 
