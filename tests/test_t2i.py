@@ -123,3 +123,48 @@ def test_official_state_dict_loads_strictly(tmp_path):
     # a t2i reference without explicit clip keys takes the official defaults (77 x 768)
     defaults = {k: v for k, v in reference.items() if k not in ("clip_dim", "num_clip_token")}
     assert config_from_reference(defaults)["num_context_tokens"] == 77
+
+
+# ---------------------------------------------------------------------- text encoder (tiny, offline)
+def write_tiny_clip(folder):
+    """A random 2-layer CLIPTextModel and a character-level CLIPTokenizer saved to `folder`."""
+    import json
+
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = {tok: i for i, tok in enumerate(letters + [ch + "</w>" for ch in letters] + ["<|startoftext|>", "<|endoftext|>"])}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=12, intermediate_size=24, num_hidden_layers=2,
+                            num_attention_heads=2, max_position_embeddings=77,
+                            bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                            pad_token_id=vocab["<|endoftext|>"])
+    CLIPTextModel(config).save_pretrained(folder)
+    return folder
+
+
+def test_text_encoder_pads_to_77_and_gives_the_empty_context(tmp_path):
+    from uvic.text import empty_context, encode_prompts, load_text_encoder
+
+    tokenizer, encoder = load_text_encoder(str(write_tiny_clip(tmp_path / "clip")))
+    ctx = encode_prompts(["a cat", "a dog on a skateboard"], tokenizer, encoder)
+    assert ctx.shape == (2, 77, 12)
+    assert not torch.allclose(ctx[0], ctx[1])
+    empty = empty_context(tokenizer, encoder)
+    assert empty.shape == (77, 12)
+    torch.testing.assert_close(empty, encode_prompts([""], tokenizer, encoder)[0])
+    # features feed the t2i model directly
+    model = UViT(**{**TINY_T2I, "context_dim": 12, "num_context_tokens": 77}).eval()
+    assert model(torch.randn(2, 4, 8, 8), 5, encoder_hidden_states=ctx).sample.shape == (2, 4, 8, 8)
+
+
+def test_missing_text_encoder_says_what_to_download(tmp_path):
+    from uvic.text import load_text_encoder
+
+    with pytest.raises(FileNotFoundError, match="openai/clip-vit-large-patch14"):
+        load_text_encoder(str(tmp_path / "nothing"))

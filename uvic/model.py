@@ -246,7 +246,9 @@ class UViT(ModelMixin, ConfigMixin):
                 )
             tokens.insert(0, self.label_emb(class_labels.reshape(batch))[:, None])
         elif class_labels is not None:
-            raise ValueError("this model is unconditional or text-conditional (num_classes <= 0): class_labels must be None")
+            raise ValueError(
+                "this model is unconditional or text-conditional (num_classes <= 0): class_labels must be None"
+            )
         if self.config.context_dim > 0:
             expected = (self.config.num_context_tokens, self.config.context_dim)
             if encoder_hidden_states is None or tuple(encoder_hidden_states.shape[1:]) != expected:
