@@ -168,3 +168,19 @@ def test_missing_text_encoder_says_what_to_download(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="openai/clip-vit-large-patch14"):
         load_text_encoder(str(tmp_path / "nothing"))
+
+
+def test_mscoco_twin_configs_differ_only_in_attention_type():
+    from pathlib import Path
+
+    from uvic.config import config_diff, load_config
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    uvic, uvit = load_config(configs / "mscoco_uvic_s2.yaml"), load_config(configs / "mscoco_uvit_s2.yaml")
+    assert config_diff(uvic, uvit) == ["model.attention_type"]
+    fields = {k: v for k, v in dict(uvic.model).items() if k not in ("preset", "gradient_checkpointing")}
+    with torch.device("meta"):
+        model = UViT(**fields)
+    assert model.attention_layout()[1:-1] == ["cog"] * 11
+    assert sum(p.numel() for p in model.parameters()) == official_mscoco_s2_param_count()
+    assert (uvic.train.batch_size, uvic.train.lr, uvic.train.betas, uvic.diffusion.p_uncond) == (256, 2e-4, [0.9, 0.9], 0.1)
