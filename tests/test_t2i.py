@@ -184,3 +184,26 @@ def test_mscoco_twin_configs_differ_only_in_attention_type():
     assert model.attention_layout()[1:-1] == ["cog"] * 11
     assert sum(p.numel() for p in model.parameters()) == official_mscoco_s2_param_count()
     assert (uvic.train.batch_size, uvic.train.lr, uvic.train.betas, uvic.diffusion.p_uncond) == (256, 2e-4, [0.9, 0.9], 0.1)
+
+
+def test_read_captions_from_jsonl_and_coco(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from uvic.latents import read_captions
+
+    for name in ("b.png", "a.png", "c.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    rows = [("b.png", "two dogs"), ("a.png", "a cat"), ("b.png", "dogs playing")]
+    (tmp_path / "captions.jsonl").write_text("\n".join(json.dumps({"file_name": f, "caption": c}) for f, c in rows))
+    assert read_captions(tmp_path) == (["a.png", "b.png"], [["a cat"], ["two dogs", "dogs playing"]])
+    coco = {"images": [{"id": 7, "file_name": "c.png"}, {"id": 3, "file_name": "a.png"}],
+            "annotations": [{"image_id": 7, "caption": " a red bus "}, {"image_id": 3, "caption": "a cat"},
+                            {"image_id": 7, "caption": "a bus"}]}
+    (tmp_path / "captions_train2014.json").write_text(json.dumps(coco))
+    files, captions = read_captions(tmp_path, tmp_path / "captions_train2014.json")
+    assert files == ["a.png", "c.png"] and captions == [["a cat"], ["a red bus", "a bus"]]
+    (tmp_path / "captions.jsonl").write_text(json.dumps({"file_name": "gone.png", "caption": "x"}))
+    with pytest.raises(FileNotFoundError, match="1 captioned images missing"):
+        read_captions(tmp_path)
