@@ -49,6 +49,8 @@ class ModelConfig:
     long_skip: Optional[bool] = None
     attention_type: Optional[str] = None  # "softmax" (U-ViT) or "cog" (U-ViC)
     softmax_blocks: Optional[List[int]] = None  # None = official U-ViC layout [0, depth]
+    context_dim: Optional[int] = None  # text-to-image: width of the text tokens (768 for CLIP ViT-L/14), 0 = none
+    num_context_tokens: Optional[int] = None  # text-to-image: number of text tokens (77)
     gradient_checkpointing: bool = False
 
 

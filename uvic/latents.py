@@ -100,6 +100,42 @@ class CenterCropImages(Dataset):
 
 
 # ---------------------------------------------------------------------- VAE
+def read_captions(root: Union[str, Path], annotations: Optional[Union[str, Path]] = None
+                  ) -> Tuple[List[str], List[List[str]]]:
+    """Image files (relative to root, sorted) and all captions of each, for text-to-image extraction.
+
+    annotations: an MS-COCO captions file (annotations/captions_train2014.json: "images" with id and
+    file_name, "annotations" with image_id and caption); without it, root/captions.jsonl with one
+    {"file_name": ..., "caption": ...} per line (several lines per image allowed). Images without a
+    caption are skipped; a caption naming a missing image fails before any work.
+    """
+    import json
+
+    root = Path(root)
+    by_file: dict = {}
+    if annotations is not None:
+        coco = json.loads(Path(annotations).read_text())
+        names = {image["id"]: image["file_name"] for image in coco["images"]}
+        for ann in coco["annotations"]:
+            by_file.setdefault(names[ann["image_id"]], []).append(ann["caption"].strip())
+    else:
+        listing = root / "captions.jsonl"
+        if not listing.is_file():
+            raise FileNotFoundError(f"no captions: expected {listing} (one {{\"file_name\", \"caption\"}} per line) "
+                                    "or an MS-COCO captions json (--annotations)")
+        for number, line in enumerate(listing.read_text().splitlines(), 1):
+            if line.strip():
+                row = json.loads(line)
+                if "file_name" not in row or "caption" not in row:
+                    raise ValueError(f"{listing}:{number}: needs keys file_name and caption, got {sorted(row)}")
+                by_file.setdefault(row["file_name"], []).append(str(row["caption"]).strip())
+    missing = [name for name in by_file if not (root / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} captioned images missing under {root}, e.g. {missing[:3]}")
+    files = sorted(by_file)
+    return files, [by_file[name] for name in files]
+
+
 def load_vae(id_or_path: Union[str, Path] = DEFAULT_VAE, *, dtype: torch.dtype = torch.float32,
              local_files_only: Optional[bool] = None):
     """AutoencoderKL from a local folder (save_pretrained layout, or a pipeline folder with vae/)

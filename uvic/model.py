@@ -1,6 +1,7 @@
 """U-ViT (Bao et al., CVPR 2023) as a diffusers model, with softmax or Cog attention.
 
-Everything is a token: [label token, time token, patch tokens]; shallow and deep blocks are
+Everything is a token: [label token, time token, patch tokens], or for text-to-image
+(libs/uvit_t2i.py) [time token, context tokens..., patch tokens]; shallow and deep blocks are
 joined by long skip connections. The parameter names and the forward pass are those of the
 reference implementation (github.com/baofff/U-ViT, libs/uvit.py), so its checkpoints load with
 `strict=True`. With attention_type="cog" the model is a U-ViC: Cog attention in every block but
@@ -33,6 +34,15 @@ PRESETS = {
     "uvit-m": dict(embed_dim=768, depth=16, num_heads=12),
     "uvit-l": dict(embed_dim=1024, depth=20, num_heads=16),
     "uvit-h": dict(embed_dim=1152, depth=28, num_heads=16),
+}
+
+# MS-COCO text-to-image models (U-ViT paper, configs/mscoco_uvit_*.py): 256 px through the SD VAE
+# (32x32x4 latents), 77 CLIP ViT-L/14 text tokens of width 768.
+T2I_PRESETS = {
+    "mscoco-uvit-s/2": dict(PRESETS["uvit-s"], patch_size=2, sample_size=32, in_channels=4,
+                            context_dim=768, num_context_tokens=77),
+    "mscoco-uvit-s-deep/2": dict(PRESETS["uvit-s-deep"], patch_size=2, sample_size=32, in_channels=4,
+                                 context_dim=768, num_context_tokens=77),
 }
 
 
@@ -118,6 +128,8 @@ class UViT(ModelMixin, ConfigMixin):
         long_skip: bool = True,
         attention_type: str = "softmax",
         softmax_blocks: Optional[Sequence[int]] = None,
+        context_dim: int = 0,
+        num_context_tokens: int = 77,
     ):
         super().__init__()  # attention_type is checked once, by Attention (every block builds one)
         if sample_size % patch_size:
@@ -126,6 +138,11 @@ class UViT(ModelMixin, ConfigMixin):
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         if depth % 2:
             raise ValueError(f"depth must be even (depth//2 in-blocks, 1 mid, depth//2 out), got {depth}")
+        if context_dim > 0 and num_classes > 0:
+            raise ValueError(
+                f"class labels (num_classes={num_classes}) and text context (context_dim={context_dim}) are "
+                "mutually exclusive: set num_classes=-1 for a text-to-image model"
+            )
         self.gradient_checkpointing = False
         num_patches = (sample_size // patch_size) ** 2
         layout = self._layout(depth, attention_type, softmax_blocks)
@@ -138,7 +155,9 @@ class UViT(ModelMixin, ConfigMixin):
         )
         if num_classes > 0:
             self.label_emb = nn.Embedding(num_classes, embed_dim)
-        self.extras = 2 if num_classes > 0 else 1
+        if context_dim > 0:  # text-to-image (libs/uvit_t2i.py): [time, context..., patches]
+            self.context_embed = nn.Linear(context_dim, embed_dim)
+        self.extras = 1 + (1 if num_classes > 0 else 0) + (num_context_tokens if context_dim > 0 else 0)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.extras + num_patches, embed_dim))
 
         def block(i, skip=False):
@@ -209,8 +228,10 @@ class UViT(ModelMixin, ConfigMixin):
         timestep: Union[torch.Tensor, float, int],
         class_labels: Optional[torch.Tensor] = None,
         return_dict: bool = True,
+        encoder_hidden_states: Optional[torch.Tensor] = None,
     ):
-        """sample (B, C, H, W), timestep scalar or (B,), class_labels (B,) long -> UViTOutput(sample (B, C, H, W))."""
+        """sample (B, C, H, W), timestep scalar or (B,), class_labels (B,) long or
+        encoder_hidden_states (B, num_context_tokens, context_dim) -> UViTOutput(sample (B, C, H, W))."""
         batch = sample.shape[0]
         timesteps = torch.as_tensor(timestep, device=sample.device)
         timesteps = timesteps.reshape(-1).expand(batch) if timesteps.numel() == 1 else timesteps.reshape(batch)
@@ -225,7 +246,19 @@ class UViT(ModelMixin, ConfigMixin):
                 )
             tokens.insert(0, self.label_emb(class_labels.reshape(batch))[:, None])
         elif class_labels is not None:
-            raise ValueError("this model is unconditional (num_classes <= 0): class_labels must be None")
+            raise ValueError(
+                "this model is unconditional or text-conditional (num_classes <= 0): class_labels must be None"
+            )
+        if self.config.context_dim > 0:
+            expected = (self.config.num_context_tokens, self.config.context_dim)
+            if encoder_hidden_states is None or tuple(encoder_hidden_states.shape[1:]) != expected:
+                got = None if encoder_hidden_states is None else tuple(encoder_hidden_states.shape)
+                raise ValueError(f"this model is text-conditional: pass encoder_hidden_states (B, {expected[0]}, "
+                                 f"{expected[1]}), got {got}")
+            context = self.context_embed(encoder_hidden_states.to(x.dtype))  # (B, T, D)
+            tokens = [tokens[0], context, *tokens[1:]]
+        elif encoder_hidden_states is not None:
+            raise ValueError("this model has no text context (context_dim=0): encoder_hidden_states must be None")
         x = torch.cat(tokens, dim=1) + self.pos_embed  # (B, extras + N, D)
 
         skips = []
@@ -251,9 +284,11 @@ class UViT(ModelMixin, ConfigMixin):
 
 def preset_config(name: str, **overrides) -> dict:
     """Config dict of a preset "uvit-<size>/<patch>" with overrides applied."""
+    if name.lower() in T2I_PRESETS:
+        return {**T2I_PRESETS[name.lower()], **overrides}
     base, sep, patch = name.lower().partition("/")
     if base not in PRESETS or not sep or not patch.isdigit():
-        valid = ", ".join(f"{n}/2, {n}/4" for n in PRESETS)
+        valid = ", ".join([f"{n}/2, {n}/4" for n in PRESETS] + list(T2I_PRESETS))
         raise ValueError(f"unknown preset {name!r}; valid: {valid}")
     return {**PRESETS[base], "patch_size": int(patch), **overrides}
 
@@ -273,6 +308,8 @@ _REFERENCE_KEYS = {
     "num_classes": "num_classes",
     "conv": "use_final_conv",
     "skip": "long_skip",
+    "clip_dim": "context_dim",
+    "num_clip_token": "num_context_tokens",
     "use_checkpoint": None,
     "name": None,
 }
@@ -286,6 +323,8 @@ def config_from_reference(reference: dict, **overrides) -> dict:
     if reference.get("qk_scale") is not None:
         raise ValueError("qk_scale other than None (head_dim^-0.5) is not supported")
     config = {ours: reference[theirs] for theirs, ours in _REFERENCE_KEYS.items() if ours and theirs in reference}
+    if reference.get("name") == "uvit_t2i":  # libs/uvit_t2i.py defaults: 77 CLIP tokens of width 768
+        config = {"context_dim": 768, "num_context_tokens": 77, **config}
     return {**config, **overrides}
 
 

@@ -1,0 +1,209 @@
+"""Text-to-image UViT (libs/uvit_t2i.py layout): context tokens, official names, forward, presets."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from uvic.model import UViT, config_from_reference, load_reference_checkpoint, preset_config
+
+TINY_T2I = dict(sample_size=8, in_channels=4, patch_size=2, embed_dim=32, depth=4, num_heads=4,
+                context_dim=12, num_context_tokens=5)
+
+
+def official_t2i_forward(model, x, t, context, cog):
+    """The official t2i forward restated with plain ops: tokens [time, context..., patches];
+    with cog=True every block but in_blocks.0 and the last out-block uses sign(s) * softmax(|s|)."""
+    w = dict(model.named_parameters())
+    cfg = model.config
+    d, p, c, heads = cfg.embed_dim, cfg.patch_size, cfg.in_channels, cfg.num_heads
+    b, half_depth = x.shape[0], cfg.depth // 2
+    patches = F.conv2d(x, w["patch_embed.proj.weight"], w["patch_embed.proj.bias"], stride=p)
+    gh, gw = patches.shape[-2:]
+    patches = patches.flatten(2).transpose(1, 2)  # (B, N, D)
+    freqs = torch.exp(-math.log(10000) * torch.arange(d // 2, dtype=torch.float64) / (d // 2))
+    time = torch.cat([torch.cos(t[:, None] * freqs), torch.sin(t[:, None] * freqs)], -1)[:, None]
+    ctx = context @ w["context_embed.weight"].T + w["context_embed.bias"]  # (B, T, D)
+    h = torch.cat([time, ctx, patches], 1) + w["pos_embed"]
+    extras = 1 + ctx.shape[1]
+
+    def block(name, h, use_cog, skip=None):
+        if skip is not None:
+            h = torch.cat([h, skip], -1) @ w[name + "skip_linear.weight"].T + w[name + "skip_linear.bias"]
+        a = F.layer_norm(h, (d,), w[name + "norm1.weight"], w[name + "norm1.bias"])
+        q, k, v = (a @ w[name + "attn.qkv.weight"].T).reshape(b, -1, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+        s = (q @ k.transpose(-1, -2)) * (d // heads) ** -0.5
+        probs = torch.sign(s) * torch.softmax(s.abs(), -1) if use_cog else torch.softmax(s, -1)
+        o = (probs @ v).transpose(1, 2).reshape(b, -1, d)
+        h = h + o @ w[name + "attn.proj.weight"].T + w[name + "attn.proj.bias"]
+        m = F.layer_norm(h, (d,), w[name + "norm2.weight"], w[name + "norm2.bias"])
+        m = F.gelu(m @ w[name + "mlp.fc1.weight"].T + w[name + "mlp.fc1.bias"])
+        return h + m @ w[name + "mlp.fc2.weight"].T + w[name + "mlp.fc2.bias"]
+
+    skips = []
+    for i in range(half_depth):
+        h = block(f"in_blocks.{i}.", h, cog and i != 0)
+        skips.append(h)
+    h = block("mid_block.", h, cog)
+    for i in range(half_depth):
+        h = block(f"out_blocks.{i}.", h, cog and i != half_depth - 1, skips.pop())
+    h = F.layer_norm(h, (d,), w["norm.weight"], w["norm.bias"]) @ w["decoder_pred.weight"].T + w["decoder_pred.bias"]
+    h = h[:, extras:].reshape(b, gh, gw, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, gh * p, gw * p)
+    return F.conv2d(h, w["final_layer.weight"], w["final_layer.bias"], padding=1)
+
+
+@pytest.mark.parametrize("attention_type", ["softmax", "cog"])
+def test_t2i_forward_matches_the_official_forward(attention_type):
+    torch.manual_seed(0)
+    model = UViT(**TINY_T2I, attention_type=attention_type).double().eval()
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    t = torch.tensor([3.0, 900.0], dtype=torch.float64)
+    ctx = torch.randn(2, 5, 12, dtype=torch.float64)
+    out = model(x, t, encoder_hidden_states=ctx).sample
+    torch.testing.assert_close(out, official_t2i_forward(model, x, t, ctx, cog=attention_type == "cog"))
+    # the context matters
+    assert not torch.allclose(out, model(x, t, encoder_hidden_states=ctx.flip(0)).sample)
+
+
+def test_context_and_labels_are_checked():
+    with pytest.raises(ValueError, match="mutually exclusive"):
+        UViT(**TINY_T2I, num_classes=11)
+    model = UViT(**TINY_T2I).eval()
+    x = torch.randn(1, 4, 8, 8)
+    with pytest.raises(ValueError, match="encoder_hidden_states"):
+        model(x, 1)
+    with pytest.raises(ValueError, match="encoder_hidden_states"):
+        model(x, 1, encoder_hidden_states=torch.randn(1, 4, 12))
+    with pytest.raises(ValueError, match="class_labels must be None"):
+        model(x, 1, class_labels=torch.tensor([0]), encoder_hidden_states=torch.randn(1, 5, 12))
+    plain = UViT(**{k: v for k, v in TINY_T2I.items() if k not in ("context_dim", "num_context_tokens")})
+    with pytest.raises(ValueError, match="no text context"):
+        plain(x, 1, encoder_hidden_states=torch.randn(1, 5, 12))
+    assert "context_embed.weight" not in plain.state_dict()
+
+
+def official_mscoco_s2_param_count(d=512, depth=12, latent=32, chans=4, patch=2, clip=768, tokens=77):
+    """Parameters of libs/uvit_t2i.py's UViT with configs/mscoco_uvit_small.py, counted layer by layer."""
+    block = 2 * d + 3 * d * d + (d * d + d) + 2 * d + (4 * d * d + 4 * d) + (4 * d * d + d)
+    skip = 2 * d * d + d
+    length = 1 + tokens + (latent // patch) ** 2
+    return ((chans * patch * patch * d + d) + length * d + (clip * d + d) + (depth + 1) * block
+            + (depth // 2) * skip + 2 * d + (d * patch * patch * chans + patch * patch * chans)
+            + (chans * chans * 9 + chans))
+
+
+@pytest.mark.parametrize("name,depth", [("mscoco-uvit-s/2", 12), ("mscoco-uvit-s-deep/2", 16)])
+def test_mscoco_presets_have_the_official_shapes_and_count(name, depth):
+    with torch.device("meta"):
+        model = UViT.from_preset(name)
+    assert sum(p.numel() for p in model.parameters()) == official_mscoco_s2_param_count(depth=depth)
+    state = model.state_dict()
+    assert state["pos_embed"].shape == (1, 1 + 77 + 256, 512)
+    assert state["context_embed.weight"].shape == (512, 768)
+    assert preset_config(name, attention_type="cog")["attention_type"] == "cog"
+
+
+def test_official_state_dict_loads_strictly(tmp_path):
+    reference = dict(name="uvit_t2i", img_size=8, in_chans=4, patch_size=2, embed_dim=32, depth=4, num_heads=4,
+                     mlp_ratio=4, qkv_bias=False, mlp_time_embed=False, clip_dim=12, num_clip_token=5)
+    assert config_from_reference(reference)["context_dim"] == 12
+    torch.manual_seed(1)
+    source = UViT(**TINY_T2I)
+    # official names: the same keys as our model, written as a published .pth would be
+    official_names = {"pos_embed", "context_embed.weight", "context_embed.bias", "patch_embed.proj.weight",
+                      "in_blocks.0.attn.qkv.weight", "out_blocks.1.skip_linear.weight", "final_layer.bias"}
+    state = source.state_dict()
+    assert official_names <= set(state)
+    torch.save(state, tmp_path / "nnet_ema.pth")
+    for attention_type in ("softmax", "cog"):
+        loaded = load_reference_checkpoint(str(tmp_path / "nnet_ema.pth"), reference, attention_type=attention_type)
+        for key, value in state.items():
+            torch.testing.assert_close(loaded.state_dict()[key], value)
+    # a t2i reference without explicit clip keys takes the official defaults (77 x 768)
+    defaults = {k: v for k, v in reference.items() if k not in ("clip_dim", "num_clip_token")}
+    assert config_from_reference(defaults)["num_context_tokens"] == 77
+
+
+# ---------------------------------------------------------------------- text encoder (tiny, offline)
+def write_tiny_clip(folder):
+    """A random 2-layer CLIPTextModel and a character-level CLIPTokenizer saved to `folder`."""
+    import json
+
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = {tok: i for i, tok in enumerate(letters + [ch + "</w>" for ch in letters] + ["<|startoftext|>", "<|endoftext|>"])}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=12, intermediate_size=24, num_hidden_layers=2,
+                            num_attention_heads=2, max_position_embeddings=77,
+                            bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                            pad_token_id=vocab["<|endoftext|>"])
+    CLIPTextModel(config).save_pretrained(folder)
+    return folder
+
+
+def test_text_encoder_pads_to_77_and_gives_the_empty_context(tmp_path):
+    from uvic.text import empty_context, encode_prompts, load_text_encoder
+
+    tokenizer, encoder = load_text_encoder(str(write_tiny_clip(tmp_path / "clip")))
+    ctx = encode_prompts(["a cat", "a dog on a skateboard"], tokenizer, encoder)
+    assert ctx.shape == (2, 77, 12)
+    assert not torch.allclose(ctx[0], ctx[1])
+    empty = empty_context(tokenizer, encoder)
+    assert empty.shape == (77, 12)
+    torch.testing.assert_close(empty, encode_prompts([""], tokenizer, encoder)[0])
+    # features feed the t2i model directly
+    model = UViT(**{**TINY_T2I, "context_dim": 12, "num_context_tokens": 77}).eval()
+    assert model(torch.randn(2, 4, 8, 8), 5, encoder_hidden_states=ctx).sample.shape == (2, 4, 8, 8)
+
+
+def test_missing_text_encoder_says_what_to_download(tmp_path):
+    from uvic.text import load_text_encoder
+
+    with pytest.raises(FileNotFoundError, match="openai/clip-vit-large-patch14"):
+        load_text_encoder(str(tmp_path / "nothing"))
+
+
+def test_mscoco_twin_configs_differ_only_in_attention_type():
+    from pathlib import Path
+
+    from uvic.config import config_diff, load_config
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    uvic, uvit = load_config(configs / "mscoco_uvic_s2.yaml"), load_config(configs / "mscoco_uvit_s2.yaml")
+    assert config_diff(uvic, uvit) == ["model.attention_type"]
+    fields = {k: v for k, v in dict(uvic.model).items() if k not in ("preset", "gradient_checkpointing")}
+    with torch.device("meta"):
+        model = UViT(**fields)
+    assert model.attention_layout()[1:-1] == ["cog"] * 11
+    assert sum(p.numel() for p in model.parameters()) == official_mscoco_s2_param_count()
+    assert (uvic.train.batch_size, uvic.train.lr, uvic.train.betas, uvic.diffusion.p_uncond) == (256, 2e-4, [0.9, 0.9], 0.1)
+
+
+def test_read_captions_from_jsonl_and_coco(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from uvic.latents import read_captions
+
+    for name in ("b.png", "a.png", "c.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    rows = [("b.png", "two dogs"), ("a.png", "a cat"), ("b.png", "dogs playing")]
+    (tmp_path / "captions.jsonl").write_text("\n".join(json.dumps({"file_name": f, "caption": c}) for f, c in rows))
+    assert read_captions(tmp_path) == (["a.png", "b.png"], [["a cat"], ["two dogs", "dogs playing"]])
+    coco = {"images": [{"id": 7, "file_name": "c.png"}, {"id": 3, "file_name": "a.png"}],
+            "annotations": [{"image_id": 7, "caption": " a red bus "}, {"image_id": 3, "caption": "a cat"},
+                            {"image_id": 7, "caption": "a bus"}]}
+    (tmp_path / "captions_train2014.json").write_text(json.dumps(coco))
+    files, captions = read_captions(tmp_path, tmp_path / "captions_train2014.json")
+    assert files == ["a.png", "c.png"] and captions == [["a cat"], ["a red bus", "a bus"]]
+    (tmp_path / "captions.jsonl").write_text(json.dumps({"file_name": "gone.png", "caption": "x"}))
+    with pytest.raises(FileNotFoundError, match="1 captioned images missing"):
+        read_captions(tmp_path)

@@ -1,0 +1,58 @@
+"""The text encoder of text-to-image U-ViT: CLIP ViT-L/14's text model through transformers.
+
+As U-ViT's FrozenCLIPEmbedder (libs/clip.py): prompts are tokenized with padding and truncation to
+77 tokens and encoded to the last hidden state (B, 77, 768); the unconditional context for
+classifier-free guidance is the empty prompt's features (U-ViT's `empty_context`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence, Tuple
+
+import torch
+
+CLIP_TEXT_ENCODER = "openai/clip-vit-large-patch14"  # the CLIP used by U-ViT's MS-COCO models
+MAX_LENGTH = 77
+
+
+def load_text_encoder(name_or_path: str = CLIP_TEXT_ENCODER, device="cpu", dtype=torch.float32):
+    """(CLIPTokenizer, CLIPTextModel in eval mode, frozen) from a local folder or a hub name already cached.
+
+    Nothing is downloaded here; missing weights end with one message saying what to fetch and where."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(name_or_path, local_files_only=True)
+        encoder = CLIPTextModel.from_pretrained(name_or_path, local_files_only=True, torch_dtype=dtype)
+    except (OSError, ValueError) as err:
+        where = name_or_path if os.path.isdir(name_or_path) else "the Hugging Face cache (HF_HOME)"
+        raise FileNotFoundError(
+            f"CLIP text encoder {name_or_path!r} not found in {where}: download it once with "
+            f"`huggingface-cli download {CLIP_TEXT_ENCODER} --local-dir DIR` (tokenizer files + text-model "
+            f"weights) and pass DIR as the text encoder (--text-encoder DIR). ({type(err).__name__})"
+        ) from None
+    encoder = encoder.to(device).eval().requires_grad_(False)
+    return tokenizer, encoder
+
+
+@torch.no_grad()
+def encode_prompts(prompts: Sequence[str], tokenizer, text_encoder, max_length: int = MAX_LENGTH) -> torch.Tensor:
+    """prompts (B strings) -> last hidden state (B, max_length, hidden), padded/truncated to max_length."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    tokens = tokenizer(list(prompts), padding="max_length", truncation=True, max_length=max_length,
+                       return_tensors="pt")
+    ids = tokens["input_ids"].to(text_encoder.device)  # (B, max_length)
+    return text_encoder(input_ids=ids).last_hidden_state  # (B, max_length, hidden)
+
+
+def empty_context(tokenizer, text_encoder, max_length: int = MAX_LENGTH) -> torch.Tensor:
+    """The empty prompt's features (max_length, hidden): the unconditional context for guidance."""
+    return encode_prompts([""], tokenizer, text_encoder, max_length)[0]
+
+
+def text_encoder_from(name_or_path: str, device="cpu", dtype=torch.float32) -> Tuple[object, object, torch.Tensor]:
+    """(tokenizer, text_encoder, empty_context) in one call."""
+    tokenizer, encoder = load_text_encoder(name_or_path, device, dtype)
+    return tokenizer, encoder, empty_context(tokenizer, encoder)
