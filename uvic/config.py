@@ -260,8 +260,9 @@ def validate_config(cfg: DictConfig) -> None:
             raise ValueError(f"diffusion.t_min must lie in [0, 1), got {d.t_min}")
     if d.snr_gamma is not None and d.snr_gamma <= 0:
         raise ValueError(f"diffusion.snr_gamma must be > 0 or null, got {d.snr_gamma}")
-    if t.sample_guidance != 1.0 and not data.conditional:
-        raise ValueError("train.sample_guidance != 1 needs a class-conditional run (data.conditional=true)")
+    if t.sample_guidance != 1.0 and not (data.conditional or m.get("context_dim")):
+        raise ValueError("train.sample_guidance != 1 needs a conditional run (data.conditional=true, or a text "
+                         "model with model.context_dim)")
     if e.fid_every > 0 and not e.fid_ref:
         raise ValueError("eval.fid_every > 0 needs eval.fid_ref (reference statistics for FID)")
     if data.name in ("imagefolder", "latents") and not data.path:
