@@ -33,9 +33,11 @@ def expand_grid(configs: Sequence[str], seeds: Sequence[int], sets: Sequence[str
             raise ValueError(f"--set expects key=v1,v2 (got {item!r})")
         axes.append([(key, v) for v in values.split(",")])
     runs = []
-    for config in configs:
-        for combo in itertools.product(*axes):
-            for seed in seeds:
+    # Seed-major order (seed 0 of every config, then seed 1, ...): a sweep stopped early still holds
+    # complete, paired groups.
+    for seed in seeds:
+        for config in configs:
+            for combo in itertools.product(*axes):
                 settings = dict(combo)
                 settings["train.seed"] = str(seed)
                 name = "__".join([_safe(Path(config).stem)] + [_safe(f"{k}={v}") for k, v in combo] + [f"seed={seed}"])
@@ -46,12 +48,15 @@ def expand_grid(configs: Sequence[str], seeds: Sequence[int], sets: Sequence[str
     return runs
 
 
-def command(run: Dict, out: Path) -> List[str]:
-    cmd = [sys.executable, "train.py", "--config", run["config"]]
-    cmd += [f"{k}={v}" for k, v in run["settings"].items()]
-    cmd += ["--output-dir", str(out / run["name"])]
+def command(run: Dict, out: Path, threads: Optional[int] = None) -> List[str]:
+    """train.py's command line for `run`; the key=value overrides come last, all together (argparse
+    does not take positionals interleaved with options)."""
+    cmd = [sys.executable, "train.py", "--config", run["config"], "--output-dir", str(out / run["name"])]
     if (out / run["name"]).exists():
         cmd += ["--resume", "latest"]
+    cmd += [f"{k}={v}" for k, v in run["settings"].items()]
+    if threads is not None:
+        cmd.append(f"train.cpu_threads={threads}")
     return cmd
 
 
@@ -78,7 +83,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     todo = [r for r in runs if not is_finished(out / r["name"])]
     if a.dry_run:
         for r in todo:
-            print(shlex.join(command(r, out) + [f"train.cpu_threads={a.threads}"]))
+            print(shlex.join(command(r, out, a.threads)))
         return 0
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps({"runs": runs}, indent=2))
@@ -90,7 +95,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
         (out / r["name"]).parent.mkdir(parents=True, exist_ok=True)
         log = out / f"{r['name']}.log"
-        cmd = command(r, out) + [f"train.cpu_threads={a.threads}"]
+        cmd = command(r, out, a.threads)
         active.append((r, log, subprocess.Popen(cmd, stdout=open(log, "a"), stderr=subprocess.STDOUT, env=env)))
         while len(active) >= a.parallel or (i == len(todo) - 1 and active):
             r0, log0, proc = active.pop(0)
