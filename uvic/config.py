@@ -95,7 +95,7 @@ class DataConfig:
 class TrainConfig:
     """Optimisation, logging and checkpoints. Defaults: the U-ViT paper's CIFAR-10 recipe."""
 
-    seed: int = 0
+    seed: int = 0  # every random source of a run: python, numpy, torch (accelerate set_seed), data order
     steps: int = 500_000  # optimizer steps
     batch_size: int = 128  # GLOBAL batch: processes x grad_accum x per-process batch
     grad_accum: int = 1
