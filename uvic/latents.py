@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from .cli import add_debug_option, command
 from .data import IMAGE_EXTENSIONS
 from .runs import atomic_write
 
@@ -435,6 +436,7 @@ class LatentDataset(Dataset):
 
 
 # ---------------------------------------------------------------------- command line
+@command("python -m uvic.latents")
 def main(argv: Optional[Sequence[str]] = None):
     parser = argparse.ArgumentParser(prog="python -m uvic.latents", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -456,11 +458,9 @@ def main(argv: Optional[Sequence[str]] = None):
     cr.add_argument("--limit", type=int, help="a random subset of this many images (e.g. 50000)")
     cr.add_argument("--seed", type=int, default=0, help="seed of the --limit subset")
     cr.add_argument("--num-workers", type=int, default=4, help="data-loading processes")
-    args = parser.parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, OSError) as err:  # bad input, missing files, VAE not found offline: one message, status 2
-        parser.error(str(err))
+    for p in (ex, cr):
+        add_debug_option(p)
+    run(parser.parse_args(argv))  # bad input, missing files, VAE not found offline: one message, status 2
 
 
 def run(args: argparse.Namespace):

@@ -28,6 +28,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
+from .cli import add_debug_option, command
 from .config import TIMESTEP_SPACINGS
 from .diffusion import SCHEDULE_KEY
 from .pipeline import SCHEDULERS, UViCPipeline, make_scheduler, save_grid
@@ -566,6 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dtype", choices=DTYPES, default="fp32", help="model weights and activations")
     add("--compile", action="store_true", help="torch.compile the model")
     add("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_debug_option(parser)
     return parser
 
 
@@ -650,11 +652,7 @@ def _process_state(device: str):
     return PartialState(cpu=device == "cpu")
 
 
+@command("sample.py")
 def main(argv: Optional[Sequence[str]] = None) -> Path:
-    """Entry point of sample.py and `uvic-sample`. Bad input ends with one message and exit status 2."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError) as err:
-        parser.error(str(err))
+    """Entry point of sample.py and `uvic-sample`. Bad input ends with one message and exit status 2 (uvic.cli)."""
+    return run(build_parser().parse_args(argv))
