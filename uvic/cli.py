@@ -80,6 +80,8 @@ def describe(err: BaseException) -> str:
         return f"invalid JSON ({text}); restore or re-create the file"
     if name == "ScannerError" or name == "ParserError" or name.endswith("YAMLError"):
         return "invalid YAML: " + " ".join(text.split())
+    if isinstance(err, OSError) and text.startswith("Unable to load weights"):  # diffusers, a damaged weights file
+        return f"{text} The file is truncated or corrupt: restore it, or use another checkpoint."
     if isinstance(err, (ValueError, UserError, OSError)):
         return " ".join(text.splitlines()) if len(text) < 2000 else text
     return f"{name}: {text}"

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from .cli import add_debug_option, command
+from .cli import add_debug_option, command as cli_command
 
 
 def _safe(text: str) -> str:
@@ -62,7 +62,7 @@ def is_finished(run_dir: Path) -> bool:
     return final.is_dir() and any(final.iterdir())
 
 
-@command("python -m uvic.sweep")
+@cli_command("python -m uvic.sweep")
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("configs", nargs="+")
