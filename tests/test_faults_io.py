@@ -143,6 +143,11 @@ def test_eval_analysis_sweep_refuse_with_one_line(tmp_path, capsys):
     np.savez(npz, arr_0=np.zeros((4, 8, 8, 3), np.uint8))
     npz.write_bytes(npz.read_bytes()[:100])  # truncated
     refused(capsys, eval_main, [str(npz), "--save-stats", str(tmp_path / "st.npz")], str(npz))
+    small, large = tmp_path / "s16.npz", tmp_path / "s32.npz"
+    np.savez(small, arr_0=np.zeros((4, 16, 16, 3), np.uint8))
+    np.savez(large, arr_0=np.zeros((4, 32, 32, 3), np.uint8))
+    refused(capsys, eval_main, [str(small), "--ref", str(large), "--csv", "", "--offline"], "16x16 px", "32x32 px",
+            "--allow-resize")  # torch-fidelity would resize silently
     refused(capsys, analysis_main, ["attention", str(tmp_path / "nothere"), "--out", str(tmp_path / "a")],
             str(tmp_path / "nothere"))
     with pytest.raises(SystemExit) as exit_info:
