@@ -121,6 +121,11 @@ def test_sample_py_refuses_a_corrupt_model_a_file_as_out_and_a_full_disk(pipelin
     weights.write_bytes(weights.read_bytes()[:1000])
     refused(capsys, sample_main, [str(broken), "--num-samples", "2", "--out", str(tmp_path / "s"), "--steps", "1"],
             str(weights), "truncated or corrupt")
+    pth = tmp_path / "nnet_ema.pth"
+    pth.write_bytes(b"PK\x03\x04 truncated")
+    reference = REPO / "configs" / "reference" / "cifar10_uvit_s2.yaml"
+    refused(capsys, sample_main, [str(pth), "--reference-config", str(reference), "--grid", "2", "--out", str(tmp_path)],
+            str(pth), "not a readable PyTorch checkpoint", "download it again")
     out_file = tmp_path / "out_file"
     out_file.write_text("keep")
     refused(capsys, sample_main, [str(pipeline_folder), "--num-samples", "2", "--out", str(out_file), "--steps", "1"],
@@ -148,6 +153,13 @@ def test_eval_analysis_sweep_refuse_with_one_line(tmp_path, capsys):
     np.savez(large, arr_0=np.zeros((4, 32, 32, 3), np.uint8))
     refused(capsys, eval_main, [str(small), "--ref", str(large), "--csv", "", "--offline"], "16x16 px", "32x32 px",
             "--allow-resize")  # torch-fidelity would resize silently
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(folder / f"{i}.png")
+    (folder / "2.png").write_bytes(b"broken")
+    refused(capsys, eval_main, [str(folder), "--save-stats", str(tmp_path / "st.npz"), "--feature-extractor", "digits"],
+            str(folder / "2.png"), "not a readable image")
     refused(capsys, analysis_main, ["attention", str(tmp_path / "nothere"), "--out", str(tmp_path / "a")],
             str(tmp_path / "nothere"))
     with pytest.raises(SystemExit) as exit_info:

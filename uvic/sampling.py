@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import sys
 import zipfile
 from pathlib import Path
@@ -164,7 +165,13 @@ def load_reference_pipeline(path, reference_config, vae=None) -> UViCPipeline:
     sample = (cfg.get("sample") or {}) if sectioned else {}
     if sample.get("scheduler"):
         scheduler = make_scheduler(sample["scheduler"], scheduler.config)
-    model = load_reference_checkpoint(str(path), nnet, **overrides).eval()
+    try:
+        model = load_reference_checkpoint(str(path), nnet, **overrides).eval()
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        if "PytorchStreamReader" not in str(err) and not isinstance(err, (EOFError, pickle.UnpicklingError)):
+            raise  # a mismatch of shapes and the like: load_reference_checkpoint's own message
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt: "
+                         f"{str(err).split('. ')[0][:200]}); download it again") from None
     pipe = UViCPipeline(transformer=model, scheduler=scheduler, timestep_offset=offset)
     vae = vae if vae is not None else (cfg.get("vae") if sectioned else None)
     if vae is not None:
