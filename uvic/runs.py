@@ -302,7 +302,7 @@ class RunDir:
             left = [name for name in RUN_ARTIFACTS if (self.path / name).exists()]
             if left:  # a run that never checkpointed (or files of unknown origin): keep them
                 raise ValueError(
-                    f"{self.path} holds {', '.join(left)} but no intact checkpoint to continue from; "
+                    f"{self.path} holds {', '.join(left)} but no complete checkpoint to continue from; "
                     f"pass --overwrite to delete them and start over, or choose another --output-dir"
                 )
             return None

@@ -556,7 +556,7 @@ class Trainer:
         for group, lr in zip(self.optimizer.param_groups, lrs):
             group["lr"] = lr
         sched._last_lr = lrs
-        self.ema.decay, self.ema.update_after_step, self.ema.use_ema_warmup = t.ema_decay, t.ema_update_after_step, t.ema_warmup
+        self.ema.decay, self.ema.update_after_step = t.ema_decay, t.ema_update_after_step  # ema_warmup: the class
 
     def save_final(self) -> Path:
         """final/: UViCPipeline(EMA model, training scheduler), safetensors."""
