@@ -137,7 +137,11 @@ class Trainer:
         self._build_model()
         self.state = TrainState()  # saved by save_checkpoint as JSON, never pickled
         self.sampler, self.loader = self._build_loader()
-        if self.is_main:  # the run folder
+        if self.resume_from is None:
+            set_seed(t.seed, device_specific=True)  # each process draws its own noise and timesteps
+        else:  # weights, optimizer, LR schedule, EMA, counters and every RNG state
+            self.load_checkpoint(self.resume_from)
+        if self.is_main:  # the run folder, once the checkpoint loaded: a refused one changes nothing
             with disk_full_message(self.out):
                 if overwrite:
                     self.run.clear()
@@ -145,10 +149,7 @@ class Trainer:
                 self.run.remove_temporaries(log=accelerator.print)
                 save_config(cfg, self.out / CONFIG)
         accelerator.wait_for_everyone()
-        if self.resume_from is None:
-            set_seed(t.seed, device_specific=True)  # each process draws its own noise and timesteps
-        else:  # weights, optimizer, LR schedule, EMA, counters and every RNG state
-            self.load_checkpoint(self.resume_from)
+        if self.resume_from is not None:
             accelerator.print(f"resumed from {self.resume_from} at step {self.state.step}")
         self.writer = None
         self._vae = None  # latent data: the decoder, loaded on first use
