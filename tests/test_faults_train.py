@@ -156,6 +156,26 @@ def test_pipeline_latest_falls_back_and_an_explicit_damaged_checkpoint_is_refuse
     assert not (tmp_path / "other").exists()
 
 
+def test_an_unreadable_rng_state_with_a_matching_manifest_is_refused_not_swallowed(trained, tmp_path):
+    ckpt = tmp_path / "step_0000004"
+    shutil.copytree(trained / "checkpoints" / "step_0000004", ckpt)
+    damage(ckpt / "random_states_0.pkl", "truncate")
+    write_manifest(ckpt)
+    with pytest.raises(CheckpointError, match=r"cannot read random_states_0.pkl.*not the same run"):
+        Trainer(tiny(*CKPT), tmp_path / "run", resume=str(ckpt))
+
+
+def test_a_checkpoint_folder_given_directly_to_the_sampler_is_verified(trained, tmp_path):
+    from uvic.runs import checkpoint_pipeline
+
+    ckpt = tmp_path / "step_0000004"
+    shutil.copytree(trained / "checkpoints" / "step_0000004", ckpt)
+    assert checkpoint_pipeline(ckpt).transformer is not None
+    damage(ckpt / "scheduler" / "scheduler_config.json", "flip")
+    with pytest.raises(CheckpointError, match=r"step_0000004 is damaged: scheduler/scheduler_config.json"):
+        checkpoint_pipeline(ckpt)
+
+
 # ---------------------------------------------------------------------- hostile pickles
 class Hostile:
     """Unpickling it runs code: it writes the marker file."""

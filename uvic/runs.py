@@ -265,7 +265,7 @@ class RunDir:
             from .pipeline import UViCPipeline
 
             return UViCPipeline.from_pretrained(self.final)
-        return checkpoint_pipeline(self.checkpoint(self.resolve_step(step, verify=True)), ema=ema, run=self)
+        return checkpoint_pipeline(self.checkpoint(self.resolve_step(step, verify=True)), ema=ema, run=self, verify=False)
 
     # ------------------------------------------------------------------ reuse policy (the trainer's)
     def prepare(self, cfg, resume: Optional[str] = None, overwrite: bool = False, log=print) -> Optional[Path]:
@@ -348,15 +348,20 @@ class RunDir:
                 p.unlink()
 
 
-def checkpoint_pipeline(step_dir, ema: bool = True, run: Optional[RunDir] = None):
+def checkpoint_pipeline(step_dir, ema: bool = True, run: Optional[RunDir] = None, verify: bool = True):
     """The pipeline of one checkpoint folder: ema_model/ (ema=True) or model/, with its scheduler/; for
-    a latent run (`run`, found from the folder when None) the VAE its latents came from."""
+    a latent run (`run`, found from the folder when None) the VAE its latents came from.
+    verify: a folder with a manifest must match it (sizes and sha256), or CheckpointError."""
     import diffusers
 
     from .model import UViT
     from .pipeline import UViCPipeline
 
     step_dir = Path(step_dir)
+    if verify and (step_dir / MANIFEST).is_file():
+        problem = checkpoint_problem(step_dir, full=True)
+        if problem is not None:
+            raise CheckpointError(f"checkpoint {step_dir} is damaged: {problem}")
     sub = step_dir / ("ema_model" if ema else "model")
     if not (sub / "config.json").is_file():
         raise FileNotFoundError(f"checkpoint {step_dir} has no {sub.name}/ (expected UViT.save_pretrained output)")

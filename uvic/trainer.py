@@ -485,9 +485,9 @@ class Trainer:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)  # complete: only now does `latest` see it
-            kept = self.run.checkpoints()[-self.cfg.train.keep_checkpoints:]  # final among them
+            kept = self.run.checkpoints()[-self.cfg.train.keep_checkpoints:]  # the newest intact: this one
             for step in self.run.step_folders():
-                if step < kept[0]:
+                if kept and step < kept[0]:
                     shutil.rmtree(self.run.checkpoint(step))
         self.accelerator.wait_for_everyone()
         return final
