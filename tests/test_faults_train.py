@@ -249,6 +249,22 @@ def test_enospc_from_any_write_says_disk_full_and_a_rerun_removes_the_stale_temp
     assert RunDir(out).checkpoints() == [2, 4] and (out / "final").is_dir()
 
 
+@pytest.mark.parametrize("free_mb, expected", [(10, DiskFullError), (10_000, RuntimeError)])
+def test_a_torch_save_failure_is_called_disk_full_only_when_the_disk_is_nearly_full(tmp_path, monkeypatch, free_mb,
+                                                                                    expected):
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real_usage(path)._replace(free=free_mb << 20))
+
+    def failing_save(*args, **kwargs):  # what torch.save raises when the disk fills mid-write
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(expected) as raised:
+        Trainer(tiny("train.checkpoint_every=2"), tmp_path / "run").train()
+    assert (raised.type is DiskFullError) == ("disk full: no space left writing" in str(raised.value))
+    assert RunDir(tmp_path / "run").checkpoints() == []
+
+
 def test_stale_temporaries_are_removed_when_a_run_resumes(trained, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(trained, out)

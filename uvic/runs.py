@@ -100,18 +100,36 @@ def checkpoint_problem(folder, full: bool = False) -> Optional[str]:
     return None
 
 
+NEARLY_FULL = 64 << 20  # bytes: a write error with less free space than this is taken for a full disk
+
+
+def free_space(path) -> int:
+    """Free bytes on the file system of `path` (or of its nearest existing parent)."""
+    path = Path(path).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    return shutil.disk_usage(existing).free
+
+
 @contextmanager
 def disk_full_message(where) -> Iterator[None]:
-    """Turn ENOSPC / EDQUOT from any write inside into a DiskFullError that says disk full and where."""
+    """Turn a full disk met by any write inside into a DiskFullError that says disk full and where: ENOSPC /
+    EDQUOT, or another write error (torch.save reports a RuntimeError) while `where` has under 64 MB free."""
     try:
         yield
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except (OSError, RuntimeError) as e:
+        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+        if not full:
+            try:
+                full = free_space(where) < NEARLY_FULL
+            except OSError:
+                full = False
+        if not full:
             raise
-        target = e.filename or where
+        target = getattr(e, "filename", None) or where
         raise DiskFullError(
-            f"disk full: no space left writing {target} (run folder {where}); free space there (or pass another "
-            f"--output-dir) and rerun the same command: it continues from the latest intact checkpoint"
+            f"disk full: no space left writing {target} (run folder {where}; {type(e).__name__}: {str(e)[:200]}); "
+            f"free space there (or pass another --output-dir) and rerun the same command: it continues from the "
+            f"latest intact checkpoint"
         ) from e
 
 

@@ -46,7 +46,7 @@ from .diffusion import build_scheduler, diffusion_loss, drop_labels
 from .model import UViT
 from .pipeline import UViCPipeline, make_scheduler, save_grid
 from .runs import (CONFIG, CheckpointError, DiskFullError, RunDir, atomic_write, checkpoint_name, disk_full_message,
-                   manifest_size, write_manifest)
+                   free_space, manifest_size, write_manifest)
 
 LR_SCHEDULE_NAMES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
@@ -105,7 +105,7 @@ class Trainer:
     """Builds everything from a config, checks it before any training, then `train()`.
 
     resume: None (fresh run, or the continuation of this config's run in output_dir), "latest"
-    (highest complete checkpoint of output_dir, or a fresh run if there is none) or a checkpoint /
+    (newest intact checkpoint of output_dir, or a fresh run if there is none) or a checkpoint /
     run folder; overwrite: start over in output_dir, deleting its run artifacts (RunDir.prepare has
     the rules). dataset: the training set from `resolve_data_config(cfg)`, built here when None.
     """
@@ -295,7 +295,7 @@ class Trainer:
                 size = 5 * 4 * sum(p.numel() for p in self.raw_model.parameters())
             need = int(size * 1.1) + (1 << 20)
             root = next(p for p in (folder, *folder.parents) if p.exists())
-            free = shutil.disk_usage(root).free
+            free = free_space(root)
             if free < need:
                 short += 1
                 message = (f"disk full: checkpoint {folder.name} needs about {need / 1e6:.1f} MB but {root} has "
