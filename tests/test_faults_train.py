@@ -6,7 +6,10 @@ Each test asserts the message and that nothing written before the fault changed 
 import errno
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when run as the torchrun worker below
 from test_train import TINY, tiny
 from uvic.config import load_config
 from uvic.runs import CheckpointError, DiskFullError, RunDir, checkpoint_problem, write_manifest
@@ -85,6 +89,38 @@ def test_a_huge_learning_rate_never_leaves_a_nonfinite_checkpoint_or_final(tmp_p
     assert not (out / "final").exists()
     steps = RunDir(out).checkpoints()
     assert steps and all(all_finite(RunDir(out).checkpoint(s)) for s in steps)
+
+
+def rank_worker(out: Path) -> None:
+    """torchrun worker: rank 1 alone sees an infinite loss at step 2 (its gradients stay finite)."""
+
+    class InfOnRank1(Trainer):
+        def compute_loss(self, images, labels):
+            loss = super().compute_loss(images, labels)
+            bad = self.accelerator.process_index == 1 and self.step + 1 == 2
+            return loss + float("inf") if bad else loss
+
+    trainer = InfOnRank1(tiny("train.steps=3", "train.grad_accum=2"), out / "run")
+    trainer.train()
+    rank = trainer.accelerator.process_index
+    torch.save({k: v.detach().clone() for k, v in trainer.raw_model.state_dict().items()}, out / f"weights_{rank}.pt")
+    (out / f"state_{rank}.json").write_text(json.dumps({**trainer.state.state_dict(),
+                                                         "ema_steps": trainer.ema.optimization_step}))
+
+
+def test_a_nonfinite_loss_on_one_process_skips_the_step_on_every_process(tmp_path):
+    from test_train_multiprocess import free_port
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", __file__, str(tmp_path)]
+    result = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+                            timeout=240)
+    assert result.returncode == 0, result.stderr[-4000:]
+    states = [json.loads((tmp_path / f"state_{r}.json").read_text()) for r in (0, 1)]
+    assert all(s["nonfinite_steps"] == 1 and s["ema_steps"] == 2 for s in states), states
+    w0, w1 = (torch.load(tmp_path / f"weights_{r}.pt") for r in (0, 1))
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)  # the same decision on both: still one model
 
 
 # ---------------------------------------------------------------------- damaged checkpoints
@@ -331,3 +367,7 @@ def test_a_changed_architecture_on_resume_is_refused(trained, tmp_path):
     with pytest.raises(ValueError, match=r"changed model architecture \(model.embed_dim\).*start a new run"):
         Trainer(tiny(*CKPT, "model.embed_dim=16"), out, resume="latest")
     assert snapshot(out) == before
+
+
+if __name__ == "__main__":  # the torchrun worker of test_a_nonfinite_loss_on_one_process_skips_the_step_on_every_process
+    rank_worker(Path(sys.argv[1]))
