@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when run as the torchrun worker below
 from test_train import TINY, tiny
 from uvic.config import load_config
+from uvic.model import UViT
 from uvic.runs import CheckpointError, DiskFullError, RunDir, checkpoint_problem, write_manifest
 from uvic.trainer import NonFiniteLossError, Trainer, main
 
@@ -235,6 +236,40 @@ def test_a_hostile_pickle_in_any_slot_is_never_run(trained, tmp_path, slot):
         Trainer(tiny(*CKPT), tmp_path / "run", resume=str(ckpt))
     assert not hostile.marker.exists()
     assert not (tmp_path / "run").exists()
+
+
+def make_legacy(ckpt: Path, step: int, custom_0=None) -> None:
+    """Turn a checkpoint into one of uvic before manifests: the EMA and step as accelerate custom pickles."""
+    (ckpt / "manifest.json").unlink()
+    state = json.loads((ckpt / "train_state.json").read_text())
+    (ckpt / "train_state.json").unlink()
+    model = UViT.from_pretrained(ckpt / "ema_model")
+    ema = {"decay": 0.9, "min_decay": 0.0, "optimization_step": state["ema_optimization_step"], "update_after_step": 0,
+           "use_ema_warmup": False, "inv_gamma": 1.0, "power": 2 / 3,
+           "shadow_params": [p.detach().clone() for p in model.parameters()]}
+    torch.save(ema if custom_0 is None else custom_0, ckpt / "custom_checkpoint_0.pkl")
+    torch.save({"step": step}, ckpt / "custom_checkpoint_1.pkl")
+
+
+def test_a_checkpoint_of_an_older_uvic_is_listed_and_resumed_exactly_without_unpickling_code(trained, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    shutil.rmtree(out / "checkpoints" / "step_0000004")
+    make_legacy(out / "checkpoints" / "step_0000002", 2)
+    assert RunDir(out).checkpoints() == [2]
+    resumed = Trainer(tiny(*CKPT), out)
+    assert resumed.step == 2
+    final = resumed.train()
+    for name, tensor in load_file(str(trained / "final" / "transformer" / "diffusion_pytorch_model.safetensors")).items():
+        assert torch.equal(tensor, load_file(str(final / "transformer" / "diffusion_pytorch_model.safetensors"))[name])
+    hostile = Hostile()
+    hostile.marker = tmp_path / "marker"
+    legacy = tmp_path / "step_0000004"
+    shutil.copytree(trained / "checkpoints" / "step_0000004", legacy)
+    make_legacy(legacy, 4, custom_0={"shadow_params": [hostile]})
+    with pytest.raises(CheckpointError, match=r"step_0000004: cannot read its EMA and step states safely"):
+        Trainer(tiny(*CKPT), tmp_path / "other", resume=str(legacy))
+    assert not hostile.marker.exists()
 
 
 # ---------------------------------------------------------------------- full disk

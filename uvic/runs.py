@@ -11,7 +11,8 @@ Layout (written by uvic.trainer):
     samples/step_XXXXXXX.png  logs/ (TensorBoard)  metrics.csv  final/ (UViCPipeline, EMA weights)
 
 A checkpoint is written under a temporary name, gets a manifest.json (every file's size and
-sha256) written last, and is renamed when complete. A checkpoint is *intact* when its manifest is
+sha256) written last, and is renamed when complete (folders of older uvic versions, without a
+manifest, are taken unverified). A checkpoint is *intact* when its manifest is
 there and its files match it: sizes for listing (`checkpoints()`, cheap), sizes and hashes before a
 resume or a pipeline is loaded. A damaged newest checkpoint is named in a warning and the one
 before it is used.
@@ -34,6 +35,7 @@ CONFIG = "config.yaml"
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
 MANIFEST = "manifest.json"  # a checkpoint's last file: {"files": {relative path: {"size", "sha256"}}}
+TRAIN_STATE = "train_state.json"  # a checkpoint's counters (uvic.trainer.TrainState), JSON
 RUN_ARTIFACTS = (CHECKPOINTS, "samples", "logs", FINAL, "metrics.csv")  # what --overwrite deletes
 _STEP_RE = re.compile(r"^step_(\d+)$")
 _TMP_RE = re.compile(r"^\.(step_\d+|final)\.tmp$")  # temporary folders of the trainer's saves
@@ -80,8 +82,13 @@ def manifest_size(folder) -> Optional[int]:
 
 
 def checkpoint_problem(folder, full: bool = False) -> Optional[str]:
-    """None if `folder` is an intact checkpoint, else what is wrong with it. full: compare hashes too."""
+    """None if `folder` is an intact checkpoint, else what is wrong with it. full: compare hashes too.
+
+    A folder without a manifest and without train_state.json was written before manifests existed: its
+    rename made it complete, and it is taken unverified."""
     folder = Path(folder)
+    if not (folder / MANIFEST).is_file() and not (folder / TRAIN_STATE).exists():
+        return None
     try:
         files: Dict[str, dict] = json.loads((folder / MANIFEST).read_text())["files"]
         entries = [(name, int(e["size"]), str(e["sha256"])) for name, e in files.items()]

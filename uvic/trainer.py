@@ -26,6 +26,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -45,8 +46,8 @@ from .data import resolve_data_config
 from .diffusion import build_scheduler, diffusion_loss, drop_labels
 from .model import UViT
 from .pipeline import UViCPipeline, make_scheduler, save_grid
-from .runs import (CONFIG, CheckpointError, DiskFullError, RunDir, atomic_write, checkpoint_name, disk_full_message,
-                   free_space, manifest_size, write_manifest)
+from .runs import (CONFIG, MANIFEST, TRAIN_STATE, CheckpointError, DiskFullError, RunDir, atomic_write, checkpoint_name,
+                   disk_full_message, free_space, manifest_size, write_manifest)
 
 LR_SCHEDULE_NAMES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
@@ -70,9 +71,6 @@ class EpochSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples - self.skip
-
-
-TRAIN_STATE = "train_state.json"  # in each checkpoint: TrainState.state_dict()
 
 
 class NonFiniteLossError(ValueError):
@@ -497,15 +495,18 @@ class Trainer:
         tensors and plain values; then apply this config's optimisation values (README: changed values)."""
         folder, accelerator = Path(folder), self.accelerator
         pickled = sorted(p.name for p in folder.glob("custom_checkpoint_*.pkl"))
-        if pickled:
+        legacy = not (folder / MANIFEST).is_file() and not (folder / TRAIN_STATE).exists()
+        if pickled and not legacy:
             raise CheckpointError(
-                f"checkpoint {folder} holds pickled objects ({', '.join(pickled)}) that uvic does not load (they "
-                f"could run code); it was not written by this uvic: resume from one that was, or start a new run")
-        try:
-            state = json.loads((folder / TRAIN_STATE).read_text())
-            self.state.load_state_dict(state)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"checkpoint {folder}: cannot read {TRAIN_STATE} ({type(e).__name__}: {e})") from None
+                f"checkpoint {folder} holds pickled objects ({', '.join(pickled)}) beside its {TRAIN_STATE}; uvic "
+                f"does not load them (they could run code): resume from a checkpoint uvic wrote, or start a new run")
+        if legacy:  # written before train_state.json: EMA and step as accelerate custom states
+            ema_state = self.load_legacy_states(folder, pickled)
+        else:
+            try:
+                self.state.load_state_dict(json.loads((folder / TRAIN_STATE).read_text()))
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"checkpoint {folder}: cannot read {TRAIN_STATE} ({type(e).__name__}: {e})") from None
         rng = folder / f"random_states_{accelerator.process_index}.pkl"
         if rng.is_file():
             from accelerate.utils import load  # torch.load, weights_only=True with numpy's arrays allowed
@@ -521,12 +522,38 @@ class Trainer:
             warnings.warn(f"checkpoint {folder} has no {rng.name} (it was written by fewer processes): the resumed "
                           f"run draws other random numbers than an uninterrupted one would")
         try:  # accelerate loads optimizer, scheduler and RNG states with torch.load(weights_only=True)
-            accelerator.load_state(str(folder))
+            if pickled:  # a legacy checkpoint: accelerate would unpickle its custom states without weights_only
+                with tempfile.TemporaryDirectory() as view:
+                    for entry in folder.iterdir():
+                        if entry.name not in pickled:
+                            os.symlink(entry.absolute(), Path(view) / entry.name)
+                    accelerator.load_state(view)
+            else:
+                accelerator.load_state(str(folder))
         except Exception as e:
             raise CheckpointError(f"cannot load checkpoint {folder}: {type(e).__name__}: {str(e)[:300]}") from None
-        self.load_ema(folder / "ema_model")
-        self.ema.optimization_step = self.state.ema_optimization_step
+        if legacy:
+            self.ema.load_state_dict(ema_state)
+            self.ema.to(accelerator.device)
+        else:
+            self.load_ema(folder / "ema_model")
+            self.ema.optimization_step = self.state.ema_optimization_step
         self.apply_optimisation_config()
+
+    def load_legacy_states(self, folder: Path, pickled) -> dict:
+        """A pre-manifest checkpoint's custom states (custom_checkpoint_0.pkl: the EMA's state_dict, _1: the step),
+        read with torch.load(weights_only=True): tensors, numbers and containers only. Returns the EMA state."""
+        if pickled != ["custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl"]:
+            raise CheckpointError(f"checkpoint {folder} has neither {TRAIN_STATE} nor the EMA and step states of older "
+                                  f"uvic checkpoints (found {pickled or 'none'}): not a uvic checkpoint")
+        try:
+            ema_state, train_state = (torch.load(folder / name, map_location="cpu", weights_only=True) for name in pickled)
+            self.state.step = int(train_state["step"])
+            ema_state["optimization_step"], ema_state["shadow_params"]
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {folder}: cannot read its EMA and step states safely "
+                                  f"({type(e).__name__}: {str(e)[:200]}); uvic unpickles only tensors and numbers") from None
+        return ema_state
 
     def load_ema(self, folder: Path) -> None:
         """The EMA (shadow) weights from a checkpoint's ema_model/ safetensors, matched by parameter name."""
