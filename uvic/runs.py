@@ -1,7 +1,7 @@
 """One run folder: its config, its complete checkpoints, its pipelines, and the rules for reusing it.
 
     run = RunDir("runs/digits_uvic")
-    run.checkpoints()          # [2000, 4000]: complete checkpoints only, ascending
+    run.checkpoints()          # [2000, 4000]: complete, intact checkpoints, ascending
     run.latest()               # runs/digits_uvic/checkpoints/step_0004000, or None
     pipe = run.pipeline()      # final/ (EMA weights); run.pipeline("latest", ema=False): raw weights
 
