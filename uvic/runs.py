@@ -7,7 +7,8 @@
 
 Layout (written by uvic.trainer):
 
-    config.yaml  checkpoints/step_XXXXXXX/{accelerate state, model/, ema_model/, scheduler/}
+    config.yaml  checkpoints/step_XXXXXXX/{accelerate state, train_state.json, model/, ema_model/, scheduler/,
+                                           manifest.json}
     samples/step_XXXXXXX.png  logs/ (TensorBoard)  metrics.csv  final/ (UViCPipeline, EMA weights)
 
 A checkpoint is written under a temporary name, gets a manifest.json (every file's size and
