@@ -88,11 +88,13 @@ def test_the_error_style_sorts_expected_errors_from_bugs(capsys):
 def test_train_config_errors_name_the_file_and_exit_2(tmp_path, capsys):
     listing = tmp_path / "list.yaml"
     listing.write_text("- a\n- b\n")
-    refused(capsys, cli.train, ["--config", str(listing)], str(listing), "must hold a mapping")
+    refused(capsys, cli.train, ["--config", str(listing)], str(listing), "must be a mapping")
     broken = tmp_path / "broken.yaml"
     broken.write_text("train: {lr: [\n")
-    refused(capsys, cli.train, ["--config", str(broken)], "invalid YAML", str(broken))
+    refused(capsys, cli.train, ["--config", str(broken)], "not valid YAML", str(broken))
     refused(capsys, cli.train, ["train.steps=abc"], "train.steps", "'abc'")
+    refused(capsys, cli.train, ["data.limit=0", "--output-dir", str(tmp_path / "run")], "data.limit must be >= 1")
+    assert not (tmp_path / "run").exists()
     in_the_way = tmp_path / "a_file"
     in_the_way.write_text("x")
     refused(capsys, cli.train, ["--output-dir", str(in_the_way), "train.steps=1"], str(in_the_way), "in the way")

@@ -182,8 +182,6 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Di
 
 def _check_keys(node: Any, schema: Any, prefix: str, source: str) -> None:
     """Fail on the first key of `node` that the schema does not have, naming the valid keys there."""
-    if not prefix and not isinstance(node, DictConfig):  # e.g. a YAML list: name the file
-        raise ValueError(f"{source} must hold a mapping of sections (model:, train:, ...), not a {type(node).__name__}")
     if not isinstance(node, DictConfig) or not isinstance(schema, DictConfig):
         return
     valid = list(schema.keys())
