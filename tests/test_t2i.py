@@ -207,3 +207,100 @@ def test_read_captions_from_jsonl_and_coco(tmp_path):
     (tmp_path / "captions.jsonl").write_text(json.dumps({"file_name": "gone.png", "caption": "x"}))
     with pytest.raises(FileNotFoundError, match="1 captioned images missing"):
         read_captions(tmp_path)
+
+
+# ---------------------------------------------------------------------- pipeline with prompts
+def tiny_t2i_pipeline(tmp_path, with_text_encoder=True):
+    from diffusers import DDPMScheduler
+
+    from uvic.pipeline import UViCPipeline, make_scheduler
+    from uvic.text import load_text_encoder
+
+    tokenizer, encoder = load_text_encoder(str(write_tiny_clip(tmp_path / "clip")))
+    torch.manual_seed(0)
+    model = UViT(**TINY_T2I).eval()
+    scheduler = make_scheduler("ddim", DDPMScheduler(num_train_timesteps=100).config)
+    if with_text_encoder:
+        return UViCPipeline(transformer=model, scheduler=scheduler, text_encoder=encoder, tokenizer=tokenizer)
+    pipe = UViCPipeline(transformer=model, scheduler=scheduler)
+    pipe.set_empty_context(encode_prompts_5([""], tokenizer, encoder)[0])
+    return pipe, tokenizer, encoder
+
+
+def encode_prompts_5(prompts, tokenizer, encoder):
+    from uvic.text import encode_prompts
+
+    return encode_prompts(prompts, tokenizer, encoder, max_length=TINY_T2I["num_context_tokens"])
+
+
+def test_pipeline_samples_from_prompts_with_guidance_and_saves_the_empty_context(tmp_path):
+    from uvic.pipeline import EMPTY_CONTEXT_FILE, UViCPipeline
+
+    pipe = tiny_t2i_pipeline(tmp_path)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["a cat", "a dog on a skateboard"]
+    kwargs = dict(num_inference_steps=3, guidance_scale=2.0, output_type="pt")
+    images = pipe(prompt=prompts, generator=[torch.Generator().manual_seed(i) for i in range(2)], **kwargs).images
+    assert images.shape == (2, 4, 8, 8)
+    ctx = encode_prompts_5(prompts, pipe.tokenizer, pipe.text_encoder)
+    torch.testing.assert_close(pipe.empty_context, encode_prompts_5([""], pipe.tokenizer, pipe.text_encoder)[0])
+    same = pipe(prompt_embeds=ctx, generator=[torch.Generator().manual_seed(i) for i in range(2)], **kwargs).images
+    torch.testing.assert_close(images, same)
+    # guidance: eps_uncond (empty prompt) + w (eps_cond - eps_uncond); the prompt changes the sample
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor(50)
+    with torch.no_grad():
+        cond = pipe.transformer(x, t, encoder_hidden_states=ctx).sample
+        uncond = pipe.transformer(x, t, encoder_hidden_states=pipe.empty_context.expand(2, -1, -1)).sample
+        torch.testing.assert_close(pipe.predict(x, t, None, 2.0, ctx), uncond + 2.0 * (cond - uncond), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(pipe.predict(x, t, None, 0.0, ctx), uncond)
+    other = pipe(prompt=prompts[::-1], generator=[torch.Generator().manual_seed(i) for i in range(2)], **kwargs).images
+    assert not torch.allclose(images, other)
+    # one prompt, several samples
+    assert pipe(prompt="a cat", batch_size=3, **kwargs).images.shape[0] == 3
+
+    pipe.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / EMPTY_CONTEXT_FILE).is_file()
+    loaded = UViCPipeline.from_pretrained(tmp_path / "saved")
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.tokenizer is not None and loaded.text_encoder is not None
+    torch.testing.assert_close(loaded.empty_context, pipe.empty_context)
+    again = loaded(prompt=prompts, generator=[torch.Generator().manual_seed(i) for i in range(2)], **kwargs).images
+    torch.testing.assert_close(again, images)
+
+
+def test_pipeline_without_text_encoder_keeps_the_saved_empty_context(tmp_path):
+    from uvic.pipeline import UViCPipeline
+
+    pipe, tokenizer, encoder = tiny_t2i_pipeline(tmp_path, with_text_encoder=False)
+    pipe.save_pretrained(tmp_path / "saved")
+    loaded = UViCPipeline.from_pretrained(tmp_path / "saved")
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.text_encoder is None
+    torch.testing.assert_close(loaded.empty_context, pipe.empty_context)
+    ctx = encode_prompts_5(["a cat"], tokenizer, encoder)
+    out = loaded(prompt_embeds=ctx, guidance_scale=3.0, num_inference_steps=2, output_type="pt").images
+    assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="tokenizer and text_encoder"):
+        loaded(prompt=["a cat"], num_inference_steps=2)
+
+
+def test_pipeline_checks_prompts_against_labels(tmp_path):
+    from diffusers import DDPMScheduler
+
+    from uvic.pipeline import UViCPipeline
+
+    pipe = tiny_t2i_pipeline(tmp_path)
+    with pytest.raises(ValueError, match="mutually exclusive"):
+        pipe(prompt=["a cat"], class_labels=[0], num_inference_steps=1)
+    with pytest.raises(ValueError, match="pass prompt"):
+        pipe(num_inference_steps=1)
+    with pytest.raises(ValueError, match="not both"):
+        pipe(prompt=["a"], prompt_embeds=torch.zeros(1, 5, 12), num_inference_steps=1)
+    with pytest.raises(ValueError, match=r"shape \(B, 5, 12\)"):
+        pipe(prompt_embeds=torch.zeros(1, 4, 12), num_inference_steps=1)
+    with pytest.raises(ValueError, match="3 prompts for batch_size=2"):
+        pipe(prompt=["a", "b", "c"], batch_size=2, num_inference_steps=1)
+    labelled = UViCPipeline(transformer=UViT(sample_size=8, in_channels=4, patch_size=2, embed_dim=32, depth=2,
+                                             num_heads=4, num_classes=3), scheduler=DDPMScheduler())
+    with pytest.raises(ValueError, match="not text-conditional"):
+        labelled(prompt=["a cat"], num_inference_steps=1)
