@@ -304,3 +304,157 @@ def test_pipeline_checks_prompts_against_labels(tmp_path):
                                              num_heads=4, num_classes=3), scheduler=DDPMScheduler())
     with pytest.raises(ValueError, match="not text-conditional"):
         labelled(prompt=["a cat"], num_inference_steps=1)
+
+
+# ---------------------------------------------------------------------- caption latents, training
+CAPTIONS = {"img_0.png": ["a red square", "red"], "img_1.png": ["a green field"],
+            "img_2.png": ["a blue sky", "sky", "blue"], "img_3.png": ["a cat"], "img_4.png": ["a dog", "dogs"]}
+
+
+@pytest.fixture(scope="module")
+def caption_data(tmp_path_factory):
+    """Five captioned images (captions.jsonl, several captions per image), a tiny VAE and a tiny CLIP."""
+    import json
+
+    import numpy as np
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("captioned")
+    rng = np.random.default_rng(0)
+    for i, name in enumerate(CAPTIONS):
+        Image.fromarray(rng.integers(0, 256, (16 + 2 * i, 20, 3), dtype=np.uint8)).save(root / name)
+    lines = [json.dumps({"file": name, "caption": c}) for name, caps in reversed(CAPTIONS.items()) for c in caps]
+    (root / "captions.jsonl").write_text("\n".join(lines))  # images in any order, captions in file order
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        block_out_channels=(8, 16), sample_size=16)
+    vae.save_pretrained(root.parent / "vae")
+    clip = write_tiny_clip(root.parent / "clip")
+    return root, root.parent / "vae", clip
+
+
+def extract_args(data, out, vae, clip, *extra):
+    return ["extract", "--data", str(data), "--out", str(out), "--vae", str(vae), "--text-encoder", str(clip),
+            "--resolution", "16", "--batch-size", "2", "--shard-size", "2", "--num-workers", "0", *extra]
+
+
+@pytest.fixture(scope="module")
+def caption_latents(caption_data, tmp_path_factory):
+    from uvic.latents import main as latents_main
+
+    data, vae, clip = caption_data
+    out = tmp_path_factory.mktemp("caption_latents") / "lat"
+    latents_main(extract_args(data, out, vae, clip))
+    return out
+
+
+def test_extract_stores_latents_and_the_clip_features_of_every_caption(caption_latents, caption_data):
+    from uvic.caption_latents import CaptionLatentDataset
+    from uvic.text import encode_prompts, load_text_encoder
+
+    tokenizer, encoder = load_text_encoder(str(caption_data[2]))
+    data = CaptionLatentDataset(caption_latents)
+    assert len(data) == 5 and data.num_classes == 0 and data.text_meta["num_captions"] == 9
+    assert data.captions() == [CAPTIONS[name] for name in sorted(CAPTIONS)]
+    for i, name in enumerate(sorted(CAPTIONS)):
+        torch.testing.assert_close(data.contexts(i), encode_prompts(CAPTIONS[name], tokenizer, encoder), atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(data.empty_context, encode_prompts([""], tokenizer, encoder)[0])
+    # one caption per draw, every caption drawn in turn
+    torch.manual_seed(0)
+    drawn = set()
+    for _ in range(30):
+        z, ctx = data[2]
+        assert z.shape == (4, 8, 8) and ctx.shape == (77, 12)
+        drawn.add(int(torch.argmin((data.contexts(2) - ctx).abs().flatten(1).sum(1))))
+    assert drawn == {0, 1, 2}
+
+
+def test_caption_extraction_resumes_and_refuses_other_captions(caption_latents, caption_data, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from uvic.caption_latents import text_shard_name
+    from uvic.latents import main as latents_main
+
+    data, vae, clip = caption_data
+    out = tmp_path / "lat"
+    shutil.copytree(caption_latents, out)
+    before = load_file(str(out / text_shard_name(1)))
+    (out / text_shard_name(1)).unlink()
+    (out / ".text_00001.safetensors.tmp-1").write_bytes(b"half")
+    latents_main(extract_args(data, out, vae, clip))
+    after = load_file(str(out / text_shard_name(1)))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    other = tmp_path / "other"
+    shutil.copytree(data, other)
+    (other / "captions.jsonl").write_text('{"file_name": "img_0.png", "caption": "something else"}')
+    with pytest.raises(SystemExit):
+        latents_main(extract_args(other, out, vae, clip))
+
+
+def test_missing_text_encoder_fails_before_any_encoding(caption_data, tmp_path, capsys):
+    from uvic.latents import main as latents_main
+
+    data, vae, _ = caption_data
+    with pytest.raises(SystemExit):
+        latents_main(extract_args(data, tmp_path / "out", vae, tmp_path / "no_clip"))
+    assert "openai/clip-vit-large-patch14" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_drop_context_uses_the_empty_prompt_with_p_uncond():
+    from uvic.caption_latents import drop_context
+
+    ctx, empty = torch.randn(64, 5, 3), torch.randn(5, 3)
+    assert torch.equal(drop_context(ctx, 0.0, empty), ctx)
+    assert torch.equal(drop_context(ctx, 1.0, empty), empty.expand(64, -1, -1))
+    torch.manual_seed(0)
+    dropped = (drop_context(ctx, 0.5, empty) == empty).flatten(1).all(1)
+    assert 10 < int(dropped.sum()) < 54
+
+
+def t2i_config(tmp_path, latents, **train):
+    extra = ", ".join(f"{k}: {v}" for k, v in train.items())
+    config = tmp_path / "tiny_t2i.yaml"
+    config.write_text(f"""
+model: {{sample_size: 8, in_channels: 4, patch_size: 2, embed_dim: 32, depth: 2, num_heads: 2, attention_type: cog,
+        context_dim: 12, num_context_tokens: 77}}
+diffusion: {{beta_schedule: scaled_linear, beta_start: 0.00085, beta_end: 0.012, clip_sample: false, p_uncond: 0.1,
+            timestep_offset: 1}}
+data: {{name: latents, path: "{latents}", scale_factor: 0.23010}}
+train: {{steps: 2, batch_size: 2, warmup_steps: 1, log_every: 1, sample_every: 0, checkpoint_every: 0,
+        sample_steps: 2, sample_guidance: 2.0, sample_num: 4, sample_scheduler: dpm-solver++-fast{", " + extra if extra else ""}}}
+""")
+    return config
+
+
+def test_train_on_captions_then_sample_from_prompts(caption_latents, tmp_path):
+    from uvic import trainer
+    from uvic.pipeline import UViCPipeline
+
+    final = trainer.main(["--config", str(t2i_config(tmp_path, caption_latents)), "--output-dir", str(tmp_path / "run"),
+                          "--cpu"])
+    assert (tmp_path / "run" / "samples" / "step_0000002.png").is_file()
+    pipe = UViCPipeline.from_pretrained(final)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.text_encoder is not None and pipe.tokenizer is not None and pipe.vae is not None
+    from uvic.caption_latents import CaptionLatentDataset
+
+    torch.testing.assert_close(pipe.empty_context, CaptionLatentDataset(caption_latents).empty_context)
+    images = pipe(prompt=["a cat", "a dog"], guidance_scale=2.0, num_inference_steps=2, output_type="pt").images
+    assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
+
+
+def test_text_models_need_caption_data_and_the_right_token_shape(caption_latents, tmp_path):
+    from uvic.config import load_config
+    from uvic.data import resolve_data_config
+
+    cfg = load_config(t2i_config(tmp_path, caption_latents), ["model.num_context_tokens=5"])
+    with pytest.raises(ValueError, match="77 x 12 text tokens"):
+        resolve_data_config(cfg)
+    cfg = load_config(t2i_config(tmp_path, caption_latents), ["model.context_dim=0", "train.sample_guidance=1.0"])
+    with pytest.raises(ValueError, match="holds captions"):
+        resolve_data_config(cfg)
