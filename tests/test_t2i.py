@@ -458,3 +458,44 @@ def test_text_models_need_caption_data_and_the_right_token_shape(caption_latents
     cfg = load_config(t2i_config(tmp_path, caption_latents), ["model.context_dim=0", "train.sample_guidance=1.0"])
     with pytest.raises(ValueError, match="holds captions"):
         resolve_data_config(cfg)
+
+
+def test_sample_py_grids_and_fid_sets_from_prompts(caption_latents, tmp_path):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from uvic import sampling, trainer
+
+    run = tmp_path / "run"
+    trainer.main(["--config", str(t2i_config(tmp_path, caption_latents)), "--output-dir", str(run), "--cpu"])
+    common = ["--steps", "2", "--guidance", "2.0", "--scheduler", "dpm-solver++-fast", "--device", "cpu", "--no-progress"]
+    grid = sampling.main([str(run), "--grid", "3", "--prompt", "a cat", "--prompt", "a dog", "--out",
+                          str(tmp_path / "grid.png"), *common])
+    with Image.open(grid) as im:  # 2 rows (prompts) x 3 columns of 16 px, enlarged to >= 64 px cells
+        assert im.size[0] > im.size[1] > 0
+    prompts = tmp_path / "captions.txt"
+    prompts.write_text("a red square\n\na cat\na dog\na blue sky\n")
+    out = tmp_path / "set"
+    args = [str(run), "--num-samples", "3", "--prompts", str(prompts), "--out", str(out), "--batch-size", "2", *common]
+    with np.load(sampling.main(args)) as npz:
+        images = npz["arr_0"]
+    assert images.shape == (3, 16, 16, 3)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["prompts"]["count"] == 3
+    assert (out / "prompts.txt").read_text().splitlines() == ["a red square", "a cat", "a dog"]
+    # sample i depends on prompt i only: a set drawn in other batches is the same
+    again = sampling.main([*args[:5], "--out", str(tmp_path / "set2"), "--batch-size", "3", *common])
+    with np.load(again) as npz:
+        np.testing.assert_array_equal(npz["arr_0"], images)
+    # another prompt list is another set: refused in the same folder
+    prompts.write_text("a dog\na cat\na red square\n")
+    with pytest.raises(SystemExit):
+        sampling.main(args)
+    with pytest.raises(SystemExit):  # more samples than prompts
+        sampling.main([str(run), "--num-samples", "9", "--prompts", str(prompts), "--out", str(tmp_path / "s3"), *common])
+    with pytest.raises(SystemExit):  # a text model needs prompts
+        sampling.main([str(run), "--grid", "2", "--out", str(tmp_path / "g.png"), *common])
+    with pytest.raises(SystemExit):
+        sampling.main([str(run), "--grid", "2", "--prompt", "a", "--class-labels", "1", *common])

@@ -89,6 +89,17 @@ class UViCPipeline(DiffusionPipeline):
         self.empty_context = context
         return context
 
+    def attach_text_encoder(self, name_or_path: str) -> "UViCPipeline":
+        """Register the CLIP tokenizer and text encoder of a local folder (or a cached hub name; see
+        uvic.text.load_text_encoder) and compute the empty context if there is none yet."""
+        from .text import load_text_encoder
+
+        tokenizer, encoder = load_text_encoder(str(name_or_path))
+        self.register_modules(tokenizer=tokenizer, text_encoder=encoder.to(self.transformer.device))
+        if self.empty_context is None:
+            self.set_empty_context()
+        return self
+
     def encode_prompt(self, prompt: Union[str, List[str]]) -> torch.Tensor:
         """prompts (B strings) -> text features (B, L, D) through the pipeline's tokenizer and text encoder."""
         if self.tokenizer is None or self.text_encoder is None:

@@ -111,7 +111,6 @@ class Trainer:
             raise ValueError("eval.fid_every applies to class-conditional and unconditional models; for text-to-image "
                              "FID-30K sample captions with `sample.py MODEL --prompts FILE --num-samples N` and score "
                              "them with eval_fid.py; set eval.fid_every=0")
-        self._text_encoder = None  # text-to-image: (tokenizer, text encoder) for final/, loaded on first use
         self.resume_from = self.run.prepare(cfg, resume, overwrite, log=accelerator.print)
 
         set_seed(t.seed)  # identical initial weights on every process
@@ -313,13 +312,7 @@ class Trainer:
         path = getattr(self.base_dataset, "text_encoder_path", None)
         if self.empty_context is None or path is None:
             return pipe
-        if self._text_encoder is None:
-            from .caption_latents import TEXT_ENCODER_DIR, TOKENIZER_DIR
-            from transformers import CLIPTextModel, CLIPTokenizer
-
-            self._text_encoder = (CLIPTokenizer.from_pretrained(Path(path) / TOKENIZER_DIR),
-                                  CLIPTextModel.from_pretrained(Path(path) / TEXT_ENCODER_DIR).eval())
-        pipe.register_modules(tokenizer=self._text_encoder[0], text_encoder=self._text_encoder[1])
+        pipe.attach_text_encoder(path)  # the extraction's copy (tokenizer/, text_encoder/)
         return pipe
 
     def grid_prompt_embeds(self, num: int) -> torch.Tensor:
