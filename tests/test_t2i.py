@@ -499,3 +499,30 @@ def test_sample_py_grids_and_fid_sets_from_prompts(caption_latents, tmp_path):
         sampling.main([str(run), "--grid", "2", "--out", str(tmp_path / "g.png"), *common])
     with pytest.raises(SystemExit):
         sampling.main([str(run), "--grid", "2", "--prompt", "a", "--class-labels", "1", *common])
+
+
+def test_mscoco_reference_config_samples_a_published_style_checkpoint_from_prompts(tmp_path):
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from uvic import sampling
+
+    shipped = OmegaConf.to_container(OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "reference" /
+                                                    "mscoco_uvit_s2.yaml"))
+    assert config_from_reference(shipped["nnet"])["context_dim"] == 768
+    assert shipped["schedule"]["timestep_offset"] == 1 and shipped["sample"]["scheduler"] == "dpm-solver++-fast"
+    # the same file, made tiny (no VAE: latents out), with a .pth of the official names
+    tiny = {**shipped, "nnet": {**shipped["nnet"], "img_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2,
+                                "clip_dim": 12}, "vae": None}
+    (tmp_path / "ref.yaml").write_text(OmegaConf.to_yaml(tiny))
+    torch.manual_seed(0)
+    source = UViT(sample_size=8, in_channels=4, patch_size=2, embed_dim=32, depth=2, num_heads=2, context_dim=12,
+                  num_context_tokens=77)
+    torch.save(source.state_dict(), tmp_path / "mscoco_uvit_small.pth")
+    pipe = sampling.load_pipeline(tmp_path / "mscoco_uvit_small.pth", reference_config=tmp_path / "ref.yaml")
+    assert pipe.is_text_conditional and pipe.config.timestep_offset == 1
+    pipe.attach_text_encoder(str(write_tiny_clip(tmp_path / "clip")))
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(prompt=["a cat"], guidance_scale=2.0, num_inference_steps=3, output_type="pt").images
+    assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all()
