@@ -485,6 +485,10 @@ def test_sample_py_grids_and_fid_sets_from_prompts(caption_latents, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["prompts"]["count"] == 3
     assert (out / "prompts.txt").read_text().splitlines() == ["a red square", "a cat", "a dog"]
+    from uvic import clip_score
+
+    score = clip_score.main([str(out), "--clip", str(write_tiny_full_clip(tmp_path / "full_clip")), "--device", "cpu"])
+    assert 0.0 <= score <= 100.0
     # sample i depends on prompt i only: a set drawn in other batches is the same
     again = sampling.main([*args[:5], "--out", str(tmp_path / "set2"), "--batch-size", "3", *common])
     with np.load(again) as npz:
@@ -526,3 +530,65 @@ def test_mscoco_reference_config_samples_a_published_style_checkpoint_from_promp
     pipe.set_progress_bar_config(disable=True)
     out = pipe(prompt=["a cat"], guidance_scale=2.0, num_inference_steps=3, output_type="pt").images
     assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all()
+
+
+# ---------------------------------------------------------------------- evaluation: caption draw, CLIP score
+def test_fid_caption_draw_is_seeded_and_takes_distinct_images(caption_data, tmp_path):
+    import json
+
+    from uvic.caption_latents import draw_captions, main as captions_main
+    from uvic.text import read_prompts
+
+    data = caption_data[0]
+    rows = draw_captions(data, num=4, seed=3)
+    assert rows == draw_captions(data, num=4, seed=3) and rows != draw_captions(data, num=4, seed=4)
+    assert len({f for f, _ in rows}) == 4 and all(c in CAPTIONS[f] for f, c in rows)
+    captions_main(["draw", "--data", str(data), "--num", "4", "--seed", "3", "--out", str(tmp_path / "c.txt")])
+    assert read_prompts(tmp_path / "c.txt") == [c for _, c in rows]
+    captions_main(["draw", "--data", str(data), "--num", "4", "--seed", "3", "--out", str(tmp_path / "c.jsonl")])
+    assert [json.loads(l)["file_name"] for l in (tmp_path / "c.jsonl").read_text().splitlines()] == [f for f, _ in rows]
+    assert read_prompts(tmp_path / "c.jsonl") == [c for _, c in rows]
+    with pytest.raises(SystemExit):
+        captions_main(["draw", "--data", str(data), "--num", "6", "--out", str(tmp_path / "x.txt")])
+
+
+def write_tiny_full_clip(folder):
+    """A random CLIPModel (text + 32 px vision tower) with a CLIPProcessor, saved to `folder`."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(write_tiny_clip(folder / "tok"))
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=tokenizer.vocab_size, hidden_size=12, intermediate_size=24, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(hidden_size=12, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8), projection_dim=8)
+    CLIPModel(config).save_pretrained(folder)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+def test_clip_score_is_torchmetrics_definition_through_clip_forward(tmp_path):
+    import numpy as np
+
+    from uvic.clip_score import clip_score, load_clip
+
+    model, processor = load_clip(str(write_tiny_full_clip(tmp_path / "clip")))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 40, 48, 3), dtype=np.uint8)
+    prompts = ["a cat", "a dog on a skateboard", "sky", "a red bus", "two dogs"]
+    score = clip_score(images, prompts, model, processor, batch_size=2)
+    # independent: CLIPModel.forward's logits_per_image = exp(logit_scale) * cos(E_I, E_C)
+    inputs = processor(text=prompts, images=list(images), return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = model(**inputs).logits_per_image.double()  # (N, N)
+    cos = logits.diagonal() / model.logit_scale.exp().double()
+    assert float(cos.mean()) > 0  # the tiny random CLIP happens to give a positive mean: no clamping hides it
+    assert score == pytest.approx(100 * float(cos.mean()), abs=1e-4)
+    assert score != pytest.approx(clip_score(images, prompts[::-1], model, processor), abs=1e-6)
+    with pytest.raises(ValueError, match="5 images and 4 prompts"):
+        clip_score(images, prompts[:4], model, processor)
+    with pytest.raises(FileNotFoundError, match="openai/clip-vit-large-patch14"):
+        load_clip(str(tmp_path / "none"))

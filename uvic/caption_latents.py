@@ -233,3 +233,48 @@ def drop_context(context: torch.Tensor, p_uncond: float, empty: torch.Tensor) ->
         return context
     drop = torch.rand(context.shape[0], device=context.device) < p_uncond  # (B,)
     return torch.where(drop[:, None, None], empty.to(context).expand_as(context), context)
+
+
+# ---------------------------------------------------------------------- FID caption draws
+def draw_captions(data, annotations=None, num: int = 30_000, seed: int = 0) -> List[tuple]:
+    """U-ViT's FID-30K prompts: `num` images drawn at random without replacement (fixed by `seed`) and one
+    of each image's captions at random -> [(file_name, caption)], in draw order."""
+    import numpy as np
+
+    files, captions = read_captions(data, annotations)
+    if not 0 < num <= len(files):
+        raise ValueError(f"--num must lie in 1..{len(files)} (the captioned images of {data}), got {num}")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(files))[:num]
+    return [(files[i], " ".join(captions[i][int(rng.integers(len(captions[i])))].split())) for i in order]
+
+
+def main(argv: Optional[Sequence[str]] = None):
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m uvic.caption_latents",
+                                     description="Caption draws for text-to-image FID (U-ViT's FID-30K protocol).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    dr = sub.add_parser("draw", help="NUM captions of distinct random images, one per line (sample.py --prompts)")
+    dr.add_argument("--data", required=True, help="image folder (MS-COCO val2014)")
+    dr.add_argument("--annotations", help="MS-COCO captions json (annotations/captions_val2014.json); "
+                    "else DATA/captions.jsonl")
+    dr.add_argument("--num", type=int, default=30_000, help="number of captions (one sample each)")
+    dr.add_argument("--seed", type=int, default=0, help="seed of the image and caption draw")
+    dr.add_argument("--out", required=True, help="a .txt (one caption per line) or .jsonl (file_name, caption)")
+    args = parser.parse_args(argv)
+    try:
+        rows = draw_captions(args.data, args.annotations, args.num, args.seed)
+    except (ValueError, OSError) as err:
+        parser.error(str(err))
+    if args.out.endswith(".jsonl"):
+        text = "".join(json.dumps({"file_name": f, "caption": c}) + "\n" for f, c in rows)
+    else:
+        text = "".join(c + "\n" for _, c in rows)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(Path(args.out), lambda f: f.write(text.encode()))
+    print(f"{len(rows)} captions (seed {args.seed}) in {args.out}")
+
+
+if __name__ == "__main__":
+    main()
