@@ -33,8 +33,7 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
-from .latents import (STORAGE_DTYPES, LatentDataset, extract_latents, read_captions, read_meta, shard_name,
-                      shards_for_process)
+from .latents import STORAGE_DTYPES, LatentDataset, extract_latents, read_captions, shards_for_process
 from .runs import atomic_write
 from .text import CLIP_TEXT_ENCODER, MAX_LENGTH, empty_context, encode_prompts, load_text_encoder
 
@@ -119,7 +118,7 @@ def extract_caption_latents(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     encoder.to(device)
     store = STORAGE_DTYPES[dtype]
-    num_shards = read_meta(out)["num_shards"]
+    num_shards = -(-len(files) // shard_size)  # as extract_latents (other ranks may not see meta.json yet)
     for s in shards_for_process(num_shards, process_index, num_processes):
         path = out / text_shard_name(s)
         if path.exists():
