@@ -592,3 +592,30 @@ def test_clip_score_is_torchmetrics_definition_through_clip_forward(tmp_path):
         clip_score(images, prompts[:4], model, processor)
     with pytest.raises(FileNotFoundError, match="openai/clip-vit-large-patch14"):
         load_clip(str(tmp_path / "none"))
+
+
+def test_compare_report_scores_t2i_runs_on_the_same_captions_with_clip_score(caption_latents, tmp_path):
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    from uvic import evaluate, trainer
+
+    runs = []
+    for attention in ("softmax", "cog"):
+        runs.append(tmp_path / f"run_{attention}")
+        trainer.main(["--config", str(t2i_config(tmp_path, caption_latents)), f"model.attention_type={attention}",
+                      "--output-dir", str(runs[-1]), "--cpu"])
+    np.savez(tmp_path / "ref.npz", arr_0=np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8))
+    (tmp_path / "captions.txt").write_text("a cat\na dog\na red bus\n")
+    out = evaluate.main(["compare", *map(str, runs), "--ref", str(tmp_path / "ref.npz"), "--num-samples", "3",
+                         "--prompts", str(tmp_path / "captions.txt"), "--clip", str(write_tiny_full_clip(tmp_path / "c")),
+                         "--feature-extractor", "digits", "--offline", "--no-kid", "--no-isc",  # any size, 64-d, fast
+                         "--bootstrap", "0", "--steps", "2", "--scheduler", "dpm-solver++-fast", "--guidance", "2.0",
+                         "--device", "cpu", "--out", str(tmp_path / "cmp")])
+    assert [r["attention"] for r in out["rows"]] == ["softmax", "cog"]
+    assert all(0.0 <= r["clip_score"] <= 100.0 and np.isfinite(r["fid"]) for r in out["rows"])
+    assert "CLIP score" in (tmp_path / "cmp" / "report.md").read_text()
+    prompts = [json.loads((Path(r["samples"]).parent / "manifest.json").read_text())["prompts"] for r in out["rows"]]
+    assert prompts[0] == prompts[1] and prompts[0]["count"] == 3

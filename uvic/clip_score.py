@@ -71,8 +71,9 @@ def clip_score(images: np.ndarray, prompts: Sequence[str], model, processor, bat
     return max(100.0 * float(clip_cosines(images, prompts, model, processor, batch_size).mean()), 0.0)
 
 
-def sample_set_clip_score(folder, clip: str = CLIP_MODEL, batch_size: int = 64, device=None) -> float:
-    """CLIP score of a `sample.py --prompts` set: OUT/samples.npz against OUT/prompts.txt (sample i, prompt i)."""
+def sample_set_clip_score(folder, clip=CLIP_MODEL, batch_size: int = 64, device=None) -> float:
+    """CLIP score of a `sample.py --prompts` set: OUT/samples.npz against OUT/prompts.txt (sample i, prompt i).
+    clip: a CLIP folder / cached hub name, or a loaded (CLIPModel, CLIPProcessor)."""
     folder = Path(folder)
     npz, listing = folder / "samples.npz", folder / "prompts.txt"
     if not npz.is_file() or not listing.is_file():
@@ -81,8 +82,10 @@ def sample_set_clip_score(folder, clip: str = CLIP_MODEL, batch_size: int = 64, 
     prompts = listing.read_text(encoding="utf-8").splitlines()
     with np.load(npz) as data:
         images = data["arr_0"]
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, processor = load_clip(clip, device)  # missing weights: one message, before any work
+    if isinstance(clip, tuple):
+        model, processor = clip
+    else:
+        model, processor = load_clip(clip, device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return clip_score(images, prompts, model, processor, batch_size)
 
 
