@@ -28,7 +28,7 @@ from .runs import RunDir
 CSV_COLUMNS = (
     "date", "samples", "model", "attention", "params", "step", "sampler", "steps", "guidance", "seed",
     "num_samples", "ref", "num_ref", "extractor", "fid", "isc_mean", "isc_std", "kid_mean", "kid_std",
-    "precision", "recall", "train_seed", "fid_low", "fid_high", "clip_score",
+    "precision", "recall", "clip_score", "train_seed", "fid_low", "fid_high",
 )  # fmt: skip
 ATTENTION_NAMES = {"softmax": "U-ViT (softmax)", "cog": "U-ViC (Cog)"}
 DEFAULT_CSV = "runs/eval_fid.csv"
