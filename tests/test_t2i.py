@@ -619,3 +619,25 @@ def test_compare_report_scores_t2i_runs_on_the_same_captions_with_clip_score(cap
     assert "CLIP score" in (tmp_path / "cmp" / "report.md").read_text()
     prompts = [json.loads((Path(r["samples"]).parent / "manifest.json").read_text())["prompts"] for r in out["rows"]]
     assert prompts[0] == prompts[1] and prompts[0]["count"] == 3
+
+
+def test_caption_ranks_encode_disjoint_shards_and_the_dataset_pickles(caption_data, caption_latents, tmp_path):
+    import pickle
+
+    from safetensors.torch import load_file
+
+    from uvic.caption_latents import CaptionLatentDataset, extract_caption_latents, text_shard_name
+
+    data, vae, clip = caption_data
+    kw = dict(text_encoder=str(clip), vae=str(vae), resolution=16, batch_size=2, shard_size=2, num_workers=0, progress=False)
+    out = tmp_path / "ranks"
+    extract_caption_latents(data, out, process_index=1, num_processes=2, **kw)  # rank 1 first: shard 1 only
+    assert sorted(p.name for p in out.glob("text_*")) == [text_shard_name(1)]
+    extract_caption_latents(data, out, process_index=0, num_processes=2, **kw)
+    for s in range(3):
+        a, b = load_file(str(out / text_shard_name(s))), load_file(str(caption_latents / text_shard_name(s)))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    dataset = CaptionLatentDataset(out)
+    dataset.contexts(4)  # opens a shard: the copy a DataLoader worker gets has no open files
+    clone = pickle.loads(pickle.dumps(dataset))
+    torch.testing.assert_close(clone.contexts(4), dataset.contexts(4))
