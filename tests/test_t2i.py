@@ -641,3 +641,28 @@ def test_caption_ranks_encode_disjoint_shards_and_the_dataset_pickles(caption_da
     dataset.contexts(4)  # opens a shard: the copy a DataLoader worker gets has no open files
     clone = pickle.loads(pickle.dumps(dataset))
     torch.testing.assert_close(clone.contexts(4), dataset.contexts(4))
+
+
+def test_t2i_resume_matches_the_uninterrupted_run(caption_latents, tmp_path):
+    """Caption draws and context dropout come from the checkpointed RNG: a resumed run ends on the same weights."""
+    from safetensors.torch import load_file
+
+    from uvic.config import load_config
+    from uvic.trainer import Trainer
+
+    class CrashAfter(Trainer):
+        def on_step_end(self, step):
+            if step == 3:
+                raise KeyboardInterrupt("simulated kill")
+
+    cfg = load_config(t2i_config(tmp_path, caption_latents), ["train.steps=4", "train.checkpoint_every=2",
+                                                              "diffusion.p_uncond=0.5", "train.sample_every=0"])
+    Trainer(cfg, tmp_path / "a", cpu=True).train()
+    with pytest.raises(KeyboardInterrupt):
+        CrashAfter(cfg, tmp_path / "b", cpu=True).train()
+    resumed = Trainer(cfg, tmp_path / "b", resume="latest", cpu=True)
+    assert resumed.step == 2
+    resumed.train()
+    a, b = (load_file(str(tmp_path / r / "checkpoints" / "step_0000004" / "model" / "diffusion_pytorch_model.safetensors"))
+            for r in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
