@@ -284,6 +284,23 @@ def test_pipeline_without_text_encoder_keeps_the_saved_empty_context(tmp_path):
         loaded(prompt=["a cat"], num_inference_steps=2)
 
 
+def test_custom_pipeline_route_finds_the_saved_empty_context(tmp_path, monkeypatch):
+    import diffusers.utils.dynamic_modules_utils as dynamic
+    from diffusers import DiffusionPipeline
+
+    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    pipe, tokenizer, encoder = tiny_t2i_pipeline(tmp_path, with_text_encoder=False)
+    pipe.save_pretrained(tmp_path / "saved")
+    loaded = DiffusionPipeline.from_pretrained(tmp_path / "saved", custom_pipeline="pipeline", trust_remote_code=True)
+    loaded.set_progress_bar_config(disable=True)
+    ctx = encode_prompts_5(["a cat"], tokenizer, encoder)
+    kwargs = dict(prompt_embeds=ctx, guidance_scale=3.0, num_inference_steps=2, output_type="pt")
+    out = loaded(generator=torch.Generator().manual_seed(0), **kwargs).images
+    torch.testing.assert_close(loaded.empty_context, pipe.empty_context)
+    pipe.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(out, pipe(generator=torch.Generator().manual_seed(0), **kwargs).images)
+
+
 def test_pipeline_checks_prompts_against_labels(tmp_path):
     from diffusers import DDPMScheduler
 

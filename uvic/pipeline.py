@@ -134,8 +134,18 @@ class UViCPipeline(DiffusionPipeline):
         elif batch_size > 1 and context.shape[0] != batch_size:
             raise ValueError(f"got {context.shape[0]} prompt_embeds for batch_size={batch_size}")
         if guidance_scale != 1.0 and self.empty_context is None:
-            self.set_empty_context()
+            self.set_empty_context(self._saved_empty_context())
         return context
+
+    def _saved_empty_context(self) -> Optional[torch.Tensor]:
+        """The empty context saved beside model_index.json of the folder this pipeline was loaded from (also
+        when diffusers' custom-pipeline route built it), or None."""
+        path = Path(str(self.config.get("_name_or_path", "") or "")) / EMPTY_CONTEXT_FILE
+        if not path.is_file():
+            return None
+        from safetensors.torch import load_file
+
+        return load_file(str(path))["empty_context"]
 
     # ------------------------------------------------------------------ saving and loading
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -158,10 +168,9 @@ class UViCPipeline(DiffusionPipeline):
                 kwargs["transformer"] = UViT.from_pretrained(folder / LEGACY_TRANSFORMER_KEY,
                                                              torch_dtype=kwargs.get("torch_dtype"))
         pipe = super().from_pretrained(os.fspath(pretrained_model_name_or_path), **kwargs)
-        if (folder / EMPTY_CONTEXT_FILE).is_file():
-            from safetensors.torch import load_file
-
-            pipe.set_empty_context(load_file(str(folder / EMPTY_CONTEXT_FILE))["empty_context"])
+        saved = pipe._saved_empty_context()
+        if saved is not None:
+            pipe.set_empty_context(saved)
         return pipe
 
     # ------------------------------------------------------------------ what the pipeline produces
