@@ -121,7 +121,7 @@ def read_captions(root: Union[str, Path], annotations: Optional[Union[str, Path]
 
     annotations: an MS-COCO captions file (annotations/captions_train2014.json: "images" with id and
     file_name, "annotations" with image_id and caption); without it, root/captions.jsonl with one
-    {"file_name": ..., "caption": ...} per line (several lines per image allowed). Images without a
+    {"file_name": ..., "caption": ...} ("file" also accepted) per line (several lines per image allowed). Images without a
     caption are skipped; a caption naming a missing image fails before any work.
     """
     import json
@@ -141,9 +141,10 @@ def read_captions(root: Union[str, Path], annotations: Optional[Union[str, Path]
         for number, line in enumerate(listing.read_text().splitlines(), 1):
             if line.strip():
                 row = json.loads(line)
-                if "file_name" not in row or "caption" not in row:
-                    raise ValueError(f"{listing}:{number}: needs keys file_name and caption, got {sorted(row)}")
-                by_file.setdefault(row["file_name"], []).append(str(row["caption"]).strip())
+                name = row.get("file_name", row.get("file"))
+                if name is None or "caption" not in row:
+                    raise ValueError(f"{listing}:{number}: needs keys file_name (or file) and caption, got {sorted(row)}")
+                by_file.setdefault(name, []).append(str(row["caption"]).strip())
     missing = [name for name in by_file if not (root / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} captioned images missing under {root}, e.g. {missing[:3]}")
@@ -251,12 +252,14 @@ def extract_latents(
     process_index: int = 0,
     num_processes: int = 1,
     progress: bool = True,
+    images: Optional[Tuple[List[str], List[int], List[str]]] = None,
     fail_on_corrupt: bool = False,
 ) -> Path:
     """Encode the ImageNet-layout folder `data` into latent-moment shards under `out` (see the
     module docstring). Process `process_index` of `num_processes` encodes its own shards only
     (`shards_for_process`); process 0 writes meta.json and vae/. Complete shards are skipped, a partial
-    one continued. Unreadable images are skipped (one warning), or raise ValueError with fail_on_corrupt."""
+    one continued. Unreadable images are skipped (one warning), or raise ValueError with fail_on_corrupt.
+    images: (files relative to data, labels, class names) instead of `find_images(data)` (captioned data)."""
     for name, value in (("resolution", resolution), ("batch_size", batch_size), ("shard_size", shard_size)):
         if int(value) <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value}")
@@ -264,7 +267,7 @@ def extract_latents(
         raise ValueError(f"dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
     if not 0 <= process_index < num_processes:
         raise ValueError(f"process_index {process_index} must lie in 0..{num_processes - 1}")
-    files, labels, classes = find_images(data)
+    files, labels, classes = find_images(data) if images is None else images
     out = Path(out)
     autoencoder = load_vae(vae, dtype=vae_dtype)
     factor = downsample_factor(autoencoder)
@@ -566,6 +569,10 @@ def main(argv: Optional[Sequence[str]] = None):
     ex.add_argument("--vae-dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="encoder precision")
     ex.add_argument("--fail-on-corrupt", action="store_true",
                     help="stop at the first unreadable image (default: skip it, count it, warn once)")
+    ex.add_argument("--annotations", help="image-caption data: an MS-COCO captions json (annotations/captions_train2014"
+                    ".json); without it, DATA/captions.jsonl makes the data captioned (uvic.caption_latents)")
+    ex.add_argument("--text-encoder", default=None, help="captioned data: CLIP text model, a local folder or a cached "
+                    "hub name (default openai/clip-vit-large-patch14)")
     cr = sub.add_parser("crops", help="center-cropped PNGs of an image folder (FID reference images)")
     cr.add_argument("--data", required=True, help="image folder, one subfolder per class")
     cr.add_argument("--out", required=True, help="output folder of PNGs (rerun to resume)")
@@ -589,6 +596,10 @@ def run(args: argparse.Namespace):
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True: several CPU ranks (gloo) under torchrun
+    if args.annotations or (Path(args.data) / "captions.jsonl").is_file():  # image-caption data
+        from .caption_latents import run_caption_extract
+
+        return run_caption_extract(args, accelerator)
     out = extract_latents(
         args.data, args.out, resolution=args.resolution, vae=args.vae, flip=args.flip,
         batch_size=args.batch_size, shard_size=args.shard_size, num_workers=args.num_workers,

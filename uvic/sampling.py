@@ -40,6 +40,7 @@ from .config import TIMESTEP_SPACINGS
 from .diffusion import SCHEDULE_KEY
 from .pipeline import SCHEDULERS, UViCPipeline, make_scheduler, save_grid
 from .runs import RunDir, atomic_write, checkpoint_pipeline
+from .text import read_prompts
 
 CLASS_MODES = ("uniform", "balanced")  # i.i.d. uniform labels (ADM, DiT) | label = index mod classes
 FORMATS = ("npz", "png")
@@ -50,7 +51,8 @@ ASSEMBLED = ".assembled.json"  # sets of older versions: the sample count of sam
 NPZ_RECORD = "samples_npz"  # manifest key: {count, shape, bytes, sha256} of samples.npz, written after it
 MAX_SHARD_SIZE = 1000
 # Manifest keys that define the set: a rerun into the same folder must agree on all of them.
-IDENTITY_KEYS = ("model", "seed", "scheduler", "steps", "guidance", "classes", "shard_size", "image_shape", "dtype")
+IDENTITY_KEYS = ("model", "seed", "scheduler", "steps", "guidance", "classes", "shard_size", "image_shape", "dtype",
+                 "prompts")
 MODEL_KINDS = (
     "a pipeline folder (model_index.json, e.g. runs/NAME/final), a run directory (config.yaml, "
     "checkpoints/, final/), a checkpoint folder (model/, ema_model/, scheduler/) or a published "
@@ -246,7 +248,9 @@ def with_scheduler(pipeline: UViCPipeline, scheduler=None, timestep_spacing: Opt
         else:
             scheduler = make_scheduler(scheduler, base.config, **overrides)
     pipe = UViCPipeline(transformer=pipeline.transformer, scheduler=scheduler, vae=pipeline.vae,
+                        text_encoder=pipeline.text_encoder, tokenizer=pipeline.tokenizer,
                         timestep_offset=pipeline.config.get("timestep_offset", 0))
+    pipe.empty_context = pipeline.empty_context  # text-to-image: the unconditional context
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -258,10 +262,13 @@ def model_fingerprint(pipeline: UViCPipeline) -> str:
     facts = {k: v for k, v in schedule.items() if k in ("schedule", "beta_min", "beta_max", "timestep_offset")}
     if facts:
         digest.update(json.dumps(facts, sort_keys=True).encode())
-    for module in (pipeline.transformer, pipeline.vae):
+    if pipeline.empty_context is not None:  # text-to-image
+        digest.update(pipeline.empty_context.float().cpu().numpy().tobytes())
+    for module in (pipeline.transformer, pipeline.vae, pipeline.text_encoder):
         if module is None:
             continue
-        config = {k: v for k, v in dict(module.config).items() if not k.startswith("_")}
+        config = module.config.to_dict() if hasattr(module.config, "to_dict") else dict(module.config)  # transformers | diffusers
+        config = {k: v for k, v in config.items() if not k.startswith("_") and k != "transformers_version"}
         digest.update(json.dumps(config, sort_keys=True, default=str).encode())
         for key, tensor in sorted(module.state_dict().items()):
             digest.update(key.encode())
@@ -278,9 +285,11 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def draw(pipe: UViCPipeline, indices: Sequence[int], labels: Optional[np.ndarray], *, seed: int, steps: int,
-         guidance: float) -> torch.Tensor:
-    """Samples `indices` in one batch -> (B, C, H, W) float in [0, 1]."""
+         guidance: float, prompts: Optional[Sequence[str]] = None) -> torch.Tensor:
+    """Samples `indices` in one batch -> (B, C, H, W) float in [0, 1]. prompts: one per index (text-to-image)."""
+    text = {} if prompts is None else {"prompt": list(prompts)}
     return pipe(
+        **text,
         batch_size=len(indices),
         num_inference_steps=steps,
         class_labels=None if labels is None else torch.as_tensor(labels),
@@ -288,6 +297,22 @@ def draw(pipe: UViCPipeline, indices: Sequence[int], labels: Optional[np.ndarray
         generator=index_generators(seed, indices),
         output_type="pt",
     ).images
+
+
+def check_prompts(pipe: UViCPipeline, prompts: Optional[Sequence[str]], guidance: float):
+    """Prompts against the model, before any sampling: text-to-image models need them (and a text
+    encoder), other models refuse them; guidance needs the empty context."""
+    if not pipe.is_text_conditional:
+        if prompts is not None:
+            raise ValueError("this model is not text-conditional: --prompt/--prompts need a text-to-image model")
+        return
+    if prompts is None:
+        raise ValueError("this model is text-to-image: give --prompt TEXT or --prompts FILE")
+    if pipe.tokenizer is None or pipe.text_encoder is None:
+        raise ValueError("this pipeline has no text encoder: pass --text-encoder DIR (CLIP ViT-L/14's tokenizer and "
+                         "text model, openai/clip-vit-large-patch14)")
+    if guidance != 1.0 and pipe.empty_context is None:
+        pipe.set_empty_context()
 
 
 def _check_image_channels(pipe: UViCPipeline):
@@ -314,24 +339,28 @@ def grid_rows(pipe: UViCPipeline, per_row: int, class_labels=None) -> Optional[L
 
 def sample_grid(pipeline: UViCPipeline, path, *, per_row: int = 8, seed: int = 0, scheduler=None, steps: int = 50,
                 guidance: float = 1.0, class_labels=None, batch_size: int = 64, timestep_spacing=None,
-                progress: bool = True) -> Path:
-    """One PNG grid of `per_row` columns: a row per class (class-conditional) or `per_row` rows."""
+                progress: bool = True, prompts: Optional[Sequence[str]] = None) -> Path:
+    """One PNG grid of `per_row` columns: a row per prompt (text-to-image), a row per class
+    (class-conditional) or `per_row` rows."""
     from tqdm.auto import tqdm
 
     if per_row < 1 or batch_size < 1 or steps < 1:
         raise ValueError(f"grid size, batch size and steps must be at least 1; got {per_row}, {batch_size}, {steps}")
     pipe = with_scheduler(pipeline, scheduler, timestep_spacing)
-    rows = grid_rows(pipe, per_row, class_labels)
-    pipe.check_inputs(1, None if rows is None else rows[0], guidance)
+    check_prompts(pipe, prompts, guidance)
+    rows = list(prompts) if prompts is not None else grid_rows(pipe, per_row, class_labels)
+    pipe.check_inputs(1, None if rows is None or prompts is not None else rows[0], guidance)
     _check_image_channels(pipe)
     n = per_row * (len(rows) if rows is not None else per_row)
-    labels = None if rows is None else np.repeat(np.asarray(rows, dtype=np.int64), per_row)
+    row_prompts = None if prompts is None else [p for p in prompts for _ in range(per_row)]
+    labels = None if rows is None or prompts is not None else np.repeat(np.asarray(rows, dtype=np.int64), per_row)
     images = []
     with tqdm(total=n, unit="img", desc="grid", disable=not progress) as bar:
         for start in range(0, n, batch_size):
             idx = np.arange(start, min(start + batch_size, n))
             images.append(draw(pipe, idx, None if labels is None else labels[idx], seed=seed, steps=steps,
-                               guidance=guidance).cpu())
+                               guidance=guidance,
+                               prompts=None if row_prompts is None else [row_prompts[i] for i in idx]).cpu())
             bar.update(len(idx))
     return save_grid(torch.cat(images), path, nrow=per_row, padding=2)
 
@@ -468,6 +497,7 @@ def generate_samples(
     progress: bool = True,
     shard_size: Optional[int] = None,
     timestep_spacing: Optional[str] = None,
+    prompts: Optional[Sequence[str]] = None,
 ) -> Path:
     """Write `num_samples` samples to out_dir (resumable; see the module docstring) -> OUT/samples.npz
     (OUT/png when formats has no "npz").
@@ -476,8 +506,10 @@ def generate_samples(
     (i.i.d. uniform labels), "balanced" (index mod classes), an int or a list of labels taken in turn;
     ignored for unconditional models. accelerator: an accelerate Accelerator / PartialState; processes
     take disjoint shards and the set equals the one-process set. The pipeline should already be on its
-    device and dtype. shard_size: None = the existing set's, else `default_shard_size(num_samples)`.
-    A set is extended by a rerun with a larger num_samples; a smaller one is refused.
+    device and dtype. prompts (text-to-image): sample i is drawn from prompts[i] (at least num_samples of
+    them); their count and sha1 go into the manifest, the prompts themselves into OUT/prompts.txt.
+    shard_size: None = the existing set's, else `default_shard_size(num_samples)`. A set is extended by a
+    rerun with a larger num_samples; a smaller one is refused.
     """
     from tqdm.auto import tqdm
 
@@ -493,6 +525,11 @@ def generate_samples(
     if seed < 0:
         raise ValueError(f"seed must be non-negative, got {seed}")
     pipe = with_scheduler(pipeline, scheduler, timestep_spacing)
+    check_prompts(pipe, prompts, guidance)
+    if prompts is not None:
+        if len(prompts) < num_samples:
+            raise ValueError(f"{num_samples} samples need as many prompts (one each, in order); got {len(prompts)}")
+        prompts = [str(p) for p in prompts[:num_samples]]
     classes = resolve_classes(classes, pipe.num_real_classes)
     pipe.check_inputs(1, None if classes is None else 0, guidance)
     _check_image_channels(pipe)
@@ -517,6 +554,8 @@ def generate_samples(
         "num_samples": num_samples,
         "source": str(pipeline.config.get("_name_or_path", "")),
         "formats": list(formats),
+        "prompts": None if prompts is None else {
+            "count": len(prompts), "sha1": hashlib.sha1("\n".join(prompts).encode()).hexdigest(), "file": "prompts.txt"},
     }
     _check_manifest(out_dir, manifest, old)  # every rank raises the same error, before anyone writes
     record = (old or {}).get(NPZ_RECORD)
@@ -530,6 +569,8 @@ def generate_samples(
         for stale in [*out_dir.glob(".*.tmp-*"), *out_dir.glob("*/.*.tmp-*")]:  # left by an interrupted run
             stale.unlink(missing_ok=True)
         _write_manifest(out_dir, manifest)
+        if prompts is not None:
+            atomic_write(out_dir / "prompts.txt", lambda f: f.write("".join(p + "\n" for p in prompts).encode()))
     state.wait_for_everyone()
 
     result = out_dir / (SAMPLES_NPZ if "npz" in formats else "png")
@@ -556,7 +597,9 @@ def generate_samples(
         for start in range(0, len(indices), batch_size):
             batch = indices[start : start + batch_size]
             batch_labels = None if labels is None else labels[start : start + batch_size]
-            images.append(to_uint8(draw(pipe, batch, batch_labels, seed=seed, steps=steps, guidance=guidance)))
+            batch_prompts = None if prompts is None else [prompts[i] for i in batch]
+            images.append(to_uint8(draw(pipe, batch, batch_labels, seed=seed, steps=steps, guidance=guidance,
+                                        prompts=batch_prompts)))
             bar.update(min(len(batch) * world, bar.total - bar.n))  # other ranks advance alike
         arrays = {"arr_0": np.concatenate(images), "indices": np.arange(indices.start, indices.stop)}
         if labels is not None:
@@ -662,6 +705,13 @@ def build_parser() -> argparse.ArgumentParser:
     labels = parser.add_mutually_exclusive_group()
     labels.add_argument("--class-labels", type=int, nargs="+", metavar="Y", help="labels taken in turn (grid: the rows)")
     labels.add_argument("--classes", choices=CLASS_MODES, help="set: uniform (i.i.d., default) or balanced (index mod K)")
+    text = parser.add_mutually_exclusive_group()
+    text.add_argument("--prompt", action="append", metavar="TEXT", help="text-to-image: a prompt (repeat for more; "
+                      "grid: a row each)")
+    text.add_argument("--prompts", metavar="FILE", help="text-to-image: prompts, one per line (.jsonl: \"caption\"); "
+                      "grid: a row each; set: sample i from prompt i, in order")
+    add("--text-encoder", metavar="DIR", help="text-to-image: CLIP tokenizer + text model folder for a pipeline "
+        "saved without them")
     add("--seed", type=int, default=0, help="sample i is drawn from a generator seeded from (seed, i)")
     add("--batch-size", type=int, default=64, help="samples per forward pass (per process)")
     add("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available; accelerate launch: one per process)")
@@ -705,6 +755,9 @@ def run(args) -> Path:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.seed < 0:
         raise ValueError(f"--seed must be non-negative, got {args.seed}")
+    prompts = read_prompts(args.prompts) if args.prompts else args.prompt
+    if prompts is not None and (args.class_labels is not None or args.classes is not None):
+        raise ValueError("--prompt/--prompts and --class-labels/--classes are mutually exclusive")
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     state = _process_state(device)
@@ -716,6 +769,9 @@ def run(args) -> Path:
         from .latents import attach_vae
 
         attach_vae(pipe, args.vae)
+    if args.text_encoder:
+        pipe.attach_text_encoder(args.text_encoder)
+    check_prompts(pipe, prompts, args.guidance)
     scheduler = None if args.scheduler == "saved" else args.scheduler
     classes = args.class_labels if args.class_labels is not None else (args.classes or "uniform")
     # labels and guidance against the model, before the weights move or anything is drawn
@@ -733,11 +789,11 @@ def run(args) -> Path:
     if args.grid is not None:
         path = _grid_path(args)
         if state.is_main_process:
-            sample_grid(pipe, path, per_row=args.grid, class_labels=args.class_labels, **common)
+            sample_grid(pipe, path, per_row=args.grid, class_labels=args.class_labels, prompts=prompts, **common)
         state.wait_for_everyone()
     else:
         path = generate_samples(pipe, args.out, num_samples=args.num_samples, classes=classes, formats=args.format,
-                                accelerator=state, shard_size=args.shard_size, **common)
+                                accelerator=state, shard_size=args.shard_size, prompts=prompts, **common)
     if state.is_main_process:
         print(path)
     return path

@@ -129,6 +129,12 @@ class Trainer:
         self.per_process_batch, self.batches_per_epoch = self._batch_split(accelerator.num_processes)
         self.conditional = bool(cfg.data.conditional)
         self.null_label = cfg.model.num_classes - 1 if self.conditional else None
+        # text-to-image (caption latents): the empty prompt's features (L, D), the context dropped to
+        self.empty_context = getattr(self.base_dataset, "empty_context", None)
+        if self.empty_context is not None and cfg.eval.fid_every:
+            raise ValueError("eval.fid_every applies to class-conditional and unconditional models; for text-to-image "
+                             "FID-30K sample captions with `sample.py MODEL --prompts FILE --num-samples N` and score "
+                             "them with eval_fid.py; set eval.fid_every=0")
         self.resume_from = self.run.prepare(cfg, resume, overwrite, log=accelerator.print)
 
         set_seed(t.seed)  # identical initial weights on every process
@@ -204,6 +210,11 @@ class Trainer:
             )
         return per_process, per_epoch
 
+    @property
+    def base_dataset(self):
+        """The training set without a `data.limit` Subset around it."""
+        return self.dataset.dataset if isinstance(self.dataset, Subset) else self.dataset
+
     # ------------------------------------------------------------------ the loop
     @property
     def step(self) -> int:
@@ -225,6 +236,12 @@ class Trainer:
         if self.cfg.data.random_flip:
             flip = torch.rand(images.shape[0], device=images.device) < 0.5
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        if self.empty_context is not None:  # labels: the captions' context (b, L, D)
+            from .caption_latents import drop_context
+
+            context = drop_context(labels, self.cfg.diffusion.p_uncond, self.empty_context)
+            return diffusion_loss(self.model, self.noise_scheduler, images, None, self.cfg.diffusion.snr_gamma,
+                                  encoder_hidden_states=context)
         class_labels = None
         if self.conditional:
             class_labels = drop_labels(labels, self.cfg.diffusion.p_uncond, self.null_label)
@@ -400,8 +417,24 @@ class Trainer:
                 attach_vae(pipe, source, scale_factor=self.cfg.data.scale_factor)
                 self._vae = pipe.vae.to(self.accelerator.device)
             pipe.register_modules(vae=self._vae)
+        if self.empty_context is not None:
+            pipe.set_empty_context(self.empty_context)
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    def attach_text_encoder(self, pipe: UViCPipeline) -> UViCPipeline:
+        """Text-to-image: give the pipeline the extraction's copy of the text encoder (final/ then samples
+        from prompts); without one it keeps only the empty context (prompt_embeds still work)."""
+        path = getattr(self.base_dataset, "text_encoder_path", None)
+        if self.empty_context is None or path is None:
+            return pipe
+        pipe.attach_text_encoder(path)  # the extraction's copy (tokenizer/, text_encoder/)
+        return pipe
+
+    def grid_prompt_embeds(self, num: int) -> torch.Tensor:
+        """Text-to-image grids: the first caption of training images 0, 1, ... (num, L, D), fixed over steps."""
+        data = self.base_dataset
+        return torch.stack([data.contexts(i % len(self.dataset))[0] for i in range(num)])
 
     def grid_labels(self) -> Tuple[int, Optional[torch.Tensor]]:
         """(number of images, labels): class-conditional grids have one class per row of 8."""
@@ -417,10 +450,12 @@ class Trainer:
             num, labels = self.grid_labels()
             pipe = self.ema_pipeline(t.sample_scheduler)
             generator = torch.Generator().manual_seed(t.sample_seed)  # fixed noise: grids comparable over steps
+            text = {} if self.empty_context is None else {"prompt_embeds": self.grid_prompt_embeds(num)}
             images = pipe(
                 batch_size=num,
                 num_inference_steps=t.sample_steps,
                 class_labels=labels,
+                **text,
                 guidance_scale=t.sample_guidance,
                 generator=generator,
                 output_type="pt",
@@ -594,7 +629,7 @@ class Trainer:
             tmp = final.with_name(".final.tmp")
             if tmp.exists():
                 shutil.rmtree(tmp)
-            self.ema_pipeline().save_pretrained(str(tmp), safe_serialization=True)
+            self.attach_text_encoder(self.ema_pipeline()).save_pretrained(str(tmp), safe_serialization=True)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
