@@ -111,7 +111,7 @@ def extract_caption_latents(
 
     extract_latents(data, out, images=(files, [-1] * len(files), []), dtype=dtype, device=device,
                     process_index=process_index, num_processes=num_processes, shard_size=shard_size,
-                    **latent_kwargs)
+                    fail_on_corrupt=True, **latent_kwargs)  # text shards are per file: no image may be skipped
     if process_index == 0:
         _write_caption_files(out, meta, files, captions, tokenizer, encoder)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import metrics
+from .cli import DEBUG_HELP, command
 from .text import read_prompts
 from .report import (DEFAULT_CSV, MAX_DEFAULT_SAMPLES, append_csv, compare, default_samples_dir, format_result,
                      is_model, make_row, parse_run_specs, sample_model)
@@ -43,6 +44,7 @@ def _add_metric_options(add):
     add("--allow-resize", action="store_true", help="score samples and a reference of different sizes (the "
                                                     "extractor resizes both; refused by default)")
     add("--verbose", action="store_true", help="torch-fidelity's progress output")
+    add("--debug", action="store_true", help=DEBUG_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,15 +175,13 @@ def run_compare(args, command: str) -> dict:
     return out
 
 
+@command("eval_fid.py")
 def main(argv: Optional[Sequence[str]] = None):
-    """Entry point of eval_fid.py and `uvic-eval`. Bad input ends with one message and exit status 2."""
+    """Entry point of eval_fid.py and `uvic-eval`. Bad input ends with one message and exit status 2 (uvic.cli)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     compare_mode = bool(argv) and argv[0] == "compare"
     parser = build_compare_parser() if compare_mode else build_parser()
     args = parser.parse_args(argv[1:] if compare_mode else argv)
-    try:
-        if compare_mode:
-            return run_compare(args, "python eval_fid.py " + " ".join(argv))
-        return run_eval(args)
-    except (ValueError, FileNotFoundError) as err:
-        parser.error(str(err))
+    if compare_mode:
+        return run_compare(args, "python eval_fid.py " + " ".join(argv))
+    return run_eval(args)

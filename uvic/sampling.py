@@ -4,8 +4,12 @@ Sample i of a set is drawn from its own generator seeded from (seed, i), with it
 is the same image whatever the batch size, the number of processes or the order of the work. A set
 of N samples is cut into shards of `shard_size` consecutive indices; each shard is written to a
 temporary name and renamed when complete, so an interrupted run resumes from the complete shards and
-never takes a half-written one. manifest.json records what the set is (model fingerprint, seed,
-scheduler, steps, guidance, classes, ...); a rerun that would add other samples to it is refused.
+never takes a half-written one; the default shard size, min(1000, ceil(N / 10)), keeps most of the work
+of an interrupted job of any size. manifest.json (strict JSON) records what the set is (model
+fingerprint, seed, scheduler, steps, guidance, classes, ...) and its size; a rerun that would add other
+samples to it, or shrink it, is refused (growing it is allowed: the complete shards are kept). It also
+records samples.npz (count, shape, bytes, sha256): a rerun calls the set complete only when the file
+matches, and otherwise rebuilds it from the shards (drawing missing ones again).
 
     OUT/manifest.json
     OUT/shards/shard_000000.npz   arr_0 (n, H, W, 3) uint8, indices (n,) int64, labels (n,) int64 if conditional
@@ -20,7 +24,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
+import pickle
+import sys
 import zipfile
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -28,6 +35,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
+from .cli import add_debug_option, command
 from .config import TIMESTEP_SPACINGS
 from .diffusion import SCHEDULE_KEY
 from .pipeline import SCHEDULERS, UViCPipeline, make_scheduler, save_grid
@@ -39,7 +47,9 @@ FORMATS = ("npz", "png")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MANIFEST = "manifest.json"
 SAMPLES_NPZ = "samples.npz"
-ASSEMBLED = ".assembled.json"  # the sample count of samples.npz, written after it
+ASSEMBLED = ".assembled.json"  # sets of older versions: the sample count of samples.npz, written after it
+NPZ_RECORD = "samples_npz"  # manifest key: {count, shape, bytes, sha256} of samples.npz, written after it
+MAX_SHARD_SIZE = 1000
 # Manifest keys that define the set: a rerun into the same folder must agree on all of them.
 IDENTITY_KEYS = ("model", "seed", "scheduler", "steps", "guidance", "classes", "shard_size", "image_shape", "dtype",
                  "prompts")
@@ -157,7 +167,13 @@ def load_reference_pipeline(path, reference_config, vae=None) -> UViCPipeline:
     sample = (cfg.get("sample") or {}) if sectioned else {}
     if sample.get("scheduler"):
         scheduler = make_scheduler(sample["scheduler"], scheduler.config)
-    model = load_reference_checkpoint(str(path), nnet, **overrides).eval()
+    try:
+        model = load_reference_checkpoint(str(path), nnet, **overrides).eval()
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        if "PytorchStreamReader" not in str(err) and not isinstance(err, (EOFError, pickle.UnpicklingError)):
+            raise  # a mismatch of shapes and the like: load_reference_checkpoint's own message
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt: "
+                         f"{str(err).split('. ')[0][:200]}); download it again") from None
     pipe = UViCPipeline(transformer=model, scheduler=scheduler, timestep_offset=offset)
     vae = vae if vae is not None else (cfg.get("vae") if sectioned else None)
     if vae is not None:
@@ -359,8 +375,25 @@ class _SingleProcess:
         pass
 
 
+def _strict(value):
+    """`value` with every non-finite float (NaN, ±inf) replaced by None: strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
 def _json_ready(value):
-    return json.loads(json.dumps(value, sort_keys=True, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
+    return _strict(json.loads(json.dumps(value, sort_keys=True,
+                                         default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v))))
+
+
+def default_shard_size(num_samples: int) -> int:
+    """min(1000, ceil(N / 10)): an interrupted job keeps at least ~90% of its finished work."""
+    return min(MAX_SHARD_SIZE, max(1, math.ceil(num_samples / 10)))
 
 
 def shard_ranges(num_samples: int, shard_size: int) -> List[range]:
@@ -379,23 +412,73 @@ def _shard_complete(path: Path, indices: range) -> bool:
         return False
 
 
-def _check_manifest(out_dir: Path, manifest: dict):
-    """Refuse a folder that holds samples of another set (or files that are no uvic sample set)."""
+def _read_manifest(out_dir: Path) -> Optional[dict]:
+    """The manifest of the set in out_dir (non-finite numbers as None), or None for a new folder."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is a file; give a folder for the sample set")
     path = out_dir / MANIFEST
     if not path.is_file():
         if (out_dir / "shards").exists() or (out_dir / SAMPLES_NPZ).exists():
             raise ValueError(f"{out_dir} holds samples without {MANIFEST}; choose another --out")
-        return
+        return None
     try:
         old = json.loads(path.read_text())
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise ValueError(f"{path} is not valid JSON; choose another --out") from None
+    if not isinstance(old, dict):
+        raise ValueError(f"{path} is no sample-set manifest; choose another --out")
+    return _strict(old)
+
+
+def _check_manifest(out_dir: Path, manifest: dict, old: Optional[dict]):
+    """Refuse a folder that holds samples of another set, or more samples of this one (nothing is lost)."""
+    if old is None:
+        return
     diffs = [f"{k}: {old.get(k)!r} there, {manifest[k]!r} now" for k in IDENTITY_KEYS if old.get(k) != manifest[k]]
     if diffs:
         raise ValueError(
             f"{out_dir} already holds a different sample set ({'; '.join(diffs)}); "
             "use another --out, or the options that made it to continue it"
         )
+    before = old.get("num_samples")
+    if isinstance(before, int) and manifest["num_samples"] < before:
+        raise ValueError(
+            f"{out_dir} holds a set of {before} samples; --num-samples {manifest['num_samples']} would shrink it "
+            f"and lose samples, so nothing was changed. Use --num-samples {before} (or more, to extend it), "
+            "or another --out"
+        )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _npz_verified(out_dir: Path, record, num_samples: int) -> bool:
+    """Whether OUT/samples.npz is the complete file of this set: its manifest record (count, bytes, sha256)
+    matches; sets of older versions without a record: every zip member's CRC and the count hold."""
+    path = out_dir / SAMPLES_NPZ
+    if not path.is_file():
+        return False
+    if isinstance(record, dict):
+        return (record.get("count") == num_samples and record.get("bytes") == path.stat().st_size
+                and record.get("sha256") == _sha256(path))
+    if _assembled_count(out_dir) != num_samples:
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if archive.testzip() is not None:
+                return False
+            with archive.open("arr_0.npy") as member:
+                major, _ = np.lib.format.read_magic(member)
+                read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                shape = read_header(member)[0]
+        return shape[0] == num_samples
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+        return False
 
 
 def generate_samples(
@@ -412,7 +495,7 @@ def generate_samples(
     formats=("npz",),
     accelerator=None,
     progress: bool = True,
-    shard_size: int = 1000,
+    shard_size: Optional[int] = None,
     timestep_spacing: Optional[str] = None,
     prompts: Optional[Sequence[str]] = None,
 ) -> Path:
@@ -425,6 +508,8 @@ def generate_samples(
     take disjoint shards and the set equals the one-process set. The pipeline should already be on its
     device and dtype. prompts (text-to-image): sample i is drawn from prompts[i] (at least num_samples of
     them); their count and sha1 go into the manifest, the prompts themselves into OUT/prompts.txt.
+    shard_size: None = the existing set's, else `default_shard_size(num_samples)`. A set is extended by a
+    rerun with a larger num_samples; a smaller one is refused.
     """
     from tqdm.auto import tqdm
 
@@ -435,7 +520,7 @@ def generate_samples(
         raise ValueError(f"formats {list(formats)} not valid; choose from {FORMATS}")
     for name, value in (("num_samples", num_samples), ("batch_size", batch_size), ("shard_size", shard_size),
                         ("steps", steps)):
-        if int(value) < 1:
+        if value is not None and int(value) < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
     if seed < 0:
         raise ValueError(f"seed must be non-negative, got {seed}")
@@ -450,6 +535,10 @@ def generate_samples(
     _check_image_channels(pipe)
     state = accelerator or _SingleProcess()
     rank, world = state.process_index, state.num_processes
+    old = _read_manifest(out_dir)  # every rank reads it before anyone writes
+    if shard_size is None:
+        shard_size = old["shard_size"] if old and isinstance(old.get("shard_size"), int) \
+            else default_shard_size(num_samples)
 
     manifest = {
         "model": model_fingerprint(pipe),
@@ -468,7 +557,10 @@ def generate_samples(
         "prompts": None if prompts is None else {
             "count": len(prompts), "sha1": hashlib.sha1("\n".join(prompts).encode()).hexdigest(), "file": "prompts.txt"},
     }
-    _check_manifest(out_dir, manifest)  # every rank raises the same error, before anyone writes
+    _check_manifest(out_dir, manifest, old)  # every rank raises the same error, before anyone writes
+    record = (old or {}).get(NPZ_RECORD)
+    if record is not None:
+        manifest[NPZ_RECORD] = record  # describes the samples.npz on disk until a new one replaces it
     state.wait_for_everyone()
     if state.is_main_process:
         (out_dir / "shards").mkdir(parents=True, exist_ok=True)
@@ -476,14 +568,19 @@ def generate_samples(
             (out_dir / "png").mkdir(exist_ok=True)
         for stale in [*out_dir.glob(".*.tmp-*"), *out_dir.glob("*/.*.tmp-*")]:  # left by an interrupted run
             stale.unlink(missing_ok=True)
-        atomic_write(out_dir / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
+        _write_manifest(out_dir, manifest)
         if prompts is not None:
             atomic_write(out_dir / "prompts.txt", lambda f: f.write("".join(p + "\n" for p in prompts).encode()))
     state.wait_for_everyone()
 
     result = out_dir / (SAMPLES_NPZ if "npz" in formats else "png")
-    if formats == ("npz",) and _assembled_count(out_dir) == num_samples:
+    verified = "npz" in formats and _npz_verified(out_dir, record, num_samples)
+    if formats == ("npz",) and verified:
         return result  # finished before (its shards/ may even have been deleted)
+    if "npz" in formats and not verified and record is not None and record.get("count") == num_samples \
+            and state.is_main_process:
+        print(f"warning: {out_dir / SAMPLES_NPZ} does not match its record in {MANIFEST} (truncated or changed): "
+              "rebuilt from the shards (missing shards are drawn again)", file=sys.stderr)
 
     shards = shard_ranges(num_samples, shard_size)
     todo = [k for k, r in enumerate(shards) if not _shard_complete(_shard_path(out_dir, k), r)]
@@ -513,10 +610,15 @@ def generate_samples(
     bar.close()
     state.wait_for_everyone()
 
-    if "npz" in formats and state.is_main_process:
+    if "npz" in formats and state.is_main_process and not verified:
         _assemble(out_dir, shards, manifest)
     state.wait_for_everyone()
     return result
+
+
+def _write_manifest(out_dir: Path, manifest: dict):
+    text = json.dumps(manifest, indent=2, allow_nan=False)  # strict JSON: non-finite values are None already
+    atomic_write(out_dir / MANIFEST, lambda f: f.write(text.encode()))
 
 
 def _write_pngs(out_dir: Path, images: np.ndarray, indices: Sequence[int]):
@@ -547,11 +649,8 @@ def _assembled_count(out_dir: Path) -> Optional[int]:
 
 
 def _assemble(out_dir: Path, shards: List[range], manifest: dict):
-    """samples.npz from the shards (skipped when it already holds exactly this set)."""
+    """samples.npz from the shards, then its record (count, shape, bytes, sha256) in the manifest."""
     num_samples = manifest["num_samples"]
-    if _assembled_count(out_dir) == num_samples:
-        return
-    record = out_dir / ASSEMBLED
     with np.load(_shard_path(out_dir, 0)) as first:
         arr = np.empty((num_samples, *first["arr_0"].shape[1:]), dtype=np.uint8)  # (N, H, W, 3)
         labels = np.empty(num_samples, dtype=np.int64) if "labels" in first.files else None
@@ -561,9 +660,12 @@ def _assemble(out_dir: Path, shards: List[range], manifest: dict):
             if labels is not None:
                 labels[indices.start : indices.stop] = shard["labels"]
     arrays = {"arr_0": arr} if labels is None else {"arr_0": arr, "labels": labels}
-    record.unlink(missing_ok=True)
-    atomic_write(out_dir / SAMPLES_NPZ, lambda f: np.savez(f, **arrays))
-    atomic_write(record, lambda f: f.write(json.dumps(num_samples).encode()))
+    (out_dir / ASSEMBLED).unlink(missing_ok=True)
+    path = out_dir / SAMPLES_NPZ
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+    manifest[NPZ_RECORD] = {"count": num_samples, "shape": list(arr.shape), "bytes": path.stat().st_size,
+                            "sha256": _sha256(path)}
+    _write_manifest(out_dir, manifest)
 
 
 # ---------------------------------------------------------------------- command line
@@ -592,7 +694,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--num-samples", type=int, metavar="N", help="a set of N samples in --out (resumable)")
     add("--out", help="grid: a .png file or a folder; set: the folder (required)")
     add("--format", nargs="+", default=["npz"], choices=FORMATS, help="set: npz (arr_0 NHWC uint8 + labels) and/or png")
-    add("--shard-size", type=int, default=1000, help="set: samples per shard, the unit of resume")
+    add("--shard-size", type=int, help="set: samples per shard, the unit of resume (default: the existing "
+        "set's, else min(1000, ceil(N/10)))")
     add("--scheduler", help=f"sampler: {', '.join(SCHEDULERS)}, or 'saved' (the pipeline's own); default dpm++2m, "
         "or the reference config's (paper samplers: uvic.diffusion.PAPER_SAMPLERS)")
     add("--steps", type=int, help="number of sampling steps (default 50, or the reference config's)")
@@ -615,6 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dtype", choices=DTYPES, default="fp32", help="model weights and activations")
     add("--compile", action="store_true", help="torch.compile the model")
     add("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_debug_option(parser)
     return parser
 
 
@@ -705,11 +809,7 @@ def _process_state(device: str):
     return PartialState(cpu=device == "cpu")
 
 
+@command("sample.py")
 def main(argv: Optional[Sequence[str]] = None) -> Path:
-    """Entry point of sample.py and `uvic-sample`. Bad input ends with one message and exit status 2."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError) as err:
-        parser.error(str(err))
+    """Entry point of sample.py and `uvic-sample`. Bad input ends with one message and exit status 2 (uvic.cli)."""
+    return run(build_parser().parse_args(argv))

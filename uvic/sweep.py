@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from .cli import add_debug_option, command as cli_command
+
 
 def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=+-]", "-", text)
@@ -60,6 +62,7 @@ def is_finished(run_dir: Path) -> bool:
     return final.is_dir() and any(final.iterdir())
 
 
+@cli_command("python -m uvic.sweep")
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("configs", nargs="+")
@@ -69,6 +72,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--parallel", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help="train.cpu_threads per run on the CPU")
     p.add_argument("--dry-run", action="store_true")
+    add_debug_option(p)
     a = p.parse_args(argv)
     for c in a.configs:
         if not Path(c).is_file():
