@@ -165,10 +165,11 @@ def test_command_compares_two_models_and_writes_every_file(tmp_path):
         assert (out / name).read_bytes()[:4] == b"\x89PNG" and f"]({name})" in summary
 
 
-def test_command_rejects_a_bad_timestep_before_running(tmp_path):
+def test_command_rejects_a_bad_timestep_before_running(tmp_path, capsys):
     _save_pipeline_folder(tmp_path / "m")
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(SystemExit) as exit_info:  # one `error:` line, status 2 (uvic.cli)
         main(["attention", str(tmp_path / "m"), "--timesteps", "100", "--out", str(tmp_path / "o"), "--data", "noise"])
+    assert exit_info.value.code == 2 and "out of range" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        main(["attention", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
+    with pytest.raises(FileNotFoundError, match="does not exist"):  # --debug: the exception itself
+        main(["attention", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--debug"])

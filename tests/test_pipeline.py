@@ -60,7 +60,7 @@ def test_a_folder_saved_with_the_old_model_component_still_loads(tmp_path):
     (tmp_path / "old" / "model_index.json").write_text(json.dumps(index))
     (tmp_path / "old" / "transformer").rename(tmp_path / "old" / "model")
     loaded = UViCPipeline.from_pretrained(tmp_path / "old")
-    assert set(loaded.components) == {"transformer", "scheduler", "vae"}
+    assert set(loaded.components) == {"transformer", "scheduler", "vae", "text_encoder", "tokenizer"}
     for name, tensor in pipe.transformer.state_dict().items():
         assert torch.equal(loaded.transformer.state_dict()[name], tensor)
 

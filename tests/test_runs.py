@@ -5,7 +5,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from uvic.model import UViT
-from uvic.runs import RunDir, atomic_write, checkpoint_name
+from uvic.runs import RunDir, atomic_write, checkpoint_name, write_manifest
 
 TINY = dict(sample_size=8, in_channels=1, patch_size=2, embed_dim=16, depth=2, num_heads=2)
 
@@ -16,6 +16,7 @@ def fake_checkpoint(run, step, seed):
         torch.manual_seed(seed + i)
         UViT(**TINY).save_pretrained(folder / sub)
     DDPMScheduler(num_train_timesteps=10).save_pretrained(folder / "scheduler")
+    write_manifest(folder)
     return folder
 
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from uvic.config import load_config, save_config
 from uvic.pipeline import UViCPipeline
-from uvic.runs import RunDir
+from uvic.runs import RunDir, write_manifest
 from uvic.trainer import Trainer, main
 
 # A model and run small enough for seconds on a CPU: 8x8 digits, embed 32, depth 2.
@@ -127,6 +127,7 @@ def test_a_run_that_never_checkpointed_is_kept_unless_overwrite(tmp_path):
 def test_latest_ignores_a_half_written_checkpoint(tmp_path):
     root = tmp_path / "checkpoints"
     (root / "step_0000003").mkdir(parents=True)
+    write_manifest(root / "step_0000003")  # complete: its manifest is written last
     (root / ".step_0000009.tmp").mkdir()  # a save that crashed before its rename
     (root / "step_0000012-broken").mkdir()
     assert RunDir(tmp_path).latest().name == "step_0000003"

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import cog_reference, softmax_reference
+from .cli import add_debug_option, command
 from .model import UViT
 from .runs import RunDir
 
@@ -802,9 +803,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", default="null", help="class labels: null (num_classes-1), data, or e.g. 3 or 0,1,2")
     p.add_argument("--names", default=None, help="comma-separated display names (default: from the paths)")
     p.add_argument("--dpi", type=int, default=80, help="resolution of the PNG figures (default 80)")
+    add_debug_option(p)
     return parser
 
 
+@command("python -m uvic.analysis")
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "attention":

@@ -118,7 +118,8 @@ class TrainConfig:
     sample_guidance: float = 1.0  # class-conditional grids: classifier-free guidance w (1 = off)
     sample_seed: int = 0
     checkpoint_every: int = 5000  # 0 = only at the end
-    keep_checkpoints: int = 2  # the last N complete checkpoints are kept
+    keep_checkpoints: int = 2  # the last N complete checkpoints are kept (>= 1)
+    max_nonfinite_steps: int = 5  # stop after this many steps in a row with a non-finite loss / grad norm (skipped)
     compile: bool = False  # torch.compile the model
     cpu_threads: Optional[int] = None  # on the CPU: torch intra-op threads (None = torch's default)
 
@@ -153,7 +154,14 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Di
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {str(path)!r} not found")
-        layers.append((OmegaConf.load(path), f"config file {path}"))
+        try:
+            layer = OmegaConf.load(path)
+        except Exception as e:  # YAML syntax
+            raise ValueError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(layer, DictConfig):
+            raise ValueError(f"config file {path} must be a mapping of sections ({', '.join(SECTIONS)}), "
+                             f"not a {type(layer).__name__}")
+        layers.append((layer, f"config file {path}"))
     overrides = list(overrides)
     bad = [o for o in overrides if "=" not in o]
     if bad:
@@ -166,7 +174,7 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Di
         try:
             cfg = OmegaConf.merge(cfg, layer)
         except OmegaConfBaseException as e:  # a wrong type, e.g. train.steps=abc
-            raise ValueError(f"bad value in {source}: {e.msg if hasattr(e, 'msg') else e}") from None
+            raise ValueError(f"bad value in {source}: {getattr(e, 'msg', None) or e}") from None
     cfg = resolve_model(cfg)
     validate_config(cfg)
     return cfg
@@ -239,20 +247,51 @@ def validate_config(cfg: DictConfig) -> None:
     except (TypeError, ValueError) as err:
         raise ValueError(f"model.{err}" if isinstance(err, ValueError) else
                          f"model.softmax_blocks={blocks!r}: expected a preset name or a list of block indices") from None
-    positive = [
+    at_least_one = [
         ("train.steps", t.steps),
         ("train.batch_size", t.batch_size),
         ("train.grad_accum", t.grad_accum),
         ("diffusion.num_train_timesteps", d.num_train_timesteps),
         ("train.sample_steps", t.sample_steps),
+        ("train.log_every", t.log_every),
+        ("train.keep_checkpoints", t.keep_checkpoints),
+        ("train.max_nonfinite_steps", t.max_nonfinite_steps),
+        ("train.sample_num", t.sample_num),
+        ("data.limit", data.limit),
+        ("eval.fid_num_samples", e.fid_num_samples),
+        ("eval.fid_steps", e.fid_steps),
+        ("eval.fid_batch_size", e.fid_batch_size),
+        ("train.cpu_threads", t.cpu_threads),
     ]
-    for key, value in positive:
-        if value < 1:
-            raise ValueError(f"{key} must be >= 1, got {value}")
+    for key, value in at_least_one:
+        if value is not None and value < 1:
+            null = " (or null)" if key in ("data.limit", "train.cpu_threads") else ""
+            raise ValueError(f"{key} must be >= 1{null}, got {value}")
+    at_least_zero = [
+        ("train.warmup_steps", t.warmup_steps),
+        ("train.weight_decay", t.weight_decay),
+        ("train.sample_every", t.sample_every),
+        ("train.checkpoint_every", t.checkpoint_every),
+        ("train.ema_update_after_step", t.ema_update_after_step),
+        ("eval.fid_every", e.fid_every),
+        ("data.num_workers", data.num_workers),
+        ("diffusion.timestep_offset", d.timestep_offset),
+    ]
+    for key, value in at_least_zero:
+        if value < 0:
+            raise ValueError(f"{key} must be >= 0, got {value}")
+    for key, value in (("train.lr", t.lr), ("train.adam_eps", t.adam_eps), ("diffusion.beta_start", d.beta_start),
+                       ("diffusion.beta_end", d.beta_end), ("diffusion.clip_sample_range", d.clip_sample_range)):
+        if not value > 0 or value == float("inf"):  # also refuses nan
+            raise ValueError(f"{key} must be a finite number > 0, got {value}")
+    if t.max_grad_norm is not None and not t.max_grad_norm > 0:
+        raise ValueError(f"train.max_grad_norm must be > 0 (or null for no clipping), got {t.max_grad_norm}")
+    if not 0.0 < t.ema_decay < 1.0:
+        raise ValueError(f"train.ema_decay must lie in (0, 1) (U-ViT: 0.9999), got {t.ema_decay}")
     if not 0.0 <= d.p_uncond < 1.0:
         raise ValueError(f"diffusion.p_uncond must lie in [0, 1), got {d.p_uncond}")
-    if len(t.betas) != 2:
-        raise ValueError(f"train.betas must be two numbers (beta1, beta2), got {list(t.betas)}")
+    if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
+        raise ValueError(f"train.betas must be two numbers (beta1, beta2) in [0, 1), got {list(t.betas)}")
     for key, name in (("train.sample_scheduler", t.sample_scheduler), ("eval.fid_scheduler", e.fid_scheduler)):
         if name == "euler-maruyama" and d.schedule != "vp_continuous":
             raise ValueError(f"{key}=euler-maruyama samples a diffusion.schedule=vp_continuous model; this one is {d.schedule}")

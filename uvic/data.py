@@ -41,11 +41,12 @@ def build_dataset(data_cfg, sample_size: int, train: bool = True) -> Dataset:
             fail_on_corrupt=data_cfg.get("fail_on_corrupt", False),
         )
     elif name == "latents":
-        from .latents import LatentDataset  # optional part; imported only when used
+        from .caption_latents import CaptionLatentDataset, is_caption_latents  # optional parts; imported when used
+        from .latents import LatentDataset
 
-        dataset = LatentDataset(
-            path=str(_existing_path(data_cfg.path, "data.path (latents)")), scale_factor=data_cfg.scale_factor
-        )
+        path = _existing_path(data_cfg.path, "data.path (latents)")
+        latents = CaptionLatentDataset if is_caption_latents(path) else LatentDataset  # image-caption data: text too
+        dataset = latents(path=str(path), scale_factor=data_cfg.scale_factor)
         if not hasattr(dataset, "num_classes"):
             dataset.num_classes = 0
     else:
@@ -86,7 +87,25 @@ def resolve_data_config(cfg):
         m.num_classes = classes + 1
     elif m.num_classes > 0:
         raise ValueError(f"model.num_classes={m.num_classes} needs data.conditional=true")
+    _check_text_data(m, d, dataset)
     return cfg, dataset
+
+
+def _check_text_data(m, d, dataset) -> None:
+    """A text-to-image model (model.context_dim > 0) needs caption latents of its token shape, and back."""
+    base = dataset.dataset if isinstance(dataset, Subset) else dataset
+    tokens = getattr(base, "empty_context", None)
+    context_dim = int(m.get("context_dim") or 0)
+    if context_dim > 0 and tokens is None:
+        raise ValueError(f"model.context_dim={context_dim} (text-to-image) needs caption latents (data.name=latents "
+                         "of image-caption data: `python -m uvic.latents extract --annotations ...`)")
+    if tokens is not None:
+        if context_dim == 0:
+            raise ValueError(f"data.path {d.path!r} holds captions: set model.context_dim={tokens.shape[1]} and "
+                             f"model.num_context_tokens={tokens.shape[0]} (or a text-to-image preset)")
+        if tuple(tokens.shape) != (m.num_context_tokens, context_dim):
+            raise ValueError(f"the captions of {d.path!r} have {tokens.shape[0]} x {tokens.shape[1]} text tokens but "
+                             f"model.num_context_tokens x model.context_dim = {m.num_context_tokens} x {context_dim}")
 
 
 def _existing_path(path: Optional[str], key: str) -> Path:

@@ -275,8 +275,10 @@ def diffusion_loss(
     x0: torch.Tensor,
     class_labels: Optional[torch.Tensor] = None,
     snr_gamma: Optional[float] = None,
+    encoder_hidden_states: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Mean (weighted) MSE between model(x_t, time, y) and the target, ε ~ N(0, I).
+    encoder_hidden_states: text-to-image context (B, L, D), already dropped to the empty prompt's, or None.
 
     discrete: t ~ U{0..T-1}, time = t. vp_continuous: t ~ U(t_min, 1), time = 999·t, target ε.
     x0: (B, C, H, W) clean images/latents; class_labels: (B,) already label-dropped, or None.
@@ -299,7 +301,8 @@ def diffusion_loss(
         target = noise
         time_input = (VP_TIME_SCALE * t).float()
         weights = min_snr_weights((alpha / sigma).square().float(), "epsilon", snr_gamma)
-    prediction = model(x_t, time_input, class_labels=class_labels).sample
+    text = {} if encoder_hidden_states is None else {"encoder_hidden_states": encoder_hidden_states}
+    prediction = model(x_t, time_input, class_labels=class_labels, **text).sample
     per_example = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
     return (per_example * weights).mean()
 

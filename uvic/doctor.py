@@ -22,6 +22,7 @@ import torch
 
 from . import attention
 from .attention import resolve_cog_backend
+from .cli import add_debug_option, command
 from .config import load_config, resolve_model
 
 CONFIG_GLOB = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "*.yaml")
@@ -103,10 +104,12 @@ def config_rows(paths, device: torch.device) -> list:
     return rows
 
 
+@command("python -m uvic.doctor")
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--configs", nargs="+", default=None, help="config files (default: the shipped configs/*.yaml)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_debug_option(parser)
     args = parser.parse_args(argv)
     paths = args.configs or sorted(glob.glob(CONFIG_GLOB))
     print("\n".join(versions() + gpus()))

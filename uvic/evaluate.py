@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import metrics
+from .cli import DEBUG_HELP, command
+from .text import read_prompts
 from .report import (DEFAULT_CSV, MAX_DEFAULT_SAMPLES, append_csv, compare, default_samples_dir, format_result,
                      is_model, make_row, parse_run_specs, sample_model)
 
@@ -37,9 +39,12 @@ def _add_metric_options(add):
     add("--steps", type=int, default=50, help="sampling steps for models")
     add("--guidance", type=float, default=1.0, help="classifier-free guidance w for models (1 = off)")
     add("--seed", type=int, default=0, help="sampling seed for models")
+    add("--prompts", metavar="FILE", help="text-to-image models: sample i from line i of FILE (the same captions "
+        "for every model; FID-30K: `python -m uvic.caption_latents draw`)")
     add("--allow-resize", action="store_true", help="score samples and a reference of different sizes (the "
                                                     "extractor resizes both; refused by default)")
     add("--verbose", action="store_true", help="torch-fidelity's progress output")
+    add("--debug", action="store_true", help=DEBUG_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +89,8 @@ def build_compare_parser() -> argparse.ArgumentParser:
     add("--no-isc", dest="isc", action="store_false", help="skip IS")
     add("--no-kid", dest="kid", action="store_false", help="skip KID")
     add("--prc", action="store_true", help="also precision and recall")
+    add("--clip", metavar="DIR", help="text-to-image: also the CLIP score of each set against its --prompts "
+        "(a CLIP model folder, e.g. openai/clip-vit-large-patch14)")
     add("--bootstrap", type=int, default=200, metavar="B",
         help="resamples of each run's sample features for its FID interval (0 = off; seeded by --seed)")
     _add_metric_options(add)
@@ -128,7 +135,8 @@ def run_eval(args) -> dict:
         npz, info = sample_model(spec, out, num_samples=num, scheduler=args.scheduler, steps=args.steps,
                                  guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
                                  device=args.device, ref=ref_in, feature_extractor=args.feature_extractor,
-                                 allow_resize=args.allow_resize)
+                                 allow_resize=args.allow_resize,
+                                 prompts=read_prompts(args.prompts) if args.prompts else None)
         samples = str(npz)
         print(f"samples    {npz} ({num} from {spec.label}, {args.scheduler}, {args.steps} steps, "
               f"w={args.guidance:g})")
@@ -161,21 +169,19 @@ def run_compare(args, command: str) -> dict:
                   steps=args.steps, guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
                   device=args.device, checkpoints=checkpoints, isc=args.isc, kid=args.kid, prc=args.prc,
                   kid_subset_size=args.kid_subset_size, bootstrap=args.bootstrap, command=command, samples_dir=args.samples_dir,
-                  **_metric_kwargs(args))
+                  prompts=read_prompts(args.prompts) if args.prompts else None, clip=args.clip, **_metric_kwargs(args))
     print(Path(out["md"]).read_text())
     print(f"report: {out['md']}, {out['csv']}, {out['png']}")
     return out
 
 
+@command("eval_fid.py")
 def main(argv: Optional[Sequence[str]] = None):
-    """Entry point of eval_fid.py and `uvic-eval`. Bad input ends with one message and exit status 2."""
+    """Entry point of eval_fid.py and `uvic-eval`. Bad input ends with one message and exit status 2 (uvic.cli)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     compare_mode = bool(argv) and argv[0] == "compare"
     parser = build_compare_parser() if compare_mode else build_parser()
     args = parser.parse_args(argv[1:] if compare_mode else argv)
-    try:
-        if compare_mode:
-            return run_compare(args, "python eval_fid.py " + " ".join(argv))
-        return run_eval(args)
-    except (ValueError, FileNotFoundError) as err:
-        parser.error(str(err))
+    if compare_mode:
+        return run_compare(args, "python eval_fid.py " + " ".join(argv))
+    return run_eval(args)

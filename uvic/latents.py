@@ -16,10 +16,15 @@ Layout of an extraction folder:
     vae/                       AutoencoderKL.save_pretrained copy (decoding never needs the hub)
     shard_00000.safetensors    mean, std (N, V, C, h, w) float16; labels, index (N,) int64
                                V = 2 with --flip (view 1 = horizontally flipped image), else 1;
-                               metadata start, count, process ("rank/processes" that wrote it)
+                               metadata start, count (rows N), process ("rank/processes" that wrote it),
+                               skipped (JSON list of the file numbers that could not be read)
 
 A shard is written to a temporary name and renamed when complete, so an interrupted run leaves
-only complete shards and a rerun of the same command encodes just the missing ones.
+only complete shards and a rerun of the same command encodes just the missing ones. The rows of the
+shard in progress are saved as .shard_XXXXX.safetensors.partial when the run stops on an error or
+Ctrl-C, and the rerun continues after them. Unreadable images are skipped and counted (one warning at
+the end; their file numbers are in the shard metadata), as in training; fail_on_corrupt stops at the
+first one, naming it (the shard so far is kept: fix the file and rerun).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import argparse
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -36,6 +42,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from .cli import add_debug_option, command
 from .data import IMAGE_EXTENSIONS
 from .runs import atomic_write
 
@@ -84,7 +91,11 @@ def find_images(root: Union[str, Path]) -> Tuple[List[str], List[int], List[str]
 
 
 class CenterCropImages(Dataset):
-    """(image (3, R, R) float in [-1, 1], label, index) for the files of `find_images`."""
+    """(image (3, R, R) float in [-1, 1], label, index, error) for the files of `find_images`.
+
+    error: "" or, for a file that cannot be read as an image, why (the image is then zeros): the caller
+    decides whether to skip or stop, and a DataLoader worker never dies on a bad file.
+    """
 
     def __init__(self, root, files: Sequence[str], labels: Sequence[int], resolution: int):
         self.root, self.files, self.labels, self.resolution = Path(root), files, labels, resolution
@@ -93,10 +104,14 @@ class CenterCropImages(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int):
-        with Image.open(self.root / self.files[index]) as image:
-            image = center_crop(image.convert("RGB"), self.resolution)
+        try:
+            with Image.open(self.root / self.files[index]) as image:
+                image = center_crop(image.convert("RGB"), self.resolution)
+        except Exception as error:  # PIL raises many kinds on corrupt files
+            return torch.zeros(3, self.resolution, self.resolution), self.labels[index], index, \
+                f"{type(error).__name__}: {error}"
         x = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1  # (3, R, R)
-        return x, self.labels[index], index
+        return x, self.labels[index], index, ""
 
 
 # ---------------------------------------------------------------------- VAE
@@ -106,7 +121,7 @@ def read_captions(root: Union[str, Path], annotations: Optional[Union[str, Path]
 
     annotations: an MS-COCO captions file (annotations/captions_train2014.json: "images" with id and
     file_name, "annotations" with image_id and caption); without it, root/captions.jsonl with one
-    {"file_name": ..., "caption": ...} per line (several lines per image allowed). Images without a
+    {"file_name": ..., "caption": ...} ("file" also accepted) per line (several lines per image allowed). Images without a
     caption are skipped; a caption naming a missing image fails before any work.
     """
     import json
@@ -126,9 +141,10 @@ def read_captions(root: Union[str, Path], annotations: Optional[Union[str, Path]
         for number, line in enumerate(listing.read_text().splitlines(), 1):
             if line.strip():
                 row = json.loads(line)
-                if "file_name" not in row or "caption" not in row:
-                    raise ValueError(f"{listing}:{number}: needs keys file_name and caption, got {sorted(row)}")
-                by_file.setdefault(row["file_name"], []).append(str(row["caption"]).strip())
+                name = row.get("file_name", row.get("file"))
+                if name is None or "caption" not in row:
+                    raise ValueError(f"{listing}:{number}: needs keys file_name (or file) and caption, got {sorted(row)}")
+                by_file.setdefault(name, []).append(str(row["caption"]).strip())
     missing = [name for name in by_file if not (root / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} captioned images missing under {root}, e.g. {missing[:3]}")
@@ -236,10 +252,14 @@ def extract_latents(
     process_index: int = 0,
     num_processes: int = 1,
     progress: bool = True,
+    images: Optional[Tuple[List[str], List[int], List[str]]] = None,
+    fail_on_corrupt: bool = False,
 ) -> Path:
     """Encode the ImageNet-layout folder `data` into latent-moment shards under `out` (see the
     module docstring). Process `process_index` of `num_processes` encodes its own shards only
-    (`shards_for_process`); process 0 writes meta.json and vae/. Complete shards are skipped."""
+    (`shards_for_process`); process 0 writes meta.json and vae/. Complete shards are skipped, a partial
+    one continued. Unreadable images are skipped (one warning), or raise ValueError with fail_on_corrupt.
+    images: (files relative to data, labels, class names) instead of `find_images(data)` (captioned data)."""
     for name, value in (("resolution", resolution), ("batch_size", batch_size), ("shard_size", shard_size)):
         if int(value) <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value}")
@@ -247,7 +267,7 @@ def extract_latents(
         raise ValueError(f"dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
     if not 0 <= process_index < num_processes:
         raise ValueError(f"process_index {process_index} must lie in 0..{num_processes - 1}")
-    files, labels, classes = find_images(data)
+    files, labels, classes = find_images(data) if images is None else images
     out = Path(out)
     autoencoder = load_vae(vae, dtype=vae_dtype)
     factor = downsample_factor(autoencoder)
@@ -297,6 +317,8 @@ def extract_latents(
     for s in todo:  # half-written leftovers of an interrupted run: never taken, cleaned up
         for stale in out.glob(f".{shard_name(s)}.tmp-*"):
             stale.unlink()
+    for s in set(mine) - set(todo):  # a partial file whose shard was completed just before a stop
+        _partial_path(out, s).unlink(missing_ok=True)
     if not todo:
         return out
 
@@ -305,43 +327,121 @@ def extract_latents(
     store = STORAGE_DTYPES[dtype]
     images = CenterCropImages(data, files, labels, resolution)
     bounds = {s: (s * shard_size, min((s + 1) * shard_size, len(files))) for s in todo}
-    batches = [list(range(i, min(i + batch_size, hi))) for lo, hi in bounds.values() for i in range(lo, hi, batch_size)]
+    partial = {s: _read_partial(out, s) for s in todo}  # rows of a shard an aborted run had begun
+    begin = {s: int(partial[s][1]["next"]) if partial[s] else bounds[s][0] for s in todo}
+    batches = [list(range(i, min(i + batch_size, hi))) for s, (lo, hi) in bounds.items()
+               for i in range(begin[s], hi, batch_size)]
     loader = DataLoader(images, batch_sampler=batches, num_workers=num_workers, pin_memory=device.type == "cuda")
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=sum(hi - lo for lo, hi in bounds.values()), desc=f"encode {len(todo)} shards",
-               unit="img", disable=not progress or process_index != 0)
-    pending = {"mean": [], "std": [], "labels": [], "index": []}
+    bar = tqdm(total=sum(hi - lo for lo, hi in bounds.values()), initial=sum(begin[s] - bounds[s][0] for s in todo),
+               desc=f"encode {len(todo)} shards", unit="img", disable=not progress or process_index != 0)
+    state = {"shard": None}
+    skipped_here: List[int] = []
+
+    def start(shard):  # the rows of `shard` so far: none, or its partial file's
+        state.update(shard=shard, pending={k: [] for k in ("mean", "std", "labels", "index")}, skipped=[])
+        if shard is not None and partial[shard]:
+            tensors, metadata = partial[shard]
+            for k in state["pending"]:
+                state["pending"][k].append(tensors[k])
+            state["skipped"] = json.loads(metadata.get("skipped", "[]"))
+
+    empty = {"mean": (0, 2 if flip else 1, *meta["latent_shape"]), "labels": (0,), "index": (0,)}
+
+    def tensors() -> dict:  # the rows so far; shapes (N, V, C, h, w) and (N,) even for N = 0
+        pending = state["pending"]
+        return {k: torch.cat(v) if v else torch.zeros(empty.get(k, empty["mean"]),
+                                                       dtype=store if k in ("mean", "std") else torch.int64)
+                for k, v in pending.items()}
+
+    def metadata(next_index: int) -> dict:
+        rows = sum(len(t) for t in state["pending"]["index"])
+        return {"start": str(bounds[state["shard"]][0]), "count": str(rows), "next": str(next_index),
+                "process": f"{process_index}/{num_processes}", "skipped": json.dumps(state["skipped"])}
+
     shard_iter = iter(todo)
-    shard = next(shard_iter)
-    for x, y, idx in loader:
-        x = x.to(device, vae_dtype)  # (B, 3, R, R)
-        views = torch.stack([x, x.flip(-1)], 1) if flip else x[:, None]  # (B, V, 3, R, R)
-        posterior = autoencoder.encode(views.flatten(0, 1)).latent_dist
-        shape = (x.shape[0], views.shape[1], *posterior.mean.shape[1:])  # (B, V, C, h, w)
-        pending["mean"].append(posterior.mean.reshape(shape).to("cpu", store))
-        pending["std"].append(posterior.std.reshape(shape).to("cpu", store))
-        pending["labels"].append(y.long())
-        pending["index"].append(idx.long())
-        bar.update(x.shape[0])
-        lo, hi = bounds[shard]
-        if int(idx[-1]) == hi - 1:  # the batch sampler never crosses a shard boundary
-            _write_shard(out, shard, {k: torch.cat(v) for k, v in pending.items()},
-                         {"start": str(lo), "count": str(hi - lo), "process": f"{process_index}/{num_processes}"})
-            pending = {k: [] for k in pending}
-            shard = next(shard_iter, None)
-    bar.close()
+    start(next(shard_iter))
+    next_index = begin[state["shard"]]
+    try:
+        for x, y, idx, errors in loader:
+            bad = [k for k, e in enumerate(errors) if e]
+            if bad and fail_on_corrupt:
+                keep = list(range(bad[0]))  # the rows before it are kept; the rerun starts at the bad file
+                _encode_into(state["pending"], autoencoder, x[keep], y[keep], idx[keep], flip, device, vae_dtype, store)
+                next_index = int(idx[bad[0]])
+                raise ValueError(f"unreadable image {Path(data) / files[next_index]}: {errors[bad[0]]} "
+                                 "(--fail-on-corrupt; fix or remove the file and rerun: the extraction resumes)")
+            if bad:
+                state["skipped"] += [int(idx[k]) for k in bad]
+                skipped_here += [int(idx[k]) for k in bad]
+                good = [k for k in range(len(errors)) if not errors[k]]
+                x, y, idx_kept = x[good], y[good], idx[good]
+            else:
+                idx_kept = idx
+            _encode_into(state["pending"], autoencoder, x, y, idx_kept, flip, device, vae_dtype, store)
+            next_index = int(idx[-1]) + 1
+            bar.update(len(errors))
+            if next_index == bounds[state["shard"]][1]:  # the batch sampler never crosses a shard boundary
+                _write_shard(out, state["shard"], tensors(), metadata(next_index))
+                _partial_path(out, state["shard"]).unlink(missing_ok=True)
+                start(next(shard_iter, None))
+                if state["shard"] is not None:
+                    next_index = begin[state["shard"]]
+    except BaseException:  # an error, Ctrl-C: keep the rows of the shard in progress for the rerun
+        if state["shard"] is not None and next_index > bounds[state["shard"]][0]:
+            _write_shard(out, state["shard"], tensors(), metadata(next_index), path=_partial_path(out, state["shard"]))
+        raise
+    finally:
+        bar.close()
+    if skipped_here:
+        warnings.warn(f"skipped {len(skipped_here)} unreadable image(s) of {len(files)} in {data}, e.g. "
+                      f"{Path(data) / files[skipped_here[0]]} (listed in the shards' metadata; "
+                      "--fail-on-corrupt stops at the first)", stacklevel=2)
     return out
 
 
-def _write_shard(out: Path, shard: int, tensors: dict, metadata: dict):
+def _encode_into(pending: dict, autoencoder, x, y, idx, flip: bool, device, vae_dtype, store):
+    """Append the VAE posterior moments of images x (B, 3, R, R) to pending (lists of tensors)."""
+    if len(x) == 0:
+        return
+    x = x.to(device, vae_dtype)  # (B, 3, R, R)
+    views = torch.stack([x, x.flip(-1)], 1) if flip else x[:, None]  # (B, V, 3, R, R)
+    posterior = autoencoder.encode(views.flatten(0, 1)).latent_dist
+    shape = (x.shape[0], views.shape[1], *posterior.mean.shape[1:])  # (B, V, C, h, w)
+    pending["mean"].append(posterior.mean.reshape(shape).to("cpu", store))
+    pending["std"].append(posterior.std.reshape(shape).to("cpu", store))
+    pending["labels"].append(y.long())
+    pending["index"].append(idx.long())
+
+
+def _partial_path(out: Path, shard: int) -> Path:
+    return out / f".{shard_name(shard)}.partial"
+
+
+def _read_partial(out: Path, shard: int):
+    """(tensors, metadata) of a shard an aborted run had begun, or None (none, or unreadable: redone)."""
+    path = _partial_path(out, shard)
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    except Exception:  # a damaged partial file only costs its rows
+        warnings.warn(f"{path} is unreadable; its shard is encoded again", stacklevel=2)
+        return None
+
+
+def _write_shard(out: Path, shard: int, tensors: dict, metadata: dict, path: Optional[Path] = None):
     """Write under a temporary name, then rename: a shard file that exists is complete."""
     from safetensors.torch import save_file
 
     tmp = out / f".{shard_name(shard)}.tmp-{os.getpid()}"
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, out / shard_name(shard))
+    os.replace(tmp, path or out / shard_name(shard))
 
 
 def export_crops(data, out, *, resolution: int = 256, limit: Optional[int] = None, seed: int = 0,
@@ -364,12 +464,18 @@ def export_crops(data, out, *, resolution: int = 256, limit: Optional[int] = Non
     loader = DataLoader(torch.utils.data.Subset(images, todo), batch_size=64, num_workers=num_workers)
     from tqdm.auto import tqdm
 
-    for x, _, idx in tqdm(loader, desc="center crops", disable=not progress):
+    skipped = []
+    for x, _, idx, errors in tqdm(loader, desc="center crops", disable=not progress):
         pixels = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (B, R, R, 3)
-        for k, img in zip(idx.tolist(), pixels):  # k: position in `order`, the file's number
+        for k, img, error in zip(idx.tolist(), pixels, errors):  # k: position in `order`, the file's number
+            if error:
+                skipped.append(files[order[k]])
+                continue
             tmp = out / f".{k:06d}.png.tmp"
             Image.fromarray(img).save(tmp, format="PNG")
             os.replace(tmp, out / f"{k:06d}.png")
+    if skipped:
+        warnings.warn(f"skipped {len(skipped)} unreadable image(s) in {data}, e.g. {skipped[0]}", stacklevel=2)
     return out
 
 
@@ -394,7 +500,7 @@ class LatentDataset(Dataset):
         self.latent_shape = tuple(self.meta["latent_shape"])
         self.resolution = self.meta["resolution"]
         self.vae = self.meta["vae"]
-        self.shard_size, self.num_images = self.meta["shard_size"], self.meta["num_images"]
+        self.shard_size = self.meta["shard_size"]
         missing = [shard_name(s) for s in range(self.meta["num_shards"]) if not (self.path / shard_name(s)).exists()]
         if missing:
             raise FileNotFoundError(
@@ -402,6 +508,16 @@ class LatentDataset(Dataset):
                 f"(first: {missing[0]}); rerun the same `python -m uvic.latents extract` command to finish it"
             )
         self._files = {}
+        rows = [self._rows(s) for s in range(self.meta["num_shards"])]  # fewer than shard_size: skipped images
+        self._offsets = np.cumsum([0] + rows)  # (num_shards + 1,) first row of each shard
+        self.num_images = int(self._offsets[-1])
+        self.skipped = self.meta["num_images"] - self.num_images  # unreadable images left out
+
+    def _rows(self, shard: int) -> int:
+        from safetensors import safe_open
+
+        with safe_open(str(self.path / shard_name(shard)), framework="pt") as f:
+            return f.get_slice("labels").get_shape()[0]
 
     def __len__(self) -> int:
         return self.num_images
@@ -420,8 +536,9 @@ class LatentDataset(Dataset):
         """Stored (mean, std) of image `index`, each (V, C, h, w) float32 and unscaled, and its label."""
         if not 0 <= index < self.num_images:
             raise IndexError(f"index {index} out of range for {self.num_images} latents")
-        f = self._shard(index // self.shard_size)
-        row = index % self.shard_size
+        shard = int(np.searchsorted(self._offsets, index, side="right")) - 1
+        f = self._shard(shard)
+        row = index - int(self._offsets[shard])
         mean = f.get_slice("mean")[row : row + 1][0].float()
         std = f.get_slice("std")[row : row + 1][0].float()
         label = int(f.get_slice("labels")[row : row + 1][0])
@@ -435,6 +552,7 @@ class LatentDataset(Dataset):
 
 
 # ---------------------------------------------------------------------- command line
+@command("python -m uvic.latents")
 def main(argv: Optional[Sequence[str]] = None):
     parser = argparse.ArgumentParser(prog="python -m uvic.latents", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -449,6 +567,12 @@ def main(argv: Optional[Sequence[str]] = None):
     ex.add_argument("--num-workers", type=int, default=4, help="data-loading processes per GPU")
     ex.add_argument("--dtype", default="float16", choices=sorted(STORAGE_DTYPES), help="storage type of the moments")
     ex.add_argument("--vae-dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="encoder precision")
+    ex.add_argument("--fail-on-corrupt", action="store_true",
+                    help="stop at the first unreadable image (default: skip it, count it, warn once)")
+    ex.add_argument("--annotations", help="image-caption data: an MS-COCO captions json (annotations/captions_train2014"
+                    ".json); without it, DATA/captions.jsonl makes the data captioned (uvic.caption_latents)")
+    ex.add_argument("--text-encoder", default=None, help="captioned data: CLIP text model, a local folder or a cached "
+                    "hub name (default openai/clip-vit-large-patch14)")
     cr = sub.add_parser("crops", help="center-cropped PNGs of an image folder (FID reference images)")
     cr.add_argument("--data", required=True, help="image folder, one subfolder per class")
     cr.add_argument("--out", required=True, help="output folder of PNGs (rerun to resume)")
@@ -456,11 +580,9 @@ def main(argv: Optional[Sequence[str]] = None):
     cr.add_argument("--limit", type=int, help="a random subset of this many images (e.g. 50000)")
     cr.add_argument("--seed", type=int, default=0, help="seed of the --limit subset")
     cr.add_argument("--num-workers", type=int, default=4, help="data-loading processes")
-    args = parser.parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, OSError) as err:  # bad input, missing files, VAE not found offline: one message, status 2
-        parser.error(str(err))
+    for p in (ex, cr):
+        add_debug_option(p)
+    run(parser.parse_args(argv))  # bad input, missing files, VAE not found offline: one message, status 2
 
 
 def run(args: argparse.Namespace):
@@ -474,16 +596,22 @@ def run(args: argparse.Namespace):
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True: several CPU ranks (gloo) under torchrun
+    if args.annotations or (Path(args.data) / "captions.jsonl").is_file():  # image-caption data
+        from .caption_latents import run_caption_extract
+
+        return run_caption_extract(args, accelerator)
     out = extract_latents(
         args.data, args.out, resolution=args.resolution, vae=args.vae, flip=args.flip,
         batch_size=args.batch_size, shard_size=args.shard_size, num_workers=args.num_workers,
         dtype=args.dtype, vae_dtype=getattr(torch, args.vae_dtype), device=accelerator.device,
         process_index=accelerator.process_index, num_processes=accelerator.num_processes,
+        fail_on_corrupt=args.fail_on_corrupt,
     )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         dataset = LatentDataset(out)  # checks that every shard is there
-        print(f"{len(dataset)} latents {dataset.latent_shape} of {dataset.num_classes} classes in {out}")
+        skipped = f" ({dataset.skipped} unreadable images skipped)" if dataset.skipped else ""
+        print(f"{len(dataset)} latents {dataset.latent_shape} of {dataset.num_classes} classes in {out}{skipped}")
 
 
 if __name__ == "__main__":

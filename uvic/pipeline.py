@@ -12,6 +12,11 @@ pipeline route, with the one-line `pipeline.py` that `save_pretrained` writes be
 
 The denoiser component is `transformer` (diffusers' name for transformer backbones); folders saved
 when it was called `model` (a model/ subfolder, model_index.json key "model") still load.
+
+Text-to-image models (transformer.config.context_dim > 0) take `prompt=[...]` (through the optional
+`tokenizer` / `text_encoder`, CLIP's text model) or `prompt_embeds` (B, 77, 768). Their guidance
+is U-ViT's: the unconditional half sees the empty prompt's features (`empty_context`, computed once
+and saved as empty_context.safetensors beside model_index.json).
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .diffusion import PAPER_SAMPLERS, SCHEDULERS, make_scheduler, model_time  # noqa: F401 (re-exported)
 from .model import UViT
+from .text import empty_context as encode_empty_context
+from .text import encode_prompts
 
 # Written beside model_index.json: diffusers' custom-pipeline route imports the class from it.
 PIPELINE_FILE = "pipeline.py"
@@ -36,6 +43,7 @@ _PIPELINE_SHIM = '''"""UViCPipeline for DiffusionPipeline.from_pretrained(folder
 from uvic.pipeline import UViCPipeline  # noqa: F401  (pip install uvic)
 '''
 LEGACY_TRANSFORMER_KEY = "model"  # the denoiser's component name before it became `transformer`
+EMPTY_CONTEXT_FILE = "empty_context.safetensors"  # text-to-image: the empty prompt's features (L, D)
 
 
 class UViCPipeline(DiffusionPipeline):
@@ -50,18 +58,103 @@ class UViCPipeline(DiffusionPipeline):
     models carry their VP-SDE in the scheduler config instead (uvic.diffusion.model_time is the map).
     """
 
-    model_cpu_offload_seq = "transformer->vae"
-    _optional_components = ["vae"]
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    _optional_components = ["vae", "text_encoder", "tokenizer"]
 
-    def __init__(self, transformer: UViT, scheduler, vae=None, timestep_offset: int = 0):
+    def __init__(self, transformer: UViT, scheduler, vae=None, text_encoder=None, tokenizer=None,
+                 timestep_offset: int = 0):
         super().__init__()
-        self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae)
+        self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
+                              tokenizer=tokenizer)
         self.register_to_config(timestep_offset=int(timestep_offset))
+        self.empty_context: Optional[torch.Tensor] = None  # (L, D), text-to-image; see set_empty_context
+
+    # ------------------------------------------------------------------ text-to-image
+    @property
+    def is_text_conditional(self) -> bool:
+        return int(self.transformer.config.get("context_dim", 0) or 0) > 0
+
+    def set_empty_context(self, context: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Keep the unconditional context (L, D): the given features, else the empty prompt's through
+        the pipeline's tokenizer and text encoder. Returns it."""
+        if context is None:
+            if self.tokenizer is None or self.text_encoder is None:
+                raise ValueError("no empty_context and no text_encoder/tokenizer to compute it: pass the empty "
+                                 "prompt's features, or attach the CLIP text encoder (--text-encoder DIR)")
+            context = encode_empty_context(self.tokenizer, self.text_encoder, self.transformer.config.num_context_tokens)
+        expected = (self.transformer.config.num_context_tokens, self.transformer.config.context_dim)
+        context = torch.as_tensor(context).detach().float().cpu()
+        if tuple(context.shape) != expected:
+            raise ValueError(f"empty_context must have shape {expected} (tokens, context_dim), got {tuple(context.shape)}")
+        self.empty_context = context
+        return context
+
+    def attach_text_encoder(self, name_or_path: str) -> "UViCPipeline":
+        """Register the CLIP tokenizer and text encoder of a local folder (or a cached hub name; see
+        uvic.text.load_text_encoder) and compute the empty context if there is none yet."""
+        from .text import load_text_encoder
+
+        tokenizer, encoder = load_text_encoder(str(name_or_path))
+        self.register_modules(tokenizer=tokenizer, text_encoder=encoder.to(self.transformer.device))
+        if self.empty_context is None:
+            self.set_empty_context()
+        return self
+
+    def encode_prompt(self, prompt: Union[str, List[str]]) -> torch.Tensor:
+        """prompts (B strings) -> text features (B, L, D) through the pipeline's tokenizer and text encoder."""
+        if self.tokenizer is None or self.text_encoder is None:
+            raise ValueError("prompt= needs the pipeline's tokenizer and text_encoder (CLIP); attach them "
+                             "(--text-encoder DIR) or pass prompt_embeds=")
+        return encode_prompts(prompt, self.tokenizer, self.text_encoder, self.transformer.config.num_context_tokens)
+
+    def text_context(self, batch_size: int, prompt, prompt_embeds, guidance_scale: float) -> torch.Tensor:
+        """Check the text inputs against the model; returns the context (B, L, D) (B = batch_size, or
+        the number of prompts when batch_size is 1) and makes sure an empty context exists for guidance."""
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("pass prompt or prompt_embeds, not both")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("this model is text-conditional: pass prompt=[...] or prompt_embeds=")
+        if prompt is not None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            if not prompts or not all(isinstance(p, str) for p in prompts):
+                raise ValueError("prompt must be a string or a non-empty list of strings")
+            if batch_size > 1 and len(prompts) not in (1, batch_size):
+                raise ValueError(f"got {len(prompts)} prompts for batch_size={batch_size}")
+            context = self.encode_prompt(prompts)
+        else:
+            context = torch.as_tensor(prompt_embeds)
+            if context.dim() == 2:
+                context = context[None]
+        cfg = self.transformer.config
+        if context.dim() != 3 or tuple(context.shape[1:]) != (cfg.num_context_tokens, cfg.context_dim):
+            raise ValueError(f"prompt_embeds must have shape (B, {cfg.num_context_tokens}, {cfg.context_dim}), "
+                             f"got {tuple(context.shape)}")
+        if context.shape[0] == 1 and batch_size > 1:
+            context = context.expand(batch_size, -1, -1)
+        elif batch_size > 1 and context.shape[0] != batch_size:
+            raise ValueError(f"got {context.shape[0]} prompt_embeds for batch_size={batch_size}")
+        if guidance_scale != 1.0 and self.empty_context is None:
+            self.set_empty_context(self._saved_empty_context())
+        return context
+
+    def _saved_empty_context(self) -> Optional[torch.Tensor]:
+        """The empty context saved beside model_index.json of the folder this pipeline was loaded from (also
+        when diffusers' custom-pipeline route built it), or None."""
+        path = Path(str(self.config.get("_name_or_path", "") or "")) / EMPTY_CONTEXT_FILE
+        if not path.is_file():
+            return None
+        from safetensors.torch import load_file
+
+        return load_file(str(path))["empty_context"]
 
     # ------------------------------------------------------------------ saving and loading
     def save_pretrained(self, save_directory, *args, **kwargs):
         super().save_pretrained(save_directory, *args, **kwargs)
         (Path(save_directory) / PIPELINE_FILE).write_text(_PIPELINE_SHIM)
+        if self.empty_context is not None:
+            from safetensors.torch import save_file
+
+            save_file({"empty_context": self.empty_context.contiguous()}, str(Path(save_directory) / EMPTY_CONTEXT_FILE))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
@@ -74,7 +167,11 @@ class UViCPipeline(DiffusionPipeline):
             if LEGACY_TRANSFORMER_KEY in components and "transformer" not in components:
                 kwargs["transformer"] = UViT.from_pretrained(folder / LEGACY_TRANSFORMER_KEY,
                                                              torch_dtype=kwargs.get("torch_dtype"))
-        return super().from_pretrained(os.fspath(pretrained_model_name_or_path), **kwargs)
+        pipe = super().from_pretrained(os.fspath(pretrained_model_name_or_path), **kwargs)
+        saved = pipe._saved_empty_context()
+        if saved is not None:
+            pipe.set_empty_context(saved)
+        return pipe
 
     # ------------------------------------------------------------------ what the pipeline produces
     @property
@@ -96,7 +193,13 @@ class UViCPipeline(DiffusionPipeline):
         """Validate labels and guidance against the model; returns labels as a (B,) long tensor or None.
 
         class_labels: None (classes 0, 1, ... in turn), one int for the whole batch, or one per sample.
+        Text-to-image models take no labels (their prompts are checked by `text_context`).
         """
+        if self.is_text_conditional:
+            if class_labels is not None:
+                raise ValueError("class_labels and prompt/prompt_embeds are mutually exclusive: this model is "
+                                 "text-conditional, pass prompts instead of class labels")
+            return None
         if self.num_real_classes == 0:
             if class_labels is not None:
                 raise ValueError("this model is unconditional: class_labels must be None")
@@ -117,9 +220,20 @@ class UViCPipeline(DiffusionPipeline):
         return labels
 
     # ------------------------------------------------------------------ sampling
-    def predict(self, x: torch.Tensor, t, labels: Optional[torch.Tensor], guidance_scale: float) -> torch.Tensor:
-        """Model output at x_t (B, C, H, W), with classifier-free guidance when guidance_scale != 1."""
+    def predict(self, x: torch.Tensor, t, labels: Optional[torch.Tensor], guidance_scale: float,
+                context: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Model output at x_t (B, C, H, W), with classifier-free guidance when guidance_scale != 1.
+        context: text features (B, L, D) of a text-to-image model (then labels is None)."""
         t = model_time(t, self.scheduler.config, self.config.get("timestep_offset", 0))
+        if context is not None:
+            if guidance_scale == 1.0:
+                return self.transformer(x, t, encoder_hidden_states=context).sample
+            empty = self.empty_context.to(context).expand(x.shape[0], -1, -1)  # (B, L, D)
+            if guidance_scale == 0.0:
+                return self.transformer(x, t, encoder_hidden_states=empty).sample
+            both = self.transformer(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([context, empty])).sample
+            cond, uncond = both.chunk(2)
+            return uncond + guidance_scale * (cond - uncond)
         if labels is None or guidance_scale == 1.0:
             return self.transformer(x, t, class_labels=labels).sample
         null = torch.full_like(labels, self.transformer.config.num_classes - 1)
@@ -140,8 +254,12 @@ class UViCPipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         latents: Optional[torch.Tensor] = None,
+        prompt: Optional[Union[str, List[str]]] = None,
+        prompt_embeds: Optional[torch.Tensor] = None,
     ):
-        """Sample `batch_size` images. A list of generators (one per sample) makes each image
+        """Sample `batch_size` images. Text-to-image models take `prompt` (a string or one per sample;
+        with batch_size 1, one sample per prompt) or `prompt_embeds` (B, L, D) instead of class labels.
+        A list of generators (one per sample) makes each image
         depend only on its own generator, whatever the batch it is drawn in. `latents`: the initial
         x_T (B, C, H, W) instead of one drawn from `generator` (which still drives stochastic samplers).
 
@@ -152,9 +270,20 @@ class UViCPipeline(DiffusionPipeline):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+        context = None
+        if self.is_text_conditional:
+            if class_labels is not None:
+                raise ValueError("class_labels and prompt/prompt_embeds are mutually exclusive: this model is "
+                                 "text-conditional, pass prompt=[...] or prompt_embeds=")
+            context = self.text_context(batch_size, prompt, prompt_embeds, guidance_scale)  # (B, L, D)
+            batch_size, labels = context.shape[0], None
+        elif prompt is not None or prompt_embeds is not None:
+            raise ValueError("this model is not text-conditional: prompt and prompt_embeds must be None "
+                             "(class-conditional models take class_labels)")
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"got {len(generator)} generators for batch_size={batch_size}")
-        labels = self.check_inputs(batch_size, class_labels, guidance_scale)
+        if context is None:
+            labels = self.check_inputs(batch_size, class_labels, guidance_scale)
         device, dtype = self._execution_device, self.transformer.dtype
         cfg = self.transformer.config
         shape = (batch_size, cfg.in_channels, cfg.sample_size, cfg.sample_size)
@@ -166,6 +295,8 @@ class UViCPipeline(DiffusionPipeline):
             x = latents.to(device=device, dtype=torch.float32)
         if labels is not None:
             labels = labels.to(device)
+        if context is not None:
+            context = context.to(device, dtype)
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         x = x * self.scheduler.init_noise_sigma
@@ -173,7 +304,7 @@ class UViCPipeline(DiffusionPipeline):
         step_kwargs = {"generator": generator} if accepts_generator else {}
         for t in self.progress_bar(self.scheduler.timesteps):
             model_input = self.scheduler.scale_model_input(x, t).to(dtype)
-            out = self.predict(model_input, t, labels, guidance_scale).float()
+            out = self.predict(model_input, t, labels, guidance_scale, context).float()
             x = self.scheduler.step(out, t, x, **step_kwargs).prev_sample
         if not torch.isfinite(x).all():  # one check per call, not per step (a device sync)
             raise ValueError(

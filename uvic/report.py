@@ -28,7 +28,7 @@ from .runs import RunDir
 CSV_COLUMNS = (
     "date", "samples", "model", "attention", "params", "step", "sampler", "steps", "guidance", "seed",
     "num_samples", "ref", "num_ref", "extractor", "fid", "isc_mean", "isc_std", "kid_mean", "kid_std",
-    "precision", "recall", "train_seed", "fid_low", "fid_high",
+    "precision", "recall", "clip_score", "train_seed", "fid_low", "fid_high",
 )  # fmt: skip
 ATTENTION_NAMES = {"softmax": "U-ViT (softmax)", "cog": "U-ViC (Cog)"}
 DEFAULT_CSV = "runs/eval_fid.csv"
@@ -114,9 +114,10 @@ def sampler_name(manifest: dict) -> Optional[str]:
 
 def sample_model(spec: RunSpec, out_dir, *, num_samples: int, scheduler: str, steps: int, guidance: float,
                  seed: int, batch_size: int, device=None, progress: bool = True, ref=None,
-                 feature_extractor: Optional[str] = None, allow_resize: bool = False):
+                 feature_extractor: Optional[str] = None, allow_resize: bool = False, prompts=None):
     """Sample `spec` into out_dir (resumable) -> (samples.npz path, model info for reports). With `ref` (a
-    MetricInput), images of another size than the reference's are refused before sampling (check_resolution)."""
+    MetricInput), images of another size than the reference's are refused before sampling (check_resolution).
+    prompts: text-to-image models draw sample i from prompts[i] (every model the same captions)."""
     import torch
 
     from .sampling import generate_samples, load_pipeline
@@ -134,7 +135,7 @@ def sample_model(spec: RunSpec, out_dir, *, num_samples: int, scheduler: str, st
     pipe.to(torch.device(device) if device else ("cuda" if torch.cuda.is_available() else "cpu"))
     npz = generate_samples(pipe, out_dir, num_samples=num_samples, batch_size=batch_size, seed=seed,
                            scheduler=None if scheduler == "saved" else scheduler, steps=steps, guidance=guidance,
-                           progress=progress)
+                           progress=progress, prompts=prompts)
     return npz, info
 
 
@@ -363,6 +364,8 @@ def write_report(rows: List[dict], out_dir, *, settings: dict, command: str,
         header.append("KID ×10³")
     if "precision" in have:
         header += ["precision", "recall"]
+    if "clip_score" in have:
+        header.append("CLIP score")
     lines = [
         "# U-ViC vs U-ViT",
         "",
@@ -389,6 +392,8 @@ def write_report(rows: List[dict], out_dir, *, settings: dict, command: str,
             cells.append(f"{_fmt(kid, '.2f')} ± {_fmt(std, '.2f')}")
         if "precision" in have:
             cells += [_fmt(r["precision"]), _fmt(r["recall"])]
+        if "clip_score" in have:
+            cells.append(_fmt(r["clip_score"], ".2f"))
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     lines.append("")
     if groups:
@@ -461,13 +466,15 @@ def compare(runs: Sequence[str], *, ref: str, out_dir, num_samples: int, schedul
             steps: int = 50, guidance: float = 1.0, seed: int = 0, batch_size: int = 64, device=None,
             checkpoints: Optional[Sequence[str]] = None, isc: bool = True, kid: bool = True, prc: bool = False,
             kid_subset_size: int = metrics.KID_SUBSET_SIZE, bootstrap: int = 200, command: str = "",
-            progress: bool = True, samples_dir=None, **metric_kwargs) -> dict:
+            progress: bool = True, samples_dir=None, prompts=None, clip=None, **metric_kwargs) -> dict:
     """Sample every run alike into samples_dir (default out_dir/samples), score each against `ref` (with a
     bootstrap interval over samples from `bootstrap` resamples; 0: none), group runs that differ only by
     train.seed, and write the report to out_dir.
 
     KID uses subsets of min(kid_subset_size, num_samples, reference size); KID is left out against a
     reference that holds only statistics. Returns the report's paths, the rows and the seed groups.
+    Text-to-image runs: `prompts` (sample i from prompts[i], the same for every model) and `clip` (a CLIP
+    model folder: the CLIP score of each set against its prompts, uvic.clip_score).
     """
     specs = [s for text in runs for s in parse_run_specs(text, checkpoints)]
     labels = [s.label for s in specs]
@@ -478,6 +485,13 @@ def compare(runs: Sequence[str], *, ref: str, out_dir, num_samples: int, schedul
     if bootstrap == 1 or bootstrap < 0:
         raise ValueError(f"--bootstrap must be 0 (off) or at least 2 resamples, got {bootstrap}")
     configs = [run_config(s) for s in specs]
+    if clip is not None and prompts is None:
+        raise ValueError("--clip scores samples against their prompts: give --prompts FILE")
+    clip_model = None
+    if clip is not None:
+        from .clip_score import load_clip
+
+        clip_model = load_clip(clip, device or "cpu")  # missing weights: one message, before any sampling
     ref_in = metrics.load_input(ref, data_root=metric_kwargs.get("data_root"),
                                 download=metric_kwargs.get("download", True), cache=True)
     if kid and ref_in.num_images is None:
@@ -490,10 +504,14 @@ def compare(runs: Sequence[str], *, ref: str, out_dir, num_samples: int, schedul
         npz, info = sample_model(spec, sample_dir, num_samples=num_samples, scheduler=scheduler, steps=steps,
                                  guidance=guidance, seed=seed, batch_size=batch_size, device=device,
                                  progress=progress, ref=ref_in, feature_extractor=metric_kwargs.get("feature_extractor"),
-                                 allow_resize=metric_kwargs.get("allow_resize", False))
+                                 allow_resize=metric_kwargs.get("allow_resize", False), prompts=prompts)
         result = metrics.compute_metrics(str(npz), ref_in, fid=True, isc=isc, kid=kid, prc=prc, batch_size=batch_size,
                                          device=device, kid_subset_size=kid_subset_size, bootstrap=bootstrap,
                                          bootstrap_seed=seed, **metric_kwargs)
+        if clip_model is not None:
+            from .clip_score import sample_set_clip_score
+
+            result["clip_score"] = sample_set_clip_score(Path(npz).parent, clip_model, batch_size)
         print(f"{spec.label}: " + format_result(result).replace("\n", "; "), file=sys.stderr)
         train_seed = None if config is None else config.get("train", {}).get("seed", TrainConfig.seed)
         rows.append(make_row(result, samples=str(npz), ref=str(ref), manifest=metrics.read_manifest(Path(npz)),

@@ -1,38 +1,145 @@
 """One run folder: its config, its complete checkpoints, its pipelines, and the rules for reusing it.
 
     run = RunDir("runs/digits_uvic")
-    run.checkpoints()          # [2000, 4000]: complete checkpoints only, ascending
+    run.checkpoints()          # [2000, 4000]: complete, intact checkpoints, ascending
     run.latest()               # runs/digits_uvic/checkpoints/step_0004000, or None
     pipe = run.pipeline()      # final/ (EMA weights); run.pipeline("latest", ema=False): raw weights
 
 Layout (written by uvic.trainer):
 
-    config.yaml  checkpoints/step_XXXXXXX/{accelerate state, model/, ema_model/, scheduler/}
+    config.yaml  checkpoints/step_XXXXXXX/{accelerate state, train_state.json, model/, ema_model/, scheduler/,
+                                           manifest.json}
     samples/step_XXXXXXX.png  logs/ (TensorBoard)  metrics.csv  final/ (UViCPipeline, EMA weights)
 
-A checkpoint is written under a temporary name and renamed when complete, so the names matching
-step_XXXXXXX are exactly the complete checkpoints.
+A checkpoint is written under a temporary name, gets a manifest.json (every file's size and
+sha256) written last, and is renamed when complete (folders of older uvic versions, without a
+manifest, are taken unverified). A checkpoint is *intact* when its manifest is
+there and its files match it: sizes for listing (`checkpoints()`, cheap), sizes and hashes before a
+resume or a pipeline is loaded. A damaged newest checkpoint is named in a warning and the one
+before it is used.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import re
 import shutil
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, List, Optional, Union
+from typing import Callable, Dict, Iterator, List, Optional, Union
 
 CONFIG = "config.yaml"
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
+MANIFEST = "manifest.json"  # a checkpoint's last file: {"files": {relative path: {"size", "sha256"}}}
+TRAIN_STATE = "train_state.json"  # a checkpoint's counters (uvic.trainer.TrainState), JSON
 RUN_ARTIFACTS = (CHECKPOINTS, "samples", "logs", FINAL, "metrics.csv")  # what --overwrite deletes
 _STEP_RE = re.compile(r"^step_(\d+)$")
+_TMP_RE = re.compile(r"^\.(step_\d+|final)\.tmp$")  # temporary folders of the trainer's saves
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: incomplete, damaged, or holding files uvic will not unpickle."""
+
+
+class DiskFullError(ValueError):
+    """No space left where a run writes (an expected error: the message says where and what to do)."""
 
 
 def checkpoint_name(step: int) -> str:
     return f"step_{step:07d}"
+
+
+def file_sha256(path) -> str:
+    """sha256 hex digest of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder) -> Path:
+    """manifest.json of every file under `folder` (size, sha256), written atomically: call it last."""
+    folder = Path(folder)
+    files = {
+        p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)}
+        for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST
+    }
+    text = json.dumps({"files": files}, indent=1).encode()
+    return atomic_write(folder / MANIFEST, lambda f: f.write(text))
+
+
+def manifest_size(folder) -> Optional[int]:
+    """Bytes of the files a checkpoint's manifest lists (None without a readable manifest)."""
+    try:
+        files = json.loads((Path(folder) / MANIFEST).read_text())["files"]
+        return sum(int(entry["size"]) for entry in files.values())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def checkpoint_problem(folder, full: bool = False) -> Optional[str]:
+    """None if `folder` is an intact checkpoint, else what is wrong with it. full: compare hashes too.
+
+    A folder without a manifest and without train_state.json was written before manifests existed: its
+    rename made it complete, and it is taken unverified."""
+    folder = Path(folder)
+    if not (folder / MANIFEST).is_file() and not (folder / TRAIN_STATE).exists():
+        return None
+    try:
+        files: Dict[str, dict] = json.loads((folder / MANIFEST).read_text())["files"]
+        entries = [(name, int(e["size"]), str(e["sha256"])) for name, e in files.items()]
+    except FileNotFoundError:
+        return f"no {MANIFEST} (incomplete, or not written by this uvic)"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"unreadable {MANIFEST} ({type(e).__name__}: {e})"
+    for name, size, sha in entries:
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {size}"
+        if full and file_sha256(path) != sha:
+            return f"{name} does not match its sha256 in the manifest"
+    return None
+
+
+NEARLY_FULL = 64 << 20  # bytes: a write error with less free space than this is taken for a full disk
+
+
+def free_space(path) -> int:
+    """Free bytes on the file system of `path` (or of its nearest existing parent)."""
+    path = Path(path).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    return shutil.disk_usage(existing).free
+
+
+@contextmanager
+def disk_full_message(where) -> Iterator[None]:
+    """Turn a full disk met by any write inside into a DiskFullError that says disk full and where: ENOSPC /
+    EDQUOT, or another write error (torch.save reports a RuntimeError) while `where` has under 64 MB free."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+        if not full:
+            try:
+                full = free_space(where) < NEARLY_FULL
+            except OSError:
+                full = False
+        if not full:
+            raise
+        target = getattr(e, "filename", None) or where
+        raise DiskFullError(
+            f"disk full: no space left writing {target} (run folder {where}; {type(e).__name__}: {str(e)[:200]}); "
+            f"free space there (or pass another --output-dir) and rerun the same command: it continues from the "
+            f"latest intact checkpoint"
+        ) from e
 
 
 def atomic_write(path, write: Callable) -> Path:
@@ -91,34 +198,59 @@ class RunDir:
         path = self.path / CONFIG
         return OmegaConf.load(path) if path.is_file() else None
 
-    def checkpoints(self) -> List[int]:
-        """Steps of the complete checkpoints, ascending (temporary folders never match)."""
+    def step_folders(self) -> List[int]:
+        """Steps of every folder named like a checkpoint (intact or not), ascending; temporary ones never match."""
         root = self.path / CHECKPOINTS
         found = [int(m.group(1)) for p in root.glob("step_*") if p.is_dir() and (m := _STEP_RE.match(p.name))]
         return sorted(found)
 
+    def checkpoints(self) -> List[int]:
+        """Steps of the complete and intact checkpoints (manifest present, file sizes match), ascending."""
+        return [step for step in self.step_folders() if checkpoint_problem(self.checkpoint(step)) is None]
+
     def checkpoint(self, step: int) -> Path:
         return self.path / CHECKPOINTS / checkpoint_name(step)
 
-    def latest(self) -> Optional[Path]:
-        """The complete checkpoint with the highest step, or None."""
-        steps = self.checkpoints()
-        return self.checkpoint(steps[-1]) if steps else None
+    def latest(self, verify: bool = False) -> Optional[Path]:
+        """The intact checkpoint with the highest step, or None; each newer damaged one is named in a warning.
+        verify: check every file's sha256 too (before loading it), not only its size."""
+        for step in reversed(self.step_folders()):
+            folder = self.checkpoint(step)
+            problem = checkpoint_problem(folder, full=verify)
+            if problem is None:
+                return folder
+            warnings.warn(f"checkpoint {folder} is damaged or incomplete ({problem}); skipping it and using the "
+                          f"one before it", stacklevel=2)
+        return None
 
-    def resolve_step(self, checkpoint: Union[str, int]) -> int:
-        """"latest" or a step number -> a step that has a complete checkpoint."""
-        steps = self.checkpoints()
-        if not steps:
-            raise FileNotFoundError(f"run directory {self.path} has no complete checkpoint under {CHECKPOINTS}/")
+    def resolve_step(self, checkpoint: Union[str, int], verify: bool = False) -> int:
+        """"latest" (the newest intact one) or a step number -> a step with an intact checkpoint."""
         if str(checkpoint) == "latest":
-            return steps[-1]
+            found = self.latest(verify=verify)
+            if found is None:
+                damaged = f" (damaged or incomplete: steps {self.step_folders()})" if self.step_folders() else ""
+                raise FileNotFoundError(f"run directory {self.path} has no intact checkpoint under {CHECKPOINTS}/{damaged}")
+            return int(_STEP_RE.match(found.name).group(1))
         try:
             step = int(checkpoint)
         except ValueError:
             raise ValueError(f"checkpoint={checkpoint!r} is not valid; use 'latest' or a step number") from None
-        if step not in steps:
-            raise FileNotFoundError(f"run directory {self.path} has no checkpoint at step {step}; available: {steps}")
+        if step not in self.step_folders():
+            raise FileNotFoundError(
+                f"run directory {self.path} has no checkpoint at step {step}; available: {self.checkpoints()}")
+        problem = checkpoint_problem(self.checkpoint(step), full=verify)
+        if problem is not None:
+            raise CheckpointError(f"checkpoint {self.checkpoint(step)} is damaged or incomplete: {problem}; "
+                                  f"intact ones: {self.checkpoints()}")
         return step
+
+    def remove_temporaries(self, log=print) -> None:
+        """Delete the temporary folders of saves that never finished (`.step_XXXXXXX.tmp`, `.final.tmp`)."""
+        for root in (self.path / CHECKPOINTS, self.path):
+            for p in root.glob(".*.tmp"):
+                if p.is_dir() and _TMP_RE.match(p.name):
+                    shutil.rmtree(p)
+                    log(f"removed {p}, left by a save that did not finish")
 
     def steps_trained(self, checkpoint: Optional[Union[str, int]] = None) -> Optional[int]:
         """Training steps behind the weights: the checkpoint's step, or for final/ the run's train.steps
@@ -160,15 +292,17 @@ class RunDir:
             from .pipeline import UViCPipeline
 
             return UViCPipeline.from_pretrained(self.final)
-        return checkpoint_pipeline(self.checkpoint(self.resolve_step(step)), ema=ema, run=self)
+        return checkpoint_pipeline(self.checkpoint(self.resolve_step(step, verify=True)), ema=ema, run=self, verify=False)
 
     # ------------------------------------------------------------------ reuse policy (the trainer's)
     def prepare(self, cfg, resume: Optional[str] = None, overwrite: bool = False, log=print) -> Optional[Path]:
         """Check the folder before a run of `cfg` and return the checkpoint to resume from (or None).
 
-        resume None: a folder with a run of this config continues from its latest checkpoint; one of
-        another config is refused. resume "latest": the latest checkpoint (none: a fresh run), config
-        changes allowed with a warning. Any other resume: a checkpoint folder or a run folder.
+        resume None: a folder with a run of this config continues from its latest intact checkpoint; one
+        of another config is refused. resume "latest": the latest intact checkpoint (none: a fresh run),
+        with config changes applied (named in a warning), except the model's architecture, which a
+        checkpoint fixes. Any other resume: a checkpoint folder or a run folder. Checkpoints are hashed
+        against their manifest before they are chosen; a damaged newest one falls back to the one before.
         overwrite: a new run here whatever the folder holds (the caller deletes it with `clear`).
         Nothing is deleted here: a folder with artifacts but no checkpoint is refused without overwrite.
         """
@@ -187,7 +321,7 @@ class RunDir:
                     f"pass --resume latest to continue it with this config, --overwrite to start over, "
                     f"or choose another --output-dir"
                 )
-            found = self.latest() if saved is not None else None
+            found = self.latest(verify=True) if saved is not None else None
             if found is not None:  # same config, interrupted or finished: nothing is thrown away
                 log(f"{self.path} holds a run of this config: continuing from {found.name} "
                     f"(choose another --output-dir for a new run)")
@@ -199,22 +333,37 @@ class RunDir:
                     f"pass --overwrite to delete them and start over, or choose another --output-dir"
                 )
             return None
-        if differs:
-            warnings.warn(f"resuming with a changed config: {', '.join(differs)}")
         if resume == "latest":
-            found = self.latest()
+            found = self.latest(verify=True)
             if found is None:
-                log(f"--resume latest: no checkpoint in {self.path / CHECKPOINTS}, starting a new run")
-            return found
-        path = Path(resume)
-        if (path / CHECKPOINTS).is_dir():  # a run folder
-            found = RunDir(path).latest()
-            if found is None:
-                raise FileNotFoundError(f"--resume {resume}: no complete checkpoint under {path / CHECKPOINTS}")
-            return found
-        if not path.is_dir():
-            raise FileNotFoundError(f"--resume {resume}: no such checkpoint folder (or use --resume latest)")
-        return path
+                log(f"--resume latest: no intact checkpoint in {self.path / CHECKPOINTS}, starting a new run")
+                return None
+        else:
+            path = Path(resume)
+            if (path / CHECKPOINTS).is_dir():  # a run folder
+                found = RunDir(path).latest(verify=True)
+                if found is None:
+                    raise FileNotFoundError(f"--resume {resume}: no intact checkpoint under {path / CHECKPOINTS}")
+            elif not path.is_dir():
+                raise FileNotFoundError(f"--resume {resume}: no such checkpoint folder (or use --resume latest)")
+            else:
+                problem = checkpoint_problem(path, full=True)
+                if problem is not None:
+                    raise CheckpointError(f"--resume {resume}: not an intact checkpoint: {problem}")
+                found = path
+            from_run = RunDir.find(found)
+            if from_run is not None and from_run.path.resolve() != self.path.resolve():
+                other = from_run.config()
+                differs = config_diff(other, cfg) if other is not None else differs
+        architecture = [key for key in differs if key.startswith("model.") and key != "model.gradient_checkpointing"]
+        if architecture:
+            raise ValueError(
+                f"cannot resume {found} with a changed model architecture ({', '.join(architecture)}): its weights "
+                f"fix it; start a new run (another --output-dir, or --overwrite) to train another model"
+            )
+        if differs:
+            warnings.warn(f"resuming {found.name} with a changed config, applied from here on: {', '.join(differs)}")
+        return found
 
     def clear(self) -> None:
         """Delete the run's artifacts (RUN_ARTIFACTS): what --overwrite does before a new run."""
@@ -226,15 +375,20 @@ class RunDir:
                 p.unlink()
 
 
-def checkpoint_pipeline(step_dir, ema: bool = True, run: Optional[RunDir] = None):
+def checkpoint_pipeline(step_dir, ema: bool = True, run: Optional[RunDir] = None, verify: bool = True):
     """The pipeline of one checkpoint folder: ema_model/ (ema=True) or model/, with its scheduler/; for
-    a latent run (`run`, found from the folder when None) the VAE its latents came from."""
+    a latent run (`run`, found from the folder when None) the VAE its latents came from.
+    verify: a folder with a manifest must match it (sizes and sha256), or CheckpointError."""
     import diffusers
 
     from .model import UViT
     from .pipeline import UViCPipeline
 
     step_dir = Path(step_dir)
+    if verify and (step_dir / MANIFEST).is_file():
+        problem = checkpoint_problem(step_dir, full=True)
+        if problem is not None:
+            raise CheckpointError(f"checkpoint {step_dir} is damaged: {problem}")
     sub = step_dir / ("ema_model" if ema else "model")
     if not (sub / "config.json").is_file():
         raise FileNotFoundError(f"checkpoint {step_dir} has no {sub.name}/ (expected UViT.save_pretrained output)")

@@ -4,8 +4,12 @@ Sample i of a set is drawn from its own generator seeded from (seed, i), with it
 is the same image whatever the batch size, the number of processes or the order of the work. A set
 of N samples is cut into shards of `shard_size` consecutive indices; each shard is written to a
 temporary name and renamed when complete, so an interrupted run resumes from the complete shards and
-never takes a half-written one. manifest.json records what the set is (model fingerprint, seed,
-scheduler, steps, guidance, classes, ...); a rerun that would add other samples to it is refused.
+never takes a half-written one; the default shard size, min(1000, ceil(N / 10)), keeps most of the work
+of an interrupted job of any size. manifest.json (strict JSON) records what the set is (model
+fingerprint, seed, scheduler, steps, guidance, classes, ...) and its size; a rerun that would add other
+samples to it, or shrink it, is refused (growing it is allowed: the complete shards are kept). It also
+records samples.npz (count, shape, bytes, sha256): a rerun calls the set complete only when the file
+matches, and otherwise rebuilds it from the shards (drawing missing ones again).
 
     OUT/manifest.json
     OUT/shards/shard_000000.npz   arr_0 (n, H, W, 3) uint8, indices (n,) int64, labels (n,) int64 if conditional
@@ -20,7 +24,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
+import pickle
+import sys
 import zipfile
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -28,19 +35,24 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
+from .cli import add_debug_option, command
 from .config import TIMESTEP_SPACINGS
 from .diffusion import SCHEDULE_KEY
 from .pipeline import SCHEDULERS, UViCPipeline, make_scheduler, save_grid
-from .runs import RunDir, atomic_write, checkpoint_pipeline
+from .runs import RunDir, atomic_write, checkpoint_pipeline, file_sha256
+from .text import read_prompts
 
 CLASS_MODES = ("uniform", "balanced")  # i.i.d. uniform labels (ADM, DiT) | label = index mod classes
 FORMATS = ("npz", "png")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MANIFEST = "manifest.json"
 SAMPLES_NPZ = "samples.npz"
-ASSEMBLED = ".assembled.json"  # the sample count of samples.npz, written after it
+ASSEMBLED = ".assembled.json"  # sets of older versions: the sample count of samples.npz, written after it
+NPZ_RECORD = "samples_npz"  # manifest key: {count, shape, bytes, sha256} of samples.npz, written after it
+MAX_SHARD_SIZE = 1000
 # Manifest keys that define the set: a rerun into the same folder must agree on all of them.
-IDENTITY_KEYS = ("model", "seed", "scheduler", "steps", "guidance", "classes", "shard_size", "image_shape", "dtype")
+IDENTITY_KEYS = ("model", "seed", "scheduler", "steps", "guidance", "classes", "shard_size", "image_shape", "dtype",
+                 "prompts")
 MODEL_KINDS = (
     "a pipeline folder (model_index.json, e.g. runs/NAME/final), a run directory (config.yaml, "
     "checkpoints/, final/), a checkpoint folder (model/, ema_model/, scheduler/) or a published "
@@ -155,7 +167,13 @@ def load_reference_pipeline(path, reference_config, vae=None) -> UViCPipeline:
     sample = (cfg.get("sample") or {}) if sectioned else {}
     if sample.get("scheduler"):
         scheduler = make_scheduler(sample["scheduler"], scheduler.config)
-    model = load_reference_checkpoint(str(path), nnet, **overrides).eval()
+    try:
+        model = load_reference_checkpoint(str(path), nnet, **overrides).eval()
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        if "PytorchStreamReader" not in str(err) and not isinstance(err, (EOFError, pickle.UnpicklingError)):
+            raise  # a mismatch of shapes and the like: load_reference_checkpoint's own message
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt: "
+                         f"{str(err).split('. ')[0][:200]}); download it again") from None
     pipe = UViCPipeline(transformer=model, scheduler=scheduler, timestep_offset=offset)
     vae = vae if vae is not None else (cfg.get("vae") if sectioned else None)
     if vae is not None:
@@ -230,7 +248,9 @@ def with_scheduler(pipeline: UViCPipeline, scheduler=None, timestep_spacing: Opt
         else:
             scheduler = make_scheduler(scheduler, base.config, **overrides)
     pipe = UViCPipeline(transformer=pipeline.transformer, scheduler=scheduler, vae=pipeline.vae,
+                        text_encoder=pipeline.text_encoder, tokenizer=pipeline.tokenizer,
                         timestep_offset=pipeline.config.get("timestep_offset", 0))
+    pipe.empty_context = pipeline.empty_context  # text-to-image: the unconditional context
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -242,10 +262,13 @@ def model_fingerprint(pipeline: UViCPipeline) -> str:
     facts = {k: v for k, v in schedule.items() if k in ("schedule", "beta_min", "beta_max", "timestep_offset")}
     if facts:
         digest.update(json.dumps(facts, sort_keys=True).encode())
-    for module in (pipeline.transformer, pipeline.vae):
+    if pipeline.empty_context is not None:  # text-to-image
+        digest.update(pipeline.empty_context.float().cpu().numpy().tobytes())
+    for module in (pipeline.transformer, pipeline.vae, pipeline.text_encoder):
         if module is None:
             continue
-        config = {k: v for k, v in dict(module.config).items() if not k.startswith("_")}
+        config = module.config.to_dict() if hasattr(module.config, "to_dict") else dict(module.config)  # transformers | diffusers
+        config = {k: v for k, v in config.items() if not k.startswith("_") and k != "transformers_version"}
         digest.update(json.dumps(config, sort_keys=True, default=str).encode())
         for key, tensor in sorted(module.state_dict().items()):
             digest.update(key.encode())
@@ -262,9 +285,11 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def draw(pipe: UViCPipeline, indices: Sequence[int], labels: Optional[np.ndarray], *, seed: int, steps: int,
-         guidance: float) -> torch.Tensor:
-    """Samples `indices` in one batch -> (B, C, H, W) float in [0, 1]."""
+         guidance: float, prompts: Optional[Sequence[str]] = None) -> torch.Tensor:
+    """Samples `indices` in one batch -> (B, C, H, W) float in [0, 1]. prompts: one per index (text-to-image)."""
+    text = {} if prompts is None else {"prompt": list(prompts)}
     return pipe(
+        **text,
         batch_size=len(indices),
         num_inference_steps=steps,
         class_labels=None if labels is None else torch.as_tensor(labels),
@@ -272,6 +297,22 @@ def draw(pipe: UViCPipeline, indices: Sequence[int], labels: Optional[np.ndarray
         generator=index_generators(seed, indices),
         output_type="pt",
     ).images
+
+
+def check_prompts(pipe: UViCPipeline, prompts: Optional[Sequence[str]], guidance: float):
+    """Prompts against the model, before any sampling: text-to-image models need them (and a text
+    encoder), other models refuse them; guidance needs the empty context."""
+    if not pipe.is_text_conditional:
+        if prompts is not None:
+            raise ValueError("this model is not text-conditional: --prompt/--prompts need a text-to-image model")
+        return
+    if prompts is None:
+        raise ValueError("this model is text-to-image: give --prompt TEXT or --prompts FILE")
+    if pipe.tokenizer is None or pipe.text_encoder is None:
+        raise ValueError("this pipeline has no text encoder: pass --text-encoder DIR (CLIP ViT-L/14's tokenizer and "
+                         "text model, openai/clip-vit-large-patch14)")
+    if guidance != 1.0 and pipe.empty_context is None:
+        pipe.set_empty_context()
 
 
 def _check_image_channels(pipe: UViCPipeline):
@@ -298,24 +339,28 @@ def grid_rows(pipe: UViCPipeline, per_row: int, class_labels=None) -> Optional[L
 
 def sample_grid(pipeline: UViCPipeline, path, *, per_row: int = 8, seed: int = 0, scheduler=None, steps: int = 50,
                 guidance: float = 1.0, class_labels=None, batch_size: int = 64, timestep_spacing=None,
-                progress: bool = True) -> Path:
-    """One PNG grid of `per_row` columns: a row per class (class-conditional) or `per_row` rows."""
+                progress: bool = True, prompts: Optional[Sequence[str]] = None) -> Path:
+    """One PNG grid of `per_row` columns: a row per prompt (text-to-image), a row per class
+    (class-conditional) or `per_row` rows."""
     from tqdm.auto import tqdm
 
     if per_row < 1 or batch_size < 1 or steps < 1:
         raise ValueError(f"grid size, batch size and steps must be at least 1; got {per_row}, {batch_size}, {steps}")
     pipe = with_scheduler(pipeline, scheduler, timestep_spacing)
-    rows = grid_rows(pipe, per_row, class_labels)
-    pipe.check_inputs(1, None if rows is None else rows[0], guidance)
+    check_prompts(pipe, prompts, guidance)
+    rows = list(prompts) if prompts is not None else grid_rows(pipe, per_row, class_labels)
+    pipe.check_inputs(1, None if rows is None or prompts is not None else rows[0], guidance)
     _check_image_channels(pipe)
     n = per_row * (len(rows) if rows is not None else per_row)
-    labels = None if rows is None else np.repeat(np.asarray(rows, dtype=np.int64), per_row)
+    row_prompts = None if prompts is None else [p for p in prompts for _ in range(per_row)]
+    labels = None if rows is None or prompts is not None else np.repeat(np.asarray(rows, dtype=np.int64), per_row)
     images = []
     with tqdm(total=n, unit="img", desc="grid", disable=not progress) as bar:
         for start in range(0, n, batch_size):
             idx = np.arange(start, min(start + batch_size, n))
             images.append(draw(pipe, idx, None if labels is None else labels[idx], seed=seed, steps=steps,
-                               guidance=guidance).cpu())
+                               guidance=guidance,
+                               prompts=None if row_prompts is None else [row_prompts[i] for i in idx]).cpu())
             bar.update(len(idx))
     return save_grid(torch.cat(images), path, nrow=per_row, padding=2)
 
@@ -330,8 +375,25 @@ class _SingleProcess:
         pass
 
 
+def _strict(value):
+    """`value` with every non-finite float (NaN, ±inf) replaced by None: strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
 def _json_ready(value):
-    return json.loads(json.dumps(value, sort_keys=True, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
+    return _strict(json.loads(json.dumps(value, sort_keys=True,
+                                         default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v))))
+
+
+def default_shard_size(num_samples: int) -> int:
+    """min(1000, ceil(N / 10)): an interrupted job keeps at least ~90% of its finished work."""
+    return min(MAX_SHARD_SIZE, max(1, math.ceil(num_samples / 10)))
 
 
 def shard_ranges(num_samples: int, shard_size: int) -> List[range]:
@@ -350,23 +412,65 @@ def _shard_complete(path: Path, indices: range) -> bool:
         return False
 
 
-def _check_manifest(out_dir: Path, manifest: dict):
-    """Refuse a folder that holds samples of another set (or files that are no uvic sample set)."""
+def _read_manifest(out_dir: Path) -> Optional[dict]:
+    """The manifest of the set in out_dir (non-finite numbers as None), or None for a new folder."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is a file; give a folder for the sample set")
     path = out_dir / MANIFEST
     if not path.is_file():
         if (out_dir / "shards").exists() or (out_dir / SAMPLES_NPZ).exists():
             raise ValueError(f"{out_dir} holds samples without {MANIFEST}; choose another --out")
-        return
+        return None
     try:
         old = json.loads(path.read_text())
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise ValueError(f"{path} is not valid JSON; choose another --out") from None
+    if not isinstance(old, dict):
+        raise ValueError(f"{path} is no sample-set manifest; choose another --out")
+    return _strict(old)
+
+
+def _check_manifest(out_dir: Path, manifest: dict, old: Optional[dict]):
+    """Refuse a folder that holds samples of another set, or more samples of this one (nothing is lost)."""
+    if old is None:
+        return
     diffs = [f"{k}: {old.get(k)!r} there, {manifest[k]!r} now" for k in IDENTITY_KEYS if old.get(k) != manifest[k]]
     if diffs:
         raise ValueError(
             f"{out_dir} already holds a different sample set ({'; '.join(diffs)}); "
             "use another --out, or the options that made it to continue it"
         )
+    before = old.get("num_samples")
+    if isinstance(before, int) and manifest["num_samples"] < before:
+        raise ValueError(
+            f"{out_dir} holds a set of {before} samples; --num-samples {manifest['num_samples']} would shrink it "
+            f"and lose samples, so nothing was changed. Use --num-samples {before} (or more, to extend it), "
+            "or another --out"
+        )
+
+
+def _npz_verified(out_dir: Path, record, num_samples: int) -> bool:
+    """Whether OUT/samples.npz is the complete file of this set: its manifest record (count, bytes, sha256)
+    matches; sets of older versions without a record: every zip member's CRC and the count hold."""
+    path = out_dir / SAMPLES_NPZ
+    if not path.is_file():
+        return False
+    if isinstance(record, dict):
+        return (record.get("count") == num_samples and record.get("bytes") == path.stat().st_size
+                and record.get("sha256") == file_sha256(path))
+    if _assembled_count(out_dir) != num_samples:
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if archive.testzip() is not None:
+                return False
+            with archive.open("arr_0.npy") as member:
+                major, _ = np.lib.format.read_magic(member)
+                read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                shape = read_header(member)[0]
+        return shape[0] == num_samples
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+        return False
 
 
 def generate_samples(
@@ -383,8 +487,9 @@ def generate_samples(
     formats=("npz",),
     accelerator=None,
     progress: bool = True,
-    shard_size: int = 1000,
+    shard_size: Optional[int] = None,
     timestep_spacing: Optional[str] = None,
+    prompts: Optional[Sequence[str]] = None,
 ) -> Path:
     """Write `num_samples` samples to out_dir (resumable; see the module docstring) -> OUT/samples.npz
     (OUT/png when formats has no "npz").
@@ -393,7 +498,10 @@ def generate_samples(
     (i.i.d. uniform labels), "balanced" (index mod classes), an int or a list of labels taken in turn;
     ignored for unconditional models. accelerator: an accelerate Accelerator / PartialState; processes
     take disjoint shards and the set equals the one-process set. The pipeline should already be on its
-    device and dtype.
+    device and dtype. prompts (text-to-image): sample i is drawn from prompts[i] (at least num_samples of
+    them); their count and sha1 go into the manifest, the prompts themselves into OUT/prompts.txt.
+    shard_size: None = the existing set's, else `default_shard_size(num_samples)`. A set is extended by a
+    rerun with a larger num_samples; a smaller one is refused.
     """
     from tqdm.auto import tqdm
 
@@ -404,16 +512,25 @@ def generate_samples(
         raise ValueError(f"formats {list(formats)} not valid; choose from {FORMATS}")
     for name, value in (("num_samples", num_samples), ("batch_size", batch_size), ("shard_size", shard_size),
                         ("steps", steps)):
-        if int(value) < 1:
+        if value is not None and int(value) < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
     if seed < 0:
         raise ValueError(f"seed must be non-negative, got {seed}")
     pipe = with_scheduler(pipeline, scheduler, timestep_spacing)
+    check_prompts(pipe, prompts, guidance)
+    if prompts is not None:
+        if len(prompts) < num_samples:
+            raise ValueError(f"{num_samples} samples need as many prompts (one each, in order); got {len(prompts)}")
+        prompts = [str(p) for p in prompts[:num_samples]]
     classes = resolve_classes(classes, pipe.num_real_classes)
     pipe.check_inputs(1, None if classes is None else 0, guidance)
     _check_image_channels(pipe)
     state = accelerator or _SingleProcess()
     rank, world = state.process_index, state.num_processes
+    old = _read_manifest(out_dir)  # every rank reads it before anyone writes
+    if shard_size is None:
+        shard_size = old["shard_size"] if old and isinstance(old.get("shard_size"), int) \
+            else default_shard_size(num_samples)
 
     manifest = {
         "model": model_fingerprint(pipe),
@@ -429,8 +546,13 @@ def generate_samples(
         "num_samples": num_samples,
         "source": str(pipeline.config.get("_name_or_path", "")),
         "formats": list(formats),
+        "prompts": None if prompts is None else {
+            "count": len(prompts), "sha1": hashlib.sha1("\n".join(prompts).encode()).hexdigest(), "file": "prompts.txt"},
     }
-    _check_manifest(out_dir, manifest)  # every rank raises the same error, before anyone writes
+    _check_manifest(out_dir, manifest, old)  # every rank raises the same error, before anyone writes
+    record = (old or {}).get(NPZ_RECORD)
+    if record is not None:
+        manifest[NPZ_RECORD] = record  # describes the samples.npz on disk until a new one replaces it
     state.wait_for_everyone()
     if state.is_main_process:
         (out_dir / "shards").mkdir(parents=True, exist_ok=True)
@@ -438,12 +560,19 @@ def generate_samples(
             (out_dir / "png").mkdir(exist_ok=True)
         for stale in [*out_dir.glob(".*.tmp-*"), *out_dir.glob("*/.*.tmp-*")]:  # left by an interrupted run
             stale.unlink(missing_ok=True)
-        atomic_write(out_dir / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=2).encode()))
+        _write_manifest(out_dir, manifest)
+        if prompts is not None:
+            atomic_write(out_dir / "prompts.txt", lambda f: f.write("".join(p + "\n" for p in prompts).encode()))
     state.wait_for_everyone()
 
     result = out_dir / (SAMPLES_NPZ if "npz" in formats else "png")
-    if formats == ("npz",) and _assembled_count(out_dir) == num_samples:
+    verified = "npz" in formats and _npz_verified(out_dir, record, num_samples)
+    if formats == ("npz",) and verified:
         return result  # finished before (its shards/ may even have been deleted)
+    if "npz" in formats and not verified and record is not None and record.get("count") == num_samples \
+            and state.is_main_process:
+        print(f"warning: {out_dir / SAMPLES_NPZ} does not match its record in {MANIFEST} (truncated or changed): "
+              "rebuilt from the shards (missing shards are drawn again)", file=sys.stderr)
 
     shards = shard_ranges(num_samples, shard_size)
     todo = [k for k, r in enumerate(shards) if not _shard_complete(_shard_path(out_dir, k), r)]
@@ -460,7 +589,9 @@ def generate_samples(
         for start in range(0, len(indices), batch_size):
             batch = indices[start : start + batch_size]
             batch_labels = None if labels is None else labels[start : start + batch_size]
-            images.append(to_uint8(draw(pipe, batch, batch_labels, seed=seed, steps=steps, guidance=guidance)))
+            batch_prompts = None if prompts is None else [prompts[i] for i in batch]
+            images.append(to_uint8(draw(pipe, batch, batch_labels, seed=seed, steps=steps, guidance=guidance,
+                                        prompts=batch_prompts)))
             bar.update(min(len(batch) * world, bar.total - bar.n))  # other ranks advance alike
         arrays = {"arr_0": np.concatenate(images), "indices": np.arange(indices.start, indices.stop)}
         if labels is not None:
@@ -471,10 +602,15 @@ def generate_samples(
     bar.close()
     state.wait_for_everyone()
 
-    if "npz" in formats and state.is_main_process:
+    if "npz" in formats and state.is_main_process and not verified:
         _assemble(out_dir, shards, manifest)
     state.wait_for_everyone()
     return result
+
+
+def _write_manifest(out_dir: Path, manifest: dict):
+    text = json.dumps(manifest, indent=2, allow_nan=False)  # strict JSON: non-finite values are None already
+    atomic_write(out_dir / MANIFEST, lambda f: f.write(text.encode()))
 
 
 def _write_pngs(out_dir: Path, images: np.ndarray, indices: Sequence[int]):
@@ -505,11 +641,8 @@ def _assembled_count(out_dir: Path) -> Optional[int]:
 
 
 def _assemble(out_dir: Path, shards: List[range], manifest: dict):
-    """samples.npz from the shards (skipped when it already holds exactly this set)."""
+    """samples.npz from the shards, then its record (count, shape, bytes, sha256) in the manifest."""
     num_samples = manifest["num_samples"]
-    if _assembled_count(out_dir) == num_samples:
-        return
-    record = out_dir / ASSEMBLED
     with np.load(_shard_path(out_dir, 0)) as first:
         arr = np.empty((num_samples, *first["arr_0"].shape[1:]), dtype=np.uint8)  # (N, H, W, 3)
         labels = np.empty(num_samples, dtype=np.int64) if "labels" in first.files else None
@@ -519,9 +652,12 @@ def _assemble(out_dir: Path, shards: List[range], manifest: dict):
             if labels is not None:
                 labels[indices.start : indices.stop] = shard["labels"]
     arrays = {"arr_0": arr} if labels is None else {"arr_0": arr, "labels": labels}
-    record.unlink(missing_ok=True)
-    atomic_write(out_dir / SAMPLES_NPZ, lambda f: np.savez(f, **arrays))
-    atomic_write(record, lambda f: f.write(json.dumps(num_samples).encode()))
+    (out_dir / ASSEMBLED).unlink(missing_ok=True)
+    path = out_dir / SAMPLES_NPZ
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+    manifest[NPZ_RECORD] = {"count": num_samples, "shape": list(arr.shape), "bytes": path.stat().st_size,
+                            "sha256": file_sha256(path)}
+    _write_manifest(out_dir, manifest)
 
 
 # ---------------------------------------------------------------------- command line
@@ -550,7 +686,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--num-samples", type=int, metavar="N", help="a set of N samples in --out (resumable)")
     add("--out", help="grid: a .png file or a folder; set: the folder (required)")
     add("--format", nargs="+", default=["npz"], choices=FORMATS, help="set: npz (arr_0 NHWC uint8 + labels) and/or png")
-    add("--shard-size", type=int, default=1000, help="set: samples per shard, the unit of resume")
+    add("--shard-size", type=int, help="set: samples per shard, the unit of resume (default: the existing "
+        "set's, else min(1000, ceil(N/10)))")
     add("--scheduler", help=f"sampler: {', '.join(SCHEDULERS)}, or 'saved' (the pipeline's own); default dpm++2m, "
         "or the reference config's (paper samplers: uvic.diffusion.PAPER_SAMPLERS)")
     add("--steps", type=int, help="number of sampling steps (default 50, or the reference config's)")
@@ -560,12 +697,20 @@ def build_parser() -> argparse.ArgumentParser:
     labels = parser.add_mutually_exclusive_group()
     labels.add_argument("--class-labels", type=int, nargs="+", metavar="Y", help="labels taken in turn (grid: the rows)")
     labels.add_argument("--classes", choices=CLASS_MODES, help="set: uniform (i.i.d., default) or balanced (index mod K)")
+    text = parser.add_mutually_exclusive_group()
+    text.add_argument("--prompt", action="append", metavar="TEXT", help="text-to-image: a prompt (repeat for more; "
+                      "grid: a row each)")
+    text.add_argument("--prompts", metavar="FILE", help="text-to-image: prompts, one per line (.jsonl: \"caption\"); "
+                      "grid: a row each; set: sample i from prompt i, in order")
+    add("--text-encoder", metavar="DIR", help="text-to-image: CLIP tokenizer + text model folder for a pipeline "
+        "saved without them")
     add("--seed", type=int, default=0, help="sample i is drawn from a generator seeded from (seed, i)")
     add("--batch-size", type=int, default=64, help="samples per forward pass (per process)")
     add("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available; accelerate launch: one per process)")
     add("--dtype", choices=DTYPES, default="fp32", help="model weights and activations")
     add("--compile", action="store_true", help="torch.compile the model")
     add("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_debug_option(parser)
     return parser
 
 
@@ -602,6 +747,9 @@ def run(args) -> Path:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.seed < 0:
         raise ValueError(f"--seed must be non-negative, got {args.seed}")
+    prompts = read_prompts(args.prompts) if args.prompts else args.prompt
+    if prompts is not None and (args.class_labels is not None or args.classes is not None):
+        raise ValueError("--prompt/--prompts and --class-labels/--classes are mutually exclusive")
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     state = _process_state(device)
@@ -613,6 +761,9 @@ def run(args) -> Path:
         from .latents import attach_vae
 
         attach_vae(pipe, args.vae)
+    if args.text_encoder:
+        pipe.attach_text_encoder(args.text_encoder)
+    check_prompts(pipe, prompts, args.guidance)
     scheduler = None if args.scheduler == "saved" else args.scheduler
     classes = args.class_labels if args.class_labels is not None else (args.classes or "uniform")
     # labels and guidance against the model, before the weights move or anything is drawn
@@ -630,11 +781,11 @@ def run(args) -> Path:
     if args.grid is not None:
         path = _grid_path(args)
         if state.is_main_process:
-            sample_grid(pipe, path, per_row=args.grid, class_labels=args.class_labels, **common)
+            sample_grid(pipe, path, per_row=args.grid, class_labels=args.class_labels, prompts=prompts, **common)
         state.wait_for_everyone()
     else:
         path = generate_samples(pipe, args.out, num_samples=args.num_samples, classes=classes, formats=args.format,
-                                accelerator=state, shard_size=args.shard_size, **common)
+                                accelerator=state, shard_size=args.shard_size, prompts=prompts, **common)
     if state.is_main_process:
         print(path)
     return path
@@ -650,11 +801,7 @@ def _process_state(device: str):
     return PartialState(cpu=device == "cpu")
 
 
+@command("sample.py")
 def main(argv: Optional[Sequence[str]] = None) -> Path:
-    """Entry point of sample.py and `uvic-sample`. Bad input ends with one message and exit status 2."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError) as err:
-        parser.error(str(err))
+    """Entry point of sample.py and `uvic-sample`. Bad input ends with one message and exit status 2 (uvic.cli)."""
+    return run(build_parser().parse_args(argv))

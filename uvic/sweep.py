@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from .cli import add_debug_option, command as cli_command
+
 POLL_SECONDS = 2.0  # how often a running sweep checks its runs
 
 
@@ -156,6 +158,8 @@ def run_all(todo: Sequence[Dict], out: Path, parallel: int, threads: Optional[in
     return failed
 
 
+
+@cli_command("python -m uvic.sweep")
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("configs", nargs="*", help="training configs (replace the spec's)")
@@ -168,6 +172,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--gpus", default="", help="comma-separated GPU ids: run slot i gets CUDA_VISIBLE_DEVICES="
                                               "the (i mod n)-th (e.g. --gpus 0,1,2,3 --parallel 4)")
     p.add_argument("--dry-run", action="store_true", help="print the commands of the unfinished runs, run nothing")
+    add_debug_option(p)
     a = p.parse_args(argv)
     try:
         spec = load_spec(a.spec) if a.spec else {"configs": [], "seeds": [0], "sets": []}

@@ -8,7 +8,7 @@ classifier-free guidance is the empty prompt's features (U-ViT's `empty_context`
 from __future__ import annotations
 
 import os
-from typing import Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 
@@ -18,13 +18,16 @@ MAX_LENGTH = 77
 
 def load_text_encoder(name_or_path: str = CLIP_TEXT_ENCODER, device="cpu", dtype=torch.float32):
     """(CLIPTokenizer, CLIPTextModel in eval mode, frozen) from a local folder or a hub name already cached.
-
-    Nothing is downloaded here; missing weights end with one message saying what to fetch and where."""
+    A folder with tokenizer/ and text_encoder/ subfolders (a saved pipeline, a caption-latents folder)
+    works too. Nothing is downloaded here; missing weights end with one message saying what to fetch and where."""
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    tokenizer_path = encoder_path = name_or_path
+    if os.path.isdir(os.path.join(name_or_path, "text_encoder")) and os.path.isdir(os.path.join(name_or_path, "tokenizer")):
+        tokenizer_path, encoder_path = os.path.join(name_or_path, "tokenizer"), os.path.join(name_or_path, "text_encoder")
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(name_or_path, local_files_only=True)
-        encoder = CLIPTextModel.from_pretrained(name_or_path, local_files_only=True, torch_dtype=dtype)
+        tokenizer = CLIPTokenizer.from_pretrained(tokenizer_path, local_files_only=True)
+        encoder = CLIPTextModel.from_pretrained(encoder_path, local_files_only=True, torch_dtype=dtype)
     except (OSError, ValueError) as err:
         where = name_or_path if os.path.isdir(name_or_path) else "the Hugging Face cache (HF_HOME)"
         raise FileNotFoundError(
@@ -56,3 +59,20 @@ def text_encoder_from(name_or_path: str, device="cpu", dtype=torch.float32) -> T
     """(tokenizer, text_encoder, empty_context) in one call."""
     tokenizer, encoder = load_text_encoder(name_or_path, device, dtype)
     return tokenizer, encoder, empty_context(tokenizer, encoder)
+
+
+def read_prompts(path) -> List[str]:
+    """Prompts of a text file, one per line (blank lines skipped); a .jsonl file gives each line's "caption"
+    (or "prompt"). Fails with one message on a missing or empty file."""
+    import json
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompts file {str(path)!r} not found (one prompt per line)")
+    with open(path, encoding="utf-8") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    if str(path).endswith(".jsonl"):
+        rows = [json.loads(line) for line in lines]
+        lines = [str(row.get("caption", row.get("prompt", ""))).strip() for row in rows]
+    if not lines:
+        raise ValueError(f"prompts file {str(path)!r} has no prompts")
+    return lines

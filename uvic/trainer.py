@@ -8,6 +8,13 @@ train.batch_size is the GLOBAL batch: each optimizer step sees batch_size images
 processes x grad_accum micro-batches. A resumed run ends with the same weights as an
 uninterrupted one: checkpoints hold the RNG states and the step, and the data order is a
 function of (seed, epoch), so the data position follows from the step.
+
+Faults (README "Failures and recovery"): a step whose loss or gradient norm is non-finite on any
+process is skipped (no optimizer or EMA update) and counted; train.max_nonfinite_steps in a row stop
+the run with NonFiniteLossError. Checkpoints and final/ are never written with non-finite weights,
+nor when the disk lacks the space (DiskFullError). Resuming unpickles nothing but plain tensors and
+numbers (torch.load weights_only=True): the step and EMA counters are JSON, the EMA weights
+safetensors.
 """
 
 from __future__ import annotations
@@ -15,10 +22,13 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import json
 import math
 import os
 import shutil
+import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Tuple
 
@@ -36,7 +46,8 @@ from .data import resolve_data_config
 from .diffusion import build_scheduler, diffusion_loss, drop_labels
 from .model import UViT
 from .pipeline import UViCPipeline, make_scheduler, save_grid
-from .runs import CONFIG, RunDir, checkpoint_name
+from .runs import (CONFIG, MANIFEST, TRAIN_STATE, CheckpointError, DiskFullError, RunDir, atomic_write, checkpoint_name,
+                   disk_full_message, free_space, manifest_size, write_manifest)
 
 LR_SCHEDULE_NAMES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
@@ -62,24 +73,37 @@ class EpochSampler(DistributedSampler):
         return self.num_samples - self.skip
 
 
+class NonFiniteLossError(ValueError):
+    """Training diverged: the loss or gradient norm stayed non-finite (an expected error: one message)."""
+
+
 class TrainState:
-    """The step counter, checkpointed with the rest (accelerate register_for_checkpointing)."""
+    """The counters a checkpoint keeps beside accelerate's state, saved as JSON (train_state.json).
+
+    step: optimizer steps taken (skipped ones included: the data position follows from it);
+    nonfinite_steps: steps skipped for a non-finite loss or gradient norm, in all and in a row;
+    ema_optimization_step: the EMA's own counter (its decay warm-up).
+    """
 
     def __init__(self):
         self.step = 0
+        self.nonfinite_steps = 0
+        self.nonfinite_in_a_row = 0
+        self.ema_optimization_step = 0
 
     def state_dict(self) -> dict:
-        return {"step": self.step}
+        return dict(vars(self))
 
     def load_state_dict(self, state: dict) -> None:
-        self.step = int(state["step"])
+        for key in vars(self):
+            setattr(self, key, int(state[key]))
 
 
 class Trainer:
     """Builds everything from a config, checks it before any training, then `train()`.
 
     resume: None (fresh run, or the continuation of this config's run in output_dir), "latest"
-    (highest complete checkpoint of output_dir, or a fresh run if there is none) or a checkpoint /
+    (newest intact checkpoint of output_dir, or a fresh run if there is none) or a checkpoint /
     run folder; overwrite: start over in output_dir, deleting its run artifacts (RunDir.prepare has
     the rules). dataset: the training set from `resolve_data_config(cfg)`, built here when None.
     """
@@ -105,25 +129,31 @@ class Trainer:
         self.per_process_batch, self.batches_per_epoch = self._batch_split(accelerator.num_processes)
         self.conditional = bool(cfg.data.conditional)
         self.null_label = cfg.model.num_classes - 1 if self.conditional else None
+        # text-to-image (caption latents): the empty prompt's features (L, D), the context dropped to
+        self.empty_context = getattr(self.base_dataset, "empty_context", None)
+        if self.empty_context is not None and cfg.eval.fid_every:
+            raise ValueError("eval.fid_every applies to class-conditional and unconditional models; for text-to-image "
+                             "FID-30K sample captions with `sample.py MODEL --prompts FILE --num-samples N` and score "
+                             "them with eval_fid.py; set eval.fid_every=0")
         self.resume_from = self.run.prepare(cfg, resume, overwrite, log=accelerator.print)
 
         set_seed(t.seed)  # identical initial weights on every process
         self._build_model()
-        self.state = TrainState()
-        accelerator.register_for_checkpointing(self.ema)
-        accelerator.register_for_checkpointing(self.state)
+        self.state = TrainState()  # saved by save_checkpoint as JSON, never pickled
         self.sampler, self.loader = self._build_loader()
-        if self.is_main:  # the run folder
-            if overwrite:
-                self.run.clear()
-            self.out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.out / CONFIG)
-        accelerator.wait_for_everyone()
         if self.resume_from is None:
             set_seed(t.seed, device_specific=True)  # each process draws its own noise and timesteps
-        else:  # weights, optimizer, LR schedule, EMA, step and every RNG state
-            accelerator.load_state(str(self.resume_from))
-            self.ema.to(accelerator.device)
+        else:  # weights, optimizer, LR schedule, EMA, counters and every RNG state
+            self.load_checkpoint(self.resume_from)
+        if self.is_main:  # the run folder, once the checkpoint loaded: a refused one changes nothing
+            with disk_full_message(self.out):
+                if overwrite:
+                    self.run.clear()
+                self.out.mkdir(parents=True, exist_ok=True)
+                self.run.remove_temporaries(log=accelerator.print)
+                save_config(cfg, self.out / CONFIG)
+        accelerator.wait_for_everyone()
+        if self.resume_from is not None:
             accelerator.print(f"resumed from {self.resume_from} at step {self.state.step}")
         self.writer = None
         self._vae = None  # latent data: the decoder, loaded on first use
@@ -180,6 +210,11 @@ class Trainer:
             )
         return per_process, per_epoch
 
+    @property
+    def base_dataset(self):
+        """The training set without a `data.limit` Subset around it."""
+        return self.dataset.dataset if isinstance(self.dataset, Subset) else self.dataset
+
     # ------------------------------------------------------------------ the loop
     @property
     def step(self) -> int:
@@ -201,16 +236,99 @@ class Trainer:
         if self.cfg.data.random_flip:
             flip = torch.rand(images.shape[0], device=images.device) < 0.5
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        if self.empty_context is not None:  # labels: the captions' context (b, L, D)
+            from .caption_latents import drop_context
+
+            context = drop_context(labels, self.cfg.diffusion.p_uncond, self.empty_context)
+            return diffusion_loss(self.model, self.noise_scheduler, images, None, self.cfg.diffusion.snr_gamma,
+                                  encoder_hidden_states=context)
         class_labels = None
         if self.conditional:
             class_labels = drop_labels(labels, self.cfg.diffusion.p_uncond, self.null_label)
         return diffusion_loss(self.model, self.noise_scheduler, images, class_labels, self.cfg.diffusion.snr_gamma)
+
+    def optimizer_step(self, nonfinite_losses: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """The optimizer step, unless this step's loss (any micro-batch) or gradient norm is non-finite on
+        any process: the same decision everywhere. Returns whether the weights changed.
+
+        With fp16's GradScaler an inf/NaN gradient is the scaler's business (it skips the step and lowers
+        its scale, and that is not counted here); a non-finite loss is counted either way.
+        """
+        scaler = self.accelerator.scaler
+        flag = nonfinite_losses.float()
+        if scaler is None:
+            flag = flag + (~torch.isfinite(grad_norm)).float().to(flag.device)
+        skip = self.accelerator.reduce(flag, reduction="sum").item() > 0
+        if skip:
+            self.state.nonfinite_steps += 1
+            self.state.nonfinite_in_a_row += 1
+            if scaler is not None:  # gradients were unscaled for clipping: close the scaler's step
+                scaler.update()
+            return False
+        self.state.nonfinite_in_a_row = 0
+        self.optimizer.step()
+        return not (scaler is not None and self.optimizer.step_was_skipped)
+
+    def stop_nonfinite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """Raise NonFiniteLossError: where training diverged, what is left and what to try."""
+        t = self.cfg.train
+        latest = self.run.latest()
+        last_good = f"the last good checkpoint is {latest}" if latest is not None else "no checkpoint was written yet"
+        precision = " or train.mixed_precision=bf16 instead of fp16" if t.mixed_precision == "fp16" else ""
+        raise NonFiniteLossError(
+            f"training stopped at step {self.step}: the loss or gradient norm was non-finite for "
+            f"{self.state.nonfinite_in_a_row} steps in a row (train.max_nonfinite_steps={t.max_nonfinite_steps}; "
+            f"last loss {float(loss)}, gradient norm {float(grad_norm)}); those steps were skipped and nothing "
+            f"was saved after them; {last_good}. Try a lower train.lr (now {t.lr}), gradient clipping "
+            f"train.max_grad_norm (now {t.max_grad_norm}){precision}, then continue with --resume latest and the "
+            f"changed values (they are applied on resume)"
+        )
+
+    def weights_finite(self) -> bool:
+        """Whether the model and EMA weights are all finite, on every process."""
+        params = [p.detach() for p in self.raw_model.parameters()] + list(self.ema.shadow_params)
+        bad = torch.stack([(~torch.isfinite(p)).any() for p in params]).any().float()
+        return self.accelerator.reduce(bad, reduction="sum").item() == 0
+
+    def check_weights_finite(self, what: str) -> None:
+        if not self.weights_finite():
+            latest = self.run.latest()
+            raise NonFiniteLossError(
+                f"the weights are non-finite at step {self.step}: {what} not written; the last good checkpoint is "
+                f"{latest if latest is not None else 'none'}. Try a lower train.lr (now {self.cfg.train.lr}) or "
+                f"train.max_grad_norm, then --resume latest"
+            )
+
+    def check_free_space(self, folder: Path) -> None:
+        """Fail before a checkpoint the disk cannot hold (size estimated from the last one, or the weights)."""
+        short = torch.zeros((), device=self.accelerator.device)
+        message = ""
+        if self.is_main:
+            latest = self.run.latest()
+            size = manifest_size(latest) if latest is not None else None
+            if size is None:  # accelerate's model + optimizer (2 moments) + model/ + ema_model/, in float32
+                size = 5 * 4 * sum(p.numel() for p in self.raw_model.parameters())
+            need = int(size * 1.1) + (1 << 20)
+            root = next(p for p in (folder, *folder.parents) if p.exists())
+            free = free_space(root)
+            if free < need:
+                short += 1
+                message = (f"disk full: checkpoint {folder.name} needs about {need / 1e6:.1f} MB but {root} has "
+                           f"{free / 1e6:.1f} MB free; free space there (or lower train.keep_checkpoints, or choose "
+                           f"another --output-dir) and rerun the same command: it continues from "
+                           f"{latest if latest is not None else 'the start (no checkpoint yet)'}")
+        if self.accelerator.reduce(short, reduction="sum").item() > 0:
+            raise DiskFullError(message or f"disk full on the main process writing {folder}")
 
     def on_step_end(self, step: int) -> None:
         """Called after every optimizer step (a hook for subclasses: extra logging, early stops)."""
 
     def train(self) -> Path:
         """Train to train.steps; returns the final/ pipeline folder."""
+        with disk_full_message(self.out):
+            return self._train()
+
+    def _train(self) -> Path:
         cfg, t, accelerator = self.cfg, self.cfg.train, self.accelerator
         if self.is_main:
             from torch.utils.tensorboard import SummaryWriter
@@ -219,38 +337,53 @@ class Trainer:
         max_norm = t.max_grad_norm if t.max_grad_norm is not None else math.inf
         batches = self.batches(self.step * t.grad_accum)
         progress = tqdm(total=t.steps, initial=self.step, disable=not self.is_main, desc="train", dynamic_ncols=True)
-        loss_sum, loss_count, tick, tick_step = torch.zeros((), device=accelerator.device), 0, time.perf_counter(), self.step
+        device = accelerator.device
+        loss_sum, loss_count = torch.zeros((), device=device), torch.zeros((), device=device)  # finite losses only
+        tick, tick_step = time.perf_counter(), self.step
         grad_norm = torch.zeros(())
         self.model.train()
         while self.step < t.steps:
+            nonfinite_losses = torch.zeros((), device=device)  # this step's micro-batches, this process
+            stepped = False
             for _ in range(t.grad_accum):
                 images, labels = next(batches)
                 with accelerator.accumulate(self.model):
                     loss = self.compute_loss(images, labels)
                     accelerator.backward(loss)
+                    loss = loss.detach().float()
+                    finite = torch.isfinite(loss)
+                    nonfinite_losses += ~finite
                     if accelerator.sync_gradients:
                         grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
-                    self.optimizer.step()
+                        stepped = self.optimizer_step(nonfinite_losses, grad_norm)
                     self.optimizer.zero_grad(set_to_none=True)
-                loss_sum += loss.detach().float()
-                loss_count += 1
-            self.lr_scheduler.step()
-            self.ema.step(self.raw_model.parameters())
+                loss_sum += torch.where(finite, loss, 0.0)
+                loss_count += finite
+            self.lr_scheduler.step()  # the LR follows the step counter, skipped steps included
+            if stepped:
+                self.ema.step(self.raw_model.parameters())
             self.state.step += 1
             step = self.step
             progress.update(1)
+            if self.state.nonfinite_in_a_row >= t.max_nonfinite_steps:
+                self.stop_nonfinite(loss, grad_norm)
 
             if step % t.log_every == 0 or step == t.steps:
-                mean_loss = accelerator.reduce(loss_sum / loss_count, reduction="mean").item()
+                total, count = accelerator.reduce(torch.stack([loss_sum, loss_count]), reduction="sum").tolist()
+                mean_loss = total / count if count else math.nan
                 elapsed = time.perf_counter() - tick
                 images_per_s = (step - tick_step) * t.batch_size / max(elapsed, 1e-9)
                 lr = self.lr_scheduler.get_last_lr()[0]
                 if self.is_main:
-                    for name, value in (("loss", mean_loss), ("lr", lr), ("grad_norm", float(grad_norm)), ("images_per_s", images_per_s)):
+                    scalars = (("loss", mean_loss), ("lr", lr), ("grad_norm", float(grad_norm)),
+                               ("images_per_s", images_per_s), ("nonfinite_steps", self.state.nonfinite_steps))
+                    for name, value in scalars:
                         self.writer.add_scalar(f"train/{name}", value, step)
-                    progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.0f}")
+                    progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{images_per_s:.0f}",
+                                         **({"skipped": self.state.nonfinite_steps} if self.state.nonfinite_steps else {}))
                 loss_sum.zero_()
-                loss_count, tick, tick_step = 0, time.perf_counter(), step
+                loss_count.zero_()
+                tick, tick_step = time.perf_counter(), step
             done = step == t.steps
             if (t.sample_every and step % t.sample_every == 0) or done:
                 self.save_sample_grid()
@@ -284,8 +417,24 @@ class Trainer:
                 attach_vae(pipe, source, scale_factor=self.cfg.data.scale_factor)
                 self._vae = pipe.vae.to(self.accelerator.device)
             pipe.register_modules(vae=self._vae)
+        if self.empty_context is not None:
+            pipe.set_empty_context(self.empty_context)
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    def attach_text_encoder(self, pipe: UViCPipeline) -> UViCPipeline:
+        """Text-to-image: give the pipeline the extraction's copy of the text encoder (final/ then samples
+        from prompts); without one it keeps only the empty context (prompt_embeds still work)."""
+        path = getattr(self.base_dataset, "text_encoder_path", None)
+        if self.empty_context is None or path is None:
+            return pipe
+        pipe.attach_text_encoder(path)  # the extraction's copy (tokenizer/, text_encoder/)
+        return pipe
+
+    def grid_prompt_embeds(self, num: int) -> torch.Tensor:
+        """Text-to-image grids: the first caption of training images 0, 1, ... (num, L, D), fixed over steps."""
+        data = self.base_dataset
+        return torch.stack([data.contexts(i % len(self.dataset))[0] for i in range(num)])
 
     def grid_labels(self) -> Tuple[int, Optional[torch.Tensor]]:
         """(number of images, labels): class-conditional grids have one class per row of 8."""
@@ -301,10 +450,12 @@ class Trainer:
             num, labels = self.grid_labels()
             pipe = self.ema_pipeline(t.sample_scheduler)
             generator = torch.Generator().manual_seed(t.sample_seed)  # fixed noise: grids comparable over steps
+            text = {} if self.empty_context is None else {"prompt_embeds": self.grid_prompt_embeds(num)}
             images = pipe(
                 batch_size=num,
                 num_inference_steps=t.sample_steps,
                 class_labels=labels,
+                **text,
                 guidance_scale=t.sample_guidance,
                 generator=generator,
                 output_type="pt",
@@ -343,34 +494,142 @@ class Trainer:
             writer.writerow([self.step, metric, value])
 
     def save_checkpoint(self) -> Path:
-        """checkpoints/step_XXXXXXX: accelerate state + model/, ema_model/, scheduler/; atomic rename; rotation."""
+        """checkpoints/step_XXXXXXX: accelerate state (weights, optimizer, LR schedule, RNG states),
+        train_state.json, model/, ema_model/ (the EMA weights, also what resume reads), scheduler/, and
+        manifest.json last; atomic rename; rotation keeps the newest train.keep_checkpoints intact ones."""
         final = self.run.checkpoint(self.step)
         tmp = final.with_name(f".{final.name}.tmp")  # never matches a complete checkpoint's name
+        self.check_weights_finite(f"checkpoint {final.name}")
+        self.check_free_space(final)
         if self.is_main and tmp.exists():
             shutil.rmtree(tmp)
         self.accelerator.wait_for_everyone()
+        self.state.ema_optimization_step = self.ema.optimization_step
         self.accelerator.save_state(str(tmp))
         if self.is_main:
             self.raw_model.save_pretrained(tmp / "model")
             self.ema_pipeline(decode=False).transformer.save_pretrained(tmp / "ema_model")
             self.noise_scheduler.save_pretrained(tmp / "scheduler")
+            text = json.dumps(self.state.state_dict()).encode()
+            atomic_write(tmp / TRAIN_STATE, lambda f: f.write(text))
+        self.accelerator.wait_for_everyone()  # every process's RNG state is written
+        if self.is_main:
+            write_manifest(tmp)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)  # complete: only now does `latest` see it
-            steps = self.run.checkpoints()
-            for step in steps[: max(0, len(steps) - self.cfg.train.keep_checkpoints)]:
-                shutil.rmtree(self.run.checkpoint(step))
+            kept = self.run.checkpoints()[-self.cfg.train.keep_checkpoints:]  # the newest intact: this one
+            for step in self.run.step_folders():
+                if kept and step < kept[0]:
+                    shutil.rmtree(self.run.checkpoint(step))
         self.accelerator.wait_for_everyone()
         return final
+
+    def load_checkpoint(self, folder) -> None:
+        """Restore a checkpoint (intact: RunDir.prepare checked its manifest) without unpickling anything but
+        tensors and plain values; then apply this config's optimisation values (README: changed values)."""
+        folder, accelerator = Path(folder), self.accelerator
+        pickled = sorted(p.name for p in folder.glob("custom_checkpoint_*.pkl"))
+        legacy = not (folder / MANIFEST).is_file() and not (folder / TRAIN_STATE).exists()
+        if pickled and not legacy:
+            raise CheckpointError(
+                f"checkpoint {folder} holds pickled objects ({', '.join(pickled)}) beside its {TRAIN_STATE}; uvic "
+                f"does not load them (they could run code): resume from a checkpoint uvic wrote, or start a new run")
+        if legacy:  # written before train_state.json: EMA and step as accelerate custom states
+            ema_state = self.load_legacy_states(folder, pickled)
+        else:
+            try:
+                self.state.load_state_dict(json.loads((folder / TRAIN_STATE).read_text()))
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"checkpoint {folder}: cannot read {TRAIN_STATE} ({type(e).__name__}: {e})") from None
+        rng = folder / f"random_states_{accelerator.process_index}.pkl"
+        if rng.is_file():
+            from accelerate.utils import load  # torch.load, weights_only=True with numpy's arrays allowed
+
+            try:
+                states = load(rng)
+                states["random_state"], states["torch_manual_seed"], states["numpy_random_seed"]
+            except Exception as e:
+                raise CheckpointError(
+                    f"checkpoint {folder}: cannot read {rng.name} ({type(e).__name__}: {str(e)[:200]}); without it "
+                    f"a resumed run is not the same run; resume from an earlier checkpoint") from None
+        else:
+            warnings.warn(f"checkpoint {folder} has no {rng.name} (it was written by fewer processes): the resumed "
+                          f"run draws other random numbers than an uninterrupted one would")
+        try:  # accelerate loads optimizer, scheduler and RNG states with torch.load(weights_only=True)
+            if pickled:  # a legacy checkpoint: accelerate would unpickle its custom states without weights_only
+                with tempfile.TemporaryDirectory() as view:
+                    for entry in folder.iterdir():
+                        if entry.name not in pickled:
+                            os.symlink(entry.absolute(), Path(view) / entry.name)
+                    accelerator.load_state(view)
+            else:
+                accelerator.load_state(str(folder))
+        except Exception as e:
+            raise CheckpointError(f"cannot load checkpoint {folder}: {type(e).__name__}: {str(e)[:300]}") from None
+        if legacy:
+            self.ema.load_state_dict(ema_state)
+            self.ema.to(accelerator.device)
+        else:
+            self.load_ema(folder / "ema_model")
+            self.ema.optimization_step = self.state.ema_optimization_step
+        self.apply_optimisation_config()
+
+    def load_legacy_states(self, folder: Path, pickled) -> dict:
+        """A pre-manifest checkpoint's custom states (custom_checkpoint_0.pkl: the EMA's state_dict, _1: the step),
+        read with torch.load(weights_only=True): tensors, numbers and containers only. Returns the EMA state."""
+        if pickled != ["custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl"]:
+            raise CheckpointError(f"checkpoint {folder} has neither {TRAIN_STATE} nor the EMA and step states of older "
+                                  f"uvic checkpoints (found {pickled or 'none'}): not a uvic checkpoint")
+        try:
+            ema_state, train_state = (torch.load(folder / name, map_location="cpu", weights_only=True) for name in pickled)
+            self.state.step = int(train_state["step"])
+            ema_state["optimization_step"], ema_state["shadow_params"]
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {folder}: cannot read its EMA and step states safely "
+                                  f"({type(e).__name__}: {str(e)[:200]}); uvic unpickles only tensors and numbers") from None
+        return ema_state
+
+    def load_ema(self, folder: Path) -> None:
+        """The EMA (shadow) weights from a checkpoint's ema_model/ safetensors, matched by parameter name."""
+        from safetensors.torch import load_file
+
+        tensors = {}
+        try:
+            for path in sorted(folder.glob("*.safetensors")):
+                tensors.update(load_file(str(path)))
+        except Exception as e:
+            raise CheckpointError(f"cannot read the EMA weights in {folder}: {type(e).__name__}: {e}") from None
+        for (name, param), shadow in zip(self.raw_model.named_parameters(), self.ema.shadow_params):
+            if name not in tensors or tensors[name].shape != param.shape:
+                raise CheckpointError(f"{folder} has no EMA weight {name} of shape {tuple(param.shape)}: "
+                                      f"not a checkpoint of this model")
+            with torch.no_grad():
+                shadow.copy_(tensors[name])
+        self.ema.to(self.accelerator.device)
+
+    def apply_optimisation_config(self) -> None:
+        """This config's lr, betas, weight decay, eps and EMA decay over the restored ones: a changed value on
+        resume takes effect (warm-up, schedule and steps do anyway: the LR schedule is built from the config)."""
+        t, sched = self.cfg.train, self.lr_scheduler.scheduler
+        for group in self.optimizer.param_groups:
+            group.update(betas=tuple(t.betas), weight_decay=t.weight_decay, eps=t.adam_eps, initial_lr=t.lr)
+        sched.base_lrs = [t.lr] * len(sched.base_lrs)
+        lrs = [base * lmbda(sched.last_epoch) for base, lmbda in zip(sched.base_lrs, sched.lr_lambdas)]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        sched._last_lr = lrs
+        self.ema.decay, self.ema.update_after_step = t.ema_decay, t.ema_update_after_step  # ema_warmup: the class
 
     def save_final(self) -> Path:
         """final/: UViCPipeline(EMA model, training scheduler), safetensors."""
         final = self.run.final
+        self.check_weights_finite("final/")
         if self.is_main:
             tmp = final.with_name(".final.tmp")
             if tmp.exists():
                 shutil.rmtree(tmp)
-            self.ema_pipeline().save_pretrained(str(tmp), safe_serialization=True)
+            self.attach_text_encoder(self.ema_pipeline()).save_pretrained(str(tmp), safe_serialization=True)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)

@@ -1,0 +1,424 @@
+"""Training under faults: non-finite losses, damaged and hostile checkpoints, a full disk, refused config values.
+
+Each test asserts the message and that nothing written before the fault changed (README "Failures and recovery").
+"""
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when run as the torchrun worker below
+from test_train import TINY, tiny
+from uvic.config import load_config
+from uvic.model import UViT
+from uvic.runs import CheckpointError, DiskFullError, RunDir, checkpoint_problem, write_manifest
+from uvic.trainer import NonFiniteLossError, Trainer, main
+
+
+def snapshot(folder) -> dict:
+    """relative path -> sha256 of every file under `folder`."""
+    folder = Path(folder)
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def all_finite(folder) -> bool:
+    return all(torch.isfinite(t).all() for f in Path(folder).rglob("*.safetensors") for t in load_file(str(f)).values())
+
+
+class NaNLossAt(Trainer):
+    """The loss is NaN during the given optimizer steps (1-based), as a diverging model's would be."""
+
+    nan_steps = ()
+
+    def compute_loss(self, images, labels):
+        loss = super().compute_loss(images, labels)
+        return loss * float("nan") if self.step + 1 in self.nan_steps else loss
+
+
+class Recording(NaNLossAt):
+    def on_step_end(self, step):
+        self.after = getattr(self, "after", {})
+        self.after[step] = self.raw_model.pos_embed.detach().clone()
+
+
+# ---------------------------------------------------------------------- non-finite losses
+def test_a_nonfinite_step_is_skipped_counted_and_leaves_the_weights_and_ema(tmp_path):
+    trainer = Recording(tiny("train.steps=4", "train.grad_accum=2", "train.log_every=1"), tmp_path / "run")
+    trainer.nan_steps = (2,)
+    final = trainer.train()
+    assert trainer.state.nonfinite_steps == 1 and trainer.state.nonfinite_in_a_row == 0
+    assert torch.equal(trainer.after[1], trainer.after[2])  # step 2 skipped: no optimizer update
+    assert not torch.equal(trainer.after[2], trainer.after[3])
+    assert trainer.ema.optimization_step == 3  # nor an EMA update
+    assert all_finite(final)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "logs")).Reload()
+    counted = {e.step: e.value for e in events.Scalars("train/nonfinite_steps")}
+    assert counted[1] == 0 and counted[2] == 1 and counted[4] == 1
+
+
+def test_nonfinite_losses_in_a_row_stop_the_run_naming_step_loss_and_last_good_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    trainer = NaNLossAt(tiny("train.steps=10", "train.checkpoint_every=2", "train.keep_checkpoints=1",
+                             "train.max_nonfinite_steps=3"), out)
+    trainer.nan_steps = range(4, 11)
+    with pytest.raises(NonFiniteLossError, match=r"stopped at step 6: .*non-finite for 3 steps in a row.*loss nan.*"
+                                                 r"last good checkpoint is .*step_0000004.*lower train.lr"):
+        trainer.train()
+    assert RunDir(out).checkpoints() == [4] and all_finite(RunDir(out).latest())
+    assert not (out / "final").exists()
+
+
+def test_a_huge_learning_rate_never_leaves_a_nonfinite_checkpoint_or_final(tmp_path):
+    out = tmp_path / "run"
+    cfg = tiny("train.lr=1e12", "train.max_grad_norm=null", "train.warmup_steps=0", "train.steps=12",
+               "train.checkpoint_every=1", "train.keep_checkpoints=2", "train.max_nonfinite_steps=2")
+    with pytest.raises(NonFiniteLossError, match=r"stopped at step \d+: .*non-finite.*lower train.lr"):
+        Trainer(cfg, out).train()
+    assert not (out / "final").exists()
+    steps = RunDir(out).checkpoints()
+    assert steps and all(all_finite(RunDir(out).checkpoint(s)) for s in steps)
+
+
+def rank_worker(out: Path) -> None:
+    """torchrun worker: rank 1 alone sees an infinite loss at step 2 (its gradients stay finite)."""
+
+    class InfOnRank1(Trainer):
+        def compute_loss(self, images, labels):
+            loss = super().compute_loss(images, labels)
+            bad = self.accelerator.process_index == 1 and self.step + 1 == 2
+            return loss + float("inf") if bad else loss
+
+    trainer = InfOnRank1(tiny("train.steps=3", "train.grad_accum=2"), out / "run")
+    trainer.train()
+    rank = trainer.accelerator.process_index
+    torch.save({k: v.detach().clone() for k, v in trainer.raw_model.state_dict().items()}, out / f"weights_{rank}.pt")
+    (out / f"state_{rank}.json").write_text(json.dumps({**trainer.state.state_dict(),
+                                                         "ema_steps": trainer.ema.optimization_step}))
+
+
+def test_a_nonfinite_loss_on_one_process_skips_the_step_on_every_process(tmp_path):
+    from test_train_multiprocess import free_port
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", __file__, str(tmp_path)]
+    result = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+                            timeout=240)
+    assert result.returncode == 0, result.stderr[-4000:]
+    states = [json.loads((tmp_path / f"state_{r}.json").read_text()) for r in (0, 1)]
+    assert all(s["nonfinite_steps"] == 1 and s["ema_steps"] == 2 for s in states), states
+    w0, w1 = (torch.load(tmp_path / f"weights_{r}.pt") for r in (0, 1))
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)  # the same decision on both: still one model
+
+
+class InfWeightAfterStep1(Trainer):
+    def on_step_end(self, step):
+        if step == 1:
+            with torch.no_grad():
+                self.raw_model.pos_embed[0, 0, 0] = float("inf")
+
+
+def test_nonfinite_weights_are_never_checkpointed(tmp_path):
+    out = tmp_path / "run"
+    cfg = tiny("train.checkpoint_every=2", "train.max_nonfinite_steps=10")
+    with pytest.raises(NonFiniteLossError, match=r"weights are non-finite at step 2: checkpoint step_0000002 not "
+                                                 r"written; the last good checkpoint is none"):
+        InfWeightAfterStep1(cfg, out).train()
+    assert RunDir(out).step_folders() == [] and not (out / "final").exists()
+
+
+# ---------------------------------------------------------------------- damaged checkpoints
+CKPT = ["train.steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=2"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished run with intact checkpoints at steps 2 and 4 (and its final/), made once."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    Trainer(tiny(*CKPT), out).train()
+    return out
+
+
+def damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "flip":  # the same size: only the hash tells
+        path.write_bytes(bytes([data[0] ^ 0xFF]) + data[1:])
+    else:
+        path.unlink()
+
+
+SLOTS = ["model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl", "train_state.json",
+         "model/diffusion_pytorch_model.safetensors", "ema_model/diffusion_pytorch_model.safetensors",
+         "scheduler/scheduler_config.json", "manifest.json"]
+
+
+DAMAGES = [(slot, how) for slot in SLOTS for how in ("truncate", "flip", "delete")]
+
+
+@pytest.mark.parametrize("slot, how", DAMAGES)
+def test_a_damaged_latest_checkpoint_is_named_and_resume_falls_back_to_the_one_before(trained, tmp_path, slot, how):
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    damage(out / "checkpoints" / "step_0000004" / slot, how)
+    before = snapshot(out)
+    with pytest.warns(UserWarning, match=r"step_0000004 is damaged or incomplete .*using the one before"):
+        resumed = Trainer(tiny(*CKPT), out, resume="latest")
+    assert resumed.step == 2
+    after = snapshot(out)
+    assert {k: v for k, v in after.items() if k != "config.yaml"} == {k: v for k, v in before.items() if k != "config.yaml"}
+
+
+def test_resume_after_a_fallback_ends_identical_to_the_uninterrupted_run(trained, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    damage(out / "checkpoints" / "step_0000004" / "optimizer.bin", "flip")
+    with pytest.warns(UserWarning, match="step_0000004 is damaged"):
+        final = Trainer(tiny(*CKPT), out).train()  # the same command again, no --resume
+    for name, tensor in load_file(str(trained / "final" / "transformer" / "diffusion_pytorch_model.safetensors")).items():
+        assert torch.equal(tensor, load_file(str(final / "transformer" / "diffusion_pytorch_model.safetensors"))[name])
+    assert checkpoint_problem(out / "checkpoints" / "step_0000004", full=True) is None  # rewritten intact
+
+
+def test_pipeline_latest_falls_back_and_an_explicit_damaged_checkpoint_is_refused_by_name(trained, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    damage(out / "checkpoints" / "step_0000004" / "ema_model" / "diffusion_pytorch_model.safetensors", "flip")
+    with pytest.warns(UserWarning, match="step_0000004 is damaged"):
+        pipe = RunDir(out).pipeline("latest")
+    ema2 = load_file(str(out / "checkpoints" / "step_0000002" / "ema_model" / "diffusion_pytorch_model.safetensors"))
+    assert torch.equal(pipe.transformer.pos_embed, ema2["pos_embed"])
+    with pytest.raises(CheckpointError, match=r"step_0000004 is damaged.*ema_model/diffusion_pytorch_model"):
+        RunDir(out).pipeline(4)
+    with pytest.raises(CheckpointError, match=r"not an intact checkpoint: ema_model/diffusion_pytorch_model.* sha256"):
+        Trainer(tiny(*CKPT), tmp_path / "other", resume=str(out / "checkpoints" / "step_0000004"))
+    assert not (tmp_path / "other").exists()
+
+
+def test_an_unreadable_rng_state_with_a_matching_manifest_is_refused_not_swallowed(trained, tmp_path):
+    ckpt = tmp_path / "step_0000004"
+    shutil.copytree(trained / "checkpoints" / "step_0000004", ckpt)
+    damage(ckpt / "random_states_0.pkl", "truncate")
+    write_manifest(ckpt)
+    with pytest.raises(CheckpointError, match=r"cannot read random_states_0.pkl.*not the same run"):
+        Trainer(tiny(*CKPT), tmp_path / "run", resume=str(ckpt))
+
+
+def test_a_checkpoint_folder_given_directly_to_the_sampler_is_verified(trained, tmp_path):
+    from uvic.runs import checkpoint_pipeline
+
+    ckpt = tmp_path / "step_0000004"
+    shutil.copytree(trained / "checkpoints" / "step_0000004", ckpt)
+    assert checkpoint_pipeline(ckpt).transformer is not None
+    damage(ckpt / "scheduler" / "scheduler_config.json", "flip")
+    with pytest.raises(CheckpointError, match=r"step_0000004 is damaged: scheduler/scheduler_config.json"):
+        checkpoint_pipeline(ckpt)
+
+
+# ---------------------------------------------------------------------- hostile pickles
+class Hostile:
+    """Unpickling it runs code: it writes the marker file."""
+
+    marker = None
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
+
+
+@pytest.mark.parametrize("slot", ["optimizer.bin", "scheduler.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl",
+                                  "custom_checkpoint_1.pkl", "train_state.json", "model.safetensors"])
+def test_a_hostile_pickle_in_any_slot_is_never_run(trained, tmp_path, slot):
+    ckpt = tmp_path / "step_0000004"
+    shutil.copytree(trained / "checkpoints" / "step_0000004", ckpt)
+    hostile = Hostile()
+    hostile.marker = tmp_path / "marker"
+    torch.save({"state": hostile, "param_groups": [hostile]}, ckpt / slot)
+    write_manifest(ckpt)  # an attacker's folder can carry a matching manifest
+    with pytest.raises(CheckpointError, match=r"step_0000004"):
+        Trainer(tiny(*CKPT), tmp_path / "run", resume=str(ckpt))
+    assert not hostile.marker.exists()
+    assert not (tmp_path / "run").exists()
+
+
+def make_legacy(ckpt: Path, step: int, custom_0=None) -> None:
+    """Turn a checkpoint into one of uvic before manifests: the EMA and step as accelerate custom pickles."""
+    (ckpt / "manifest.json").unlink()
+    state = json.loads((ckpt / "train_state.json").read_text())
+    (ckpt / "train_state.json").unlink()
+    model = UViT.from_pretrained(ckpt / "ema_model")
+    ema = {"decay": 0.9, "min_decay": 0.0, "optimization_step": state["ema_optimization_step"], "update_after_step": 0,
+           "use_ema_warmup": False, "inv_gamma": 1.0, "power": 2 / 3,
+           "shadow_params": [p.detach().clone() for p in model.parameters()]}
+    torch.save(ema if custom_0 is None else custom_0, ckpt / "custom_checkpoint_0.pkl")
+    torch.save({"step": step}, ckpt / "custom_checkpoint_1.pkl")
+
+
+def test_a_checkpoint_of_an_older_uvic_is_listed_and_resumed_exactly_without_unpickling_code(trained, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    shutil.rmtree(out / "checkpoints" / "step_0000004")
+    make_legacy(out / "checkpoints" / "step_0000002", 2)
+    assert RunDir(out).checkpoints() == [2]
+    resumed = Trainer(tiny(*CKPT), out)
+    assert resumed.step == 2
+    final = resumed.train()
+    for name, tensor in load_file(str(trained / "final" / "transformer" / "diffusion_pytorch_model.safetensors")).items():
+        assert torch.equal(tensor, load_file(str(final / "transformer" / "diffusion_pytorch_model.safetensors"))[name])
+    hostile = Hostile()
+    hostile.marker = tmp_path / "marker"
+    legacy = tmp_path / "step_0000004"
+    shutil.copytree(trained / "checkpoints" / "step_0000004", legacy)
+    make_legacy(legacy, 4, custom_0={"shadow_params": [hostile]})
+    with pytest.raises(CheckpointError, match=r"step_0000004: cannot read its EMA and step states safely"):
+        Trainer(tiny(*CKPT), tmp_path / "other", resume=str(legacy))
+    assert not hostile.marker.exists()
+
+
+# ---------------------------------------------------------------------- full disk
+def test_too_little_free_space_fails_before_the_checkpoint_and_a_rerun_after_freeing_it_works(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    cfg = ["train.steps=4", "train.checkpoint_every=2"]
+    Trainer(tiny(*cfg, "train.steps=2"), tmp_path / "probe").train()  # one checkpoint's real size
+    import uvic.trainer
+
+    real = shutil.disk_usage
+
+    def full_after_first(path):
+        usage = real(path)
+        return usage._replace(free=1000) if RunDir(out).checkpoints() else usage
+
+    monkeypatch.setattr(uvic.trainer.shutil, "disk_usage", full_after_first)
+    with pytest.raises(DiskFullError, match=rf"disk full: checkpoint step_0000004 needs about .* MB but .*run.* has "
+                                            rf"0.0 MB free.*rerun the same command.*step_0000002"):
+        Trainer(tiny(*cfg), out).train()
+    before = snapshot(out / "checkpoints")
+    assert list(before) and all(k.startswith("step_0000002/") for k in before)
+    monkeypatch.setattr(uvic.trainer.shutil, "disk_usage", real)
+    again = Trainer(tiny(*cfg), out)
+    assert again.step == 2
+    again.train()
+    assert RunDir(out).checkpoints() == [2, 4] and (out / "final").is_dir()
+
+
+def test_enospc_from_any_write_says_disk_full_and_a_rerun_removes_the_stale_temporary(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    import uvic.trainer
+
+    real = uvic.trainer.write_manifest
+
+    def no_space_at_step_4(folder):
+        if "step_0000004" in str(folder):
+            raise OSError(errno.ENOSPC, "No space left on device", str(Path(folder) / "manifest.json"))
+        return real(folder)
+
+    monkeypatch.setattr(uvic.trainer, "write_manifest", no_space_at_step_4)
+    with pytest.raises(DiskFullError, match=r"disk full: no space left writing .*step_0000004.tmp.*manifest.json"):
+        Trainer(tiny(*CKPT), out).train()
+    assert (out / "checkpoints" / ".step_0000004.tmp").is_dir() and RunDir(out).checkpoints() == [2]
+    monkeypatch.undo()
+    again = Trainer(tiny(*CKPT), out)  # the same command, space freed
+    assert again.step == 2 and not (out / "checkpoints" / ".step_0000004.tmp").exists()
+    again.train()
+    assert RunDir(out).checkpoints() == [2, 4] and (out / "final").is_dir()
+
+
+@pytest.mark.parametrize("free_mb, expected", [(10, DiskFullError), (10_000, RuntimeError)])
+def test_a_torch_save_failure_is_called_disk_full_only_when_the_disk_is_nearly_full(tmp_path, monkeypatch, free_mb,
+                                                                                    expected):
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real_usage(path)._replace(free=free_mb << 20))
+
+    def failing_save(*args, **kwargs):  # what torch.save raises when the disk fills mid-write
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(expected) as raised:
+        Trainer(tiny("train.checkpoint_every=2"), tmp_path / "run").train()
+    assert (raised.type is DiskFullError) == ("disk full: no space left writing" in str(raised.value))
+    assert RunDir(tmp_path / "run").checkpoints() == []
+
+
+def test_stale_temporaries_are_removed_when_a_run_resumes(trained, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    (out / "checkpoints" / ".step_0000006.tmp" / "model").mkdir(parents=True)
+    (out / ".final.tmp").mkdir()
+    (out / "checkpoints" / ".keep.tmp").mkdir()  # not ours: kept
+    Trainer(tiny(*CKPT), out)
+    assert not (out / "checkpoints" / ".step_0000006.tmp").exists() and not (out / ".final.tmp").exists()
+    assert (out / "checkpoints" / ".keep.tmp").exists()
+
+
+# ---------------------------------------------------------------------- refused config values
+@pytest.mark.parametrize("override, message", [
+    ("train.keep_checkpoints=0", r"train.keep_checkpoints must be >= 1, got 0"),
+    ("train.keep_checkpoints=-2", r"train.keep_checkpoints must be >= 1, got -2"),
+    ("train.ema_decay=2", r"train.ema_decay must lie in \(0, 1\).*got 2"),
+    ("train.ema_decay=1", r"train.ema_decay must lie in \(0, 1\)"),
+    ("data.limit=0", r"data.limit must be >= 1 \(or null\), got 0"),
+    ("train.lr=0", r"train.lr must be a finite number > 0, got 0"),
+    ("train.lr=-1e-4", r"train.lr must be a finite number > 0"),
+    ("train.lr=nan", r"train.lr must be a finite number > 0, got nan"),
+    ("train.steps=0", r"train.steps must be >= 1, got 0"),
+    ("train.max_nonfinite_steps=0", r"train.max_nonfinite_steps must be >= 1"),
+    ("train.max_grad_norm=0", r"train.max_grad_norm must be > 0 \(or null"),
+    ("train.warmup_steps=-1", r"train.warmup_steps must be >= 0"),
+    ("train.betas=[1.5,0.9]", r"train.betas must be two numbers .* in \[0, 1\)"),
+    ("train.log_every=0", r"train.log_every must be >= 1"),
+])
+def test_a_value_out_of_range_is_refused_by_name_and_the_run_is_left_untouched(trained, tmp_path, override, message):
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    config = tmp_path / "tiny.yaml"
+    OmegaConf.save(OmegaConf.from_dotlist(TINY + CKPT), config)
+    before = snapshot(out)
+    with pytest.raises(ValueError, match=message):
+        main(["--config", str(config), "--output-dir", str(out), "--resume", "latest", override])
+    assert snapshot(out) == before
+
+
+def test_a_list_yaml_config_is_refused_naming_the_file(tmp_path):
+    config = tmp_path / "list.yaml"
+    config.write_text("- train.lr=1e-4\n- train.steps=2\n")
+    with pytest.raises(ValueError, match=rf"config file {config} must be a mapping of sections"):
+        load_config(config)
+
+
+# ---------------------------------------------------------------------- changed values on resume
+def test_a_changed_learning_rate_on_resume_is_applied_and_named(trained, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    with pytest.warns(UserWarning, match=r"changed config, applied from here on: .*train.betas.*train.lr"):
+        resumed = Trainer(tiny(*CKPT, "train.lr=1e-4", "train.betas=[0.9,0.95]", "train.steps=8"), out,
+                          resume="latest")
+    group = resumed.optimizer.param_groups[0]
+    assert resumed.step == 4 and group["betas"] == (0.9, 0.95) and group["initial_lr"] == 1e-4
+    assert group["lr"] == resumed.lr_scheduler.get_last_lr()[0] == 1e-4  # past warm-up, constant schedule
+    assert OmegaConf.load(out / "config.yaml").train.lr == 1e-4
+
+
+def test_a_changed_architecture_on_resume_is_refused(trained, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    before = snapshot(out)
+    with pytest.raises(ValueError, match=r"changed model architecture \(model.embed_dim\).*start a new run"):
+        Trainer(tiny(*CKPT, "model.embed_dim=16"), out, resume="latest")
+    assert snapshot(out) == before
+
+
+if __name__ == "__main__":  # the torchrun worker of test_a_nonfinite_loss_on_one_process_skips_the_step_on_every_process
+    rank_worker(Path(sys.argv[1]))
