@@ -9,6 +9,9 @@ processes x grad_accum micro-batches. A resumed run ends with the same weights a
 uninterrupted one: checkpoints hold the RNG states and the step, and the data order is a
 function of (seed, epoch), so the data position follows from the step.
 
+train.fsdp=true shards the model with FSDP2 (`shard`): weights, gradients, AdamW and EMA states are DTensor
+shards; grids, FID, checkpoints' model/ and ema_model/ and final/ gather whole tensors on the main process.
+
 Faults (README "Failures and recovery"): a step whose loss or gradient norm is non-finite on any
 process is skipped (no optimizer or EMA update) and counted; train.max_nonfinite_steps in a row stop
 the run with NonFiniteLossError. Checkpoints and final/ are never written with non-finite weights,
