@@ -54,7 +54,8 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:07d}"
 
 
-def _sha256(path: Path) -> str:
+def filefile_sha256(path) -> str:
+    """sha256 hex digest of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -66,7 +67,7 @@ def write_manifest(folder) -> Path:
     """manifest.json of every file under `folder` (size, sha256), written atomically: call it last."""
     folder = Path(folder)
     files = {
-        p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)}
         for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST
     }
     text = json.dumps({"files": files}, indent=1).encode()
@@ -103,7 +104,7 @@ def checkpoint_problem(folder, full: bool = False) -> Optional[str]:
             return f"{name} is missing"
         if path.stat().st_size != size:
             return f"{name} has {path.stat().st_size} bytes, the manifest says {size}"
-        if full and _sha256(path) != sha:
+        if full and file_sha256(path) != sha:
             return f"{name} does not match its sha256 in the manifest"
     return None
 

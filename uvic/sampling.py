@@ -39,7 +39,7 @@ from .cli import add_debug_option, command
 from .config import TIMESTEP_SPACINGS
 from .diffusion import SCHEDULE_KEY
 from .pipeline import SCHEDULERS, UViCPipeline, make_scheduler, save_grid
-from .runs import RunDir, atomic_write, checkpoint_pipeline
+from .runs import RunDir, atomic_write, checkpoint_pipeline, file_sha256
 from .text import read_prompts
 
 CLASS_MODES = ("uniform", "balanced")  # i.i.d. uniform labels (ADM, DiT) | label = index mod classes
@@ -449,14 +449,6 @@ def _check_manifest(out_dir: Path, manifest: dict, old: Optional[dict]):
         )
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _npz_verified(out_dir: Path, record, num_samples: int) -> bool:
     """Whether OUT/samples.npz is the complete file of this set: its manifest record (count, bytes, sha256)
     matches; sets of older versions without a record: every zip member's CRC and the count hold."""
@@ -465,7 +457,7 @@ def _npz_verified(out_dir: Path, record, num_samples: int) -> bool:
         return False
     if isinstance(record, dict):
         return (record.get("count") == num_samples and record.get("bytes") == path.stat().st_size
-                and record.get("sha256") == _sha256(path))
+                and record.get("sha256") == file_sha256(path))
     if _assembled_count(out_dir) != num_samples:
         return False
     try:
@@ -664,7 +656,7 @@ def _assemble(out_dir: Path, shards: List[range], manifest: dict):
     path = out_dir / SAMPLES_NPZ
     atomic_write(path, lambda f: np.savez(f, **arrays))
     manifest[NPZ_RECORD] = {"count": num_samples, "shape": list(arr.shape), "bytes": path.stat().st_size,
-                            "sha256": _sha256(path)}
+                            "sha256": file_sha256(path)}
     _write_manifest(out_dir, manifest)
 
 
