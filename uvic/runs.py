@@ -54,7 +54,7 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:07d}"
 
 
-def filefile_sha256(path) -> str:
+def file_sha256(path) -> str:
     """sha256 hex digest of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
