@@ -201,9 +201,10 @@ class Trainer:
         self.raw_model = UViT(**model_kwargs(cfg))
         if cfg.model.gradient_checkpointing:
             self.raw_model.enable_gradient_checkpointing()
-        if self.fsdp:  # the full (unsharded) weights are gathered into this copy, on the main process only
+        if self.fsdp:  # whole weights are gathered into this copy (grids, FID, saving), on the main process only
+            self.raw_model.to(self.accelerator.device)
             self.ema_model = copy.deepcopy(self.raw_model).eval().requires_grad_(False) if self.is_main else None
-            shard(self.raw_model.to(self.accelerator.device), self.accelerator.num_processes, t.mixed_precision)
+            shard(self.raw_model, self.accelerator.num_processes, t.mixed_precision)
         optimizer = torch.optim.AdamW(
             self.raw_model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, eps=t.adam_eps
         )
@@ -709,7 +710,7 @@ class Trainer:
         from safetensors.torch import save_file
 
         tensors = {}
-        for i, (name, param) in enumerate(self.raw_model.named_parameters()):
+        for name, param in self.raw_model.named_parameters():
             for key, value in self.optimizer.state.get(param, {}).items():
                 value = value.to_local() if hasattr(value, "to_local") else value
                 tensors[f"{name}.{key}"] = value.detach().cpu().contiguous()
