@@ -296,22 +296,16 @@ def test_uvit_h2_trains_one_step_at_batch_1_with_gradient_checkpointing():
     assert all(g is not None for g in grads) and all(torch.isfinite(g).all() for g in grads[:5])
 
 
-def test_fsdp_config_for_the_h_models_launches_fsdp_over_uvit_blocks():
+def test_fsdp_config_for_the_h_models_launches_8_bf16_processes_that_uvic_shards_itself():
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
     from accelerate.utils.launch import prepare_multi_gpu_env
-
-    import uvic.model
 
     parser = launch_command_parser()
     args = parser.parse_args(["--config_file", str(REPO / "configs/accelerate/fsdp_h.yaml"), "train.py"])
     args, _, _ = _validate_launch_command(args)
     env = prepare_multi_gpu_env(args)
-    assert args.num_processes == 8 and env["ACCELERATE_USE_FSDP"] == "true"
-    assert env["FSDP_SHARDING_STRATEGY"] == "FULL_SHARD" and env["ACCELERATE_MIXED_PRECISION"] == "bf16"
-    assert env["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP" and env["FSDP_USE_ORIG_PARAMS"] == "true"
-    layer = getattr(uvic.model, env["FSDP_TRANSFORMER_CLS_TO_WRAP"])  # the class FSDP wraps exists ...
-    model = UViT(sample_size=8, in_channels=4, patch_size=2, embed_dim=32, depth=4, num_heads=2)
-    assert all(isinstance(b, layer) for b in model.blocks)  # ... and is every U-ViT block
+    assert args.num_processes == 8 and env["ACCELERATE_MIXED_PRECISION"] == "bf16"
+    assert env.get("ACCELERATE_USE_FSDP", "false") == "false"  # train.fsdp=true shards (uvic.trainer.shard), not accelerate
 
 
 # ---------------------------------------------------------------------- the whole path, tiny

@@ -121,6 +121,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # the last N complete checkpoints are kept (>= 1)
     max_nonfinite_steps: int = 5  # stop after this many steps in a row with a non-finite loss / grad norm (skipped)
     compile: bool = False  # torch.compile the model
+    fsdp: bool = False  # FSDP2: weights, gradients, AdamW and EMA states sharded over the processes (README "DDP or FSDP")
     cpu_threads: Optional[int] = None  # on the CPU: torch intra-op threads (None = torch's default)
 
 

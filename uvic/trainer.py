@@ -9,6 +9,9 @@ processes x grad_accum micro-batches. A resumed run ends with the same weights a
 uninterrupted one: checkpoints hold the RNG states and the step, and the data order is a
 function of (seed, epoch), so the data position follows from the step.
 
+train.fsdp=true shards the model with FSDP2 (`shard`): weights, gradients, AdamW and EMA states are DTensor
+shards; grids, FID, checkpoints' model/ and ema_model/ and final/ gather whole tensors on the main process.
+
 Faults (README "Failures and recovery"): a step whose loss or gradient norm is non-finite on any
 process is skipped (no optimizer or EMA update) and counted; train.max_nonfinite_steps in a row stop
 the run with NonFiniteLossError. Checkpoints and final/ are never written with non-finite weights,
@@ -34,7 +37,7 @@ from typing import Iterator, Optional, Sequence, Tuple
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig
@@ -49,6 +52,7 @@ from .pipeline import UViCPipeline, make_scheduler, save_grid
 from .runs import (CONFIG, MANIFEST, TRAIN_STATE, CheckpointError, DiskFullError, RunDir, atomic_write, checkpoint_name,
                    disk_full_message, free_space, manifest_size, write_manifest)
 
+OPTIMIZER_SHARDS = "optimizer_shard_{}.safetensors"  # train.fsdp: one per process (its AdamW state shards)
 LR_SCHEDULE_NAMES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
 
@@ -57,6 +61,31 @@ class FixedDecayEMA(EMAModel):
 
     def get_decay(self, optimization_step: int) -> float:
         return self.decay
+
+
+def shard(model: UViT, processes: int, mixed_precision: str) -> UViT:
+    """FSDP2 in place (torch fully_shard): one unit per transformer Block, then the rest; each parameter becomes a
+    DTensor split along dim 0 over the processes. bf16: compute in bf16, gradients reduced and kept in float32."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from .model import Block
+
+    device = next(model.parameters()).device
+    mesh = init_device_mesh(device.type, (processes,))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if mixed_precision == "bf16" else None,
+                                  reduce_dtype=torch.float32)
+    for block in [m for m in model.modules() if isinstance(m, Block)]:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def shard_of(full: torch.Tensor, like) -> torch.Tensor:
+    """This process's shard (a local tensor) of the whole tensor `full`, split as the DTensor `like` is."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None).to_local()
 
 
 class EpochSampler(DistributedSampler):
@@ -124,6 +153,13 @@ class Trainer:
             cpu=cpu,
         )
         self.is_main = accelerator.is_main_process
+        self.fsdp = bool(t.fsdp)  # parameters, gradients, AdamW and EMA states are DTensor shards (uvic.trainer.shard)
+        if accelerator.distributed_type == DistributedType.FSDP:
+            raise ValueError("uvic shards the model itself (train.fsdp=true): launch with a multi-GPU accelerate config "
+                             "(configs/accelerate/fsdp_h.yaml), not accelerate's distributed_type: FSDP")
+        if self.fsdp and (t.compile or t.mixed_precision == "fp16"):
+            raise ValueError("train.fsdp=true supports train.mixed_precision no or bf16, without train.compile; "
+                             f"got mixed_precision={t.mixed_precision}, compile={t.compile}")
         if t.cpu_threads and accelerator.device.type == "cpu":
             torch.set_num_threads(t.cpu_threads)
         self.per_process_batch, self.batches_per_epoch = self._batch_split(accelerator.num_processes)
@@ -165,6 +201,10 @@ class Trainer:
         self.raw_model = UViT(**model_kwargs(cfg))
         if cfg.model.gradient_checkpointing:
             self.raw_model.enable_gradient_checkpointing()
+        if self.fsdp:  # whole weights are gathered into this copy (grids, FID, saving), on the main process only
+            self.raw_model.to(self.accelerator.device)
+            self.ema_model = copy.deepcopy(self.raw_model).eval().requires_grad_(False) if self.is_main else None
+            shard(self.raw_model, self.accelerator.num_processes, t.mixed_precision)
         optimizer = torch.optim.AdamW(
             self.raw_model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, eps=t.adam_eps
         )
@@ -172,10 +212,16 @@ class Trainer:
             LR_SCHEDULE_NAMES[t.lr_schedule], optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.steps
         )
         train_model = torch.compile(self.raw_model) if t.compile else self.raw_model
-        self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(train_model, optimizer, lr_scheduler)
+        if self.fsdp:  # accelerate sees the LR schedule only: the optimizer's state is saved as shards here
+            self.model, self.optimizer = self.raw_model, optimizer
+            self.lr_scheduler = self.accelerator.prepare(lr_scheduler)
+        else:
+            self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(train_model, optimizer, lr_scheduler)
+        # under FSDP raw_model's parameters are now DTensor shards, and so are the EMA's shadow copies of them
         self.ema = (EMAModel if t.ema_warmup else FixedDecayEMA)(self.raw_model.parameters(), decay=t.ema_decay, update_after_step=t.ema_update_after_step,
                             model_cls=UViT, model_config=self.raw_model.config)
-        self.ema_model = copy.deepcopy(self.raw_model).eval().requires_grad_(False)  # EMA weights go here
+        if not self.fsdp:
+            self.ema_model = copy.deepcopy(self.raw_model).eval().requires_grad_(False)  # EMA weights go here
 
     def _build_loader(self) -> Tuple[EpochSampler, DataLoader]:
         """Data order = f(seed, epoch): never touches the global RNG."""
@@ -287,6 +333,8 @@ class Trainer:
     def weights_finite(self) -> bool:
         """Whether the model and EMA weights are all finite, on every process."""
         params = [p.detach() for p in self.raw_model.parameters()] + list(self.ema.shadow_params)
+        if self.fsdp:  # each process checks its own shards
+            params = [p.to_local() for p in params]
         bad = torch.stack([(~torch.isfinite(p)).any() for p in params]).any().float()
         return self.accelerator.reduce(bad, reduction="sum").item() == 0
 
@@ -355,8 +403,11 @@ class Trainer:
                     nonfinite_losses += ~finite
                     if accelerator.sync_gradients:
                         grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+                        if self.fsdp:  # a replicated DTensor
+                            grad_norm = grad_norm.full_tensor()
                         stepped = self.optimizer_step(nonfinite_losses, grad_norm)
-                    self.optimizer.zero_grad(set_to_none=True)
+                    if accelerator.sync_gradients or not self.fsdp:  # (accelerate's optimizer wrapper does this)
+                        self.optimizer.zero_grad(set_to_none=True)
                 loss_sum += torch.where(finite, loss, 0.0)
                 loss_count += finite
             self.lr_scheduler.step()  # the LR follows the step counter, skipped steps included
@@ -400,13 +451,31 @@ class Trainer:
         return final
 
     # ------------------------------------------------------------------ EMA artifacts
+    def gather_ema(self) -> None:
+        """FSDP: gather the EMA shards into the main process's full ema_model, one parameter at a time (every
+        process must call it; no process holds more than one whole parameter beside its shards). Else nothing."""
+        if self.fsdp:
+            self.gather_into_ema_model(self.ema.shadow_params)
+
+    def gather_into_ema_model(self, shards) -> None:
+        """FSDP: copy the whole tensors of `shards` (DTensors, raw_model's parameter order) into the main
+        process's ema_model (a collective: every process calls it)."""
+        targets = list(self.ema_model.parameters()) if self.is_main else [None] * len(shards)
+        with torch.no_grad():
+            for shard, target in zip(shards, targets):
+                full = shard.full_tensor()  # all-gather of one parameter
+                if target is not None:
+                    target.copy_(full)
+                del full
+
     def ema_pipeline(self, scheduler_name: Optional[str] = None, decode: bool = True) -> UViCPipeline:
         """UViCPipeline of the current EMA weights; the training scheduler or a named sampler.
 
         decode: for latent data, attach the VAE the latents came from (loaded once), so grids,
         FID and final/ see images.
         """
-        self.ema.copy_to(self.ema_model.parameters())
+        if not self.fsdp:  # under FSDP every process called gather_ema() first
+            self.ema.copy_to(self.ema_model.parameters())
         scheduler = self.noise_scheduler if scheduler_name is None else make_scheduler(scheduler_name, self.noise_scheduler.config)
         pipe = UViCPipeline(transformer=self.ema_model, scheduler=scheduler)
         if decode and self.cfg.data.name == "latents":
@@ -445,6 +514,7 @@ class Trainer:
         return len(rows) * 8, rows.repeat_interleave(8)
 
     def save_sample_grid(self) -> Optional[Path]:
+        self.gather_ema()
         if self.is_main:
             t = self.cfg.train
             num, labels = self.grid_labels()
@@ -466,6 +536,7 @@ class Trainer:
 
     def evaluate_fid(self) -> None:
         e = self.cfg.eval
+        self.gather_ema()
         if self.is_main:
             from .metrics import pipeline_fid  # another part of uvic; needed only here
 
@@ -505,9 +576,17 @@ class Trainer:
             shutil.rmtree(tmp)
         self.accelerator.wait_for_everyone()
         self.state.ema_optimization_step = self.ema.optimization_step
-        self.accelerator.save_state(str(tmp))
+        self.accelerator.save_state(str(tmp))  # FSDP: the LR schedule and RNG states only
+        if self.fsdp:
+            self.save_optimizer_shard(tmp)
+            # whole tensors, gathered into the main process's ema_model: first the weights, then the EMA
+            self.gather_into_ema_model(list(self.raw_model.parameters()))
+            if self.is_main:
+                self.ema_model.save_pretrained(tmp / "model")
+            self.gather_ema()
         if self.is_main:
-            self.raw_model.save_pretrained(tmp / "model")
+            if not self.fsdp:
+                self.raw_model.save_pretrained(tmp / "model")
             self.ema_pipeline(decode=False).transformer.save_pretrained(tmp / "ema_model")
             self.noise_scheduler.save_pretrained(tmp / "scheduler")
             text = json.dumps(self.state.state_dict()).encode()
@@ -542,6 +621,13 @@ class Trainer:
                 self.state.load_state_dict(json.loads((folder / TRAIN_STATE).read_text()))
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise CheckpointError(f"checkpoint {folder}: cannot read {TRAIN_STATE} ({type(e).__name__}: {e})") from None
+        shards = len(list(folder.glob(OPTIMIZER_SHARDS.format("*"))))
+        if bool(shards) != self.fsdp or (shards and shards != accelerator.num_processes):
+            kind = f"an FSDP checkpoint of {shards} processes" if shards else "a DDP / single-process checkpoint"
+            raise CheckpointError(
+                f"checkpoint {folder} is {kind}; this run has {accelerator.num_processes} processes and "
+                f"train.fsdp={self.fsdp}: resume it with the processes and train.fsdp it was written with, or start a "
+                f"new run from its weights (its model/ and ema_model/ folders hold whole tensors)")
         rng = folder / f"random_states_{accelerator.process_index}.pkl"
         if rng.is_file():
             from accelerate.utils import load  # torch.load, weights_only=True with numpy's arrays allowed
@@ -567,6 +653,9 @@ class Trainer:
                 accelerator.load_state(str(folder))
         except Exception as e:
             raise CheckpointError(f"cannot load checkpoint {folder}: {type(e).__name__}: {str(e)[:300]}") from None
+        if self.fsdp:
+            self.load_weights(folder / "model", list(self.raw_model.parameters()), "model")
+            self.load_optimizer_shard(folder)
         if legacy:
             self.ema.load_state_dict(ema_state)
             self.ema.to(accelerator.device)
@@ -592,6 +681,12 @@ class Trainer:
 
     def load_ema(self, folder: Path) -> None:
         """The EMA (shadow) weights from a checkpoint's ema_model/ safetensors, matched by parameter name."""
+        self.load_weights(folder, self.ema.shadow_params, "EMA")
+        self.ema.to(self.accelerator.device)
+
+    def load_weights(self, folder: Path, targets, what: str) -> None:
+        """Whole tensors from a pipeline folder's safetensors into `targets` (raw_model's parameter order; under
+        FSDP DTensors, of which each process keeps its shard), matched by parameter name."""
         from safetensors.torch import load_file
 
         tensors = {}
@@ -599,14 +694,54 @@ class Trainer:
             for path in sorted(folder.glob("*.safetensors")):
                 tensors.update(load_file(str(path)))
         except Exception as e:
-            raise CheckpointError(f"cannot read the EMA weights in {folder}: {type(e).__name__}: {e}") from None
-        for (name, param), shadow in zip(self.raw_model.named_parameters(), self.ema.shadow_params):
+            raise CheckpointError(f"cannot read the {what} weights in {folder}: {type(e).__name__}: {e}") from None
+        for (name, param), target in zip(self.raw_model.named_parameters(), targets):
             if name not in tensors or tensors[name].shape != param.shape:
-                raise CheckpointError(f"{folder} has no EMA weight {name} of shape {tuple(param.shape)}: "
+                raise CheckpointError(f"{folder} has no {what} weight {name} of shape {tuple(param.shape)}: "
                                       f"not a checkpoint of this model")
             with torch.no_grad():
-                shadow.copy_(tensors[name])
-        self.ema.to(self.accelerator.device)
+                if self.fsdp:
+                    target.to_local().copy_(shard_of(tensors[name], target))
+                else:
+                    target.copy_(tensors[name])
+
+    def save_optimizer_shard(self, folder: Path) -> None:
+        """FSDP: this process's AdamW state (its shards of exp_avg, exp_avg_sq, and step) as safetensors."""
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for name, param in self.raw_model.named_parameters():
+            for key, value in self.optimizer.state.get(param, {}).items():
+                value = value.to_local() if hasattr(value, "to_local") else value
+                tensors[f"{name}.{key}"] = value.detach().cpu().contiguous()
+        rank = self.accelerator.process_index
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(folder / OPTIMIZER_SHARDS.format(rank)))
+
+    def load_optimizer_shard(self, folder: Path) -> None:
+        """FSDP: the AdamW state this process saved (save_optimizer_shard), wrapped back into DTensors."""
+        from safetensors.torch import load_file
+        from torch.distributed.tensor import DTensor
+
+        path = folder / OPTIMIZER_SHARDS.format(self.accelerator.process_index)
+        try:
+            tensors = load_file(str(path))
+        except Exception as e:
+            raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+        state = self.optimizer.state_dict()
+        for i, (name, param) in enumerate(self.raw_model.named_parameters()):
+            entry = {}
+            for key in ("step", "exp_avg", "exp_avg_sq"):
+                if f"{name}.{key}" not in tensors:
+                    continue
+                value = tensors[f"{name}.{key}"]
+                if key != "step":
+                    value = DTensor.from_local(value.to(param.device), param.device_mesh, param.placements,
+                                               shape=param.shape, stride=param.stride())
+                entry[key] = value
+            if entry:
+                state["state"][i] = entry
+        self.optimizer.load_state_dict(state)
 
     def apply_optimisation_config(self) -> None:
         """This config's lr, betas, weight decay, eps and EMA decay over the restored ones: a changed value on
@@ -625,6 +760,7 @@ class Trainer:
         """final/: UViCPipeline(EMA model, training scheduler), safetensors."""
         final = self.run.final
         self.check_weights_finite("final/")
+        self.gather_ema()
         if self.is_main:
             tmp = final.with_name(".final.tmp")
             if tmp.exists():
