@@ -82,6 +82,16 @@ def test_image_size_not_divisible_by_patch_size_fails():
         load_config(None, ["model.sample_size=30", "model.patch_size=4"])
 
 
+def test_softmax_blocks_takes_a_preset_name_or_indices_and_rejects_typos():
+    cfg = load_config(CONFIGS / "digits_uvic.yaml", ["model.softmax_blocks=second-half"])
+    assert cfg.model.softmax_blocks == "second-half"
+    assert list(load_config(None, ["model.depth=4", "model.softmax_blocks=[1,3]"]).model.softmax_blocks) == [1, 3]
+    with pytest.raises(ValueError, match=r"model\.softmax_blocks 'second_half' is not a preset"):
+        load_config(None, ["model.softmax_blocks=second_half"])
+    with pytest.raises(ValueError, match=r"model\.softmax_blocks \[7\] out of range"):
+        load_config(None, ["model.depth=4", "model.softmax_blocks=[7]"])
+
+
 def test_shipped_configs_load_and_twins_differ_only_in_attention_type():
     names = {p.stem for p in CONFIGS.glob("*.yaml")}
     assert {"digits_uvic", "digits_uvit", "digits_cond_uvic", "cifar10_uvit_s2", "cifar10_uvic_s2"} <= names

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from uvic.model import PRESETS, UViT, load_reference_checkpoint, preset_config
+from uvic.model import PRESETS, SOFTMAX_BLOCK_PRESETS, UViT, load_reference_checkpoint, preset_config, softmax_block_indices
 
 TINY = dict(sample_size=8, in_channels=3, patch_size=2, embed_dim=32, depth=4, num_heads=4)
 
@@ -122,6 +122,26 @@ def test_softmax_blocks_layout():
     assert UViT(**TINY, attention_type="cog", softmax_blocks=[]).attention_layout() == ["cog"] * 5
     with pytest.raises(ValueError, match="0..4"):
         UViT(**TINY, attention_type="cog", softmax_blocks=[5])
+
+
+def test_softmax_block_presets_map_to_block_indices():
+    # depth 6: in-blocks 0 1 2, mid 3, out-blocks 4 5 6
+    expected = {
+        "none": [],
+        "first+last": [0, 6],
+        "first-half": [0, 1, 2],
+        "second-half": [4, 5, 6],
+        "all-but-mid": [0, 1, 2, 4, 5, 6],
+    }
+    assert sorted(SOFTMAX_BLOCK_PRESETS) == sorted(expected)
+    for name, blocks in expected.items():
+        assert softmax_block_indices(name, 6) == blocks, name
+    assert softmax_block_indices(None, 6) == [0, 6]  # the default is the official layout
+    model = UViT(**TINY, attention_type="cog", softmax_blocks="all-but-mid")  # depth 4: mid is block 2
+    assert model.attention_layout() == ["softmax", "softmax", "cog", "softmax", "softmax"]
+    assert model.config.softmax_blocks == "all-but-mid"  # the name is what the saved config keeps
+    with pytest.raises(ValueError, match="not a preset.*first-half"):
+        softmax_block_indices("first_half", 6)
 
 
 def test_bad_architecture_fails_with_a_message():

@@ -149,6 +149,8 @@ def test_group_by_seed_groups_configs_that_differ_only_in_train_seed():
     assert groups[0].fid_by_seed == {0: 0.0, 1: 2.0, 2: 5.0} and groups[1].interval.low is None
     (cog, soft, cmp), = report.paired_comparisons(groups)  # c and t differ only in attention; c_lr has no partner
     assert (cog.name, soft.name, cmp.seeds, cmp.differences) == ("c", "t_s0", (0,), (0.0 - 1.0,))
+    assert report._group_name(["digits_uvic__model.patch_size=2__seed=0", "digits_uvic__model.patch_size=2__seed=1"]) \
+        == "digits_uvic__model.patch_size=2"  # uvic.sweep's folder names
     # the same checkpoint of two runs with equal config and seed is one run twice
     with pytest.raises(ValueError, match="same train.seed"):
         report.group_by_seed(rows[:1] * 2, configs[:1] * 2, [None, None])

@@ -1,7 +1,10 @@
 """Trainer: the run folder, exact resume, half-written checkpoints, and each bad input failing before training."""
 
+import itertools
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -81,6 +84,23 @@ def test_resume_matches_uninterrupted_run(tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
     trained = weights(tmp_path / "a" / "checkpoints" / "step_0000003" / "model")
     assert not torch.equal(trained["pos_embed"], a["pos_embed"])  # the resumed steps did change the weights
+
+
+def test_train_seed_sets_every_random_source(tmp_path):
+    # flips, label dropout, noise, timesteps, init and data order all draw from the seeded sources
+    overrides = ["train.steps=3", "data.random_flip=true", "data.conditional=true", "diffusion.p_uncond=0.3"]
+    draws = {}
+    for name, seed, outside in [("a", 5, 1), ("b", 5, 2), ("c", 6, 1)]:
+        random.seed(outside), np.random.seed(outside), torch.manual_seed(outside)  # what ran before differs
+        trainer = Trainer(tiny(*overrides, f"train.seed={seed}"), tmp_path / name)
+        draws[name] = (random.random(), float(np.random.rand()), float(torch.rand(())),
+                       [int(i) for i in itertools.islice(iter(trainer.sampler), 8)])
+        trainer.train()
+    assert draws["a"] == draws["b"]  # python random, numpy, torch and the data order: set by train.seed alone
+    assert all(x != y for x, y in zip(draws["a"], draws["c"]))
+    a, b, c = (weights(tmp_path / n / "final" / "transformer") for n in "abc")  # EMA weights
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # same seed: identical weights
+    assert not torch.equal(a["pos_embed"], c["pos_embed"])  # another seed: other weights
 
 
 def test_rerunning_the_same_config_continues_instead_of_starting_over(tmp_path):

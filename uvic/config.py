@@ -48,7 +48,7 @@ class ModelConfig:
     use_final_conv: Optional[bool] = None
     long_skip: Optional[bool] = None
     attention_type: Optional[str] = None  # "softmax" (U-ViT) or "cog" (U-ViC)
-    softmax_blocks: Optional[List[int]] = None  # None = official U-ViC layout [0, depth]
+    softmax_blocks: Any = None  # block indices or a preset name (uvic.model.SOFTMAX_BLOCK_PRESETS); None = [0, depth]
     context_dim: Optional[int] = None  # text-to-image: width of the text tokens (768 for CLIP ViT-L/14), 0 = none
     num_context_tokens: Optional[int] = None  # text-to-image: number of text tokens (77)
     gradient_checkpointing: bool = False
@@ -95,7 +95,7 @@ class DataConfig:
 class TrainConfig:
     """Optimisation, logging and checkpoints. Defaults: the U-ViT paper's CIFAR-10 recipe."""
 
-    seed: int = 0
+    seed: int = 0  # every random source of a run: python, numpy, torch (accelerate set_seed), data order
     steps: int = 500_000  # optimizer steps
     batch_size: int = 128  # GLOBAL batch: processes x grad_accum x per-process batch
     grad_accum: int = 1
@@ -240,6 +240,14 @@ def validate_config(cfg: DictConfig) -> None:
         raise ValueError(
             f"model.sample_size={m.sample_size} is not divisible by model.patch_size={m.patch_size}"
         )
+    from .model import softmax_block_indices
+
+    blocks = m.softmax_blocks
+    try:  # a preset name or indices; a typo fails here, also where attention_type="softmax" ignores it
+        softmax_block_indices(list(blocks) if isinstance(blocks, ListConfig) else blocks, m.depth)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"model.{err}" if isinstance(err, ValueError) else
+                         f"model.softmax_blocks={blocks!r}: expected a preset name or a list of block indices") from None
     at_least_one = [
         ("train.steps", t.steps),
         ("train.batch_size", t.batch_size),

@@ -5,7 +5,8 @@ Everything is a token: [label token, time token, patch tokens], or for text-to-i
 joined by long skip connections. The parameter names and the forward pass are those of the
 reference implementation (github.com/baofff/U-ViT, libs/uvit.py), so its checkpoints load with
 `strict=True`. With attention_type="cog" the model is a U-ViC: Cog attention in every block but
-`softmax_blocks` (default: the first in-block and the last out-block, the official layout).
+`softmax_blocks` (default: the first in-block and the last out-block, the official layout; named
+placements for the ablation in SOFTMAX_BLOCK_PRESETS).
 
 Blocks are numbered 0..depth in forward order: in-blocks 0..depth//2-1, the mid-block depth//2,
 out-blocks depth//2+1..depth.
@@ -94,9 +95,37 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+# Named placements of the softmax blocks in a U-ViC (model.softmax_blocks), for the layer-placement
+# ablation. Blocks are numbered 0..depth: in-blocks 0..depth//2-1, mid depth//2, out depth//2+1..depth.
+SOFTMAX_BLOCK_PRESETS = {
+    "none": lambda depth: [],  # Cog attention everywhere
+    "first+last": lambda depth: [0, depth],  # official U-ViC (CogAttn U-ViC/libs/uvit_t2i.py)
+    "first-half": lambda depth: list(range(depth // 2)),  # every in-block
+    "second-half": lambda depth: list(range(depth // 2 + 1, depth + 1)),  # every out-block
+    "all-but-mid": lambda depth: [i for i in range(depth + 1) if i != depth // 2],  # Cog only in the mid-block
+}
+
+
 def default_softmax_blocks(depth: int) -> List[int]:
     """The official U-ViC layout: softmax in the first in-block and the last out-block."""
-    return [0, depth]
+    return SOFTMAX_BLOCK_PRESETS["first+last"](depth)
+
+
+def softmax_block_indices(softmax_blocks: Union[None, str, Sequence[int]], depth: int) -> List[int]:
+    """Block indices (0..depth) that keep softmax in a U-ViC: None = the official "first+last", a preset
+    name from SOFTMAX_BLOCK_PRESETS, or explicit indices (checked against the depth)."""
+    if softmax_blocks is None:
+        return default_softmax_blocks(depth)
+    if isinstance(softmax_blocks, str):
+        if softmax_blocks not in SOFTMAX_BLOCK_PRESETS:
+            raise ValueError(f"softmax_blocks {softmax_blocks!r} is not a preset: use one of "
+                             f"{list(SOFTMAX_BLOCK_PRESETS)} or a list of block indices 0..{depth}")
+        return SOFTMAX_BLOCK_PRESETS[softmax_blocks](depth)
+    keep = [int(i) for i in softmax_blocks]
+    bad = [i for i in keep if not 0 <= i <= depth]
+    if bad:
+        raise ValueError(f"softmax_blocks {bad} out of range: blocks are numbered 0..{depth}")
+    return sorted(set(keep))
 
 
 class UViT(ModelMixin, ConfigMixin):
@@ -105,8 +134,10 @@ class UViT(ModelMixin, ConfigMixin):
     num_classes: size of the label-embedding table, as in the reference code (0 or less =
         unconditional). Class-conditional uvic models reserve the last index for "no class",
         so a 10-class data set gives num_classes=11 and the null label is 10.
-    softmax_blocks: block indices (0..depth) that keep softmax when attention_type="cog";
-        None = the official U-ViC layout [0, depth]. Ignored for attention_type="softmax".
+    softmax_blocks: block indices (0..depth) that keep softmax when attention_type="cog", or a preset
+        name from SOFTMAX_BLOCK_PRESETS ("none", "first+last", "first-half", "second-half",
+        "all-but-mid"); None = "first+last", the official U-ViC layout [0, depth]. Ignored for
+        attention_type="softmax".
     """
 
     _supports_gradient_checkpointing = True
@@ -127,7 +158,7 @@ class UViT(ModelMixin, ConfigMixin):
         use_final_conv: bool = True,
         long_skip: bool = True,
         attention_type: str = "softmax",
-        softmax_blocks: Optional[Sequence[int]] = None,
+        softmax_blocks: Union[None, str, Sequence[int]] = None,
         context_dim: int = 0,
         num_context_tokens: int = 77,
     ):
@@ -179,10 +210,7 @@ class UViT(ModelMixin, ConfigMixin):
     def _layout(depth, attention_type, softmax_blocks) -> List[str]:
         if attention_type == "softmax":
             return ["softmax"] * (depth + 1)
-        keep = default_softmax_blocks(depth) if softmax_blocks is None else list(softmax_blocks)
-        bad = [i for i in keep if not 0 <= int(i) <= depth]
-        if bad:
-            raise ValueError(f"softmax_blocks {bad} out of range: blocks are numbered 0..{depth}")
+        keep = softmax_block_indices(softmax_blocks, depth)
         return ["softmax" if i in keep else attention_type for i in range(depth + 1)]
 
     @staticmethod

@@ -187,9 +187,9 @@ def _config_key(config: dict, checkpoint, drop: Sequence[str]) -> str:
 
 
 def _group_name(names: List[str]) -> str:
-    """The members' common name prefix, less a trailing "_seed" / "_s" ("digits_uvic_s0", "digits_uvic_s1" ->
-    "digits_uvic")."""
-    prefix = re.sub(r"[_\-.]*(seed|s)?$", "", os.path.commonprefix(names))
+    """The members' common name prefix, less a trailing "_seed" / "_s" / "__seed=" ("digits_uvic_s0",
+    "digits_uvic_s1" -> "digits_uvic"; sweep folders "digits_uvic__seed=0", ... -> "digits_uvic")."""
+    prefix = re.sub(r"[_\-.]*((seed|s)=?)?$", "", os.path.commonprefix(names))
     return prefix if len(names) > 1 and prefix else names[0]
 
 

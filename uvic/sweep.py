@@ -1,12 +1,18 @@
-"""Sweeps: expand configs x seeds x --set values into runs of `python train.py`, one folder each.
+"""Sweeps: expand configs x --set values x seeds into runs of `python train.py`, one folder each.
 
-    python -m uvic.sweep configs/digits_uvic.yaml configs/digits_uvit.yaml --seeds 0 1 2 \
-        [--set model.patch_size=2,4 ...] --out runs/sweep [--parallel N] [--threads T] [--dry-run]
+    python -m uvic.sweep configs/digits_uvit.yaml configs/digits_uvic.yaml --seeds 0 1 2 \
+        [--set model.patch_size=2,4 ...] --out runs/sweep [--parallel N] [--threads T] [--gpus 0,1] [--dry-run]
+    python -m uvic.sweep --spec configs/sweeps/ablation_softmax_blocks.yaml --out runs/ablation
 
 Each run's folder is named by its settings (`<config stem>__<key>=<value>...__seed=<s>`), stable and
-filesystem-safe. A run whose final/ exists is skipped; an existing unfinished one is continued with
-`--resume latest`. A manifest (sweep.json in --out) lists every run and its settings. Failed runs are
-listed at the end with their log path and the sweep exits non-zero; the others still run.
+filesystem-safe. Runs are ordered seed-major (seed 0 of every setting, then seed 1, ...), so a sweep stopped
+early still holds complete, paired groups. A run whose final/ exists is skipped; an existing unfinished one
+is continued with `--resume latest` (from its latest complete checkpoint, or from scratch if it has none).
+A manifest (sweep.json in --out) lists every run and its settings. Failed runs are listed at the end with
+their log path and the sweep exits non-zero; the others still run.
+
+A spec file (--spec, YAML) holds an experiment's grid: `configs` (list), `seeds` (list) and `set`
+(mapping key -> list of values); configs, --seeds and --set given on the command line replace / extend it.
 """
 import argparse
 import itertools
@@ -16,28 +22,44 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from .cli import add_debug_option, command as cli_command
+
+POLL_SECONDS = 2.0  # how often a running sweep checks its runs
 
 
 def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=+-]", "-", text)
 
 
+def split_values(values: str) -> List[str]:
+    """"2,4" -> ["2", "4"]; commas inside brackets stay ("[0,6],[]" -> ["[0,6]", "[]"])."""
+    parts, depth, current = [], 0, ""
+    for ch in values:
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    return parts + [current]
+
+
 def expand_grid(configs: Sequence[str], seeds: Sequence[int], sets: Sequence[str]) -> List[Dict]:
-    """Runs (dicts: name, config, overrides) for every config x --set combination x seed."""
+    """Runs (dicts: name, config, settings) for every seed x config x --set combination, seed-major."""
     axes = []
     for item in sets:
         key, sep, values = item.partition("=")
         if not sep or not key or not values:
             raise ValueError(f"--set expects key=v1,v2 (got {item!r})")
-        axes.append([(key, v) for v in values.split(",")])
+        axes.append([(key, v) for v in split_values(values)])
     runs = []
-    for config in configs:
-        for combo in itertools.product(*axes):
-            for seed in seeds:
+    for seed in seeds:
+        for config in configs:
+            for combo in itertools.product(*axes):
                 settings = dict(combo)
                 settings["train.seed"] = str(seed)
                 name = "__".join([_safe(Path(config).stem)] + [_safe(f"{k}={v}") for k, v in combo] + [f"seed={seed}"])
@@ -48,12 +70,31 @@ def expand_grid(configs: Sequence[str], seeds: Sequence[int], sets: Sequence[str
     return runs
 
 
-def command(run: Dict, out: Path) -> List[str]:
-    cmd = [sys.executable, "train.py", "--config", run["config"]]
-    cmd += [f"{k}={v}" for k, v in run["settings"].items()]
-    cmd += ["--output-dir", str(out / run["name"])]
+def load_spec(path: str) -> Dict:
+    """A sweep spec file -> {"configs": [...], "seeds": [...], "sets": ["key=v1,v2", ...]}."""
+    from omegaconf import OmegaConf
+
+    spec = OmegaConf.to_container(OmegaConf.load(path))
+    unknown = set(spec) - {"configs", "seeds", "set"}
+    if unknown:
+        raise ValueError(f"sweep spec {path}: unknown keys {sorted(unknown)} (valid: configs, seeds, set)")
+    sets = []
+    for key, values in (spec.get("set") or {}).items():
+        values = values if isinstance(values, list) else [values]
+        sets.append(f"{key}=" + ",".join(str(v) for v in values))
+    return {"configs": list(spec.get("configs") or []), "seeds": [int(s) for s in spec.get("seeds") or [0]],
+            "sets": sets}
+
+
+def command(run: Dict, out: Path, threads: Optional[int] = None) -> List[str]:
+    """train.py's command line for `run`; the key=value overrides come last, all together (argparse
+    does not take positionals interleaved with options)."""
+    cmd = [sys.executable, "train.py", "--config", run["config"], "--output-dir", str(out / run["name"])]
     if (out / run["name"]).exists():
         cmd += ["--resume", "latest"]
+    cmd += [f"{k}={v}" for k, v in run["settings"].items()]
+    if threads is not None:
+        cmd.append(f"train.cpu_threads={threads}")
     return cmd
 
 
@@ -62,44 +103,101 @@ def is_finished(run_dir: Path) -> bool:
     return final.is_dir() and any(final.iterdir())
 
 
+def check_runs(runs: Sequence[Dict]) -> None:
+    """Load every run's config (file + overrides) so a typo in --set fails before any run starts."""
+    from .config import load_config
+
+    for r in runs:
+        overrides = [f"{k}={v}" for k, v in r["settings"].items()]
+        try:
+            load_config(r["config"], overrides)
+        except (ValueError, FileNotFoundError) as err:
+            raise ValueError(f"run {r['name']}: {err}") from None
+
+
+def write_manifest(out: Path, runs: Sequence[Dict]) -> None:
+    """sweep.json: the runs of this and of earlier sweeps into the same --out (by name)."""
+    path = out / "sweep.json"
+    known = {r["name"]: r for r in json.loads(path.read_text())["runs"]} if path.is_file() else {}
+    known.update({r["name"]: r for r in runs})
+    path.write_text(json.dumps({"runs": list(known.values())}, indent=2))
+
+
+def run_all(todo: Sequence[Dict], out: Path, parallel: int, threads: Optional[int],
+            gpus: Sequence[str]) -> List[tuple]:
+    """Run `todo`, `parallel` at a time; slot i uses GPU gpus[i % len(gpus)]. Returns [(name, log)] of failures."""
+    failed, active, free = [], {}, list(range(parallel))  # active: slot -> (run, log, process)
+
+    def reap():
+        for slot, (r, log, proc) in list(active.items()):
+            if proc.poll() is not None:
+                del active[slot]
+                free.append(slot)
+                if proc.returncode != 0:
+                    failed.append((r["name"], log))
+
+    for r in todo:
+        while not free:
+            time.sleep(POLL_SECONDS)
+            reap()
+        slot = free.pop(0)
+        env = dict(os.environ)
+        if threads is not None:
+            env["OMP_NUM_THREADS"] = str(threads)
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
+        log = out / f"{r['name']}.log"
+        print(f"start {r['name']}" + (f" (GPU {env['CUDA_VISIBLE_DEVICES']})" if gpus else "") + f": log {log}",
+              flush=True)
+        with open(log, "a") as stream:
+            proc = subprocess.Popen(command(r, out, threads), stdout=stream, stderr=subprocess.STDOUT, env=env)
+        active[slot] = (r, log, proc)
+    while active:
+        time.sleep(POLL_SECONDS)
+        reap()
+    return failed
+
+
+
 @cli_command("python -m uvic.sweep")
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("configs", nargs="+")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("configs", nargs="*", help="training configs (replace the spec's)")
+    p.add_argument("--spec", help="sweep spec YAML: configs, seeds, set")
+    p.add_argument("--seeds", nargs="+", type=int, help="train.seed values (default: the spec's, else 0)")
     p.add_argument("--set", dest="sets", action="append", default=[], help="key=v1,v2 (repeatable)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--parallel", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1, help="train.cpu_threads per run on the CPU")
-    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--out", required=True, help="sweep folder: one run folder, one log and sweep.json")
+    p.add_argument("--parallel", type=int, default=1, help="runs at a time")
+    p.add_argument("--threads", type=int, default=None, help="train.cpu_threads (and OMP_NUM_THREADS) per run")
+    p.add_argument("--gpus", default="", help="comma-separated GPU ids: run slot i gets CUDA_VISIBLE_DEVICES="
+                                              "the (i mod n)-th (e.g. --gpus 0,1,2,3 --parallel 4)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands of the unfinished runs, run nothing")
     add_debug_option(p)
     a = p.parse_args(argv)
-    for c in a.configs:
-        if not Path(c).is_file():
-            p.error(f"config not found: {c}")
+    try:
+        spec = load_spec(a.spec) if a.spec else {"configs": [], "seeds": [0], "sets": []}
+        configs = a.configs or spec["configs"]
+        if not configs:
+            raise ValueError("no configs: give config files or a --spec with configs")
+        for c in configs:
+            if not Path(c).is_file():
+                raise ValueError(f"config not found: {c}")
+        if a.parallel < 1 or (a.threads is not None and a.threads < 1):
+            raise ValueError("--parallel and --threads must be at least 1")
+        runs = expand_grid(configs, a.seeds or spec["seeds"], spec["sets"] + a.sets)
+        check_runs(runs)
+    except (ValueError, FileNotFoundError) as err:
+        p.error(str(err))
     out = Path(a.out)
-    runs = expand_grid(a.configs, a.seeds, a.sets)
     todo = [r for r in runs if not is_finished(out / r["name"])]
     if a.dry_run:
         for r in todo:
-            print(shlex.join(command(r, out) + [f"train.cpu_threads={a.threads}"]))
+            print(shlex.join(command(r, out, a.threads)))
         return 0
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps({"runs": runs}, indent=2))
-    failed, active = [], []
-    for i, r in enumerate(todo):
-        env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
-        if os.environ.get("UVIC_SWEEP_GPUS"):
-            gpus = os.environ["UVIC_SWEEP_GPUS"].split(",")
-            env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
-        (out / r["name"]).parent.mkdir(parents=True, exist_ok=True)
-        log = out / f"{r['name']}.log"
-        cmd = command(r, out) + [f"train.cpu_threads={a.threads}"]
-        active.append((r, log, subprocess.Popen(cmd, stdout=open(log, "a"), stderr=subprocess.STDOUT, env=env)))
-        while len(active) >= a.parallel or (i == len(todo) - 1 and active):
-            r0, log0, proc = active.pop(0)
-            if proc.wait() != 0:
-                failed.append((r0["name"], log0))
+    write_manifest(out, runs)
+    print(f"{len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run", flush=True)
+    failed = run_all(todo, out, a.parallel, a.threads, [g for g in a.gpus.split(",") if g.strip()])
     for name, log in failed:
         print(f"FAILED {name}: see {log}", file=sys.stderr)
     return 1 if failed else 0
