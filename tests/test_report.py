@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from uvic import evaluate, report
+from uvic import evaluate, report, stats
 from uvic.model import UViT
 from uvic.pipeline import UViCPipeline
 
@@ -156,6 +156,34 @@ def test_group_by_seed_groups_configs_that_differ_only_in_train_seed():
         report.group_by_seed(rows[:1] * 2, configs[:1] * 2, [None, None])
     # other checkpoints are other groups
     assert len(report.group_by_seed(rows[:1] * 2, configs[:1] * 2, ["2", "4"])) == 2
+
+
+def test_every_softmax_placement_pairs_with_the_u_vit_and_many_pairs_get_a_bonferroni_reading():
+    def cfg(attention, seed, blocks):
+        return {"model": {"attention_type": attention, "softmax_blocks": blocks}, "train": {"seed": seed}}
+
+    # the layer-placement ablation: U-ViC placements + the U-ViT of the same seeds (its softmax_blocks is moot)
+    fids = {("softmax", "first+last"): [1.0, 1.2, 1.1], ("cog", "none"): [3.0, 3.1, 3.2],
+            ("cog", "second-half"): [1.5, 1.0, 1.4]}
+    configs, rows = [], []
+    for (attention, blocks), values in fids.items():
+        for seed, fid in enumerate(values):
+            configs.append(cfg(attention, seed, blocks))
+            rows.append({"model": f"{attention}_{blocks}_s{seed}", "attention": attention, "fid": fid,
+                         "train_seed": seed})
+    groups = report.group_by_seed(rows, configs, [None] * len(rows))
+    assert [g.name for g in groups] == ["softmax_first+last", "cog_none", "cog_second-half"]
+    pairs = report.paired_comparisons(groups)
+    assert [(c.name, s.name) for c, s, _ in pairs] == [("cog_none", "softmax_first+last"),
+                                                          ("cog_second-half", "softmax_first+last")]
+    assert pairs[0][2].differences == pytest.approx((2.0, 1.9, 2.1))  # U-ViC − U-ViT, seed by seed
+    lines = "\n".join(report.multiple_comparison_lines(pairs))
+    assert "**2 comparisons.**" in lines and "97.5% each" in lines
+    wide = stats.paired_difference({0: 3.0, 1: 3.1, 2: 3.2}, {0: 1.0, 1: 1.2, 2: 1.1}, confidence=0.975)
+    assert wide.interval.high - wide.interval.low > pairs[0][2].interval.high - pairs[0][2].interval.low
+    assert f"[{wide.interval.low:.3f}, {wide.interval.high:.3f}]: U-ViT is better (lower) than U-ViC " \
+           "(the 97.5% interval excludes 0)" in lines
+    assert report.multiple_comparison_lines(pairs[:1]) == []  # one comparison: the 95% interval as it is
 
 
 @pytest.fixture(scope="module")

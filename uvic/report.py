@@ -147,6 +147,12 @@ def default_samples_dir(spec: RunSpec, scheduler: str, steps: int, guidance: flo
 
 
 # ---------------------------------------------------------------------- seeds: groups, intervals, pairs
+# Keys a U-ViC group and its U-ViT partner may differ in: the attention itself, and where the softmax blocks of
+# a U-ViC sit (a U-ViT has softmax in every block whatever model.softmax_blocks says), so every placement of the
+# layer-placement ablation is paired with the one U-ViT of the same seeds.
+PAIR_IGNORES = ("train.seed", "model.attention_type", "model.softmax_blocks")
+
+
 @dataclass
 class SeedGroup:
     """Runs whose configs differ only in train.seed (at the same checkpoint), and their FIDs by seed."""
@@ -154,7 +160,7 @@ class SeedGroup:
     name: str
     attention: Optional[str]
     rows: List[dict]
-    pair_key: str  # the config without train.seed and model.attention_type: U-ViC / U-ViT partners share it
+    pair_key: str  # the config less PAIR_IGNORES: U-ViC / U-ViT partners share it
 
     @property
     def fid_by_seed(self) -> Dict[Any, float]:
@@ -204,8 +210,7 @@ def group_by_seed(rows: List[dict], configs: List[Optional[dict]], checkpoints: 
     for key, members in groups.items():
         first = members[0]
         config = configs[first]
-        pair_key = f"run {first}" if config is None else _config_key(config, checkpoints[first],
-                                                                     ["train.seed", "model.attention_type"])
+        pair_key = f"run {first}" if config is None else _config_key(config, checkpoints[first], PAIR_IGNORES)
         seeds = [rows[i]["train_seed"] for i in members]
         if len(set(seeds)) != len(seeds):
             names = ", ".join(rows[i]["model"] for i in members)
@@ -217,7 +222,7 @@ def group_by_seed(rows: List[dict], configs: List[Optional[dict]], checkpoints: 
 
 def paired_comparisons(groups: List[SeedGroup]) -> List[tuple]:
     """(U-ViC group, U-ViT group, PairedComparison of FID U-ViC − U-ViT by train.seed) for every pair of
-    groups that differ only in model.attention_type and share a seed."""
+    groups that differ only in model.attention_type (and model.softmax_blocks) and share a seed."""
     pairs = []
     for cog in (g for g in groups if g.attention == "cog"):
         for soft in (g for g in groups if g.attention == "softmax" and g.pair_key == cog.pair_key):
@@ -341,7 +346,23 @@ def statistics_lines(groups: List[SeedGroup], settings: dict) -> List[str]:
                      f"{cmp.verdict('U-ViC', 'U-ViT')} |")
     lines += ["", "**Verdict:** " + "; ".join(f"{cog.name} vs {soft.name}: {cmp.verdict('U-ViC', 'U-ViT')}"
                                               for cog, soft, cmp in pairs) + ".", ""]
-    return lines
+    return lines + multiple_comparison_lines(pairs)
+
+
+def multiple_comparison_lines(pairs: List[tuple]) -> List[str]:
+    """With k > 1 paired comparisons, the chance that some 95% interval excludes 0 by luck grows with k: the
+    Bonferroni reading widens each interval to confidence 1 − 0.05/k and says which verdicts survive."""
+    k = len(pairs)
+    if k < 2:
+        return []
+    level = 1 - (1 - stats.CONFIDENCE) / k
+    lines = [f"**{k} comparisons.** Each interval above holds at {stats.CONFIDENCE:.0%} on its own; read together, "
+             f"Bonferroni-corrected ({level * 100:.4g}% each, so that all hold at {stats.CONFIDENCE:.0%} jointly):", ""]
+    for cog, soft, cmp in pairs:
+        wide = stats.paired_difference(cog.fid_by_seed, soft.fid_by_seed, confidence=level)
+        where = "–" if wide.interval.low is None else f"[{wide.interval.low:.3f}, {wide.interval.high:.3f}]"
+        lines.append(f"- {cog.name} − {soft.name}: {where}: {wide.verdict('U-ViC', 'U-ViT')}")
+    return lines + [""]
 
 
 def write_report(rows: List[dict], out_dir, *, settings: dict, command: str,

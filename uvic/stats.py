@@ -77,9 +77,9 @@ class PairedComparison:
         if iv.low is None:
             return f"one paired seed only (difference {iv.mean:+.3g}): no interval, no conclusion"
         if iv.contains(0.0):
-            return f"no significant difference between {name_a} and {name_b} (the {iv.confidence:.0%} interval contains 0)"
+            return f"no significant difference between {name_a} and {name_b} (the {iv.confidence * 100:.4g}% interval contains 0)"
         better, worse = (name_a, name_b) if iv.high < 0 else (name_b, name_a)
-        return f"{better} is better (lower) than {worse} (the {iv.confidence:.0%} interval excludes 0)"
+        return f"{better} is better (lower) than {worse} (the {iv.confidence * 100:.4g}% interval excludes 0)"
 
 def paired_difference(a: Dict[Hashable, float], b: Dict[Hashable, float],
                       confidence: float = CONFIDENCE) -> PairedComparison:
