@@ -186,6 +186,29 @@ def test_every_softmax_placement_pairs_with_the_u_vit_and_many_pairs_get_a_bonfe
     assert report.multiple_comparison_lines(pairs[:1]) == []  # one comparison: the 95% interval as it is
 
 
+def test_runs_saved_before_an_option_existed_group_and_pair_with_newer_runs(tmp_path):
+    """config.yaml is read over the schema's defaults, and null / first+last / [0, depth] are one placement."""
+    old = make_run(tmp_path, "old_uvic_s0", "cog", steps=(4,), seed=0)  # a minimal config, as older versions saved
+    new = make_run(tmp_path, "new_uvic_s1", "cog", steps=(4,), seed=1,
+                   train_extra="  fsdp: false\n  max_nonfinite_steps: 5\n")
+    text = new.joinpath("config.yaml").read_text().replace("model:\n", "model:\n  softmax_blocks: first+last\n")
+    new.joinpath("config.yaml").write_text(text)
+    soft = make_run(tmp_path, "uvit_s1", "softmax", steps=(4,), seed=1, train_extra="  fsdp: false\n")
+    specs = [report.parse_run_specs(str(r))[0] for r in (old, new, soft)]
+    configs = [report.run_config(s) for s in specs]
+    depth = configs[0]["model"]["depth"]
+    assert configs[0]["model"]["softmax_blocks"] == configs[1]["model"]["softmax_blocks"] == [0, depth]
+    rows = [{"model": r.name, "attention": c["model"]["attention_type"], "fid": 1.0 + i,
+             "train_seed": c["train"]["seed"]} for i, (r, c) in enumerate(zip((old, new, soft), configs))]
+    groups = report.group_by_seed(rows, configs, [None] * 3)
+    assert [[r["model"] for r in g.rows] for g in groups] == [["old_uvic_s0", "new_uvic_s1"], ["uvit_s1"]]
+    (cog, uvit, cmp), = report.paired_comparisons(groups)
+    assert cmp.seeds == (1,) and cmp.differences == (2.0 - 3.0,)
+    # a config this version refuses (a newer version's key) is taken as saved, not dropped
+    new.joinpath("config.yaml").write_text(text + "  from_the_future: 1\n")
+    assert report.run_config(report.parse_run_specs(str(new))[0])["train"]["from_the_future"] == 1
+
+
 @pytest.fixture(scope="module")
 def seeded_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("seeded")

@@ -23,7 +23,7 @@ import numpy as np
 
 from . import metrics, stats
 from .config import TrainConfig
-from .runs import RunDir
+from .runs import CONFIG, RunDir
 
 CSV_COLUMNS = (
     "date", "samples", "model", "attention", "params", "step", "sampler", "steps", "guidance", "seed",
@@ -173,11 +173,24 @@ class SeedGroup:
 
 
 def run_config(spec: RunSpec) -> Optional[dict]:
-    """The run's config.yaml as a dict (None for a pipeline folder outside a run)."""
+    """The run's config.yaml as a dict (None for a pipeline folder outside a run), over the schema's defaults and
+    with model.softmax_blocks as block indices: a run saved before an option existed groups with the runs saved
+    after it, and `first+last`, null and [0, depth] are one placement. A config the schema refuses (a newer
+    version's) is taken as saved."""
     from omegaconf import OmegaConf
 
-    config = spec.run.config() if spec.run is not None else None
-    return None if config is None else OmegaConf.to_container(config)
+    from .config import load_config
+    from .model import softmax_block_indices
+
+    if spec.run is None or not (spec.run.path / CONFIG).is_file():
+        return None
+    try:
+        config = OmegaConf.to_container(load_config(str(spec.run.path / CONFIG)), resolve=True)
+    except (ValueError, OSError):
+        return OmegaConf.to_container(spec.run.config())
+    model = config["model"]
+    model["softmax_blocks"] = softmax_block_indices(model.get("softmax_blocks"), model["depth"])
+    return config
 
 
 def _config_key(config: dict, checkpoint, drop: Sequence[str]) -> str:
