@@ -458,7 +458,8 @@ def plot_fid(rows: List[dict], path, ylabel: str = "FID", groups: Optional[List[
     by_run: dict = {}
     for r in rows:
         by_run.setdefault(r["model"].split("@")[0], []).append(r)
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    bars = len(groups) if groups else len(rows)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.7 * bars), 3.8), dpi=120)  # room for a label per bar
     colors = {"cog": "tab:red", "softmax": "tab:blue"}
     if any(len(v) > 1 for v in by_run.values()):
         for name, rs in by_run.items():
@@ -484,7 +485,9 @@ def plot_fid(rows: List[dict], path, ylabel: str = "FID", groups: Optional[List[
             ax.annotate(f"{iv.mean:.3g}" + (f"±{half:.2g}" if iv.low is not None else "") + f"\nn={iv.n}",
                         (i, group_top), ha="center", va="bottom", fontsize=8)
             top = max(top, group_top)
-        ax.set_xticks(range(len(groups)), [g.name for g in groups])
+        # sweep names ("digits_uvic__model.softmax_blocks=none") break at their "__" and "=" separators
+        ax.set_xticks(range(len(groups)), [g.name.replace("__", "\n").replace("=", "=\n") for g in groups],
+                      fontsize=7)
         ax.set_ylim(top=1.25 * top)  # room for the labels
         ax.set_xlabel(f"bars: mean ± {stats.CONFIDENCE:.0%} t-interval over seeds; dots: runs (gray: bootstrap)",
                       fontsize=8)
