@@ -72,7 +72,7 @@ def test_shipped_spec_files_expand_to_valid_runs():
     spec = load_spec(str(ROOT / "configs" / "sweeps" / "ablation_softmax_blocks.yaml"))
     runs = expand_grid(spec["configs"], spec["seeds"], spec["sets"])
     placements = ["none", "first+last", "first-half", "second-half", "all-but-mid"]
-    assert [r["settings"]["model.softmax_blocks"] for r in runs] == placements * 2
+    assert [r["settings"]["model.softmax_blocks"] for r in runs] == placements * 3
     assert runs[0]["name"] == "digits_uvic__model.softmax_blocks=none__seed=0"
     for r in runs[:5]:  # each placement is a valid config
         load_config(ROOT / r["config"], [f"{k}={v}" for k, v in r["settings"].items()])
