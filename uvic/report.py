@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from . import metrics, stats
-from .config import TrainConfig
+from .config import TrainConfig, load_config
 from .runs import CONFIG, RunDir
 
 CSV_COLUMNS = (
@@ -179,7 +179,6 @@ def run_config(spec: RunSpec) -> Optional[dict]:
     version's) is taken as saved."""
     from omegaconf import OmegaConf
 
-    from .config import load_config
     from .model import softmax_block_indices
 
     if spec.run is None or not (spec.run.path / CONFIG).is_file():
