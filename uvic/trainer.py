@@ -81,6 +81,16 @@ def shard(model: UViT, processes: int, mixed_precision: str) -> UViT:
     return model
 
 
+def plain_tensor(value) -> torch.Tensor:
+    """A value from accelerate / torch.distributed as one whole plain tensor, whichever form this version returns:
+    a replicated DTensor (clip_grad_norm_ under FSDP2 in accelerate <= 1.15), a plain tensor (1.16+, DDP, one
+    process) or a Python number; None (a norm not computed) as 0."""
+    if value is None:
+        return torch.zeros(())
+    full_tensor = getattr(value, "full_tensor", None)  # torch.distributed.tensor.DTensor
+    return full_tensor() if callable(full_tensor) else torch.as_tensor(value)
+
+
 def shard_of(full: torch.Tensor, like) -> torch.Tensor:
     """This process's shard (a local tensor) of the whole tensor `full`, split as the DTensor `like` is."""
     from torch.distributed.tensor import distribute_tensor
@@ -402,9 +412,7 @@ class Trainer:
                     finite = torch.isfinite(loss)
                     nonfinite_losses += ~finite
                     if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
-                        if self.fsdp:  # a replicated DTensor
-                            grad_norm = grad_norm.full_tensor()
+                        grad_norm = plain_tensor(accelerator.clip_grad_norm_(self.model.parameters(), max_norm))
                         stepped = self.optimizer_step(nonfinite_losses, grad_norm)
                     if accelerator.sync_gradients or not self.fsdp:  # (accelerate's optimizer wrapper does this)
                         self.optimizer.zero_grad(set_to_none=True)
