@@ -1,9 +1,13 @@
 """The paper's recipes: U-ViT's official samplers against independent restatements of baofff/U-ViT's
 code (sde.py, dpm_solver_pytorch.py, dpm_solver_pp.py) on a Gaussian toy whose exact ε is known, the
-continuous-time VP-SDE training and time map, and the reference configs of the published checkpoints."""
+continuous-time VP-SDE training and time map, and the reference configs of the published checkpoints.
+
+The restatements below are plain loops written from the papers' update rules and the official step/grid
+logic; they use nothing of uvic.diffusion, so a mistake there cannot be shared by them."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,7 +15,7 @@ from uvic.diffusion import make_scheduler, vp_sde_of
 from uvic.model import UViT, UViTOutput
 from uvic.pipeline import UViCPipeline
 
-SHAPE = (6, 2, 4, 4)  # (B, C, H, W) of the toy
+SHAPE = (6, 2, 4, 4)  # (B, C, H, W) of the small toy
 MU, STD = 0.1, 0.2  # the toy data: x_0 ~ N(MU, STD^2) per pixel
 N = 1000
 
@@ -22,12 +26,12 @@ def vp_log_alpha(t, beta_0=0.1, beta_1=20.0):  # log sqrt(ᾱ(t)) of the linear 
 
 
 SD_BETAS = torch.linspace(0.00085**0.5, 0.012**0.5, N, dtype=torch.float64) ** 2  # train_ldm_discrete.py
-SD_LOG_ALPHA = 0.5 * torch.cumsum(torch.log(1.0 - SD_BETAS), 0)  # log α at t_n = n/N, n = 1..N
-SD_T = torch.arange(1, N + 1, dtype=torch.float64) / N
+SD_LOG_ALPHA = (0.5 * torch.cumsum(torch.log(1.0 - SD_BETAS), 0)).numpy()  # (N,) log α at t_n = n/N, n = 1..N
+SD_T = np.arange(1, N + 1, dtype=np.float64) / N
 
 
-def sd_log_alpha(t):  # dpm_solver_pp's discrete schedule: log α piecewise linear in t over t_n = n/N
-    return torch.from_numpy(__import__("numpy").interp(t.numpy(), SD_T.numpy(), SD_LOG_ALPHA.numpy()))
+def sd_log_alpha(t: float) -> float:  # dpm_solver_pp's discrete schedule: log α piecewise linear in t over t_n
+    return float(np.interp(t, SD_T, SD_LOG_ALPHA))
 
 
 def exact_eps(x, log_alpha):
@@ -36,32 +40,42 @@ def exact_eps(x, log_alpha):
     return math.sqrt(1 - a2) * (x - math.sqrt(a2) * MU) / (a2 * STD**2 + 1 - a2)
 
 
-class GaussianToy(UViT):
-    """A UViT-shaped model whose output is the exact ε of the toy at the time it is given."""
+def exact_flow(x_T, log_alpha_T, log_alpha_t):
+    """The probability-flow ODE's exact solution for the toy: per pixel an affine map keeping the z-score."""
+    a_T, a_t = math.exp(log_alpha_T), math.exp(log_alpha_t)
+    z = (x_T - a_T * MU) / math.sqrt(a_T**2 * STD**2 + 1 - a_T**2)
+    return a_t * MU + math.sqrt(a_t**2 * STD**2 + 1 - a_t**2) * z
 
-    def __init__(self, time_to_log_alpha):
-        super().__init__(sample_size=SHAPE[2], in_channels=SHAPE[1], patch_size=2, embed_dim=8, depth=2, num_heads=1)
+
+class GaussianToy(UViT):
+    """A UViT-shaped model whose output is the exact ε of the toy at the time it is given.
+    `times` lists the model time input of every evaluation."""
+
+    def __init__(self, time_to_log_alpha, shape=SHAPE):
+        super().__init__(sample_size=shape[2], in_channels=shape[1], patch_size=2, embed_dim=8, depth=2, num_heads=1)
         self.time_to_log_alpha = time_to_log_alpha
+        self.times = []
 
     def forward(self, sample, timestep, class_labels=None, **kwargs):
-        time = torch.as_tensor(timestep, dtype=torch.float64).reshape(-1)[0]
+        time = float(torch.as_tensor(timestep, dtype=torch.float64).reshape(-1)[0])
+        self.times.append(time)
         return UViTOutput(sample=exact_eps(sample.double(), self.time_to_log_alpha(time)).to(sample.dtype))
 
 
-def continuous_toy():  # model input 999·t
-    return GaussianToy(lambda time: vp_log_alpha(time / 999.0))
+def continuous_toy(shape=SHAPE):  # model input 999·t
+    return GaussianToy(lambda time: vp_log_alpha(time / 999.0), shape)
 
 
-def discrete_toy():  # model input n (= N·t); official H models see n = 1..N
-    return GaussianToy(lambda time: sd_log_alpha(time.reshape(1) / N)[0])
+def discrete_toy(shape=SHAPE):  # model input n (= N·t); official H models see n = 1..N
+    return GaussianToy(lambda time: sd_log_alpha(time / N), shape)
 
 
 def run_pipeline(model, scheduler, steps, x_T, offset=0, generator=None):
     pipe = UViCPipeline(transformer=model, scheduler=scheduler, timestep_offset=offset)
     pipe.set_progress_bar_config(disable=True)
-    images = pipe(batch_size=SHAPE[0], num_inference_steps=steps, latents=x_T, generator=generator,
+    images = pipe(batch_size=x_T.shape[0], num_inference_steps=steps, latents=x_T, generator=generator,
                   output_type="pt").images
-    return images.double() * 2 - 1  # back to x_0 (the toy stays inside [-1, 1])
+    return images.double() * 2 - 1  # back to x_0 (clamped to [-1, 1], as the restatements' results are below)
 
 
 def continuous_base():
@@ -71,15 +85,33 @@ def continuous_base():
     return build_scheduler(load_config(None, ["diffusion.schedule=vp_continuous", "diffusion.clip_sample=false"]).diffusion)
 
 
+def discrete_base():  # train_ldm_discrete.py's schedule as a diffusers scheduler (the model adds offset 1)
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
+
+
 # ---------------------------------------------------------------------- restatements of the official samplers
-def official_euler_maruyama(x, steps, generator, eps=1e-3):
-    """sde.euler_maruyama(ReverseSDE(ScoreModel(noise_pred, VPSDE()))): model input 999·t."""
+def fast_orders(steps):
+    """DPM-Solver-fast's orders (both official files): K = steps // 3 + 1 steps, order 3 but at the end."""
+    k = steps // 3 + 1
+    if steps % 3 == 0:
+        return [3] * (k - 2) + [2, 1]
+    if steps % 3 == 1:
+        return [3] * (k - 1) + [1]
+    return [3] * (k - 1) + [2]
+
+
+def official_euler_maruyama(x, steps, generator, times, eps=1e-3):
+    """sde.euler_maruyama(ReverseSDE(ScoreModel(noise_pred, VPSDE()))): model input 999·t.
+    Appends each evaluation's model time to `times`."""
     beta = lambda t: 0.1 + t * (20.0 - 0.1)
-    grid = [0.0] + torch.linspace(eps, 1.0, steps, dtype=torch.float64).tolist()
+    grid = [0.0] + np.linspace(eps, 1.0, steps).tolist()
     x = x.double()
     for s, t in list(zip(grid, grid[1:]))[::-1]:
+        times.append(999.0 * t)
         cum_beta = -math.expm1(2 * vp_log_alpha(t))
-        score = -exact_eps(x, vp_log_alpha(999.0 * t / 999.0)) / math.sqrt(cum_beta)
+        score = -exact_eps(x, vp_log_alpha(t)) / math.sqrt(cum_beta)
         drift = -0.5 * beta(t) * x - beta(t) * score
         mean = x + drift * (s - t)
         noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).double()
@@ -87,12 +119,14 @@ def official_euler_maruyama(x, steps, generator, eps=1e-3):
     return x
 
 
-def _lam(log_alpha):
+def _lam(log_alpha):  # half log-SNR λ = log α − log σ
     return log_alpha - 0.5 * math.log(-math.expm1(2 * log_alpha))
 
 
-def official_dpm_solver_fast(x, steps, eps=1e-4):
-    """dpm_solver_pytorch.DPM_Solver(fast_version=True) with NoiseScheduleVP('linear'), time input 999·t."""
+def official_dpm_solver_fast(x, steps, times, eps=1e-4):
+    """dpm_solver_pytorch.DPM_Solver(fast_version=True) with NoiseScheduleVP('linear'), time input 999·t
+    (eval_ldm.py): K + 1 logSNR-uniform times, DPM-Solver-1/2/3 steps (Lu et al. 2022, noise prediction)
+    with their default r = 1/2 and r = 1/3, 2/3 of each step's h."""
     b0, b1 = 0.1, 20.0
     la = lambda t: vp_log_alpha(t, b0, b1)
     sig = lambda t: math.sqrt(-math.expm1(2 * la(t)))
@@ -101,10 +135,12 @@ def official_dpm_solver_fast(x, steps, eps=1e-4):
         tmp = 2.0 * (b1 - b0) * math.log1p(math.exp(-2.0 * lam))
         return tmp / (math.sqrt(b0**2 + tmp) + b0) / (b1 - b0)
 
-    model = lambda x, t: exact_eps(x, vp_log_alpha(999.0 * t / 999.0))
-    k = steps // 3 + 1
-    orders = [3] * (k - 2) + [2, 1] if steps % 3 == 0 else [3] * (k - 1) + ([1] if steps % 3 == 1 else [2])
-    lams = torch.linspace(_lam(la(1.0)), _lam(la(eps)), k + 1, dtype=torch.float64).tolist()
+    def model(x, t):
+        times.append(999.0 * t)
+        return exact_eps(x, la(t))
+
+    orders = fast_orders(steps)
+    lams = np.linspace(_lam(la(1.0)), _lam(la(eps)), len(orders) + 1).tolist()
     ts = [inv(v) for v in lams]
     x = x.double()
     for i, order in enumerate(orders):
@@ -135,82 +171,166 @@ def official_dpm_solver_fast(x, steps, eps=1e-4):
     return x
 
 
-def official_dpm_solver_pp(x, steps):
-    """dpm_solver_pp.DPM_Solver(predict_x0=True).sample(eps=1/N, T=1): single-step, order 3, time-uniform,
-    discrete SD schedule (log α interpolated), model input N·t, no final denoise (eval_ldm_discrete.py)."""
-    la = lambda t: float(sd_log_alpha(torch.tensor([t], dtype=torch.float64))[0])
+def official_dpm_solver_pp(x, steps, times):
+    """dpm_solver_pp.DPM_Solver(model_fn, NoiseScheduleVP('discrete', betas), predict_x0=True)
+    .sample(x, steps, eps=1/N, T=1) as eval_ldm_discrete.py calls it, i.e. with sample()'s defaults
+    order=3, skip_type='time_uniform', method='fast', no final denoise; model_fn feeds the network N·t.
+
+    Grid and steps (sample(method='fast')): the orders of DPM-Solver-fast, and one time-uniform grid of
+    steps + 1 points from 1 to 1/N. Step k of order p runs from grid[i] to grid[i + p] (i = orders before
+    it summed), and its intermediate points are the grid points in between: r_j = (λ(grid[i + j]) − λ(grid[i])) / h,
+    h = λ(grid[i + p]) − λ(grid[i]); the model is evaluated at s_j = t_λ(λ_s + r_j h) (= grid[i + j]).
+    Updates: DPM-Solver++ with data prediction x_θ = (x − σ ε̂) / α (Lu et al. 2022, "DPM-Solver++"):
+    order 1 is DDIM, order 2 is DPM-Solver++(2S) (their Algorithm 1) with this r_1, order 3 the third-order
+    single-step update of DPM-Solver (Lu et al. 2022a, Algorithm 2) written for x_θ (h → −h, α ↔ σ)."""
+    la = sd_log_alpha
     sig = lambda t: math.sqrt(-math.expm1(2 * la(t)))
-    lam_grid, t_grid = torch.tensor([_lam(v) for v in SD_LOG_ALPHA.tolist()]), SD_T
+    lam = lambda t: _lam(la(t))
 
-    def inv(lam):  # t of λ: log α = −½ log(1 + e^{−2λ}), interpolated back on the table
-        log_alpha = -0.5 * math.log1p(math.exp(-2.0 * lam))
-        import numpy as np
+    def inv(lam_value):  # t_λ: log α = −½ log(1 + e^{−2λ}), then t from the table, interpolated back
+        log_alpha = -0.5 * math.log1p(math.exp(-2.0 * lam_value))
+        return float(np.interp(log_alpha, SD_LOG_ALPHA[::-1], SD_T[::-1]))
 
-        return float(np.interp(log_alpha, SD_LOG_ALPHA.flip(0).numpy(), t_grid.flip(0).numpy()))
+    def data_pred(x, t):  # x_θ(x, t) from the noise model at input N·t
+        times.append(N * t)
+        return (x - sig(t) * exact_eps(x, la(t))) / math.exp(la(t))
 
-    def data_pred(x, t):  # x0 prediction from the noise model
-        e = exact_eps(x, sd_log_alpha(torch.tensor([N * t / N]))[0])
-        return (x - sig(t) * e) / math.exp(la(t))
+    phi_2 = lambda h: math.expm1(-h) / h + 1  # (e^{−h} − 1)/h + 1
 
-    k = steps // 3 + 1
-    orders = [3] * (k - 2) + [2, 1] if steps % 3 == 0 else [3] * (k - 1) + ([1] if steps % 3 == 1 else [2])
-    uniform = torch.linspace(1.0, 1.0 / N, steps + 1, dtype=torch.float64)
-    ts = uniform[torch.cumsum(torch.tensor([0] + orders), 0)].tolist()
-    x = x.double()
-    for i, order in enumerate(orders):
-        s, t = ts[i], ts[i + 1]
-        h = _lam(la(t)) - _lam(la(s))
+    grid = np.linspace(1.0, 1.0 / N, steps + 1).tolist()
+    x, i = x.double(), 0
+    for order in fast_orders(steps):
+        s, t = grid[i], grid[i + order]
+        h = lam(t) - lam(s)
+        r = [(lam(grid[i + j]) - lam(s)) / h for j in range(1, order)]  # the grid points inside the step
         m_s = data_pred(x, s)
-        a_t = math.exp(la(t))
         if order == 1:
-            x = sig(t) / sig(s) * x - a_t * math.expm1(-h) * m_s
-        elif order == 2:
-            r1 = 0.5
-            s1 = inv(_lam(la(s)) + r1 * h)
-            x_s1 = sig(s1) / sig(s) * x - math.exp(la(s1)) * math.expm1(-r1 * h) * m_s
-            m_s1 = data_pred(x_s1, s1)
-            x = sig(t) / sig(s) * x - a_t * math.expm1(-h) * m_s - (0.5 / r1) * a_t * math.expm1(-h) * (m_s1 - m_s)
+            x = sig(t) / sig(s) * x - math.exp(la(t)) * math.expm1(-h) * m_s
+        elif order == 2:  # DPM-Solver++(2S)
+            s1 = inv(lam(s) + r[0] * h)
+            u = sig(s1) / sig(s) * x - math.exp(la(s1)) * math.expm1(-r[0] * h) * m_s
+            d = (1 - 1 / (2 * r[0])) * m_s + 1 / (2 * r[0]) * data_pred(u, s1)
+            x = sig(t) / sig(s) * x - math.exp(la(t)) * math.expm1(-h) * d
         else:
-            r1, r2 = 1 / 3, 2 / 3
-            s1, s2 = inv(_lam(la(s)) + r1 * h), inv(_lam(la(s)) + r2 * h)
-            x_s1 = sig(s1) / sig(s) * x - math.exp(la(s1)) * math.expm1(-r1 * h) * m_s
-            m_s1 = data_pred(x_s1, s1)
-            phi_22 = math.expm1(-r2 * h) / (r2 * h) + 1
-            x_s2 = (sig(s2) / sig(s) * x - math.exp(la(s2)) * math.expm1(-r2 * h) * m_s
-                    + r2 / r1 * math.exp(la(s2)) * phi_22 * (m_s1 - m_s))
-            m_s2 = data_pred(x_s2, s2)
-            phi_2 = math.expm1(-h) / h + 1
-            x = sig(t) / sig(s) * x - a_t * math.expm1(-h) * m_s + (1 / r2) * a_t * phi_2 * (m_s2 - m_s)
+            r1, r2 = r
+            s1, s2 = inv(lam(s) + r1 * h), inv(lam(s) + r2 * h)
+            u1 = sig(s1) / sig(s) * x - math.exp(la(s1)) * math.expm1(-r1 * h) * m_s
+            m_s1 = data_pred(u1, s1)
+            u2 = (sig(s2) / sig(s) * x - math.exp(la(s2)) * math.expm1(-r2 * h) * m_s
+                  + r2 / r1 * math.exp(la(s2)) * phi_2(r2 * h) * (m_s1 - m_s))
+            m_s2 = data_pred(u2, s2)
+            x = (sig(t) / sig(s) * x - math.exp(la(t)) * math.expm1(-h) * m_s
+                 + 1 / r2 * math.exp(la(t)) * phi_2(h) * (m_s2 - m_s))
+        i += order
     return x
 
 
-# ---------------------------------------------------------------------- the samplers against the restatements
-def test_euler_maruyama_matches_the_official_reverse_sde_given_the_same_noise():
-    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
-    steps = 1000
-    ours = run_pipeline(continuous_toy(), make_scheduler("euler-maruyama", continuous_base().config), steps, x_T,
-                        generator=torch.Generator().manual_seed(7))
-    official = official_euler_maruyama(x_T, steps, torch.Generator().manual_seed(7))
-    assert (ours - official).abs().max() <= 1e-4
-    assert abs(official.std().item() - STD) < 0.1  # it does sample the toy
-
-
-def test_dpm_solver_fast_matches_the_official_dpm_solver():
-    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2))
-    for steps in (50, 49, 48):  # all three order patterns
-        ours = run_pipeline(continuous_toy(), make_scheduler("dpm-solver-fast", continuous_base().config), steps, x_T)
-        official = official_dpm_solver_fast(x_T, steps)
-        assert (ours - official).abs().max() <= 1e-4, steps
-
-
-def test_dpm_solver_pp_fast_matches_the_official_h_sampler():
-    from diffusers import DDPMScheduler
-
-    base = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
+# ---------------------------------------------------------------------- the restatements themselves
+def test_official_dpm_solver_pp_restatement_evaluates_on_the_time_uniform_grid_and_solves_the_flow():
     x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
-    ours = run_pipeline(discrete_toy(), make_scheduler("dpm-solver++-fast", base.config), 50, x_T, offset=1)
-    official = official_dpm_solver_pp(x_T, 50)
-    assert (ours - official).abs().max() <= 1e-4
+    times = []
+    x = official_dpm_solver_pp(x_T, 50, times)
+    # eval_ldm_discrete.py's 50 evaluations: n = 1000, 980.02, 960.04, ..., 40.96, 20.98 (grid step 19.98)
+    assert len(times) == 50
+    assert np.allclose(times[:4], [1000.0, 980.02, 960.04, 940.06], atol=1e-6)
+    assert np.allclose(times[-3:], [60.94, 40.96, 20.98], atol=1e-6)
+    assert np.allclose(times, 1000.0 - 19.98 * np.arange(50), atol=1e-6)
+    # a good 50-step solver of the toy's probability flow (the exact map is affine per pixel)
+    exact = exact_flow(x_T.double(), sd_log_alpha(1.0), sd_log_alpha(1.0 / N))
+    assert (x - exact).abs().max() < 5e-2
+
+
+def test_official_dpm_solver_fast_restatement_solves_the_flow():
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2))
+    times = []
+    x = official_dpm_solver_fast(x_T, 50, times)
+    assert len(times) == 50 and times[0] == pytest.approx(999.0) and np.all(np.diff(times) < 0)
+    assert (x - exact_flow(x_T.double(), vp_log_alpha(1.0), vp_log_alpha(1e-4))).abs().max() < 5e-2
+
+
+# ---------------------------------------------------------------------- each published recipe against its official sampler
+REFERENCE_DIR = __import__("pathlib").Path(__file__).resolve().parents[1] / "configs" / "reference"
+RECIPES = {  # reference config -> the official evaluation's sampler (restated above), steps, tolerance
+    "cifar10_uvit_s2": ("euler-maruyama", 1000, 5e-5),  # sde.euler_maruyama, 1,000 steps (train.py eval)
+    "imagenet256_uvit_l2": ("dpm-solver-fast", 50, 5e-5),  # eval_ldm.py
+    "imagenet512_uvit_l4": ("dpm-solver-fast", 50, 5e-5),
+    "imagenet256_uvit_h2": ("dpm-solver++-fast", 50, 1e-4),  # eval_ldm_discrete.py
+    "imagenet512_uvit_h4": ("dpm-solver++-fast", 50, 1e-4),
+    "mscoco_uvit_s2": ("dpm-solver++-fast", 50, 1e-4),  # eval_t2i_discrete.py
+}
+
+
+def recipe_run(name, batch=2, seed=0):
+    """(ours, official, our model times, official model times): the recipe's reference YAML through uvic's
+    route (reference_scheduler, make_scheduler, UViCPipeline with its offset) and the official sampler,
+    both from the same x_T (batch, C, H, W) of the published model's latent shape and the same noise."""
+    from omegaconf import OmegaConf
+
+    from uvic.diffusion import reference_scheduler
+
+    cfg = OmegaConf.to_container(OmegaConf.load(REFERENCE_DIR / f"{name}.yaml"))
+    sampler, steps, _ = RECIPES[name]
+    shape = (batch, cfg["nnet"]["in_chans"], cfg["nnet"]["img_size"], cfg["nnet"]["img_size"])
+    assert cfg["sample"]["scheduler"] == sampler and cfg["sample"]["steps"] == steps
+    base, offset = reference_scheduler(cfg["schedule"])
+    continuous = cfg["schedule"]["kind"] == "vp_continuous"
+    model = continuous_toy(shape) if continuous else discrete_toy(shape)
+    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    ours = run_pipeline(model, make_scheduler(sampler, base.config), steps, x_T, offset=offset,
+                        generator=torch.Generator().manual_seed(seed + 1))
+    times = []
+    if sampler == "euler-maruyama":
+        official = official_euler_maruyama(x_T, steps, torch.Generator().manual_seed(seed + 1), times)
+    elif sampler == "dpm-solver-fast":
+        official = official_dpm_solver_fast(x_T, steps, times)
+    else:
+        official = official_dpm_solver_pp(x_T, steps, times)
+    return ours, official.clamp(-1, 1), np.array(model.times), np.array(times)
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_each_published_recipe_samples_like_its_official_evaluation_script(name):
+    ours, official, our_times, official_times = recipe_run(name)
+    assert our_times.shape == official_times.shape, (our_times.shape, official_times.shape)
+    time_error, sample_error = np.abs(our_times - official_times).max(), (ours - official).abs().max().item()
+    ends = [0, 1, 2, -2, -1]
+    print(f"{name}: max |Δ model time| {time_error:.2g}, max |Δ sample| {sample_error:.2g}; model times "
+          f"ours {np.round(our_times[ends], 2)}, official {np.round(official_times[ends], 2)}")
+    assert time_error <= 1e-3, f"model times differ by up to {time_error:.3g}"
+    assert sample_error <= RECIPES[name][2], f"final samples differ by up to {sample_error:.3g}"
+
+
+@pytest.mark.parametrize("steps", [49, 48])  # the other two order patterns: 3,…,3,1 and 3,…,3,2,1
+def test_dpm_solvers_match_the_official_for_every_order_pattern(steps):
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(4))
+    for name, toy, base, offset, official_fn, tolerance in (
+        ("dpm-solver-fast", continuous_toy(), continuous_base(), 0, official_dpm_solver_fast, 5e-5),
+        ("dpm-solver++-fast", discrete_toy(), discrete_base(), 1, official_dpm_solver_pp, 1e-4),
+    ):
+        ours = run_pipeline(toy, make_scheduler(name, base.config), steps, x_T, offset=offset)
+        times = []
+        official = official_fn(x_T, steps, times)
+        time_error, sample_error = np.abs(np.array(toy.times) - times).max(), (ours - official).abs().max().item()
+        print(f"{name}, {steps} steps: max |Δ model time| {time_error:.2g}, max |Δ sample| {sample_error:.2g}")
+        assert len(toy.times) == steps and time_error <= 1e-3, f"{name}: model times differ by up to {time_error:.3g}"
+        assert sample_error <= tolerance, f"{name}: final samples differ by up to {sample_error:.3g}"
+
+
+def test_euler_maruyama_matches_the_official_in_distribution():
+    """CIFAR-10's 1,000-step Euler–Maruyama, ours and the official with independent noise: mean and std of
+    24,576 draws agree within a few standard errors, and both sample the toy."""
+    shape = (1536, 1, 4, 4)  # 24,576 draws
+    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    ours = run_pipeline(continuous_toy(shape), make_scheduler("euler-maruyama", continuous_base().config), 1000, x_T,
+                        generator=torch.Generator().manual_seed(6))
+    official = official_euler_maruyama(torch.randn(shape, generator=torch.Generator().manual_seed(7)), 1000,
+                                       torch.Generator().manual_seed(8), []).clamp(-1, 1)
+    n = ours.numel()
+    standard_error = STD / math.sqrt(n)  # of a mean; a std's is about STD / sqrt(2n)
+    assert abs(ours.mean() - official.mean()) <= 5 * math.sqrt(2) * standard_error
+    assert abs(ours.std() - official.std()) <= 5 * standard_error
+    for x in (ours, official):
+        assert abs(x.mean() - MU) <= 5 * standard_error + 2e-3 and abs(x.std() - STD) <= 5 * standard_error + 2e-3
 
 
 # ---------------------------------------------------------------------- sampler construction
@@ -304,7 +424,6 @@ REFERENCE = {  # file -> (published parameters in millions, exact count where th
     "imagenet512_uvit_l4": (287, None),
     "imagenet512_uvit_h4": (501, None),
 }
-REFERENCE_DIR = __import__("pathlib").Path(__file__).resolve().parents[1] / "configs" / "reference"
 
 
 @pytest.mark.parametrize("name", sorted(REFERENCE))
