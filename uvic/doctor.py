@@ -1,6 +1,6 @@
 """What this machine offers uvic, for a first run on a new GPU and for bug reports.
 
-    python -m uvic.doctor                    # versions, GPUs, SDPA flash, Cog backend per shipped config
+    python -m uvic.doctor                    # versions (installed beside requirements/lock.txt), GPUs, SDPA flash, Cog backend per shipped config
     python -m uvic.doctor --configs configs/imagenet256_uvic_h2.yaml
 
 For every config it prints the attention shape (tokens L, heads, head dim), the dtype training
@@ -15,8 +15,10 @@ import glob
 import importlib
 import os
 import platform
+import re
 import shutil
 import subprocess
+from importlib import metadata
 
 import torch
 
@@ -25,7 +27,11 @@ from .attention import resolve_cog_backend
 from .cli import add_debug_option, command
 from .config import load_config, resolve_model
 
-CONFIG_GLOB = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "*.yaml")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_GLOB = os.path.join(REPO, "configs", "*.yaml")
+LOCK = os.path.join(REPO, "requirements", "lock.txt")  # the exact set the suite passed with (README "Install")
+STACK = ("torch", "torchvision", "triton", "diffusers", "accelerate", "transformers", "timm", "einops",
+         "torch-fidelity", "safetensors", "huggingface-hub", "numpy", "scipy")
 MIXED_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -63,6 +69,44 @@ def versions() -> list:
         f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!s} UVIC_COG_BACKEND="
         f"{os.environ.get('UVIC_COG_BACKEND', '')!s} allow_tf32={torch.backends.cuda.matmul.allow_tf32}",
     ]
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def locked_versions(path: str = LOCK) -> dict:
+    """{package: version} of a pip-compile lock (its `name==version` lines)."""
+    pins = {}
+    with open(path) as f:
+        for line in f:
+            match = re.match(r"^([A-Za-z0-9_.\-]+)==([^\s;#]+)", line)
+            if match:
+                pins[_canonical(match.group(1))] = match.group(2)
+    return pins
+
+
+def lock_report(path: str = LOCK) -> list:
+    """The stack's installed versions beside the locked ones, then every locked package that differs.
+    A local build tag (2.14.1+cpu) is the machine's choice of build, not a difference."""
+    if not os.path.isfile(path):
+        return [f"lock: {path} not found (uvic installed as a library: ranges of setup.cfg only)"]
+    locked = locked_versions(path)
+    installed = {_canonical(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    differ = sorted(name for name, version in locked.items()
+                    if name in installed and installed[name].split("+")[0] != version)
+    missing = sorted(name for name in locked if name not in installed and not name.startswith(("nvidia-", "cuda-")))
+    lines = ["| package | installed | locked |", "|---|---|---|"]
+    for name in STACK:
+        mark = " (differs)" if name in differ else ""
+        lines.append(f"| {name} | {installed.get(name, 'not installed')}{mark} | {locked.get(name, '-')} |")
+    if differ or missing:
+        lines.append(f"differ from {os.path.relpath(path, REPO)}: " + ", ".join(
+            [f"{n} {installed[n]} (locked {locked[n]})" for n in differ] + [f"{n} not installed" for n in missing]))
+        lines.append("to install the locked set: pip install -c requirements/lock.txt -e \".[dev]\"")
+    else:
+        lines.append(f"every installed package of {os.path.relpath(path, REPO)} is at its locked version")
+    return lines
 
 
 def gpus() -> list:
@@ -112,7 +156,7 @@ def main(argv=None):
     add_debug_option(parser)
     args = parser.parse_args(argv)
     paths = args.configs or sorted(glob.glob(CONFIG_GLOB))
-    print("\n".join(versions() + gpus()))
+    print("\n".join(versions() + lock_report() + gpus()))
     print("\n".join(config_rows(paths, torch.device(args.device))))
 
 
