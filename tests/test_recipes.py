@@ -504,3 +504,29 @@ def test_fixed_decay_ema_is_the_paper_decay_from_the_first_step_and_bad_sampler_
         load_config(None, ["eval.fid_scheduler=euler-maruyama"])
     with pytest.raises(ValueError, match="vp_continuous.*prediction_type='v_prediction'"):
         load_config(None, ["diffusion.schedule=vp_continuous", "diffusion.prediction_type=v_prediction"])
+
+
+def test_the_reference_latent_scale_is_used_whichever_route_supplies_the_vae(tmp_path):
+    """MS-COCO S/2 was trained on latents scaled by 0.23010; its VAE folder (SD v1's) says 0.18215. Both routes, the
+    YAML's mapping and `--vae DIR`, decode with the model's 0.23010."""
+    import yaml
+    from diffusers import AutoencoderKL
+
+    from uvic.model import config_from_reference
+    from uvic.sampling import load_pipeline
+
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=4, sample_size=8, scaling_factor=0.18215)
+    vae.save_pretrained(tmp_path / "vae")
+    nnet = dict(img_size=4, patch_size=2, in_chans=4, embed_dim=16, depth=2, num_heads=2, num_classes=-1)
+    torch.save(UViT(**config_from_reference(nnet)).state_dict(), tmp_path / "latent.pth")
+    ref = {"nnet": nnet, "schedule": {"kind": "discrete", "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+                        "timestep_offset": 1},
+           "vae": {"source": str(tmp_path / "vae"), "scale_factor": 0.23010},
+           "sample": {"scheduler": "dpm-solver++-fast", "steps": 3, "guidance": 1.0}}
+    (tmp_path / "ref.yaml").write_text(yaml.safe_dump(ref))
+    by_yaml = load_pipeline(tmp_path / "latent.pth", reference_config=tmp_path / "ref.yaml")
+    by_flag = load_pipeline(tmp_path / "latent.pth", reference_config=tmp_path / "ref.yaml", vae=str(tmp_path / "vae"))
+    assert AutoencoderKL.from_pretrained(tmp_path / "vae").config.scaling_factor == 0.18215
+    assert by_yaml.vae.config.scaling_factor == by_flag.vae.config.scaling_factor == 0.23010

@@ -175,15 +175,18 @@ def load_reference_pipeline(path, reference_config, vae=None) -> UViCPipeline:
         raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt: "
                          f"{str(err).split('. ')[0][:200]}); download it again") from None
     pipe = UViCPipeline(transformer=model, scheduler=scheduler, timestep_offset=offset)
-    vae = vae if vae is not None else (cfg.get("vae") if sectioned else None)
+    reference_vae = cfg.get("vae") if sectioned else None
+    vae = vae if vae is not None else reference_vae
     if vae is not None:
         from .latents import attach_vae
 
-        scale_factor = None
+        # the latent scale the model was trained with travels with its reference config, whichever route
+        # supplies the VAE weights (a --vae folder's own scaling_factor is SD's 0.18215, not MS-COCO's 0.23010)
+        scale_factor = reference_vae.get("scale_factor") if isinstance(reference_vae, dict) else None
         if isinstance(vae, dict):
             from diffusers import AutoencoderKL
 
-            scale_factor = vae.get("scale_factor")
+            scale_factor = vae.get("scale_factor", scale_factor)
             if vae.get("subfolder"):
                 vae = AutoencoderKL.from_pretrained(vae["source"], subfolder=vae["subfolder"]).eval()
             else:
