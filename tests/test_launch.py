@@ -63,8 +63,8 @@ def runs(tmp_path_factory):
     (out / "fsdp_cpu.yaml").write_text(yaml.safe_dump(accelerate_config))
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(out / "fsdp_cpu.yaml"),
                   "--main_process_port", str(free_port()), "train.py"]
-    launch(torchrun("train.py", *train_args(out / "ddp")))
-    launch(accelerate + train_args(out / "fsdp", "train.fsdp=true"))
+    said = {"ddp": launch(torchrun("train.py", *train_args(out / "ddp"))).stdout,
+            "fsdp": launch(accelerate + train_args(out / "fsdp", "train.fsdp=true")).stdout}
     for name, extra in (("ddp_killed", ()), ("fsdp_killed", ("train.fsdp=true",))):
         killed = launch(torchrun(REPO / "tests" / "launch_killed.py", *train_args(out / name, *extra)),
                         env={"UVIC_KILL_AT_STEP": "2"}, ok=False)
@@ -73,14 +73,14 @@ def runs(tmp_path_factory):
         launch(torchrun("train.py", *train_args(out / name, *extra)))  # the same command continues
     refused = launch(torchrun("train.py", *train_args(out / "ddp", "train.steps=6", "train.fsdp=true"),
                               "--resume", "latest"), ok=False)
-    return out, refused
+    return out, refused, said
 
 
 @pytest.mark.parametrize("run", ["ddp", "fsdp"])
 def test_a_launched_run_finishes_and_its_final_loads_and_samples(runs, run):
     from uvic.pipeline import UViCPipeline
 
-    out, _ = runs
+    out, _, _ = runs
     pipe = UViCPipeline.from_pretrained(out / run / "final")
     images = pipe(batch_size=4, num_inference_steps=3, class_labels=torch.arange(4),
                   generator=torch.Generator().manual_seed(0), output_type="pt").images
@@ -92,7 +92,7 @@ def test_a_launched_run_finishes_and_its_final_loads_and_samples(runs, run):
 
 @pytest.mark.parametrize("run", ["ddp", "fsdp"])
 def test_a_killed_launch_continues_with_the_same_command_to_the_uninterrupted_weights(runs, run):
-    out, _ = runs
+    out, _, _ = runs
     for sub in ("model", "ema_model"):
         a = weights(out / run / "checkpoints" / "step_0000004" / sub)
         b = weights(out / f"{run}_killed" / "checkpoints" / "step_0000004" / sub)
@@ -100,7 +100,7 @@ def test_a_killed_launch_continues_with_the_same_command_to_the_uninterrupted_we
 
 
 def test_fsdp_launched_by_accelerate_ends_within_1e4_of_ddp_by_torchrun(runs):
-    out, _ = runs
+    out, _, _ = runs
     assert (out / "fsdp" / "checkpoints" / "step_0000004" / "optimizer_shard_1.safetensors").is_file()  # 2 ranks
     for sub in ("model", "ema_model"):
         d, f = (weights(out / run / "checkpoints" / "step_0000004" / sub) for run in ("ddp", "fsdp"))
@@ -112,7 +112,14 @@ def test_fsdp_launched_by_accelerate_ends_within_1e4_of_ddp_by_torchrun(runs):
 
 
 def test_a_ddp_run_resumed_under_fsdp_is_refused_in_one_line(runs):
-    _, refused = runs
+    _, refused, _ = runs
     assert refused.returncode != 0, refused.stderr[-2000:]  # each rank exits 2; torchrun reports 1
     errors = [line for line in refused.stderr.splitlines() if line.startswith("train.py: error:")]
     assert len(errors) == 2 and all("DDP / single-process checkpoint" in e for e in errors), refused.stderr[:3000]
+
+
+@pytest.mark.parametrize("run, line", [("ddp", "parallelism: DDP over 2 processes (MULTI_CPU"),
+                                       ("fsdp", "parallelism: FSDP2 (train.fsdp=true) over 2 processes (MULTI_CPU")])
+def test_a_launched_run_says_whether_it_shards(runs, run, line):
+    _, _, said = runs
+    assert line in said[run], said[run][-2000:]

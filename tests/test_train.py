@@ -240,3 +240,12 @@ def test_latent_data_trains_and_grids_and_final_decode_through_the_vae(tmp_path)
     assert pipe(batch_size=2, num_inference_steps=2, output_type="pt").images.shape == (2, 3, 16, 16)
     grid = Image.open(tmp_path / "run" / "samples" / "step_0000002.png")
     assert grid.mode == "RGB" and grid.size[1] == 2 * 65 + 1  # 2 class rows of decoded 16x16 images, drawn 4x
+
+
+def test_fsdp_on_one_process_trains_unsharded_and_says_so(tmp_path, capsys):
+    # the H configs set train.fsdp: true; on one GPU (or this CPU) there is nothing to shard
+    Trainer(tiny("train.fsdp=true", "train.checkpoint_every=4"), tmp_path / "run").train()
+    said = capsys.readouterr().out
+    assert "parallelism: none over 1 process" in said and "train.fsdp=true ignored: one process" in said, said
+    step = tmp_path / "run" / "checkpoints" / "step_0000004"
+    assert step.is_dir() and not list(step.glob("optimizer_shard_*"))

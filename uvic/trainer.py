@@ -163,13 +163,20 @@ class Trainer:
             cpu=cpu,
         )
         self.is_main = accelerator.is_main_process
-        self.fsdp = bool(t.fsdp)  # parameters, gradients, AdamW and EMA states are DTensor shards (uvic.trainer.shard)
+        # parameters, gradients, AdamW and EMA states are DTensor shards (uvic.trainer.shard); one process has
+        # nothing to shard (the H configs set train.fsdp: true and still train on one GPU)
+        self.fsdp = bool(t.fsdp) and accelerator.num_processes > 1
         if accelerator.distributed_type == DistributedType.FSDP:
             raise ValueError("uvic shards the model itself (train.fsdp=true): launch with a multi-GPU accelerate config "
                              "(configs/accelerate/fsdp_h.yaml), not accelerate's distributed_type: FSDP")
         if self.fsdp and (t.compile or t.mixed_precision == "fp16"):
             raise ValueError("train.fsdp=true supports train.mixed_precision no or bf16, without train.compile; "
                              f"got mixed_precision={t.mixed_precision}, compile={t.compile}")
+        n = accelerator.num_processes
+        accelerator.print(f"parallelism: {'FSDP2 (train.fsdp=true)' if self.fsdp else 'DDP' if n > 1 else 'none'} over "
+                          f"{n} process{'es' if n > 1 else ''} ({accelerator.distributed_type.value}, "
+                          f"{accelerator.device.type})" + ("; train.fsdp=true ignored: one process has nothing to "
+                                                            "shard" if t.fsdp and n == 1 else ""))
         if t.cpu_threads and accelerator.device.type == "cpu":
             torch.set_num_threads(t.cpu_threads)
         self.per_process_batch, self.batches_per_epoch = self._batch_split(accelerator.num_processes)
