@@ -49,12 +49,6 @@ class FIDStatistics:
     weights: Optional[str] = None  # sha256 prefix of the extractor weights
     num_samples: Optional[int] = None
 
-    @classmethod
-    def from_features(cls, features, **tags) -> "FIDStatistics":
-        """(N, D) features -> statistics (np.cov: unbiased, as TTUR, pytorch-fid and torch-fidelity)."""
-        f = np.asarray(features, dtype=np.float64)
-        return cls(f.mean(axis=0), np.cov(f, rowvar=False), num_samples=len(f), **tags)
-
     @property
     def tagged(self) -> bool:
         return self.extractor is not None

@@ -246,9 +246,6 @@ class UViT(ModelMixin, ConfigMixin):
         for blk in self.blocks:
             blk.attn.set_backend(backend)
 
-    def no_weight_decay(self):
-        return {"pos_embed"}
-
     # ------------------------------------------------------------------ forward
     def forward(
         self,

@@ -8,7 +8,7 @@ classifier-free guidance is the empty prompt's features (U-ViT's `empty_context`
 from __future__ import annotations
 
 import os
-from typing import List, Sequence, Tuple
+from typing import List, Sequence
 
 import torch
 
@@ -53,12 +53,6 @@ def encode_prompts(prompts: Sequence[str], tokenizer, text_encoder, max_length: 
 def empty_context(tokenizer, text_encoder, max_length: int = MAX_LENGTH) -> torch.Tensor:
     """The empty prompt's features (max_length, hidden): the unconditional context for guidance."""
     return encode_prompts([""], tokenizer, text_encoder, max_length)[0]
-
-
-def text_encoder_from(name_or_path: str, device="cpu", dtype=torch.float32) -> Tuple[object, object, torch.Tensor]:
-    """(tokenizer, text_encoder, empty_context) in one call."""
-    tokenizer, encoder = load_text_encoder(name_or_path, device, dtype)
-    return tokenizer, encoder, empty_context(tokenizer, encoder)
 
 
 def read_prompts(path) -> List[str]:
