@@ -14,12 +14,14 @@ from uvic.analysis import (
     ImageSource,
     analyse,
     attention_statistics,
+    load_model,
     main,
-    resolve_model,
     resolve_query_tokens,
     token_similarity,
 )
+from uvic.diffusion import VPSDE, vp_proxy_scheduler
 from uvic.model import UViT
+from uvic.pipeline import UViCPipeline
 
 TINY = dict(sample_size=8, in_channels=3, patch_size=2, embed_dim=32, depth=4, num_heads=4)
 
@@ -131,18 +133,16 @@ def test_query_tokens_resolve_to_token_indices_and_reject_bad_specs():
         resolve_query_tokens(["label"], (4, 4), extras=1)
 
 
-def _save_pipeline_folder(path, transformer="transformer", **config):
-    UViT(**TINY, **config).save_pretrained(path / transformer)
-    DDPMScheduler(num_train_timesteps=100).save_pretrained(path / "scheduler")
+def _save_pipeline_folder(path, **config):
+    UViCPipeline(transformer=UViT(**TINY, **config), scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(path)
 
 
 def test_command_compares_two_models_and_writes_every_file(tmp_path):
     torch.manual_seed(0)
-    _save_pipeline_folder(tmp_path / "uvit", transformer="model", num_classes=3)  # the old pipeline layout
-    assert resolve_model(tmp_path / "uvit").model_dir == tmp_path / "uvit" / "model"
+    _save_pipeline_folder(tmp_path / "uvit", num_classes=3)
     run = tmp_path / "runs" / "uvic"
     _save_pipeline_folder(run / "final", num_classes=3, attention_type="cog")
-    assert resolve_model(run).model_dir == run / "final" / "transformer"
+    assert load_model(run).model.config.attention_type == "cog"  # a folder holding final/ loads its final/
     images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
     np.savez(tmp_path / "images.npz", arr_0=images, labels=np.array([0, 1, 2, 1]))
     out = tmp_path / "out"
@@ -173,3 +173,25 @@ def test_command_rejects_a_bad_timestep_before_running(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
     with pytest.raises(FileNotFoundError, match="does not exist"):  # --debug: the exception itself
         main(["attention", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--debug"])
+
+
+def test_a_continuous_time_model_is_analysed_at_the_noise_level_of_the_time_it_is_given(tmp_path):
+    # U-ViT's CIFAR-10 model is a VP-SDE in continuous time t, fed 999·t. Independent of uvic's code: for x0 = 0
+    # the input's variance is 1 - ᾱ(t) with ᾱ(t) = exp(-(β_min t + (β_max - β_min) t² / 2)) (Song et al. 2021,
+    # eq. 33), and the time the model receives must name that same t. At diffusion index 5 the two readings
+    # of "time" (5 vs 999·6/1000) differ in variance by ~28%.
+    sde = VPSDE(0.1, 20.0)
+    UViCPipeline(transformer=UViT(**TINY), scheduler=vp_proxy_scheduler(sde, clip_sample=False)).save_pretrained(
+        tmp_path / "cifar")
+    loaded = load_model(tmp_path / "cifar")
+    seen = []
+    loaded.model.register_forward_pre_hook(lambda module, args: seen.append((args[0].clone(), args[1].clone())))
+    zeros = ImageSource("64 zero images", 64, lambda i: (torch.zeros(3, 8, 8), -1))
+    for t in (5, 900):
+        seen.clear()
+        analyse(loaded.model, loaded.scheduler, "m", [t], images=zeros, num_images=64, batch_size=64,
+                query_tokens=[], timestep_offset=loaded.timestep_offset)
+        (x_t, time), = seen
+        s = float(time[0]) / 999.0  # the continuous time the model was told
+        expected = 1.0 - math.exp(-(0.1 * s + 0.5 * (20.0 - 0.1) * s * s))
+        assert float(x_t.var()) == pytest.approx(expected, rel=0.03), (t, float(time[0]))

@@ -28,10 +28,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from diffusers import DDPMScheduler
+
 from .attention import cog_reference, softmax_reference
 from .cli import add_debug_option, command
+from .diffusion import make_scheduler, model_time
 from .model import UViT
 from .runs import RunDir
+from .sampling import load_pipeline
 
 REFERENCES = {"softmax": softmax_reference, "cog": cog_reference}
 
@@ -199,53 +203,28 @@ class ModelAnalysis:
 
 # ---------------------------------------------------------------------------------- inputs
 @dataclass
-class ModelSource:
-    """Where a model came from: the UViT folder, its scheduler folder and the run directory."""
+class LoadedModel:
+    """A model to analyse, loaded as sample.py loads it (uvic.sampling.load_pipeline)."""
 
     path: Path
-    model_dir: Path
-    scheduler_dir: Optional[Path]
+    model: UViT
+    scheduler: DDPMScheduler  # the forward process q(x_t | x_0) of the model's own noise schedule
+    timestep_offset: int  # of a published discrete checkpoint (trained on 1..N); model_time applies it
     run_dir: Optional[Path]
 
 
-def resolve_model(path) -> ModelSource:
-    """Pipeline folder (transformer/ + scheduler/), run directory (final/, else its latest checkpoint's
-    EMA weights), checkpoint folder (ema_model/) or UViT folder."""
-    from .pipeline import LEGACY_TRANSFORMER_KEY
-
+def load_model(path) -> LoadedModel:
+    """Any model sample.py takes (pipeline folder, run directory, checkpoint folder, published .pth), or a
+    checkpoint's ema_model/ or model/ folder. The noise comes from the model's saved schedule (never a default),
+    and the model sees its own time input (uvic.diffusion.model_time: 999·t for continuous-time models)."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"model path {path} does not exist")
-    if RunDir.is_run(path):
-        run = RunDir(path)
-        if run.final.is_dir():
-            return resolve_model(run.final)
-        if run.latest() is not None:
-            return resolve_model(run.latest())
-    run = RunDir.find(path)
-    run_dir = run.path if run is not None else None
-    for name in ("transformer", "ema_model", LEGACY_TRANSFORMER_KEY):
-        if (path / name / "config.json").is_file():
-            scheduler = path / "scheduler"
-            return ModelSource(path, path / name, scheduler if scheduler.is_dir() else None, run_dir)
-    if (path / "config.json").is_file():
-        scheduler = path.parent / "scheduler"
-        return ModelSource(path, path, scheduler if scheduler.is_dir() else None, run_dir)
-    raise FileNotFoundError(
-        f"{path} is not a model: expected a pipeline folder (transformer/config.json + scheduler/), a run directory "
-        "(final/ or checkpoints/step_*/ema_model/) or a UViT folder (config.json)"
-    )
-
-
-def load_model(source: ModelSource):
-    """-> (UViT in eval mode, DDPMScheduler); the default DDPMScheduler when no scheduler/ is saved."""
-    from diffusers import DDPMScheduler
-
-    model = UViT.from_pretrained(source.model_dir).eval()
-    if source.scheduler_dir is None:
-        warnings.warn(f"{source.path}: no scheduler/ folder found, using DDPMScheduler() defaults")
-        return model, DDPMScheduler()
-    return model, DDPMScheduler.from_pretrained(source.scheduler_dir)
+    if path.is_dir() and path.name in ("ema_model", "model") and (path.parent / "scheduler").is_dir():
+        pipe = load_pipeline(path.parent, ema=path.name == "ema_model")
+    else:
+        pipe = load_pipeline(path)
+    run = RunDir.find(path) if path.is_dir() else None
+    return LoadedModel(path, pipe.transformer.eval(), make_scheduler("ddpm", pipe.scheduler.config),
+                       int(pipe.config.get("timestep_offset", 0) or 0), run.path if run is not None else None)
 
 
 @dataclass
@@ -354,8 +333,12 @@ def analyse(
     seed: int = 0,
     device="cpu",
     progress: bool = False,
+    timestep_offset: int = 0,
 ) -> ModelAnalysis:
     """Run noisy inputs x_t = add_noise(x0, ε, t) (or pure noise without images) through the model.
+
+    scheduler: the model's training DDPMScheduler (its forward process); the model sees model_time(t), its own
+    time input (999·(t+1)/T for a continuous-time model, t + timestep_offset for a published discrete one).
 
     Images and noise are drawn from `seed` in a fixed order, so models analysed with the same
     arguments see the same inputs. labels: "null" (num_classes - 1), "data" or "3,1,4" (cycled).
@@ -412,7 +395,8 @@ def analyse(
                 current.update(t=t, first=start == 0)
                 if start == 0:
                     result.first_input[t] = x_t[0].clone()
-                model(x_t.to(device), tt.to(device), class_labels=None if y is None else y.to(device))
+                time = model_time(tt, scheduler.config, timestep_offset)  # (n,) the model's own time input
+                model(x_t.to(device), time.to(device), class_labels=None if y is None else y.to(device))
                 result.counts[t] = result.counts.get(t, 0) + n
     return result
 
@@ -729,13 +713,12 @@ def run_attention(args) -> List[Path]:
     if args.num_images < 1 or args.batch_size < 1:
         raise ValueError(f"--num-images and --batch-size must be >= 1, got {args.num_images} and {args.batch_size}")
     names = _model_names(args.models, args.names)
-    sources = [resolve_model(p) for p in args.models]
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    loaded = [load_model(s) for s in sources]
-    first = loaded[0][0].config
+    loaded = [load_model(p) for p in args.models]
+    first = loaded[0].model.config
     images = None
     if args.data == "auto":
-        run_dir = next((s.run_dir for s in sources if s.run_dir is not None), None)
+        run_dir = next((m.run_dir for m in loaded if m.run_dir is not None), None)
         if run_dir is not None:
             try:
                 images = image_source_from_run(run_dir, first.sample_size)
@@ -743,9 +726,9 @@ def run_attention(args) -> List[Path]:
                 warnings.warn(f"could not load the data set of {run_dir} ({error}); using pure-noise inputs")
     elif args.data != "noise":
         images = image_source_from_path(args.data, first.in_channels, first.sample_size)
-    for name, (model, scheduler) in zip(names, loaded):  # fail fast on bad options, before any forward pass
-        cfg = model.config
-        resolve_query_tokens(query_tokens, (cfg.sample_size // cfg.patch_size,) * 2, model.extras)
+    for name, m in zip(names, loaded):  # fail fast on bad options, before any forward pass
+        cfg, scheduler = m.model.config, m.scheduler
+        resolve_query_tokens(query_tokens, (cfg.sample_size // cfg.patch_size,) * 2, m.model.extras)
         _label_function(args.labels, cfg.num_classes, images)
         steps = scheduler.config.num_train_timesteps
         bad = [t for t in timesteps if not 0 <= t < steps]
@@ -755,7 +738,7 @@ def run_attention(args) -> List[Path]:
             raise ValueError(f"{name} takes {cfg.in_channels}x{cfg.sample_size}² inputs, the first model "
                              f"{first.in_channels}x{first.sample_size}²: compare models of one input shape")
     inputs = (
-        f"{min(args.num_images, len(images))} images of {images.description}, noised with DDPMScheduler.add_noise"
+        f"{min(args.num_images, len(images))} images of {images.description}, noised by each model's own schedule"
         if images is not None
         else f"{args.num_images} pure Gaussian noise inputs (no data)"
     )
@@ -764,13 +747,13 @@ def run_attention(args) -> List[Path]:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     analyses = []
-    for name, (model, scheduler) in zip(names, loaded):
+    for name, m in zip(names, loaded):
         analyses.append(
-            analyse(model, scheduler, name, timesteps, images=images, num_images=args.num_images,
+            analyse(m.model, m.scheduler, name, timesteps, images=images, num_images=args.num_images,
                     batch_size=args.batch_size, labels=args.labels, query_tokens=query_tokens,
-                    seed=args.seed, device=device, progress=True)
+                    seed=args.seed, device=device, progress=True, timestep_offset=m.timestep_offset)
         )
-        model.to("cpu")
+        m.model.to("cpu")
     rows = write_stats_csv(analyses, out_dir / "stats.csv")
     figures = []
     for analysis in analyses:
@@ -778,7 +761,7 @@ def run_attention(args) -> List[Path]:
     figures += plot_statistic_heatmaps(analyses, rows, out_dir, args.dpi)
     figures.append(plot_collapse(analyses, rows, out_dir, args.dpi))
     figures = [f.name for f in figures]
-    described = [f"{s.model_dir}" + ("" if s.scheduler_dir else " (default DDPMScheduler)") for s in sources]
+    described = [f"{m.path} (its own noise schedule)" for m in loaded]
     write_summary(analyses, rows, out_dir / "summary.md", inputs=inputs, figures=figures, sources=described)
     print(f"wrote {out_dir / 'stats.csv'}, {out_dir / 'summary.md'} and {len(figures)} figures")
     return [out_dir / "stats.csv", out_dir / "summary.md", *(out_dir / f for f in figures)]
@@ -788,7 +771,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m uvic.analysis", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("attention", help="attention statistics, maps and collapse curves of one or more models")
-    p.add_argument("models", nargs="+", help="pipeline folder (transformer/ + scheduler/), run directory or UViT folder")
+    p.add_argument("models", nargs="+", help="what sample.py takes (pipeline folder, run directory, checkpoint folder, published .pth with "
+                   "--reference-config there) or a checkpoint's ema_model/ folder")
     p.add_argument("--out", required=True, help="output folder for stats.csv, summary.md and PNG figures")
     p.add_argument("--timesteps", default="50,500,950", help="comma-separated diffusion timesteps (default 50,500,950)")
     p.add_argument("--num-images", type=int, default=16, help="images (noisy inputs) per timestep (default 16)")
