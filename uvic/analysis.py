@@ -30,14 +30,12 @@ import torch.nn.functional as F
 
 from diffusers import DDPMScheduler
 
-from .attention import cog_reference, softmax_reference
+from .attention import MECHANISMS
 from .cli import add_debug_option, command
 from .diffusion import make_scheduler, model_time
 from .model import UViT
 from .runs import RunDir
 from .sampling import load_pipeline
-
-REFERENCES = {"softmax": softmax_reference, "cog": cog_reference}
 
 # statistic -> what it means (summary.md and the README quote these). All are means over images.
 STATISTICS = {
@@ -143,7 +141,7 @@ class AttentionRecorder:
         def hook(module, args, output):
             with torch.no_grad():
                 q, k, v = module.qkv_heads(args[0])  # (B, H, L, D)
-                _, a = REFERENCES[module.attention_type](q, k, v)
+                _, a = module.mechanism.reference(q, k, v)  # the plain formula of its mechanism
                 self.on_weights(block, a)
 
         return hook
@@ -447,11 +445,12 @@ def _fmt(value: float) -> str:
 
 
 def _layout_text(layout: List[str]) -> str:
-    cog = [i for i, a in enumerate(layout) if a == "cog"]
-    if not cog:
+    other = [i for i, a in enumerate(layout) if a != "softmax"]
+    if not other:
         return f"softmax in all {len(layout)} blocks"
     soft = [i for i, a in enumerate(layout) if a == "softmax"]
-    return f"Cog in {len(cog)} of {len(layout)} blocks (softmax: {', '.join(map(str, soft)) or 'none'})"
+    names = " / ".join(sorted({layout[i].capitalize() for i in other}))
+    return f"{names} in {len(other)} of {len(layout)} blocks (softmax: {', '.join(map(str, soft)) or 'none'})"
 
 
 def _average(rows: List[dict], stat: str) -> float:
@@ -489,10 +488,12 @@ def write_summary(analyses, rows, path, *, inputs: str, figures: Sequence[str], 
     for stat in STATISTICS:
         lines += [_md_row(stat, t, *(_fmt(_average(select(model=n, timestep=t), stat)) for n in names))
                   for t in timesteps]
-    if any("cog" in a.layout for a in analyses):
-        lines += ["\nCog blocks only (negative weights exist only there):\n", _md_header("statistic", "t", *names)]
+    signed = sorted({kind for a in analyses for kind in a.layout if kind in MECHANISMS and MECHANISMS[kind].signed})
+    for kind in signed:  # mechanisms whose weights can be negative (Cog)
+        lines += [f"\n{kind.capitalize()} blocks only (negative weights exist only there):\n",
+                  _md_header("statistic", "t", *names)]
         for stat in ("neg_mass", "neg_keys"):
-            lines += [_md_row(stat, t, *(_fmt(_average(select(model=n, timestep=t, attention_type="cog"), stat))
+            lines += [_md_row(stat, t, *(_fmt(_average(select(model=n, timestep=t, attention_type=kind), stat))
                                          for n in names)) for t in timesteps]
 
     lines.append("\n## Per block (mean over heads and timesteps; s = softmax block, c = Cog block)\n")

@@ -36,6 +36,18 @@ its gradient dS = 0 (what autograd gives for the plain formula).
 
 Softmax attention always runs through `F.scaled_dot_product_attention` (which has its own fused
 kernels), except with backend "math".
+
+Mechanisms are registered by name (`MECHANISMS`): "softmax" (U-ViT) and "cog" (U-ViC) here; a new one is one
+function and one line, and `model.attention_type=<name>` then trains, samples and analyses with it:
+
+    def sigmoid_reference(q, k, v, *, scale=None, mask=None):   # (B, H, L, D) -> (O, A)
+        a = torch.sigmoid(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5 - math.log(k.shape[-2]))
+        return a @ v, a
+
+    register_attention("sigmoid", sigmoid_reference, signed=False)
+
+A package can register its mechanisms for the command line too, through the `uvic.attention` entry-point group
+(setup.cfg: `uvic.attention = sigmoid = mypkg.attention:register`), loaded when an unknown name is asked for.
 """
 
 from __future__ import annotations
@@ -43,14 +55,14 @@ from __future__ import annotations
 import importlib.util
 import os
 import warnings
-from typing import Dict, Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
 
 import einops
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ATTENTION_TYPES = ("softmax", "cog")
 ATTENTION_BACKENDS = ("auto", "math", "lean", "chunked", "triton")
 
 
@@ -257,20 +269,74 @@ def softmax_attention(q, k, v, *, scale=None, mask=None, return_weights=False, b
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-ATTENTION_FUNCTIONS = {"softmax": softmax_attention, "cog": cog_attention}
+# ---------------------------------------------------------------------- the registry of mechanisms
+@dataclass(frozen=True)
+class AttentionMechanism:
+    """One attention mechanism: the plain formula it is defined by and tested against, what the model calls, and
+    whether its weights can be negative (the analysis reports negative mass only where they can)."""
+
+    name: str
+    reference: Callable  # (q, k, v, *, scale=None, mask=None) -> (O (B, H, Lq, D), A (B, H, Lq, Lk))
+    function: Callable  # (q, k, v, *, backend) -> O (B, H, Lq, D): what the model runs
+    signed: bool  # weights can be negative
+    label: str  # how reports name a model with it, e.g. "U-ViC (Cog)"
+
+
+MECHANISMS: Dict[str, AttentionMechanism] = {}  # name -> mechanism; filled by register_attention
+ENTRY_POINT_GROUP = "uvic.attention"
+
+
+def register_attention(name: str, reference: Callable, function: Optional[Callable] = None, *, signed: bool,
+                       label: Optional[str] = None) -> AttentionMechanism:
+    """Make `model.attention_type=name` available. reference: the plain formula (returns O and A); function: a
+    faster implementation taking `backend=` (default: the reference's O under autograd). Registering a name
+    again replaces it (a notebook re-running its cell); "softmax" is the baseline and cannot be replaced."""
+    if not name or not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
+        raise ValueError(f"attention mechanism name must be a word (letters, digits, - or _), got {name!r}")
+    if name == "softmax" and "softmax" in MECHANISMS:
+        raise ValueError("'softmax' is U-ViT's attention, the baseline every mechanism is compared with: "
+                         "register yours under another name")
+    if function is None:
+        def function(q, k, v, *, backend=None):
+            return reference(q, k, v)[0]
+    mechanism = AttentionMechanism(name, reference, function, bool(signed), label or f"U-ViT ({name})")
+    MECHANISMS[name] = mechanism
+    return mechanism
+
+
+def attention_mechanism(name: str) -> AttentionMechanism:
+    """The registered mechanism `name` (loading the `uvic.attention` entry points once if it is unknown)."""
+    if name not in MECHANISMS:
+        _load_entry_points()
+    if name not in MECHANISMS:
+        raise ValueError(f"attention_type={name!r} is not a registered attention mechanism; registered: "
+                         f"{', '.join(MECHANISMS)} (register one with uvic.attention.register_attention)")
+    return MECHANISMS[name]
+
+
+def _load_entry_points() -> None:
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        registered = entry.load()  # the module's import (or calling the object it names) registers
+        if callable(registered) and not isinstance(registered, AttentionMechanism):
+            registered()
+
+
+register_attention("softmax", softmax_reference, softmax_attention, signed=False, label="U-ViT (softmax)")
+register_attention("cog", cog_reference, cog_attention, signed=True, label="U-ViC (Cog)")
 
 
 class Attention(nn.Module):
     """Multi-head self-attention with the parameter names of U-ViT (`qkv`, `proj`).
 
-    attention_type: "softmax" or "cog". `backend` (set_backend) picks the implementation at run
-    time; it is not part of the model's configuration.
+    attention_type: a registered mechanism ("softmax", "cog", or one of register_attention). `backend`
+    (set_backend) picks the implementation at run time; it is not part of the model's configuration.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, attention_type: str = "softmax"):
         super().__init__()
-        if attention_type not in ATTENTION_TYPES:
-            raise ValueError(f"attention_type must be one of {ATTENTION_TYPES}, got {attention_type!r}")
+        self.mechanism = attention_mechanism(attention_type)
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
@@ -293,5 +359,5 @@ class Attention(nn.Module):
 
     def forward(self, x):  # x: (B, L, C)
         q, k, v = self.qkv_heads(x)
-        out = ATTENTION_FUNCTIONS[self.attention_type](q, k, v, backend=self.backend)  # (B, H, L, D)
+        out = self.mechanism.function(q, k, v, backend=self.backend)  # (B, H, L, D)
         return self.proj(einops.rearrange(out, "B H L D -> B L (H D)"))

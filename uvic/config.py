@@ -217,12 +217,11 @@ def resolve_model(cfg: DictConfig) -> DictConfig:
 
 def validate_config(cfg: DictConfig) -> None:
     """Fail fast on values no run could use (each message names the key and what is valid)."""
-    from .attention import ATTENTION_TYPES
+    from .attention import attention_mechanism
     from .diffusion import SCHEDULERS
 
     m, d, data, t, e = cfg.model, cfg.diffusion, cfg.data, cfg.train, cfg.eval
     choices = [
-        ("model.attention_type", m.attention_type, ATTENTION_TYPES),
         ("diffusion.schedule", d.schedule, SCHEDULES),
         ("diffusion.prediction_type", d.prediction_type, PREDICTION_TYPES),
         ("diffusion.beta_schedule", d.beta_schedule, BETA_SCHEDULES),
@@ -236,6 +235,10 @@ def validate_config(cfg: DictConfig) -> None:
     for key, value, valid in choices:
         if value not in valid:
             raise ValueError(f"{key}={value!r} is not valid; choose one of: {', '.join(valid)}")
+    try:
+        attention_mechanism(m.attention_type)
+    except ValueError as err:
+        raise ValueError(f"model.{err}") from None
     if m.sample_size % m.patch_size:
         raise ValueError(
             f"model.sample_size={m.sample_size} is not divisible by model.patch_size={m.patch_size}"

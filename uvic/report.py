@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from . import metrics, stats
+from .attention import MECHANISMS
 from .config import TrainConfig, load_config
 from .runs import CONFIG, RunDir
 
@@ -30,7 +31,6 @@ CSV_COLUMNS = (
     "num_samples", "ref", "num_ref", "extractor", "fid", "isc_mean", "isc_std", "kid_mean", "kid_std",
     "precision", "recall", "clip_score", "train_seed", "fid_low", "fid_high",
 )  # fmt: skip
-ATTENTION_NAMES = {"softmax": "U-ViT (softmax)", "cog": "U-ViC (Cog)"}
 DEFAULT_CSV = "runs/eval_fid.csv"
 MAX_DEFAULT_SAMPLES = 50_000
 
@@ -236,7 +236,7 @@ def paired_comparisons(groups: List[SeedGroup]) -> List[tuple]:
     """(U-ViC group, U-ViT group, PairedComparison of FID U-ViC − U-ViT by train.seed) for every pair of
     groups that differ only in model.attention_type (and model.softmax_blocks) and share a seed."""
     pairs = []
-    for cog in (g for g in groups if g.attention == "cog"):
+    for cog in (g for g in groups if g.attention not in (None, "", "softmax")):  # U-ViC, or any other mechanism
         for soft in (g for g in groups if g.attention == "softmax" and g.pair_key == cog.pair_key):
             if set(cog.fid_by_seed) & set(soft.fid_by_seed):
                 pairs.append((cog, soft, stats.paired_difference(cog.fid_by_seed, soft.fid_by_seed)))
@@ -244,6 +244,11 @@ def paired_comparisons(groups: List[SeedGroup]) -> List[tuple]:
 
 
 # ---------------------------------------------------------------------- rows, CSV, report
+def attention_label(name: Optional[str]) -> str:
+    """"U-ViC (Cog)" for "cog": the registered mechanism's label (uvic.attention.MECHANISMS), else the name."""
+    return MECHANISMS[name].label if name in MECHANISMS else (name or "–")
+
+
 def make_row(result: dict, *, samples: str, ref: str, manifest: Optional[dict] = None, **info) -> dict:
     """One CSV / report row from compute_metrics' result, the sample set's manifest and model info."""
     manifest = manifest or {}
@@ -336,7 +341,7 @@ def statistics_lines(groups: List[SeedGroup], settings: dict) -> List[str]:
     ]
     for g in groups:
         by_seed = ", ".join(f"{s}: {_fmt(v)}" for s, v in g.fid_by_seed.items())
-        lines.append(f"| {g.name} | {ATTENTION_NAMES.get(g.attention, g.attention or '–')} | {len(g.rows)} | "
+        lines.append(f"| {g.name} | {attention_label(g.attention)} | {len(g.rows)} | "
                      f"{_fmt(g.rows[0]['num_samples'], ',d')} | {g.interval.format()} | {by_seed} |")
     pairs = paired_comparisons(groups)
     lines += ["", "## U-ViC against U-ViT, paired by seed", ""]
@@ -411,7 +416,7 @@ def write_report(rows: List[dict], out_dir, *, settings: dict, command: str,
         lines[-1] += f" KID: {settings.get('kid_subsets', 100)} subsets of {settings['kid_subset_size']}."
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        cells = [r["model"], ATTENTION_NAMES.get(r["attention"], r["attention"] or "–"),
+        cells = [r["model"], attention_label(r["attention"]),
                  _fmt(r["params"], ",d"), _fmt(r["step"], ",d"), _fmt(r["fid"])]
         if "fid_low" in have:
             cells.append("–" if r["fid_low"] is None else f"[{r['fid_low']:.3f}, {r['fid_high']:.3f}]")
