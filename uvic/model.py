@@ -28,7 +28,7 @@ from timm.layers import Mlp, trunc_normal_
 
 from .attention import Attention
 
-# name -> architecture; the patch size comes from the "/2" or "/4" suffix (DESIGN.md, U-ViT paper).
+# name -> architecture; the patch size comes from the "/2" or "/4" suffix (docs/design.md, U-ViT paper).
 PRESETS = {
     "uvit-s": dict(embed_dim=512, depth=12, num_heads=8),
     "uvit-s-deep": dict(embed_dim=512, depth=16, num_heads=8),

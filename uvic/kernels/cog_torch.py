@@ -1,6 +1,6 @@
 """Cog attention in plain PyTorch, chunk by chunk, with the closed-form backward.
 
-    S = Q Kᵀ · scale,  A = sign(S) ⊙ softmax(|S|),  O = A V        (DESIGN.md)
+    S = Q Kᵀ · scale,  A = sign(S) ⊙ softmax(|S|),  O = A V        (docs/design.md)
 
 Heads are flattened to N = B·H and walked in chunks (a group of whole heads, or a block of
 query rows of one head) of about `budget` scores, so no temporary larger than a chunk is ever

@@ -1,6 +1,6 @@
 """Fused flash-style Cog attention in Triton: forward and backward, never holding the score matrix.
 
-    S = Q Kᵀ · scale,  A = sign(S) ⊙ softmax(|S|),  O = A V        (DESIGN.md)
+    S = Q Kᵀ · scale,  A = sign(S) ⊙ softmax(|S|),  O = A V        (docs/design.md)
 
 Flash attention with one sign: the online softmax runs over |S| (running max m ≥ 0 and running
 sum l of exp(|S| − m)), the numerator takes sign(S), and the row log-sum-exp of |S| is saved.
