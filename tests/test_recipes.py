@@ -512,6 +512,7 @@ def test_the_reference_latent_scale_is_used_whichever_route_supplies_the_vae(tmp
     import yaml
     from diffusers import AutoencoderKL
 
+    from uvic.latents import attach_vae
     from uvic.model import config_from_reference
     from uvic.sampling import load_pipeline
 
@@ -530,3 +531,23 @@ def test_the_reference_latent_scale_is_used_whichever_route_supplies_the_vae(tmp
     by_flag = load_pipeline(tmp_path / "latent.pth", reference_config=tmp_path / "ref.yaml", vae=str(tmp_path / "vae"))
     assert AutoencoderKL.from_pretrained(tmp_path / "vae").config.scaling_factor == 0.18215
     assert by_yaml.vae.config.scaling_factor == by_flag.vae.config.scaling_factor == 0.23010
+
+    # a pipeline folder saved from it keeps the model's scale, also when another VAE folder is given to decode it
+    by_flag.save_pretrained(tmp_path / "pipe")
+    saved = load_pipeline(tmp_path / "pipe")
+    assert saved.config.latent_scale == saved.vae.config.scaling_factor == 0.23010
+    attach_vae(saved, str(tmp_path / "vae"))
+    assert saved.vae.config.scaling_factor == 0.23010
+    latents = torch.randn(1, 4, 4, 4)  # decoding divides by the model's scale, as the official decode (z / 0.23010)
+    expected = vae.decode(latents / 0.23010).sample
+    assert torch.allclose(saved.vae.decode(latents / saved.vae.config.scaling_factor).sample, expected, atol=1e-5)
+
+    # a VAE that states another scale is refused, in one line, before anything is sampled
+    with pytest.raises(ValueError, match=r"scaling_factor 0.18215 differs from the model's latent scale 0.2301") as err:
+        UViCPipeline.from_pretrained(tmp_path / "pipe", vae=AutoencoderKL.from_pretrained(tmp_path / "vae"))
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match=r"latent scale 0.18215 .* differs from the model's 0.2301"):
+        attach_vae(saved, str(tmp_path / "vae"), scale_factor=0.18215)
+    bad = dict(ref, vae={"source": str(tmp_path / "vae"), "scale_factor": 0.18215})
+    with pytest.raises(ValueError, match=r"differs from the model's 0.2301"):
+        load_pipeline(tmp_path / "latent.pth", reference_config={**ref, "sample": ref["sample"]}, vae=bad["vae"])

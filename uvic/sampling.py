@@ -174,19 +174,21 @@ def load_reference_pipeline(path, reference_config, vae=None) -> UViCPipeline:
             raise  # a mismatch of shapes and the like: load_reference_checkpoint's own message
         raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt: "
                          f"{str(err).split('. ')[0][:200]}); download it again") from None
-    pipe = UViCPipeline(transformer=model, scheduler=scheduler, timestep_offset=offset)
+    # the latent scale the model was trained with travels with its reference config and is saved in the pipeline,
+    # whichever route supplies the VAE weights (a --vae folder's own scaling_factor is SD's 0.18215, not MS-COCO's 0.23010)
     reference_vae = cfg.get("vae") if sectioned else None
+    latent_scale = reference_vae.get("scale_factor") if isinstance(reference_vae, dict) else None
+    pipe = UViCPipeline(transformer=model, scheduler=scheduler, timestep_offset=offset, latent_scale=latent_scale,
+                        null_label=bool(cfg.get("null_label", True)) if sectioned else True)
     vae = vae if vae is not None else reference_vae
     if vae is not None:
         from .latents import attach_vae
 
-        # the latent scale the model was trained with travels with its reference config, whichever route
-        # supplies the VAE weights (a --vae folder's own scaling_factor is SD's 0.18215, not MS-COCO's 0.23010)
-        scale_factor = reference_vae.get("scale_factor") if isinstance(reference_vae, dict) else None
+        scale_factor = None
         if isinstance(vae, dict):
             from diffusers import AutoencoderKL
 
-            scale_factor = vae.get("scale_factor", scale_factor)
+            scale_factor = vae.get("scale_factor")
             if vae.get("subfolder"):
                 vae = AutoencoderKL.from_pretrained(vae["source"], subfolder=vae["subfolder"]).eval()
             else:
@@ -252,7 +254,8 @@ def with_scheduler(pipeline: UViCPipeline, scheduler=None, timestep_spacing: Opt
             scheduler = make_scheduler(scheduler, base.config, **overrides)
     pipe = UViCPipeline(transformer=pipeline.transformer, scheduler=scheduler, vae=pipeline.vae,
                         text_encoder=pipeline.text_encoder, tokenizer=pipeline.tokenizer,
-                        timestep_offset=pipeline.config.get("timestep_offset", 0))
+                        timestep_offset=pipeline.config.get("timestep_offset", 0),
+                        latent_scale=pipeline.config.get("latent_scale"), null_label=pipeline.config.get("null_label", True))
     pipe.empty_context = pipeline.empty_context  # text-to-image: the unconditional context
     pipe.set_progress_bar_config(disable=True)
     return pipe
