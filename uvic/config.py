@@ -123,6 +123,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     fsdp: bool = False  # FSDP2: weights, gradients, AdamW and EMA states sharded over the processes (README "DDP or FSDP")
     cpu_threads: Optional[int] = None  # on the CPU: torch intra-op threads (None = torch's default)
+    init_from: Optional[str] = None  # fine-tune: initial weights (uvic.finetune: a published .pth, final/, a checkpoint)
+    init_reset: List[str] = field(default_factory=list)  # parts re-initialised instead: label_emb, head, patch_embed
 
 
 @dataclass
@@ -313,6 +315,9 @@ def validate_config(cfg: DictConfig) -> None:
                          "model with model.context_dim)")
     if e.fid_every > 0 and not e.fid_ref:
         raise ValueError("eval.fid_every > 0 needs eval.fid_ref (reference statistics for FID)")
+    from .finetune import check_init_source
+
+    check_init_source(t.init_from, list(t.init_reset))
     if data.name in ("imagefolder", "latents") and not data.path:
         raise ValueError(f"data.name={data.name!r} needs data.path (the {data.name} location)")
 

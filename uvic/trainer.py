@@ -216,6 +216,12 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         self.noise_scheduler = build_scheduler(cfg.diffusion)
         self.raw_model = UViT(**model_kwargs(cfg))
+        if t.init_from and self.resume_from is None:  # fine-tuning; the EMA below starts from these weights too
+            from .finetune import load_init_weights
+
+            fresh = load_init_weights(self.raw_model, t.init_from, list(t.init_reset))
+            self.accelerator.print(f"initial weights from {t.init_from}" + (f"; re-initialised {', '.join(fresh)}"
+                                                                            if fresh else ""))
         if cfg.model.gradient_checkpointing:
             self.raw_model.enable_gradient_checkpointing()
         if self.fsdp:  # whole weights are gathered into this copy (grids, FID, saving), on the main process only
