@@ -692,3 +692,38 @@ def test_sample_py_picks_the_reference_config_by_the_checkpoint_name_and_refuses
     err = capsys.readouterr().err
     assert "sample.py: error: nnet_ema.pth is not the name of a published U-ViT checkpoint" in err
     assert all(known in err for known in OFFICIAL) and "--reference-config" in err
+
+
+# ---------------------------------------------------------------------- the training recipes against the official configs
+# baofff/U-ViT configs/*.py, transcribed: train.n_steps, batch_size; optimizer lr, weight_decay, betas; lr_scheduler
+# warmup_steps; dataset p_uncond (None: unconditional); seed. train.py / train_ldm*.py / train_t2i_discrete.py use
+# AdamW, a linear warm-up then a constant lr, an EMA of fixed rate 0.9999 and no gradient clipping.
+OFFICIAL_TRAINING = {
+    "cifar10_uvit_s2": (500_000, 128, 2e-4, 0.03, [0.99, 0.999], 2500, None, 1234),  # cifar10_uvit_small.py
+    "imagenet256_uvit_l2": (300_000, 1024, 2e-4, 0.03, [0.99, 0.99], 5000, 0.15, 1234),  # imagenet256_uvit_large.py
+    "imagenet256_uvit_h2": (500_000, 1024, 2e-4, 0.03, [0.99, 0.99], 5000, 0.1, 1234),
+    "imagenet512_uvit_l4": (500_000, 1024, 2e-4, 0.03, [0.99, 0.99], 5000, 0.15, 1234),
+    "imagenet512_uvit_h4": (500_000, 1024, 2e-4, 0.03, [0.99, 0.99], 5000, 0.1, 1234),
+    "mscoco_uvit_s2": (1_000_000, 256, 2e-4, 0.03, [0.9, 0.9], 5000, 0.1, 1234),  # mscoco_uvit_small.py
+}
+# the official evaluation of each (sampler, steps, U-ViT's cfg scale): what in-training FID must use
+OFFICIAL_EVALUATION = {"cifar10_uvit_s2": ("euler-maruyama", 1000, 0), "imagenet256_uvit_l2": ("dpm-solver-fast", 50, 0.4),
+                       "imagenet256_uvit_h2": ("dpm-solver++-fast", 50, 0.4), "imagenet512_uvit_l4": ("dpm-solver-fast", 50, 0.7),
+                       "imagenet512_uvit_h4": ("dpm-solver++-fast", 50, 0.7), "mscoco_uvit_s2": ("dpm-solver++-fast", 50, 1.0)}
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_TRAINING))
+@pytest.mark.parametrize("attention", ["uvit", "uvic"])
+def test_each_paper_config_trains_and_scores_with_the_official_settings(name, attention):
+    from uvic.config import load_config
+
+    cfg = load_config(REFERENCE_DIR.parents[0] / f"{name.replace('uvit', attention)}.yaml")
+    t, d, e = cfg.train, cfg.diffusion, cfg.eval
+    steps, batch, lr, wd, betas, warmup, p_uncond, seed = OFFICIAL_TRAINING[name]
+    assert (t.steps, t.batch_size, t.lr, t.weight_decay, list(t.betas), t.warmup_steps, t.seed) == (
+        steps, batch, lr, wd, betas, warmup, seed)
+    assert (t.lr_schedule, t.adam_eps, t.max_grad_norm, t.ema_decay, t.ema_warmup) == ("constant", 1e-8, None, 0.9999, False)
+    if p_uncond is not None:
+        assert d.p_uncond == p_uncond
+    sampler, sample_steps, scale = OFFICIAL_EVALUATION[name]
+    assert (e.fid_scheduler, e.fid_steps, e.fid_guidance) == (sampler, sample_steps, pytest.approx(1 + scale))

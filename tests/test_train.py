@@ -200,15 +200,24 @@ def test_resume_from_a_missing_path_fails(tmp_path):
         NoTraining(tiny(), tmp_path / "run", resume=str(tmp_path / "nope")).train()
 
 
-def test_fid_during_training_is_logged_to_metrics_csv(tmp_path, monkeypatch):
+def test_fid_during_training_follows_the_recipe_and_is_logged_with_its_protocol_to_metrics_csv(tmp_path, monkeypatch):
     monkeypatch.setenv("UVIC_CACHE_DIR", str(tmp_path / "cache"))  # the digits feature CNN trains here once
-    cfg = tiny("eval.fid_every=2", "eval.fid_ref=digits", "eval.fid_num_samples=64", "eval.fid_steps=2",
-               "eval.fid_scheduler=ddim", "train.steps=2")
-    Trainer(cfg, tmp_path / "run").train()
-    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
-    assert rows[0] == "step,metric,value" and len(rows) == 2
-    step, metric, value = rows[1].split(",")
-    assert (step, metric) == ("2", "fid") and float(value) > 0
+    # no eval.fid_scheduler / fid_steps / fid_guidance: the recipe's sampler (TINY: ddim, 2 steps) and guidance
+    cfg = tiny("eval.fid_every=2", "eval.fid_ref=digits", "eval.fid_num_samples=64", "train.steps=2",
+               "data.conditional=true", "train.sample_guidance=1.5")
+    assert (cfg.eval.fid_scheduler, cfg.eval.fid_steps, cfg.eval.fid_guidance) == ("ddim", 2, 1.5)
+    out = tmp_path / "run"
+    trainer = Trainer(cfg, out)
+    (out / "metrics.csv").write_text("step,metric,value\n1,fid,9.5\n")  # as an older uvic wrote it
+    trainer.train()
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[0] == "step,metric,value,scheduler,steps,guidance" and rows[1] == "1,fid,9.5,,," and len(rows) == 3
+    step, metric, value, scheduler, steps, guidance = rows[2].split(",")
+    assert (step, metric, scheduler, steps, guidance) == ("2", "fid", "ddim", "2", "1.5") and float(value) > 0
+    explicit = tiny("eval.fid_scheduler=euler", "eval.fid_steps=3", "data.conditional=true", "eval.fid_guidance=1.2")
+    assert (explicit.eval.fid_scheduler, explicit.eval.fid_steps, explicit.eval.fid_guidance) == ("euler", 3, 1.2)
+    with pytest.raises(ValueError, match="eval.fid_guidance != 1 needs a conditional run"):
+        tiny("eval.fid_guidance=2")
 
 
 def test_latent_data_trains_and_grids_and_final_decode_through_the_vae(tmp_path):
@@ -321,3 +330,15 @@ def test_a_bad_init_from_fails_at_config_load(tmp_path, capsys):
         train_py([f"--output-dir={tmp_path / 'run'}", *TINY, f"train.init_from={tmp_path / 'missing'}"])
     assert exit_.value.code == 2 and not (tmp_path / "run").exists()
     assert f"train.py: error: train.init_from={tmp_path / 'missing'} does not exist" in capsys.readouterr().err
+
+
+def test_a_run_saved_before_the_fine_tuning_and_fid_keys_existed_continues_with_the_same_command(tmp_path):
+    overrides = ["train.steps=6", "train.checkpoint_every=3"]
+    with pytest.raises(KeyboardInterrupt):
+        CrashAfter(tiny(*overrides), tmp_path / "run").train()
+    saved = OmegaConf.load(tmp_path / "run" / "config.yaml")  # as uvic wrote it before these keys
+    for section, key in (("train", "init_from"), ("train", "init_reset"), ("eval", "fid_guidance")):
+        del saved[section][key]
+    save_config(saved, tmp_path / "run" / "config.yaml")
+    again = Trainer(tiny(*overrides), tmp_path / "run")
+    assert again.resume_from is not None and again.state.step == 3
