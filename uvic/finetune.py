@@ -57,17 +57,11 @@ def check_init_source(path, reset: Sequence[str]) -> None:
 
 def source_state(path) -> Dict:
     """The state dict (name -> tensor) that train.init_from names."""
-    import torch
+    from .model import UViT, read_reference_state
 
     path = Path(path)
-    if path.is_file():  # a published .pth: libs/uvit.py's names are UViT's
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        for key in ("state_dict", "model", "nnet"):
-            if isinstance(state, dict) and isinstance(state.get(key), dict):
-                state = state[key]
-        return {k.removeprefix("module."): v for k, v in state.items()}
-    from .model import UViT
-
+    if path.is_file():  # a published .pth
+        return read_reference_state(str(path))
     return UViT.from_pretrained(init_weights_folder(path)).state_dict()
 
 
