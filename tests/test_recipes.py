@@ -257,6 +257,10 @@ RECIPES = {  # reference config -> the official evaluation's sampler (restated a
     "imagenet256_uvit_h2": ("dpm-solver++-fast", 50, 1e-4),  # eval_ldm_discrete.py
     "imagenet512_uvit_h4": ("dpm-solver++-fast", 50, 1e-4),
     "mscoco_uvit_s2": ("dpm-solver++-fast", 50, 1e-4),  # eval_t2i_discrete.py
+    "mscoco_uvit_s2_deep": ("dpm-solver++-fast", 50, 1e-4),
+    "celeba64_uvit_s4": ("euler-maruyama", 1000, 5e-5),  # eval.py
+    "imagenet64_uvit_m4": ("dpm-solver-fast", 50, 5e-5),  # eval.py's dpm_solver branch
+    "imagenet64_uvit_l4": ("dpm-solver-fast", 50, 5e-5),
 }
 
 
@@ -423,6 +427,9 @@ REFERENCE = {  # file -> (published parameters in millions, exact count where th
     "imagenet256_uvit_h2": (501, None),
     "imagenet512_uvit_l4": (287, None),
     "imagenet512_uvit_h4": (501, None),
+    "celeba64_uvit_s4": (44, None),
+    "imagenet64_uvit_m4": (131, None),
+    "imagenet64_uvit_l4": (287, None),
 }
 
 
@@ -512,6 +519,7 @@ def test_the_reference_latent_scale_is_used_whichever_route_supplies_the_vae(tmp
     import yaml
     from diffusers import AutoencoderKL
 
+    from uvic.latents import attach_vae
     from uvic.model import config_from_reference
     from uvic.sampling import load_pipeline
 
@@ -530,3 +538,192 @@ def test_the_reference_latent_scale_is_used_whichever_route_supplies_the_vae(tmp
     by_flag = load_pipeline(tmp_path / "latent.pth", reference_config=tmp_path / "ref.yaml", vae=str(tmp_path / "vae"))
     assert AutoencoderKL.from_pretrained(tmp_path / "vae").config.scaling_factor == 0.18215
     assert by_yaml.vae.config.scaling_factor == by_flag.vae.config.scaling_factor == 0.23010
+
+    # a pipeline folder saved from it keeps the model's scale, also when another VAE folder is given to decode it
+    by_flag.save_pretrained(tmp_path / "pipe")
+    saved = load_pipeline(tmp_path / "pipe")
+    assert saved.config.latent_scale == saved.vae.config.scaling_factor == 0.23010
+    attach_vae(saved, str(tmp_path / "vae"))
+    assert saved.vae.config.scaling_factor == 0.23010
+    latents = torch.randn(1, 4, 4, 4)  # decoding divides by the model's scale, as the official decode (z / 0.23010)
+    expected = vae.decode(latents / 0.23010).sample
+    assert torch.allclose(saved.vae.decode(latents / saved.vae.config.scaling_factor).sample, expected, atol=1e-5)
+
+    # a VAE that states another scale is refused, in one line, before anything is sampled
+    with pytest.raises(ValueError, match=r"scaling_factor 0.18215 differs from the model's latent scale 0.2301") as err:
+        UViCPipeline.from_pretrained(tmp_path / "pipe", vae=AutoencoderKL.from_pretrained(tmp_path / "vae"))
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match=r"latent scale 0.18215 .* differs from the model's 0.2301"):
+        attach_vae(saved, str(tmp_path / "vae"), scale_factor=0.18215)
+    bad = dict(ref, vae={"source": str(tmp_path / "vae"), "scale_factor": 0.18215})
+    with pytest.raises(ValueError, match=r"differs from the model's 0.2301"):
+        load_pipeline(tmp_path / "latent.pth", reference_config={**ref, "sample": ref["sample"]}, vae=bad["vae"])
+
+
+# ---------------------------------------------------------------------- the published checkpoints, by file name
+# baofff/U-ViT README's table: file name -> config.nnet of the official configs/*.py (transcribed; use_checkpoint
+# dropped), its evaluation's sampler and steps (config.sample) and cfg scale (0: no guidance).
+_S = dict(embed_dim=512, depth=12, num_heads=8, mlp_ratio=4, qkv_bias=False, mlp_time_embed=False)
+_L = dict(embed_dim=1024, depth=20, num_heads=16, mlp_ratio=4, qkv_bias=False, mlp_time_embed=False)
+_H = dict(embed_dim=1152, depth=28, num_heads=16, mlp_ratio=4, qkv_bias=False, mlp_time_embed=False, conv=False)
+_T2I = dict(name="uvit_t2i", img_size=32, in_chans=4, patch_size=2, clip_dim=768, num_clip_token=77)
+OFFICIAL = {
+    "cifar10_uvit_small.pth": (dict(name="uvit", img_size=32, patch_size=2, **_S, num_classes=-1), "euler_maruyama_sde", 1000, 0),
+    "celeba64_uvit_small.pth": (dict(name="uvit", img_size=64, patch_size=4, **_S, num_classes=-1), "euler_maruyama_sde", 1000, 0),
+    "imagenet64_uvit_mid.pth": (dict(name="uvit", img_size=64, patch_size=4, embed_dim=768, depth=16, num_heads=12, mlp_ratio=4,
+                                     qkv_bias=False, mlp_time_embed=False, num_classes=1000), "dpm_solver", 50, 0),
+    "imagenet64_uvit_large.pth": (dict(name="uvit", img_size=64, patch_size=4, **_L, num_classes=1000), "dpm_solver", 50, 0),
+    "imagenet256_uvit_large.pth": (dict(name="uvit", img_size=32, patch_size=2, in_chans=4, **_L, num_classes=1001),
+                                   "dpm_solver", 50, 0.4),
+    "imagenet256_uvit_huge.pth": (dict(name="uvit", img_size=32, patch_size=2, in_chans=4, **_H, num_classes=1001),
+                                  "dpm_solver_pp", 50, 0.4),  # eval_ldm_discrete.py
+    "imagenet512_uvit_large.pth": (dict(name="uvit", img_size=64, patch_size=4, in_chans=4, **_L, num_classes=1001),
+                                   "dpm_solver", 50, 0.7),
+    "imagenet512_uvit_huge.pth": (dict(name="uvit", img_size=64, patch_size=4, in_chans=4, **_H, num_classes=1001),
+                                  "dpm_solver_pp", 50, 0.7),
+    "mscoco_uvit_small.pth": (dict(_T2I, **_S), "dpm_solver_pp", 50, 1.0),  # eval_t2i_discrete.py
+    "mscoco_uvit_small_deep.pth": (dict(_T2I, **{**_S, "depth": 16}), "dpm_solver_pp", 50, 1.0),  # --config.nnet.depth=16
+}
+OFFICIAL_SAMPLERS = {"euler_maruyama_sde": "euler-maruyama", "dpm_solver": "dpm-solver-fast", "dpm_solver_pp": "dpm-solver++-fast"}
+
+
+def official_state_layout(nnet: dict) -> dict:
+    """key -> shape of the state dict of libs/uvit.py's UViT (uvit_t2i.py's for name uvit_t2i), read off its
+    __init__ (timm's Mlp: fc1, fc2); written from the official code, not from uvic.model."""
+    d, c, p = nnet["embed_dim"], nnet.get("in_chans", 3), nnet["patch_size"]
+    hidden = int(d * nnet.get("mlp_ratio", 4))
+    layout = {"patch_embed.proj.weight": (d, c, p, p), "patch_embed.proj.bias": (d,)}
+    if nnet.get("mlp_time_embed", False):
+        layout.update({"time_embed.0.weight": (4 * d, d), "time_embed.0.bias": (4 * d,),
+                       "time_embed.2.weight": (d, 4 * d), "time_embed.2.bias": (d,)})
+    if nnet.get("name") == "uvit_t2i":
+        layout.update({"context_embed.weight": (d, nnet.get("clip_dim", 768)), "context_embed.bias": (d,)})
+        extras = 1 + nnet.get("num_clip_token", 77)
+    else:
+        extras = 1 + (nnet.get("num_classes", -1) > 0)
+        if nnet.get("num_classes", -1) > 0:
+            layout["label_emb.weight"] = (nnet["num_classes"], d)
+    layout["pos_embed"] = (1, extras + (nnet["img_size"] // p) ** 2, d)
+
+    def block(prefix, skip):
+        layout.update({f"{prefix}.norm1.weight": (d,), f"{prefix}.norm1.bias": (d,), f"{prefix}.attn.qkv.weight": (3 * d, d),
+                       f"{prefix}.attn.proj.weight": (d, d), f"{prefix}.attn.proj.bias": (d,),
+                       f"{prefix}.norm2.weight": (d,), f"{prefix}.norm2.bias": (d,),
+                       f"{prefix}.mlp.fc1.weight": (hidden, d), f"{prefix}.mlp.fc1.bias": (hidden,),
+                       f"{prefix}.mlp.fc2.weight": (d, hidden), f"{prefix}.mlp.fc2.bias": (d,)})
+        if nnet.get("qkv_bias", False):
+            layout[f"{prefix}.attn.qkv.bias"] = (3 * d,)
+        if skip:
+            layout.update({f"{prefix}.skip_linear.weight": (d, 2 * d), f"{prefix}.skip_linear.bias": (d,)})
+
+    for i in range(nnet["depth"] // 2):
+        block(f"in_blocks.{i}", False)
+    block("mid_block", False)
+    for i in range(nnet["depth"] // 2):
+        block(f"out_blocks.{i}", nnet.get("skip", True))
+    layout.update({"norm.weight": (d,), "norm.bias": (d,), "decoder_pred.weight": (p * p * c, d), "decoder_pred.bias": (p * p * c,)})
+    if nnet.get("conv", True):
+        layout.update({"final_layer.weight": (c, c, 3, 3), "final_layer.bias": (c,)})
+    return layout
+
+
+def official_state_dict(nnet: dict, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(shape, generator=g) * 0.02 for k, shape in official_state_layout(nnet).items()}
+
+
+def tiny_vae_folder(path):
+    from diffusers import AutoencoderKL
+
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                  layers_per_block=1, norm_num_groups=4, sample_size=8).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL))
+def test_each_published_checkpoint_is_recognised_by_name_and_loads_strictly_in_the_official_layout(name, tmp_path):
+    """The file name picks a reference YAML whose architecture and sampler are the official config's; the
+    official state-dict layout (at depth 2, random weights) loads into it strictly, every tensor in place."""
+    import yaml
+
+    from uvic.sampling import load_pipeline, published_reference_config
+
+    nnet, algorithm, steps, scale = OFFICIAL[name]
+    path = published_reference_config(name)
+    cfg = yaml.safe_load(path.read_text())
+    assert {"name": "uvit", **cfg["nnet"]} == {"in_chans": 3, **nnet}  # in_chans: libs/uvit.py's default where unset
+    assert (cfg["sample"]["scheduler"], cfg["sample"]["steps"]) == (OFFICIAL_SAMPLERS[algorithm], steps)
+    assert cfg["sample"]["guidance"] == pytest.approx(1 + scale)  # U-ViT's cond + s (cond - uncond) is w = 1 + s
+
+    small = {**cfg["nnet"], "depth": 2}
+    state = official_state_dict(small)
+    torch.save(state, tmp_path / name)
+    (tmp_path / "small.yaml").write_text(yaml.safe_dump({**cfg, "nnet": small}))
+    vae = str(tiny_vae_folder(tmp_path / "vae")) if small.get("in_chans", 3) == 4 else None
+    pipe = load_pipeline(tmp_path / name, reference_config=tmp_path / "small.yaml", vae=vae)
+    loaded = pipe.transformer.state_dict()
+    assert sorted(loaded) == sorted(state) and all(torch.equal(loaded[k], state[k]) for k in state)
+    if vae is not None:  # the model's latent scale, whatever the VAE folder says
+        assert pipe.vae.config.scaling_factor == pipe.config.latent_scale == cfg["vae"]["scale_factor"]
+    if nnet.get("num_classes", -1) > 0:  # 1001 rows: 1000 classes + the null label; 1000 rows: no guidance
+        assert pipe.num_real_classes == 1000
+        if not cfg.get("null_label", True):
+            with pytest.raises(ValueError, match="no null class"):
+                pipe.check_inputs(1, 999, 1.4)
+
+
+def test_sample_py_picks_the_reference_config_by_the_checkpoint_name_and_refuses_an_unknown_one(tmp_path, capsys):
+    from uvic.sampling import main
+
+    nnet = OFFICIAL["cifar10_uvit_small.pth"][0]
+    torch.save(official_state_dict(nnet), tmp_path / "cifar10_uvit_small.pth")  # the full published layout
+    grid = main([str(tmp_path / "cifar10_uvit_small.pth"), "--grid", "1", "--steps", "2", "--out", str(tmp_path / "g.png"),
+                 "--no-progress", "--device", "cpu"])
+    assert grid.is_file()
+    said = capsys.readouterr().err
+    assert "cifar10_uvit_small.pth is a published U-ViT checkpoint: reference config " in said
+    assert said.rstrip().endswith("configs/reference/cifar10_uvit_s2.yaml")
+
+    (tmp_path / "nnet_ema.pth").write_bytes((tmp_path / "cifar10_uvit_small.pth").read_bytes())
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path / "nnet_ema.pth"), "--grid", "1", "--device", "cpu"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "sample.py: error: nnet_ema.pth is not the name of a published U-ViT checkpoint" in err
+    assert all(known in err for known in OFFICIAL) and "--reference-config" in err
+
+
+# ---------------------------------------------------------------------- the training recipes against the official configs
+# baofff/U-ViT configs/*.py, transcribed: train.n_steps, batch_size; optimizer lr, weight_decay, betas; lr_scheduler
+# warmup_steps; dataset p_uncond (None: unconditional); seed. train.py / train_ldm*.py / train_t2i_discrete.py use
+# AdamW, a linear warm-up then a constant lr, an EMA of fixed rate 0.9999 and no gradient clipping.
+OFFICIAL_TRAINING = {
+    "cifar10_uvit_s2": (500_000, 128, 2e-4, 0.03, [0.99, 0.999], 2500, None, 1234),  # cifar10_uvit_small.py
+    "imagenet256_uvit_l2": (300_000, 1024, 2e-4, 0.03, [0.99, 0.99], 5000, 0.15, 1234),  # imagenet256_uvit_large.py
+    "imagenet256_uvit_h2": (500_000, 1024, 2e-4, 0.03, [0.99, 0.99], 5000, 0.1, 1234),
+    "imagenet512_uvit_l4": (500_000, 1024, 2e-4, 0.03, [0.99, 0.99], 5000, 0.15, 1234),
+    "imagenet512_uvit_h4": (500_000, 1024, 2e-4, 0.03, [0.99, 0.99], 5000, 0.1, 1234),
+    "mscoco_uvit_s2": (1_000_000, 256, 2e-4, 0.03, [0.9, 0.9], 5000, 0.1, 1234),  # mscoco_uvit_small.py
+}
+# the official evaluation of each (sampler, steps, U-ViT's cfg scale): what in-training FID must use
+OFFICIAL_EVALUATION = {"cifar10_uvit_s2": ("euler-maruyama", 1000, 0), "imagenet256_uvit_l2": ("dpm-solver-fast", 50, 0.4),
+                       "imagenet256_uvit_h2": ("dpm-solver++-fast", 50, 0.4), "imagenet512_uvit_l4": ("dpm-solver-fast", 50, 0.7),
+                       "imagenet512_uvit_h4": ("dpm-solver++-fast", 50, 0.7), "mscoco_uvit_s2": ("dpm-solver++-fast", 50, 1.0)}
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_TRAINING))
+@pytest.mark.parametrize("attention", ["uvit", "uvic"])
+def test_each_paper_config_trains_and_scores_with_the_official_settings(name, attention):
+    from uvic.config import load_config
+
+    cfg = load_config(REFERENCE_DIR.parents[0] / f"{name.replace('uvit', attention)}.yaml")
+    t, d, e = cfg.train, cfg.diffusion, cfg.eval
+    steps, batch, lr, wd, betas, warmup, p_uncond, seed = OFFICIAL_TRAINING[name]
+    assert (t.steps, t.batch_size, t.lr, t.weight_decay, list(t.betas), t.warmup_steps, t.seed) == (
+        steps, batch, lr, wd, betas, warmup, seed)
+    assert (t.lr_schedule, t.adam_eps, t.max_grad_norm, t.ema_decay, t.ema_warmup) == ("constant", 1e-8, None, 0.9999, False)
+    if p_uncond is not None:
+        assert d.p_uncond == p_uncond
+    sampler, sample_steps, scale = OFFICIAL_EVALUATION[name]
+    assert (e.fid_scheduler, e.fid_steps, e.fid_guidance) == (sampler, sample_steps, pytest.approx(1 + scale))

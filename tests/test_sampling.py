@@ -104,7 +104,8 @@ def test_load_pipeline_rejects_what_it_cannot_sample_from(run_dir, tmp_path):
     with pytest.raises(ValueError, match="none of the accepted kinds"):
         load_pipeline(tmp_path)
     (tmp_path / "weights.pth").write_bytes(b"")
-    with pytest.raises(ValueError, match="needs --reference-config"):
+    with pytest.raises(ValueError, match=r"weights.pth is not the name of a published U-ViT checkpoint "
+                       r"\(cifar10_uvit_small.pth, .*mscoco_uvit_small_deep.pth\): pass --reference-config"):
         load_pipeline(tmp_path / "weights.pth")
     with pytest.raises(FileNotFoundError, match=r"no checkpoint at step 15; available: \[10, 20\]"):
         load_pipeline(run_dir, checkpoint=15)

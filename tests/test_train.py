@@ -200,15 +200,24 @@ def test_resume_from_a_missing_path_fails(tmp_path):
         NoTraining(tiny(), tmp_path / "run", resume=str(tmp_path / "nope")).train()
 
 
-def test_fid_during_training_is_logged_to_metrics_csv(tmp_path, monkeypatch):
+def test_fid_during_training_follows_the_recipe_and_is_logged_with_its_protocol_to_metrics_csv(tmp_path, monkeypatch):
     monkeypatch.setenv("UVIC_CACHE_DIR", str(tmp_path / "cache"))  # the digits feature CNN trains here once
-    cfg = tiny("eval.fid_every=2", "eval.fid_ref=digits", "eval.fid_num_samples=64", "eval.fid_steps=2",
-               "eval.fid_scheduler=ddim", "train.steps=2")
-    Trainer(cfg, tmp_path / "run").train()
-    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
-    assert rows[0] == "step,metric,value" and len(rows) == 2
-    step, metric, value = rows[1].split(",")
-    assert (step, metric) == ("2", "fid") and float(value) > 0
+    # no eval.fid_scheduler / fid_steps / fid_guidance: the recipe's sampler (TINY: ddim, 2 steps) and guidance
+    cfg = tiny("eval.fid_every=2", "eval.fid_ref=digits", "eval.fid_num_samples=64", "train.steps=2",
+               "data.conditional=true", "train.sample_guidance=1.5")
+    assert (cfg.eval.fid_scheduler, cfg.eval.fid_steps, cfg.eval.fid_guidance) == ("ddim", 2, 1.5)
+    out = tmp_path / "run"
+    trainer = Trainer(cfg, out)
+    (out / "metrics.csv").write_text("step,metric,value\n1,fid,9.5\n")  # as an older uvic wrote it
+    trainer.train()
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[0] == "step,metric,value,scheduler,steps,guidance" and rows[1] == "1,fid,9.5,,," and len(rows) == 3
+    step, metric, value, scheduler, steps, guidance = rows[2].split(",")
+    assert (step, metric, scheduler, steps, guidance) == ("2", "fid", "ddim", "2", "1.5") and float(value) > 0
+    explicit = tiny("eval.fid_scheduler=euler", "eval.fid_steps=3", "data.conditional=true", "eval.fid_guidance=1.2")
+    assert (explicit.eval.fid_scheduler, explicit.eval.fid_steps, explicit.eval.fid_guidance) == ("euler", 3, 1.2)
+    with pytest.raises(ValueError, match="eval.fid_guidance != 1 needs a conditional run"):
+        tiny("eval.fid_guidance=2")
 
 
 def test_latent_data_trains_and_grids_and_final_decode_through_the_vae(tmp_path):
@@ -249,3 +258,87 @@ def test_fsdp_on_one_process_trains_unsharded_and_says_so(tmp_path, capsys):
     assert "parallelism: none over 1 process" in said and "train.fsdp=true ignored: one process" in said, said
     step = tmp_path / "run" / "checkpoints" / "step_0000004"
     assert step.is_dir() and not list(step.glob("optimizer_shard_*"))
+
+
+# ---------------------------------------------------------------------- fine-tuning (train.init_from)
+def official_tiny_state(num_classes=-1, seed=0) -> dict:
+    """libs/uvit.py's state-dict layout (names and shapes read off its __init__: timm Mlp fc1/fc2, skip_linear in
+    the out blocks, final_layer conv) for the TINY architecture, random weights: a published-layout checkpoint."""
+    g, d, c, p, hidden = torch.Generator().manual_seed(seed), 32, 1, 2, 128
+    shapes = {"patch_embed.proj.weight": (d, c, p, p), "patch_embed.proj.bias": (d,),
+              "pos_embed": (1, 1 + (num_classes > 0) + 16, d)}
+    if num_classes > 0:
+        shapes["label_emb.weight"] = (num_classes, d)
+    for prefix, skip in (("in_blocks.0", False), ("mid_block", False), ("out_blocks.0", True)):
+        for name, shape in (("norm1.weight", (d,)), ("norm1.bias", (d,)), ("attn.qkv.weight", (3 * d, d)),
+                            ("attn.proj.weight", (d, d)), ("attn.proj.bias", (d,)), ("norm2.weight", (d,)),
+                            ("norm2.bias", (d,)), ("mlp.fc1.weight", (hidden, d)), ("mlp.fc1.bias", (hidden,)),
+                            ("mlp.fc2.weight", (d, hidden)), ("mlp.fc2.bias", (d,))):
+            shapes[f"{prefix}.{name}"] = shape
+        if skip:
+            shapes.update({f"{prefix}.skip_linear.weight": (d, 2 * d), f"{prefix}.skip_linear.bias": (d,)})
+    shapes.update({"norm.weight": (d,), "norm.bias": (d,), "decoder_pred.weight": (p * p * c, d),
+                   "decoder_pred.bias": (p * p * c,), "final_layer.weight": (c, c, 3, 3), "final_layer.bias": (c,)})
+    return {k: torch.randn(s, generator=g) * 0.02 for k, s in shapes.items()}
+
+
+def test_fine_tuning_starts_model_and_ema_from_a_saved_run_and_a_published_checkpoint(tmp_path):
+    final = Trainer(tiny("train.steps=2"), tmp_path / "base").train()
+    source = weights(final / "transformer")
+    tuned = Trainer(tiny(f"train.init_from={final}"), tmp_path / "tuned")
+    assert all(torch.equal(v.cpu(), source[k]) for k, v in tuned.raw_model.state_dict().items())
+    assert all(torch.equal(s.cpu(), p.detach().cpu()) for s, p in zip(tuned.ema.shadow_params, tuned.raw_model.parameters()))
+    assert torch.equal(tuned.ema_model.state_dict()["pos_embed"].cpu(), source["pos_embed"])
+    tuned.train()  # and it trains on from there
+
+    published = official_tiny_state()
+    torch.save(published, tmp_path / "cifar10_uvit_small.pth")  # recognised by the name; a tiny one of that layout
+    run = Trainer(tiny(f"train.init_from={tmp_path / 'cifar10_uvit_small.pth'}"), tmp_path / "from_pth")
+    assert all(torch.equal(v.cpu(), published[k]) for k, v in run.raw_model.state_dict().items())
+    assert all(torch.equal(s.cpu(), published[k]) for s, (k, _) in zip(run.ema.shadow_params, run.raw_model.named_parameters()))
+    run.train()
+
+
+def test_fine_tuning_to_another_class_count_lists_the_differing_tensors_or_resets_the_label_table(tmp_path):
+    imagenet_like = official_tiny_state(num_classes=1001)  # 1000 classes + the null label
+    torch.save(imagenet_like, tmp_path / "imagenet256_uvit_large.pth")
+    init = f"train.init_from={tmp_path / 'imagenet256_uvit_large.pth'}"
+    with pytest.raises(ValueError, match=r"does not fit the configured model \(shapes differ: label_emb.weight "
+                                         r"\(1001, 32\) there, \(11, 32\) here\).*init_reset=\[label_emb\]"):
+        Trainer(tiny(init, "data.conditional=true"), tmp_path / "bad")
+    run = Trainer(tiny(init, "data.conditional=true", "train.init_reset=[label_emb]"), tmp_path / "digits")
+    state = run.raw_model.state_dict()
+    assert state["label_emb.weight"].shape == (11, 32) and not torch.equal(state["label_emb.weight"], imagenet_like["label_emb.weight"][:11])
+    assert all(torch.equal(v.cpu(), imagenet_like[k]) for k, v in state.items() if not k.startswith("label_emb."))
+    run.train()
+
+
+def test_a_bad_init_from_fails_at_config_load(tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match="train.init_from=.*missing does not exist"):
+        tiny(f"train.init_from={tmp_path / 'missing'}")
+    (tmp_path / "nnet_ema.pth").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"train.init_from: nnet_ema.pth is not the name of a published U-ViT "
+                                         r"checkpoint \(cifar10_uvit_small.pth, "):
+        tiny(f"train.init_from={tmp_path / 'nnet_ema.pth'}")
+    with pytest.raises(ValueError, match="no model weights there"):
+        tiny(f"train.init_from={tmp_path}")
+    with pytest.raises(ValueError, match=r"train.init_reset: unknown part\(s\) \['labels'\]; choose from label_emb, head"):
+        tiny(f"train.init_from={tmp_path / 'nnet_ema.pth'}", "train.init_reset=[labels]")
+    from uvic.cli import train as train_py
+
+    with pytest.raises(SystemExit) as exit_:  # train.py: one line, before any run folder exists
+        train_py([f"--output-dir={tmp_path / 'run'}", *TINY, f"train.init_from={tmp_path / 'missing'}"])
+    assert exit_.value.code == 2 and not (tmp_path / "run").exists()
+    assert f"train.py: error: train.init_from={tmp_path / 'missing'} does not exist" in capsys.readouterr().err
+
+
+def test_a_run_saved_before_the_fine_tuning_and_fid_keys_existed_continues_with_the_same_command(tmp_path):
+    overrides = ["train.steps=6", "train.checkpoint_every=3"]
+    with pytest.raises(KeyboardInterrupt):
+        CrashAfter(tiny(*overrides), tmp_path / "run").train()
+    saved = OmegaConf.load(tmp_path / "run" / "config.yaml")  # as uvic wrote it before these keys
+    for section, key in (("train", "init_from"), ("train", "init_reset"), ("eval", "fid_guidance")):
+        del saved[section][key]
+    save_config(saved, tmp_path / "run" / "config.yaml")
+    again = Trainer(tiny(*overrides), tmp_path / "run")
+    assert again.resume_from is not None and again.state.step == 3

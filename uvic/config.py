@@ -123,6 +123,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     fsdp: bool = False  # FSDP2: weights, gradients, AdamW and EMA states sharded over the processes (README "DDP or FSDP")
     cpu_threads: Optional[int] = None  # on the CPU: torch intra-op threads (None = torch's default)
+    init_from: Optional[str] = None  # fine-tune: initial weights (uvic.finetune: a published .pth, final/, a checkpoint)
+    init_reset: Optional[List[str]] = None  # parts re-initialised instead: label_emb, head, patch_embed
 
 
 @dataclass
@@ -132,8 +134,11 @@ class EvalConfig:
     fid_every: int = 0  # 0 = off
     fid_num_samples: int = 10_000
     fid_ref: Optional[str] = None  # reference statistics / data set name for uvic.metrics
-    fid_scheduler: str = "dpm++2m"
-    fid_steps: int = 50
+    # the evaluation protocol: None = the recipe's (train.sample_scheduler, sample_steps, sample_guidance), filled
+    # in at load so config.yaml and metrics.csv say which sampler, steps and guidance each FID used
+    fid_scheduler: Optional[str] = None
+    fid_steps: Optional[int] = None
+    fid_guidance: Optional[float] = None  # classifier-free guidance w of the FID samples (1 = off)
     fid_batch_size: int = 64
 
 
@@ -176,8 +181,19 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Di
             cfg = OmegaConf.merge(cfg, layer)
         except OmegaConfBaseException as e:  # a wrong type, e.g. train.steps=abc
             raise ValueError(f"bad value in {source}: {getattr(e, 'msg', None) or e}") from None
-    cfg = resolve_model(cfg)
+    cfg = resolve_eval(resolve_model(cfg))
     validate_config(cfg)
+    return cfg
+
+
+def resolve_eval(cfg: DictConfig) -> DictConfig:
+    """In-training FID samples as the recipe does unless told otherwise: eval.fid_scheduler, fid_steps and
+    fid_guidance default to train.sample_scheduler, sample_steps and sample_guidance."""
+    cfg = cfg.copy()
+    for fid_key, train_key in (("fid_scheduler", "sample_scheduler"), ("fid_steps", "sample_steps"),
+                               ("fid_guidance", "sample_guidance")):
+        if cfg.eval[fid_key] is None:
+            cfg.eval[fid_key] = cfg.train[train_key]
     return cfg
 
 
@@ -311,11 +327,15 @@ def validate_config(cfg: DictConfig) -> None:
             raise ValueError(f"diffusion.t_min must lie in [0, 1), got {d.t_min}")
     if d.snr_gamma is not None and d.snr_gamma <= 0:
         raise ValueError(f"diffusion.snr_gamma must be > 0 or null, got {d.snr_gamma}")
-    if t.sample_guidance != 1.0 and not (data.conditional or m.get("context_dim")):
-        raise ValueError("train.sample_guidance != 1 needs a conditional run (data.conditional=true, or a text "
-                         "model with model.context_dim)")
+    for key, guidance in (("train.sample_guidance", t.sample_guidance), ("eval.fid_guidance", e.fid_guidance)):
+        if guidance != 1.0 and not (data.conditional or m.get("context_dim")):
+            raise ValueError(f"{key} != 1 needs a conditional run (data.conditional=true, or a text "
+                             "model with model.context_dim)")
     if e.fid_every > 0 and not e.fid_ref:
         raise ValueError("eval.fid_every > 0 needs eval.fid_ref (reference statistics for FID)")
+    from .finetune import check_init_source
+
+    check_init_source(t.init_from, list(t.init_reset or []))
     if data.name in ("imagefolder", "latents") and not data.path:
         raise ValueError(f"data.name={data.name!r} needs data.path (the {data.name} location)")
 
@@ -333,7 +353,8 @@ def config_diff(a: DictConfig, b: DictConfig) -> List[str]:
     """Dotted keys whose values differ between two configs (for 'this folder holds another run')."""
     fa = _flatten(OmegaConf.to_container(a))
     fb = _flatten(OmegaConf.to_container(b))
-    return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
+    # a key one side lacks was added to uvic after that config was saved: not a difference of the run
+    return sorted(k for k in set(fa) & set(fb) if fa[k] != fb[k])
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -192,9 +193,12 @@ def attach_vae(pipeline, source, *, scale_factor: Optional[float] = None):
     save_pretrained writes vae/ beside transformer/ and scheduler/.
 
     source: a LatentDataset, an extraction folder (meta.json; its vae/ copy is used), a VAE folder
-    or hub id, or an AutoencoderKL. scale_factor: the factor the model was trained with (default:
-    the dataset's, else the extraction's meta.json, else the VAE's own); it is written into
-    vae.config.scaling_factor, which the pipeline divides by before decoding.
+    or hub id, or an AutoencoderKL. The latent scale is the model's (pipeline.config.latent_scale)
+    when it has one: a VAE's own config.scaling_factor describes the VAE, not the model (SD v1's
+    folder says 0.18215, MS-COCO U-ViT was trained with 0.23010). scale_factor (or a dataset's /
+    extraction's meta.json scale) states the model's scale: one that disagrees with the pipeline's is
+    refused. Without either, the VAE's own is used. The scale is written into vae.config.scaling_factor
+    (which the pipeline divides by before decoding) and into pipeline.config.latent_scale.
     """
     from diffusers import AutoencoderKL
 
@@ -211,10 +215,16 @@ def attach_vae(pipeline, source, *, scale_factor: Optional[float] = None):
             vae = load_vae(folder / VAE_DIR if (folder / VAE_DIR).is_dir() else meta["vae"])
         else:
             vae = load_vae(source)
-    if scale_factor is not None:
-        vae.register_to_config(scaling_factor=float(scale_factor))
+    model_scale = pipeline.config.get("latent_scale")
+    if model_scale is not None and scale_factor is not None and not math.isclose(model_scale, scale_factor, rel_tol=1e-6):
+        raise ValueError(f"latent scale {float(scale_factor):g} of {source} differs from the model's {model_scale:g} "
+                         "(pipeline latent_scale, the factor its training latents were scaled by)")
+    scale = model_scale if model_scale is not None else scale_factor
+    scale = float(vae.config.scaling_factor if scale is None else scale)
+    vae.register_to_config(scaling_factor=scale)
     vae.to(pipeline.transformer.device)
     pipeline.register_modules(vae=vae)
+    pipeline.register_to_config(latent_scale=scale)
     return pipeline
 
 

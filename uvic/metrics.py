@@ -631,6 +631,7 @@ def pipeline_fid(
     ref,
     steps: int = 50,
     scheduler=None,
+    guidance: float = 1.0,
     batch_size: int = 64,
     seed: int = 0,
     device=None,
@@ -647,5 +648,5 @@ def pipeline_fid(
     check_resolution(size, ref_in, choose_extractor(None, ref_in), allow_resize=False)
     with tempfile.TemporaryDirectory(prefix="uvic-fid-") as tmp:
         npz = generate_samples(pipeline, tmp, num_samples=num_samples, batch_size=batch_size, seed=seed,
-                               scheduler=scheduler, steps=steps, progress=False)
+                               scheduler=scheduler, steps=steps, guidance=guidance, progress=False)
         return compute_metrics(str(npz), ref, fid=True, batch_size=batch_size, device=device)["fid"]

@@ -353,6 +353,16 @@ def config_from_reference(reference: dict, **overrides) -> dict:
     return {**config, **overrides}
 
 
+def read_reference_state(path: str) -> dict:
+    """The tensors of a published U-ViT `.pth` under libs/uvit.py's names, which are UViT's (a wrapping
+    state_dict / model / nnet entry and DDP's `module.` prefix removed). Only tensors are unpickled."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "nnet"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
 def load_reference_checkpoint(path: str, reference_config: dict, **overrides) -> UViT:
     """Load a published U-ViT `.pth` (e.g. nnet_ema.pth) with `strict=True`.
 
@@ -361,11 +371,7 @@ def load_reference_checkpoint(path: str, reference_config: dict, **overrides) ->
     Note: the reference discrete-time models were trained with timesteps 1..N, where diffusers
     counts 0..N-1.
     """
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model", "nnet"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = read_reference_state(path)
     model = UViT(**config_from_reference(reference_config, **overrides))
     model.load_state_dict(state, strict=True)
     return model

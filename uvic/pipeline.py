@@ -46,6 +46,17 @@ LEGACY_TRANSFORMER_KEY = "model"  # the denoiser's component name before it beca
 EMPTY_CONTEXT_FILE = "empty_context.safetensors"  # text-to-image: the empty prompt's features (L, D)
 
 
+def check_latent_scale(vae, latent_scale: float):
+    """Refuse a VAE that would decode the model's latents with another scale than it was trained with."""
+    given = float(vae.config.scaling_factor)
+    if abs(given - float(latent_scale)) > 1e-6 * max(1.0, abs(float(latent_scale))):
+        raise ValueError(
+            f"the VAE's scaling_factor {given:g} differs from the model's latent scale {float(latent_scale):g} (the "
+            "factor its training latents were scaled by): attach the VAE with uvic.latents.attach_vae, which gives "
+            "it the model's scale, or use the VAE the model was trained with"
+        )
+
+
 class UViCPipeline(DiffusionPipeline):
     """Sampling pipeline: `transformer` (UViT), `scheduler` (any diffusers scheduler), optional `vae`.
 
@@ -56,17 +67,26 @@ class UViCPipeline(DiffusionPipeline):
     models (trained on diffusers' 0..T-1); 1 for the reference discrete-time U-ViT checkpoints (ImageNet
     H), trained with n = 1..N where diffusers' index n-1 has the same noise level. Continuous-time
     models carry their VP-SDE in the scheduler config instead (uvic.diffusion.model_time is the map).
+    latent_scale: the factor the model's latents were scaled by in training (MS-COCO U-ViT: 0.23010, SD's
+    ImageNet latents: 0.18215), saved in model_index.json so it travels with the model; a `vae` whose
+    config.scaling_factor differs is refused (uvic.latents.attach_vae gives a VAE the model's scale).
+    null_label: the last label of the table is the null class of classifier-free guidance (uvic models,
+    U-ViT's 1001-row ImageNet 256/512 tables); False for tables of real classes only (U-ViT's ImageNet
+    64 models, trained without label dropout), which sample every class and refuse guidance.
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
     _optional_components = ["vae", "text_encoder", "tokenizer"]
 
     def __init__(self, transformer: UViT, scheduler, vae=None, text_encoder=None, tokenizer=None,
-                 timestep_offset: int = 0):
+                 timestep_offset: int = 0, latent_scale: Optional[float] = None, null_label: bool = True):
         super().__init__()
+        if vae is not None and latent_scale is not None:
+            check_latent_scale(vae, latent_scale)
         self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
                               tokenizer=tokenizer)
-        self.register_to_config(timestep_offset=int(timestep_offset))
+        self.register_to_config(timestep_offset=int(timestep_offset), null_label=bool(null_label),
+                                latent_scale=None if latent_scale is None else float(latent_scale))
         self.empty_context: Optional[torch.Tensor] = None  # (L, D), text-to-image; see set_empty_context
 
     # ------------------------------------------------------------------ text-to-image
@@ -176,9 +196,12 @@ class UViCPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------ what the pipeline produces
     @property
     def num_real_classes(self) -> int:
-        """Classes a user may ask for (the last label of the table is the null class); 0 if unconditional."""
+        """Classes a user may ask for (the last label of the table is the null class unless null_label is
+        False); 0 if unconditional."""
         n = self.transformer.config.num_classes
-        return n - 1 if n > 0 else 0
+        if n <= 0:
+            return 0
+        return n - 1 if self.config.get("null_label", True) else n
 
     @property
     def image_shape(self) -> tuple:
@@ -206,6 +229,9 @@ class UViCPipeline(DiffusionPipeline):
             if guidance_scale != 1.0:
                 raise ValueError(f"guidance needs a class-conditional model; got guidance_scale={guidance_scale}")
             return None
+        if guidance_scale != 1.0 and not self.config.get("null_label", True):
+            raise ValueError(f"this model has no null class (null_label=False: trained without label dropout), so "
+                             f"no classifier-free guidance; got guidance_scale={guidance_scale}, use 1")
         if class_labels is None:
             class_labels = torch.arange(batch_size) % self.num_real_classes
         labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)

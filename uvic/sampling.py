@@ -56,7 +56,7 @@ IDENTITY_KEYS = ("model", "seed", "scheduler", "steps", "guidance", "classes", "
 MODEL_KINDS = (
     "a pipeline folder (model_index.json, e.g. runs/NAME/final), a run directory (config.yaml, "
     "checkpoints/, final/), a checkpoint folder (model/, ema_model/, scheduler/) or a published "
-    "U-ViT .pth with --reference-config"
+    "U-ViT .pth (recognised by its file name, else with --reference-config)"
 )
 
 
@@ -126,6 +126,36 @@ def _read_mapping(source) -> dict:
 
 
 REFERENCE_CONFIGS = "configs/reference/"  # one YAML per published U-ViT checkpoint
+# The file names of baofff/U-ViT's published checkpoints (its README's table) -> their reference config.
+PUBLISHED_CHECKPOINTS = {
+    "cifar10_uvit_small.pth": "cifar10_uvit_s2.yaml",
+    "celeba64_uvit_small.pth": "celeba64_uvit_s4.yaml",
+    "imagenet64_uvit_mid.pth": "imagenet64_uvit_m4.yaml",
+    "imagenet64_uvit_large.pth": "imagenet64_uvit_l4.yaml",
+    "imagenet256_uvit_large.pth": "imagenet256_uvit_l2.yaml",
+    "imagenet256_uvit_huge.pth": "imagenet256_uvit_h2.yaml",
+    "imagenet512_uvit_large.pth": "imagenet512_uvit_l4.yaml",
+    "imagenet512_uvit_huge.pth": "imagenet512_uvit_h4.yaml",
+    "mscoco_uvit_small.pth": "mscoco_uvit_s2.yaml",
+    "mscoco_uvit_small_deep.pth": "mscoco_uvit_s2_deep.yaml",
+}
+
+
+def published_reference_config(path) -> Path:
+    """The reference config of a published U-ViT checkpoint, recognised by its file name; any other name is
+    refused with the list of known ones (a renamed file needs --reference-config)."""
+    name = Path(path).name
+    if name not in PUBLISHED_CHECKPOINTS:
+        raise ValueError(f"{name} is not the name of a published U-ViT checkpoint ({', '.join(PUBLISHED_CHECKPOINTS)}): "
+                         f"pass --reference-config (one of {REFERENCE_CONFIGS}*.yaml, or a YAML/JSON of the reference "
+                         "`nnet` keywords)")
+    # the repository's configs/reference/, else one under the working directory (an installed package)
+    for root in (Path(__file__).resolve().parents[1], Path.cwd()):
+        found = root / REFERENCE_CONFIGS / PUBLISHED_CHECKPOINTS[name]
+        if found.is_file():
+            return found
+    raise FileNotFoundError(f"{name}: its reference config {REFERENCE_CONFIGS}{PUBLISHED_CHECKPOINTS[name]} is missing "
+                            "(run from the uvic repository, or pass --reference-config)")
 
 
 def load_reference_pipeline(path, reference_config, vae=None) -> UViCPipeline:
@@ -174,19 +204,21 @@ def load_reference_pipeline(path, reference_config, vae=None) -> UViCPipeline:
             raise  # a mismatch of shapes and the like: load_reference_checkpoint's own message
         raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt: "
                          f"{str(err).split('. ')[0][:200]}); download it again") from None
-    pipe = UViCPipeline(transformer=model, scheduler=scheduler, timestep_offset=offset)
+    # the latent scale the model was trained with travels with its reference config and is saved in the pipeline,
+    # whichever route supplies the VAE weights (a --vae folder's own scaling_factor is SD's 0.18215, not MS-COCO's 0.23010)
     reference_vae = cfg.get("vae") if sectioned else None
+    latent_scale = reference_vae.get("scale_factor") if isinstance(reference_vae, dict) else None
+    pipe = UViCPipeline(transformer=model, scheduler=scheduler, timestep_offset=offset, latent_scale=latent_scale,
+                        null_label=bool(cfg.get("null_label", True)) if sectioned else True)
     vae = vae if vae is not None else reference_vae
     if vae is not None:
         from .latents import attach_vae
 
-        # the latent scale the model was trained with travels with its reference config, whichever route
-        # supplies the VAE weights (a --vae folder's own scaling_factor is SD's 0.18215, not MS-COCO's 0.23010)
-        scale_factor = reference_vae.get("scale_factor") if isinstance(reference_vae, dict) else None
+        scale_factor = None
         if isinstance(vae, dict):
             from diffusers import AutoencoderKL
 
-            scale_factor = vae.get("scale_factor", scale_factor)
+            scale_factor = vae.get("scale_factor")
             if vae.get("subfolder"):
                 vae = AutoencoderKL.from_pretrained(vae["source"], subfolder=vae["subfolder"]).eval()
             else:
@@ -217,10 +249,7 @@ def load_pipeline(model, checkpoint=None, ema: bool = True, reference_config=Non
         if checkpoint is not None:
             raise ValueError(f"--checkpoint applies to run directories, not to the file {path}")
         if reference_config is None:
-            raise ValueError(
-                f"MODEL {path} is a file: a published U-ViT checkpoint needs --reference-config "
-                f"(one of {REFERENCE_CONFIGS}*.yaml, or a YAML/JSON of the reference `nnet` keywords)"
-            )
+            reference_config = published_reference_config(path)
         return load_reference_pipeline(path, reference_config, vae=vae)
     if reference_config is not None:
         raise ValueError(f"--reference-config applies to a published U-ViT .pth file, not to the folder {path}")
@@ -252,7 +281,8 @@ def with_scheduler(pipeline: UViCPipeline, scheduler=None, timestep_spacing: Opt
             scheduler = make_scheduler(scheduler, base.config, **overrides)
     pipe = UViCPipeline(transformer=pipeline.transformer, scheduler=scheduler, vae=pipeline.vae,
                         text_encoder=pipeline.text_encoder, tokenizer=pipeline.tokenizer,
-                        timestep_offset=pipeline.config.get("timestep_offset", 0))
+                        timestep_offset=pipeline.config.get("timestep_offset", 0),
+                        latent_scale=pipeline.config.get("latent_scale"), null_label=pipeline.config.get("null_label", True))
     pipe.empty_context = pipeline.empty_context  # text-to-image: the unconditional context
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -682,7 +712,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--checkpoint", help="run directory: 'latest' or a step number instead of final/")
     add("--ema", action=argparse.BooleanOptionalAction, default=True, help="EMA weights of a checkpoint (default on)")
     add("--reference-config", help=f"a published U-ViT .pth: its {REFERENCE_CONFIGS}*.yaml (architecture, schedule, "
-        "VAE, and the paper's sampler, steps and guidance as defaults)")
+        "VAE, and the paper's sampler, steps and guidance as defaults); picked by the file name for "
+        f"{', '.join(PUBLISHED_CHECKPOINTS)}")
     add("--vae", help="AutoencoderKL folder (or latents extraction folder) that decodes a latent model")
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--grid", type=int, metavar="N", help="one PNG grid, N per row: a row per class (conditional)")
@@ -731,6 +762,10 @@ def _grid_path(args) -> Path:
 def run(args) -> Path:
     """sample.py with parsed arguments; returns the grid, samples.npz or png folder."""
     # Everything that can be checked without the model is checked first.
+    if args.reference_config is None and Path(args.model).is_file():
+        args.reference_config = str(published_reference_config(args.model))
+        print(f"sample.py: {Path(args.model).name} is a published U-ViT checkpoint: reference config "
+              f"{args.reference_config}", file=sys.stderr)
     paper = reference_sample_settings(args.reference_config) if args.reference_config else {}
     if args.scheduler is None:  # the paper's sampler is the reference pipeline's own
         args.scheduler = "saved" if paper.get("scheduler") else "dpm++2m"

@@ -56,6 +56,9 @@ OPTIMIZER_SHARDS = "optimizer_shard_{}.safetensors"  # train.fsdp: one per proce
 LR_SCHEDULE_NAMES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
 
+METRICS_COLUMNS = ["step", "metric", "value", "scheduler", "steps", "guidance"]  # metrics.csv
+
+
 class FixedDecayEMA(EMAModel):
     """U-ViT's EMA (train.ema_warmup: false): θ_ema ← d θ_ema + (1 − d) θ from the first step, d fixed."""
 
@@ -216,6 +219,12 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         self.noise_scheduler = build_scheduler(cfg.diffusion)
         self.raw_model = UViT(**model_kwargs(cfg))
+        if t.init_from and self.resume_from is None:  # fine-tuning; the EMA below starts from these weights too
+            from .finetune import load_init_weights
+
+            fresh = load_init_weights(self.raw_model, t.init_from, list(t.init_reset or []))
+            self.accelerator.print(f"initial weights from {t.init_from}" + (f"; re-initialised {', '.join(fresh)}"
+                                                                            if fresh else ""))
         if cfg.model.gradient_checkpointing:
             self.raw_model.enable_gradient_checkpointing()
         if self.fsdp:  # whole weights are gathered into this copy (grids, FID, saving), on the main process only
@@ -561,23 +570,33 @@ class Trainer:
                 ref=e.fid_ref,
                 steps=e.fid_steps,
                 scheduler=e.fid_scheduler,
+                guidance=e.fid_guidance,
                 batch_size=e.fid_batch_size,
                 seed=self.cfg.train.sample_seed,
                 device=self.accelerator.device,
             )
             self.writer.add_scalar("eval/fid", fid, self.step)
-            self.append_metric("fid", fid)
-            self.accelerator.print(f"step {self.step}: FID {fid:.3f}")
+            self.append_metric("fid", fid, scheduler=e.fid_scheduler, steps=e.fid_steps, guidance=e.fid_guidance)
+            self.accelerator.print(f"step {self.step}: FID {fid:.3f} ({e.fid_scheduler}, {e.fid_steps} steps, "
+                                   f"guidance {e.fid_guidance:g}, {e.fid_num_samples} samples)")
         self.accelerator.wait_for_everyone()
 
-    def append_metric(self, metric: str, value: float) -> None:
+    def append_metric(self, metric: str, value: float, **protocol) -> None:
+        """One row of metrics.csv: step, metric, value and how it was measured (FID: scheduler, steps, guidance)."""
         path = self.out / "metrics.csv"
-        new = not path.exists()
+        rows = []
+        if path.exists():
+            with open(path, newline="") as f:
+                rows = list(csv.reader(f))
+        if rows and rows[0] != METRICS_COLUMNS:  # a file of an older uvic: its rows under the current header
+            rows = [METRICS_COLUMNS] + [row + [""] * (len(METRICS_COLUMNS) - len(row)) for row in rows[1:]]
+            with open(path, "w", newline="") as f:
+                csv.writer(f).writerows(rows)
         with open(path, "a", newline="") as f:
             writer = csv.writer(f)
-            if new:
-                writer.writerow(["step", "metric", "value"])
-            writer.writerow([self.step, metric, value])
+            if not rows:
+                writer.writerow(METRICS_COLUMNS)
+            writer.writerow([self.step, metric, value] + [protocol.get(k, "") for k in METRICS_COLUMNS[3:]])
 
     def save_checkpoint(self) -> Path:
         """checkpoints/step_XXXXXXX: accelerate state (weights, optimizer, LR schedule, RNG states),
