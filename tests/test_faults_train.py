@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when run as the
 from test_train import TINY, tiny
 from uvic.config import load_config
 from uvic.model import UViT
+from uvic.loading import run_pipeline
 from uvic.runs import CheckpointError, DiskFullError, RunDir, checkpoint_problem, write_manifest
 from uvic.trainer import NonFiniteLossError, Trainer, main
 
@@ -199,11 +200,11 @@ def test_pipeline_latest_falls_back_and_an_explicit_damaged_checkpoint_is_refuse
     shutil.copytree(trained, out)
     damage(out / "checkpoints" / "step_0000004" / "ema_model" / "diffusion_pytorch_model.safetensors", "flip")
     with pytest.warns(UserWarning, match="step_0000004 is damaged"):
-        pipe = RunDir(out).pipeline("latest")
+        pipe = run_pipeline(RunDir(out), "latest")
     ema2 = load_file(str(out / "checkpoints" / "step_0000002" / "ema_model" / "diffusion_pytorch_model.safetensors"))
     assert torch.equal(pipe.transformer.pos_embed, ema2["pos_embed"])
     with pytest.raises(CheckpointError, match=r"step_0000004 is damaged.*ema_model/diffusion_pytorch_model"):
-        RunDir(out).pipeline(4)
+        run_pipeline(RunDir(out), 4)
     with pytest.raises(CheckpointError, match=r"not an intact checkpoint: ema_model/diffusion_pytorch_model.* sha256"):
         Trainer(tiny(*CKPT), tmp_path / "other", resume=str(out / "checkpoints" / "step_0000004"))
     assert not (tmp_path / "other").exists()
@@ -219,7 +220,7 @@ def test_an_unreadable_rng_state_with_a_matching_manifest_is_refused_not_swallow
 
 
 def test_a_checkpoint_folder_given_directly_to_the_sampler_is_verified(trained, tmp_path):
-    from uvic.runs import checkpoint_pipeline
+    from uvic.loading import checkpoint_pipeline
 
     ckpt = tmp_path / "step_0000004"
     shutil.copytree(trained / "checkpoints" / "step_0000004", ckpt)

@@ -326,7 +326,7 @@ def random_inception(tmp_path):
 
 
 def test_extract_train_sample_with_guidance_decode_and_score(latents, image_folder, random_inception, tmp_path, monkeypatch):
-    from uvic import evaluate, sampling, trainer
+    from uvic import evaluate, loading, sampling, trainer
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # nothing is found or fetched there
     monkeypatch.setenv("UVIC_CACHE_DIR", str(tmp_path / "cache"))
@@ -341,7 +341,7 @@ train: {{steps: 3, batch_size: 4, warmup_steps: 1, log_every: 1, sample_every: 0
     run = tmp_path / "run"
     final = trainer.main(["--config", str(config), "--output-dir", str(run), "--cpu"])
     assert (final / "vae" / "config.json").exists(), "latent runs keep their VAE in final/ (uvic.latents.attach_vae)"
-    pipe = sampling.load_pipeline(run)
+    pipe = loading.load_pipeline(run)
     assert pipe.transformer.config.num_classes == 4 and pipe.vae.config.scaling_factor == 0.18215
 
     samples = sampling.main([str(run), "--num-samples", "6", "--out", str(tmp_path / "samples"), "--steps", "2",

@@ -464,7 +464,8 @@ def test_reference_pth_samples_with_the_paper_sampler_and_a_latent_one_needs_its
     import yaml
 
     from uvic.diffusion import EulerMaruyamaScheduler
-    from uvic.sampling import load_pipeline, main
+    from uvic.loading import load_pipeline
+    from uvic.sampling import main
 
     nnet = dict(img_size=8, patch_size=2, in_chans=3, embed_dim=16, depth=2, num_heads=2, num_classes=-1)
     from uvic.model import config_from_reference
@@ -521,7 +522,7 @@ def test_the_reference_latent_scale_is_used_whichever_route_supplies_the_vae(tmp
 
     from uvic.latents import attach_vae
     from uvic.model import config_from_reference
-    from uvic.sampling import load_pipeline
+    from uvic.loading import load_pipeline
 
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
@@ -647,7 +648,7 @@ def test_each_published_checkpoint_is_recognised_by_name_and_loads_strictly_in_t
     official state-dict layout (at depth 2, random weights) loads into it strictly, every tensor in place."""
     import yaml
 
-    from uvic.sampling import load_pipeline, published_reference_config
+    from uvic.loading import load_pipeline, published_reference_config
 
     nnet, algorithm, steps, scale = OFFICIAL[name]
     path = published_reference_config(name)

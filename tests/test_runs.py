@@ -5,6 +5,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from uvic.model import UViT
+from uvic.loading import run_pipeline
 from uvic.runs import RunDir, atomic_write, checkpoint_name, write_manifest
 
 TINY = dict(sample_size=8, in_channels=1, patch_size=2, embed_dim=16, depth=2, num_heads=2)
@@ -39,11 +40,11 @@ def test_checkpoints_steps_and_the_run_around_a_path(tmp_path):
 def test_pipeline_of_a_checkpoint_holds_its_ema_or_raw_weights(tmp_path):
     folder = fake_checkpoint(tmp_path / "run", 2, seed=0)
     r = RunDir(tmp_path / "run")
-    ema, raw = r.pipeline("latest"), r.pipeline(2, ema=False)
+    ema, raw = run_pipeline(r, "latest"), run_pipeline(r, 2, ema=False)
     assert torch.equal(ema.transformer.pos_embed, UViT.from_pretrained(folder / "ema_model").pos_embed)
     assert torch.equal(raw.transformer.pos_embed, UViT.from_pretrained(folder / "model").pos_embed)
     with pytest.raises(FileNotFoundError, match="has no final/"):
-        r.pipeline()
+        run_pipeline(r)
 
 
 def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):

@@ -18,7 +18,8 @@ from PIL import Image
 
 from uvic.model import UViT
 from uvic.pipeline import UViCPipeline
-from uvic.sampling import generate_samples, labels_for, load_pipeline, main
+from uvic.loading import load_pipeline
+from uvic.sampling import generate_samples, labels_for, main
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(sample_size=8, patch_size=2, embed_dim=32, depth=2, num_heads=2)

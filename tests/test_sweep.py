@@ -43,7 +43,7 @@ def test_grid_expansion_and_names_seed_major():
 def test_dry_run_skips_finished_resumes_interrupted_and_starts_new(tmp_path, capsys):
     done = tmp_path / "digits_uvic__seed=0" / "final"
     done.mkdir(parents=True)
-    (done / "model.safetensors").write_text("x")
+    (done / "model_index.json").write_text("{}")
     assert is_finished(done.parent)
     interrupted = tmp_path / "digits_uvic__seed=1" / "checkpoints" / "step_0001000"
     interrupted.mkdir(parents=True)

@@ -527,7 +527,7 @@ def test_mscoco_reference_config_samples_a_published_style_checkpoint_from_promp
 
     from omegaconf import OmegaConf
 
-    from uvic import sampling
+    from uvic import loading
 
     shipped = OmegaConf.to_container(OmegaConf.load(Path(__file__).resolve().parents[1] / "configs" / "reference" /
                                                     "mscoco_uvit_s2.yaml"))
@@ -541,7 +541,7 @@ def test_mscoco_reference_config_samples_a_published_style_checkpoint_from_promp
     source = UViT(sample_size=8, in_channels=4, patch_size=2, embed_dim=32, depth=2, num_heads=2, context_dim=12,
                   num_context_tokens=77)
     torch.save(source.state_dict(), tmp_path / "mscoco_uvit_small.pth")
-    pipe = sampling.load_pipeline(tmp_path / "mscoco_uvit_small.pth", reference_config=tmp_path / "ref.yaml")
+    pipe = loading.load_pipeline(tmp_path / "mscoco_uvit_small.pth", reference_config=tmp_path / "ref.yaml")
     assert pipe.is_text_conditional and pipe.config.timestep_offset == 1
     pipe.attach_text_encoder(str(write_tiny_clip(tmp_path / "clip")))
     pipe.set_progress_bar_config(disable=True)

@@ -35,7 +35,7 @@ from .cli import add_debug_option, command
 from .diffusion import make_scheduler, model_time
 from .model import UViT
 from .runs import RunDir
-from .sampling import load_pipeline
+from .loading import load_pipeline
 
 # statistic -> what it means (summary.md and the README quote these). All are means over images.
 STATISTICS = {
@@ -202,7 +202,7 @@ class ModelAnalysis:
 # ---------------------------------------------------------------------------------- inputs
 @dataclass
 class LoadedModel:
-    """A model to analyse, loaded as sample.py loads it (uvic.sampling.load_pipeline)."""
+    """A model to analyse, loaded as sample.py loads it (uvic.loading.load_pipeline)."""
 
     path: Path
     model: UViT

@@ -45,7 +45,7 @@ def check_init_source(path, reset: Sequence[str]) -> None:
     if not path.exists():
         raise FileNotFoundError(f"train.init_from={path} does not exist; expected {INIT_KINDS}")
     if path.is_file():
-        from .sampling import published_reference_config
+        from .loading import published_reference_config
 
         try:
             published_reference_config(path)

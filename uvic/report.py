@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from . import metrics, stats
+from . import loading, metrics, stats
 from .attention import MECHANISMS
 from .config import TrainConfig, load_config
 from .runs import CONFIG, RunDir
@@ -71,8 +71,7 @@ class RunSpec:
 
 def is_model(path) -> bool:
     """A pipeline folder, run directory or checkpoint folder (as opposed to a set of samples)?"""
-    p = Path(str(path).split("@")[0])
-    return p.is_dir() and ((p / "model_index.json").exists() or (p / "ema_model").exists() or RunDir.is_run(p))
+    return loading.kind(Path(str(path).split("@")[0])) in ("pipeline", "checkpoint", "run")
 
 
 def parse_run_specs(text: str, checkpoints: Optional[Sequence[str]] = None) -> List[RunSpec]:
@@ -120,9 +119,9 @@ def sample_model(spec: RunSpec, out_dir, *, num_samples: int, scheduler: str, st
     prompts: text-to-image models draw sample i from prompts[i] (every model the same captions)."""
     import torch
 
-    from .sampling import generate_samples, load_pipeline
+    from .sampling import generate_samples
 
-    pipe = load_pipeline(spec.path, checkpoint=spec.checkpoint, ema=True)
+    pipe = loading.load_pipeline(spec.path, checkpoint=spec.checkpoint, ema=True)
     info = {
         "model": spec.label,
         "attention": pipe.transformer.config.attention_type,

@@ -1,9 +1,8 @@
-"""One run folder: its config, its complete checkpoints, its pipelines, and the rules for reusing it.
+"""One run folder: its config, its complete checkpoints, and the rules for reusing it (pipelines: uvic.loading).
 
     run = RunDir("runs/digits_uvic")
     run.checkpoints()          # [2000, 4000]: complete, intact checkpoints, ascending
     run.latest()               # runs/digits_uvic/checkpoints/step_0004000, or None
-    pipe = run.pipeline()      # final/ (EMA weights); run.pipeline("latest", ema=False): raw weights
 
 Layout (written by uvic.trainer):
 
@@ -167,6 +166,10 @@ class RunDir:
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
 
+    def finished(self) -> bool:
+        """Training ended: final/ is there (the trainer renames it into place complete)."""
+        return (self.final / "model_index.json").is_file()
+
     @staticmethod
     def is_run(path) -> bool:
         path = Path(path)
@@ -277,23 +280,6 @@ class RunDir:
             return data["path"], data.get("scale_factor")
         return None
 
-    # ------------------------------------------------------------------ pipelines
-    def pipeline(self, step: Optional[Union[str, int]] = None, ema: bool = True):
-        """UViCPipeline of final/ (step None; EMA weights only) or of checkpoint `step` ("latest" or a
-        number) with its EMA (ema=True) or raw weights, on the CPU in float32."""
-        if step is None:
-            if not (self.final / "model_index.json").is_file():
-                raise FileNotFoundError(
-                    f"run directory {self.path} has no final/ (training not finished?); pass --checkpoint latest "
-                    f"or one of the steps {self.checkpoints()}"
-                )
-            if not ema:
-                raise ValueError(f"{self.final} holds EMA weights only; for the raw weights pass a checkpoint")
-            from .pipeline import UViCPipeline
-
-            return UViCPipeline.from_pretrained(self.final)
-        return checkpoint_pipeline(self.checkpoint(self.resolve_step(step, verify=True)), ema=ema, run=self, verify=False)
-
     # ------------------------------------------------------------------ reuse policy (the trainer's)
     def prepare(self, cfg, resume: Optional[str] = None, overwrite: bool = False, log=print) -> Optional[Path]:
         """Check the folder before a run of `cfg` and return the checkpoint to resume from (or None).
@@ -373,36 +359,3 @@ class RunDir:
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
-
-
-def checkpoint_pipeline(step_dir, ema: bool = True, run: Optional[RunDir] = None, verify: bool = True):
-    """The pipeline of one checkpoint folder: ema_model/ (ema=True) or model/, with its scheduler/; for
-    a latent run (`run`, found from the folder when None) the VAE its latents came from.
-    verify: a folder with a manifest must match it (sizes and sha256), or CheckpointError."""
-    import diffusers
-
-    from .model import UViT
-    from .pipeline import UViCPipeline
-
-    step_dir = Path(step_dir)
-    if verify and (step_dir / MANIFEST).is_file():
-        problem = checkpoint_problem(step_dir, full=True)
-        if problem is not None:
-            raise CheckpointError(f"checkpoint {step_dir} is damaged: {problem}")
-    sub = step_dir / ("ema_model" if ema else "model")
-    if not (sub / "config.json").is_file():
-        raise FileNotFoundError(f"checkpoint {step_dir} has no {sub.name}/ (expected UViT.save_pretrained output)")
-    sched_dir = step_dir / "scheduler"
-    if not (sched_dir / "scheduler_config.json").is_file():
-        raise FileNotFoundError(f"checkpoint {step_dir} has no scheduler/ (expected the training scheduler)")
-    class_name = json.loads((sched_dir / "scheduler_config.json").read_text()).get("_class_name", "DDPMScheduler")
-    scheduler = getattr(diffusers, class_name, diffusers.DDPMScheduler).from_pretrained(sched_dir)
-    pipe = UViCPipeline(transformer=UViT.from_pretrained(sub).eval(), scheduler=scheduler)
-    if run is None and step_dir.parent.name == CHECKPOINTS:
-        run = RunDir(step_dir.parent.parent)
-    vae_source = run.vae_source() if run is not None else None
-    if vae_source is not None:
-        from .latents import attach_vae
-
-        attach_vae(pipe, vae_source[0], scale_factor=vae_source[1])
-    return pipe

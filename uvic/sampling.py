@@ -26,7 +26,6 @@ import hashlib
 import json
 import math
 import os
-import pickle
 import sys
 import zipfile
 from pathlib import Path
@@ -39,7 +38,9 @@ from .cli import add_debug_option, command
 from .config import TIMESTEP_SPACINGS
 from .diffusion import SCHEDULE_KEY
 from .pipeline import SCHEDULERS, UViCPipeline, make_scheduler, save_grid
-from .runs import RunDir, atomic_write, checkpoint_pipeline, file_sha256
+from .loading import (MODEL_KINDS, PUBLISHED_CHECKPOINTS, REFERENCE_CONFIGS, load_pipeline, published_reference_config,
+                      reference_sample_settings)
+from .runs import RunDir, atomic_write, file_sha256
 from .text import read_prompts
 
 CLASS_MODES = ("uniform", "balanced")  # i.i.d. uniform labels (ADM, DiT) | label = index mod classes
@@ -53,13 +54,6 @@ MAX_SHARD_SIZE = 1000
 # Manifest keys that define the set: a rerun into the same folder must agree on all of them.
 IDENTITY_KEYS = ("model", "seed", "scheduler", "steps", "guidance", "classes", "shard_size", "image_shape", "dtype",
                  "prompts")
-MODEL_KINDS = (
-    "a pipeline folder (model_index.json, e.g. runs/NAME/final), a run directory (config.yaml, "
-    "checkpoints/, final/), a checkpoint folder (model/, ema_model/, scheduler/) or a published "
-    "U-ViT .pth (recognised by its file name, else with --reference-config)"
-)
-
-
 # ---------------------------------------------------------------------- per-index randomness
 def index_seeds(seed: int, index: int) -> tuple:
     """(noise seed, label draw) of sample `index`: functions of (seed, index) alone."""
@@ -104,169 +98,6 @@ def labels_for(indices: Sequence[int], classes, num_real_classes: int, seed: int
     if classes == "balanced":
         return indices % num_real_classes
     return np.asarray(classes, dtype=np.int64)[indices % len(classes)]
-
-
-# ---------------------------------------------------------------------- loading
-def _read_mapping(source) -> dict:
-    """A dict, or a YAML / JSON file holding one."""
-    if isinstance(source, dict):
-        return dict(source)
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"reference config {path} does not exist (expected a YAML or JSON file)")
-    if path.suffix == ".json":
-        data = json.loads(path.read_text())
-    else:
-        from omegaconf import OmegaConf
-
-        data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    if not isinstance(data, dict):
-        raise ValueError(f"reference config {path} must hold a mapping of the reference `nnet` keywords")
-    return data
-
-
-REFERENCE_CONFIGS = "configs/reference/"  # one YAML per published U-ViT checkpoint
-# The file names of baofff/U-ViT's published checkpoints (its README's table) -> their reference config.
-PUBLISHED_CHECKPOINTS = {
-    "cifar10_uvit_small.pth": "cifar10_uvit_s2.yaml",
-    "celeba64_uvit_small.pth": "celeba64_uvit_s4.yaml",
-    "imagenet64_uvit_mid.pth": "imagenet64_uvit_m4.yaml",
-    "imagenet64_uvit_large.pth": "imagenet64_uvit_l4.yaml",
-    "imagenet256_uvit_large.pth": "imagenet256_uvit_l2.yaml",
-    "imagenet256_uvit_huge.pth": "imagenet256_uvit_h2.yaml",
-    "imagenet512_uvit_large.pth": "imagenet512_uvit_l4.yaml",
-    "imagenet512_uvit_huge.pth": "imagenet512_uvit_h4.yaml",
-    "mscoco_uvit_small.pth": "mscoco_uvit_s2.yaml",
-    "mscoco_uvit_small_deep.pth": "mscoco_uvit_s2_deep.yaml",
-}
-
-
-def published_reference_config(path) -> Path:
-    """The reference config of a published U-ViT checkpoint, recognised by its file name; any other name is
-    refused with the list of known ones (a renamed file needs --reference-config)."""
-    name = Path(path).name
-    if name not in PUBLISHED_CHECKPOINTS:
-        raise ValueError(f"{name} is not the name of a published U-ViT checkpoint ({', '.join(PUBLISHED_CHECKPOINTS)}): "
-                         f"pass --reference-config (one of {REFERENCE_CONFIGS}*.yaml, or a YAML/JSON of the reference "
-                         "`nnet` keywords)")
-    # the repository's configs/reference/, else one under the working directory (an installed package)
-    for root in (Path(__file__).resolve().parents[1], Path.cwd()):
-        found = root / REFERENCE_CONFIGS / PUBLISHED_CHECKPOINTS[name]
-        if found.is_file():
-            return found
-    raise FileNotFoundError(f"{name}: its reference config {REFERENCE_CONFIGS}{PUBLISHED_CHECKPOINTS[name]} is missing "
-                            "(run from the uvic repository, or pass --reference-config)")
-
-
-def load_reference_pipeline(path, reference_config, vae=None) -> UViCPipeline:
-    """A published U-ViT .pth as a pipeline that samples as the official eval script does.
-
-    reference_config: a YAML/JSON file or mapping (configs/reference/*.yaml) with sections `nnet` (the
-    reference keywords: img_size, patch_size, in_chans, ...), `schedule` (how it was trained, see
-    uvic.diffusion.reference_scheduler), optional `uvic` (UViT overrides such as attention_type),
-    `vae` (hub id or folder, or a mapping {source, subfolder, scale_factor}) and `sample` (scheduler,
-    steps, guidance: the paper's sampler, which becomes the pipeline's own). A flat mapping is the
-    `nnet` keywords alone. Pixel models without `schedule` are U-ViT's continuous VP-SDE (train.py);
-    a latent model without one is refused: the ImageNet L and H checkpoints differ there.
-    Legacy: `scheduler` (DDPMScheduler keywords) with `timestep_offset` is an explicit discrete schedule.
-    vae: overrides the config's VAE (a folder, hub id or AutoencoderKL).
-    """
-    from diffusers import DDPMScheduler
-
-    from .diffusion import make_scheduler, reference_scheduler
-    from .model import load_reference_checkpoint
-
-    cfg = _read_mapping(reference_config)
-    sectioned = isinstance(cfg.get("nnet"), dict)
-    nnet = cfg["nnet"] if sectioned else cfg
-    overrides = cfg.get("uvic", {}) if sectioned else {}
-    # the schedule and sampler first: a wrong one fails before the weights load
-    if sectioned and cfg.get("scheduler") is not None:
-        scheduler, offset = DDPMScheduler(**cfg["scheduler"]), cfg.get("timestep_offset", 0)
-    elif sectioned and cfg.get("schedule") is not None:
-        scheduler, offset = reference_scheduler(cfg["schedule"])
-    elif nnet.get("in_chans", 3) == 3:
-        scheduler, offset = reference_scheduler({"kind": "vp_continuous"})
-    else:
-        raise ValueError(
-            f"{path}: a latent U-ViT checkpoint needs its noise schedule (`schedule:` in --reference-config): "
-            f"ImageNet L models are continuous-time VP-SDEs, H models discrete with offset 1. Use the matching "
-            f"file of {REFERENCE_CONFIGS} (imagenet256_uvit_l2, imagenet256_uvit_h2, imagenet512_uvit_l4, "
-            "imagenet512_uvit_h4)"
-        )
-    sample = (cfg.get("sample") or {}) if sectioned else {}
-    if sample.get("scheduler"):
-        scheduler = make_scheduler(sample["scheduler"], scheduler.config)
-    try:
-        model = load_reference_checkpoint(str(path), nnet, **overrides).eval()
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
-        if "PytorchStreamReader" not in str(err) and not isinstance(err, (EOFError, pickle.UnpicklingError)):
-            raise  # a mismatch of shapes and the like: load_reference_checkpoint's own message
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt: "
-                         f"{str(err).split('. ')[0][:200]}); download it again") from None
-    # the latent scale the model was trained with travels with its reference config and is saved in the pipeline,
-    # whichever route supplies the VAE weights (a --vae folder's own scaling_factor is SD's 0.18215, not MS-COCO's 0.23010)
-    reference_vae = cfg.get("vae") if sectioned else None
-    latent_scale = reference_vae.get("scale_factor") if isinstance(reference_vae, dict) else None
-    pipe = UViCPipeline(transformer=model, scheduler=scheduler, timestep_offset=offset, latent_scale=latent_scale,
-                        null_label=bool(cfg.get("null_label", True)) if sectioned else True)
-    vae = vae if vae is not None else reference_vae
-    if vae is not None:
-        from .latents import attach_vae
-
-        scale_factor = None
-        if isinstance(vae, dict):
-            from diffusers import AutoencoderKL
-
-            scale_factor = vae.get("scale_factor")
-            if vae.get("subfolder"):
-                vae = AutoencoderKL.from_pretrained(vae["source"], subfolder=vae["subfolder"]).eval()
-            else:
-                vae = vae["source"]
-        attach_vae(pipe, vae, scale_factor=scale_factor)
-    return pipe
-
-
-def reference_sample_settings(reference_config) -> dict:
-    """The `sample` section (scheduler, steps, guidance) of a reference config, or {}."""
-    cfg = _read_mapping(reference_config)
-    return dict(cfg.get("sample") or {}) if isinstance(cfg.get("nnet"), dict) else {}
-
-
-def load_pipeline(model, checkpoint=None, ema: bool = True, reference_config=None, vae=None) -> UViCPipeline:
-    """A UViCPipeline from `model`: a pipeline folder, a run directory, a checkpoint folder or a U-ViT .pth.
-
-    Run directories give final/ (EMA weights) unless `checkpoint` ("latest" or a step) is set; then
-    checkpoints/step_XXXXXXX with ema_model/ (ema=True) or model/. A .pth needs `reference_config`
-    (see load_reference_pipeline; `vae` replaces its VAE). The pipeline is on the CPU in float32.
-    """
-    if isinstance(model, UViCPipeline):
-        return model
-    path = Path(model)
-    if not path.exists():
-        raise FileNotFoundError(f"MODEL {path} does not exist; expected {MODEL_KINDS}")
-    if path.is_file():
-        if checkpoint is not None:
-            raise ValueError(f"--checkpoint applies to run directories, not to the file {path}")
-        if reference_config is None:
-            reference_config = published_reference_config(path)
-        return load_reference_pipeline(path, reference_config, vae=vae)
-    if reference_config is not None:
-        raise ValueError(f"--reference-config applies to a published U-ViT .pth file, not to the folder {path}")
-
-    is_pipeline = (path / "model_index.json").is_file()
-    is_step = (path / "scheduler").is_dir() and ((path / "model").is_dir() or (path / "ema_model").is_dir())
-    if (is_pipeline or is_step) and checkpoint is not None:
-        raise ValueError(f"--checkpoint applies to run directories; {path} is a single model folder")
-    if is_pipeline:
-        if not ema:
-            raise ValueError(f"{path} holds EMA weights only; for the raw weights pass a run directory with --checkpoint")
-        return UViCPipeline.from_pretrained(path)
-    if is_step:
-        return checkpoint_pipeline(path, ema)
-    if RunDir.is_run(path):
-        return RunDir(path).pipeline(checkpoint, ema=ema)
-    raise ValueError(f"MODEL {path} is none of the accepted kinds: {MODEL_KINDS}")
 
 
 def with_scheduler(pipeline: UViCPipeline, scheduler=None, timestep_spacing: Optional[str] = None) -> UViCPipeline:

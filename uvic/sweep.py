@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from .cli import add_debug_option, command as cli_command
+from .runs import RunDir
 
 POLL_SECONDS = 2.0  # how often a running sweep checks its runs
 
@@ -99,8 +100,7 @@ def command(run: Dict, out: Path, threads: Optional[int] = None) -> List[str]:
 
 
 def is_finished(run_dir: Path) -> bool:
-    final = run_dir / "final"
-    return final.is_dir() and any(final.iterdir())
+    return RunDir(run_dir).finished()
 
 
 def check_runs(runs: Sequence[Dict]) -> None:
