@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -379,6 +380,19 @@ def test_stale_temporaries_are_removed_when_a_run_resumes(trained, tmp_path):
     ("train.warmup_steps=-1", r"train.warmup_steps must be >= 0"),
     ("train.betas=[1.5,0.9]", r"train.betas must be two numbers .* in \[0, 1\)"),
     ("train.log_every=0", r"train.log_every must be >= 1"),
+    # issue 28 items 2, 7, 12: values that used to fail only at the first grid / FID step, or in a traceback
+    ("diffusion.beta_end=2.0", r"must satisfy 0 < beta_start < beta_end < 1, got 0.0001, 2.0"),
+    ("diffusion.beta_start=0.05", r"must satisfy 0 < beta_start < beta_end < 1, got 0.05, 0.02"),
+    ("train.sample_steps=2000", r"train.sample_steps=2000: ddim takes at most as many steps as the schedule has "
+                                r"timesteps \(1000"),
+    ("diffusion.snr_gamma=nan", r"diffusion.snr_gamma=nan is not a finite number"),
+    ("data.scale_factor=inf", r"data.scale_factor=inf is not a finite number"),
+    ("train.max_grad_norm=inf", r"train.max_grad_norm=inf is not a finite number"),
+    ("model.patch_size=0", r"model.patch_size must be >= 1, got 0"),
+    ("model.num_heads=0", r"model.num_heads must be >= 1, got 0"),
+    ("model.depth=-2", r"model.depth must be >= 1, got -2"),
+    ("model.sample_size=0", r"model.sample_size must be >= 1, got 0"),
+    ("model.num_heads=3", r"model.embed_dim=32 is not divisible by model.num_heads=3"),
 ])
 def test_a_value_out_of_range_is_refused_by_name_and_the_run_is_left_untouched(trained, tmp_path, override, message):
     out = tmp_path / "run"
@@ -389,6 +403,56 @@ def test_a_value_out_of_range_is_refused_by_name_and_the_run_is_left_untouched(t
     with pytest.raises(ValueError, match=message):
         main(["--config", str(config), "--output-dir", str(out), "--resume", "latest", override])
     assert snapshot(out) == before
+
+
+@pytest.fixture(scope="module")
+def digits_stats(tmp_path_factory):
+    from uvic.metrics import compute_statistics
+
+    return compute_statistics("digits").save(tmp_path_factory.mktemp("ref") / "digits_stats.npz")
+
+
+FID = ["eval.fid_every=2", "eval.fid_num_samples=4", "eval.fid_steps=2", "eval.fid_scheduler=ddim",
+       "eval.fid_batch_size=4"]
+
+
+def test_an_fid_reference_that_cannot_be_read_is_refused_at_load(tmp_path, digits_stats):
+    bad = tmp_path / "truncated.npz"
+    bad.write_bytes(digits_stats.read_bytes()[:200])
+    labels = tmp_path / "labels.npz"
+    np.savez(labels, labels=np.arange(4))
+    (tmp_path / "empty").mkdir()
+    for ref, message in ((tmp_path / "missing.npz", "does not exist"), (bad, "not a usable FID reference"),
+                         (labels, "neither images"), (tmp_path / "empty", "holds no images")):
+        with pytest.raises((ValueError, FileNotFoundError), match=rf"eval.fid_ref={ref} .*{message}"):
+            tiny(*FID, f"eval.fid_ref={ref}")
+    assert tiny(*FID, f"eval.fid_ref={digits_stats}").eval.fid_ref == str(digits_stats)  # a good one passes
+    with pytest.raises(ValueError, match=r"eval.fid_steps=5000: ddim takes at most"):
+        tiny(*FID, f"eval.fid_ref={digits_stats}", "eval.fid_steps=5000")
+
+
+def test_a_failing_evaluation_step_writes_its_checkpoint_first_and_the_rerun_continues(tmp_path, digits_stats):
+    from uvic.trainer import EvaluationError
+
+    ref = tmp_path / "ref.npz"
+    shutil.copy(digits_stats, ref)
+
+    class RefGoneAfterStep1(Trainer):  # valid at load, gone at the FID step: a failure no load check can see
+        def on_step_end(self, step):
+            if step == 1:
+                ref.rename(tmp_path / "moved.npz")
+
+    out = tmp_path / "run"
+    cfg = tiny(*FID, f"eval.fid_ref={ref}")
+    with pytest.raises(EvaluationError, match=r"evaluation at step 2 failed .*ref.npz.*step_0000002.*--resume latest"):
+        RefGoneAfterStep1(cfg, out).train()
+    assert RunDir(out).checkpoints() == [2]  # train.checkpoint_every=0: written because the evaluation failed
+    (tmp_path / "moved.npz").rename(ref)
+    resumed = Trainer(cfg, out, resume="latest")
+    assert resumed.step == 2
+    resumed.train()
+    fids = (out / "metrics.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in fids[1:]] == ["4"]  # the FID of the last step (2's failed)
 
 
 def test_a_list_yaml_config_is_refused_naming_the_file(tmp_path):

@@ -410,6 +410,36 @@ def load_input(source, *, data_root=None, download: bool = True, cache: bool = F
     raise ValueError(f"{path}: expected a folder of images or an .npz file")
 
 
+def check_reference(ref, key: str = "--ref") -> None:
+    """Fail now, naming `key`, unless `ref` is a usable FID reference: a registered input, a folder with images
+    (or an .npz), an .npz of images (arr_0 NHWC uint8: its header is read) or of statistics (read, validated)."""
+    digits_classifier.register()
+    if str(ref) in fidelity("registry", "DATASETS_REGISTRY"):
+        return
+    path = Path(str(ref)).expanduser()
+    try:
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist")
+        if path.is_dir():
+            if not any(_is_image(p) or p.suffix == ".npz" for p in path.rglob("*")):
+                raise ValueError(f"{path} holds no images and no .npz")
+            return
+        if path.suffix != ".npz":
+            raise ValueError(f"{path} is neither a folder of images nor an .npz")
+        with zipfile.ZipFile(path) as zf:
+            keys = {Path(n).stem for n in zf.namelist()}
+        if {"mu", "sigma"} <= keys:
+            FIDStatistics.load(path)
+        elif "arr_0" in keys:
+            check_image_array(NpzMember(path), str(path))
+        else:
+            raise ValueError(f"{path} has neither images (arr_0) nor statistics (mu, sigma); it has {sorted(keys)}")
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        kind = FileNotFoundError if isinstance(err, FileNotFoundError) else ValueError
+        raise kind(f"{key}={ref} is not a usable FID reference: {err} (expected a registered input such as "
+                   f"cifar10-train or digits, a folder of images, an .npz of images or of statistics)") from None
+
+
 def choose_extractor(name: Optional[str], *inputs: MetricInput) -> Optional[str]:
     """The extractor to use: `name`, else the digits CNN for the "digits" input, else that of tagged
     statistics, else Inception."""

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from .cli import add_debug_option, command
-from .config import TIMESTEP_SPACINGS
+from .config import TIMESTEP_SPACINGS, sampler_steps_problem
 from .diffusion import SCHEDULE_KEY
 from .pipeline import SCHEDULERS, UViCPipeline, make_scheduler, save_grid
 from .runs import RunDir, atomic_write, checkpoint_pipeline, file_sha256
@@ -760,6 +760,10 @@ def run(args) -> Path:
         device = state.device
     pipe = load_pipeline(args.model, checkpoint=args.checkpoint, ema=args.ema, reference_config=args.reference_config,
                          vae=args.vae)
+    steps_problem = sampler_steps_problem(args.scheduler if args.scheduler != "saved" else type(pipe.scheduler).__name__,
+                                          args.steps, pipe.scheduler.config.num_train_timesteps)
+    if steps_problem:
+        raise ValueError(f"--steps {args.steps}: {steps_problem}")
     if args.vae and not args.reference_config:
         from .latents import attach_vae
 

@@ -116,6 +116,10 @@ class NonFiniteLossError(ValueError):
     """Training diverged: the loss or gradient norm stayed non-finite (an expected error: one message)."""
 
 
+class EvaluationError(ValueError):
+    """A sample grid or FID during training failed; its step's checkpoint was written first (one message)."""
+
+
 class TrainState:
     """The counters a checkpoint keeps beside accelerate's state, saved as JSON (train_state.json).
 
@@ -451,10 +455,7 @@ class Trainer:
                 loss_count.zero_()
                 tick, tick_step = time.perf_counter(), step
             done = step == t.steps
-            if (t.sample_every and step % t.sample_every == 0) or done:
-                self.save_sample_grid()
-            if self.cfg.eval.fid_every and (step % self.cfg.eval.fid_every == 0 or done):
-                self.evaluate_fid()
+            self.evaluate(step, done)
             if (t.checkpoint_every and step % t.checkpoint_every == 0) or done:
                 self.save_checkpoint()
             self.on_step_end(step)
@@ -548,6 +549,25 @@ class Trainer:
             save_grid(images.float().cpu(), self.out / "samples" / f"{checkpoint_name(self.step)}.png", nrow=8, padding=1)
             self.writer.add_images("samples", images.float().cpu(), self.step)
         self.accelerator.wait_for_everyone()
+
+    def evaluate(self, step: int, done: bool) -> None:
+        """This step's sample grid and FID, when due. A failure there (a reference gone, a sampler that cannot
+        run, memory) first writes this step's checkpoint, so nothing trained is lost, then stops the run with
+        EvaluationError; --resume latest continues from this step."""
+        t, e = self.cfg.train, self.cfg.eval
+        try:
+            if (t.sample_every and step % t.sample_every == 0) or done:
+                self.save_sample_grid()
+            if e.fid_every and (step % e.fid_every == 0 or done):
+                self.evaluate_fid()
+        except (NonFiniteLossError, DiskFullError):
+            raise
+        except Exception as err:
+            saved = self.save_checkpoint()
+            raise EvaluationError(
+                f"evaluation at step {step} failed ({type(err).__name__}: {' '.join(str(err).split())[:400]}); "
+                f"the weights of step {step} were saved first ({saved}); fix the cause (train.sample_*, eval.*) "
+                f"and continue with --resume latest") from err
 
     def evaluate_fid(self) -> None:
         e = self.cfg.eval
