@@ -25,6 +25,8 @@ from uvic.model import UViT
 from uvic.runs import CheckpointError, DiskFullError, RunDir, checkpoint_problem, write_manifest
 from uvic.trainer import NonFiniteLossError, Trainer, main
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def snapshot(folder) -> dict:
     """relative path -> sha256 of every file under `folder`."""
@@ -482,6 +484,61 @@ def test_a_changed_architecture_on_resume_is_refused(trained, tmp_path):
     with pytest.raises(ValueError, match=r"changed model architecture \(model.embed_dim\).*start a new run"):
         Trainer(tiny(*CKPT, "model.embed_dim=16"), out, resume="latest")
     assert snapshot(out) == before
+
+
+# ---------------------------------------------------------------------- one trainer per run folder (issue 28 item 3)
+def test_a_second_trainer_on_a_run_folder_is_refused_naming_the_holder(trained, tmp_path):
+    import socket
+
+    from uvic.runs import RunLock, RunLockedError
+
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    before = snapshot(out)
+    with RunLock(out):  # as a running train.py holds it (flock: another open file, even in this process)
+        for argv in (["--resume", "latest"], ["--overwrite"]):
+            with pytest.raises(RunLockedError, match=rf"in use by another trainer \(pid {os.getpid()} on host "
+                                                     rf"{socket.gethostname()}"):
+                main(["--output-dir", str(out), *argv] + TINY + CKPT)
+        assert {k: v for k, v in snapshot(out).items() if k != ".uvic.lock"} == before  # --overwrite deleted nothing
+    assert snapshot(out) == before  # released: the lock file is gone
+
+
+def test_a_stale_lock_of_a_killed_trainer_is_taken_over_with_a_warning(trained, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    (out / ".uvic.lock").write_text("pid 999999 on host gone\n")  # kill -9 leaves the file; the kernel drops the flock
+    with pytest.warns(UserWarning, match=r"taking over the stale lock .*pid 999999 on host gone"):
+        trainer = Trainer(tiny(*CKPT), out)
+    assert trainer.step == 4 and not (out / ".uvic.lock").exists()
+
+
+def test_sigterm_checkpoints_the_step_and_train_py_exits_cleanly(tmp_path):
+    import signal
+
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), "--output-dir", str(out), *TINY,
+                             "train.steps=1000000", "train.checkpoint_every=0"], env=env, stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True)
+    try:
+        lines = []
+        for line in iter(proc.stderr.readline, ""):  # tqdm's first line: the loop has started
+            lines.append(line)
+            if "train:" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        err = "".join(lines) + proc.communicate(timeout=240)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    (step,) = RunDir(out).checkpoints()
+    assert f"stopped by SIGTERM at step {step}" in err and "Traceback" not in err
+    from uvic.trainer import default_config_path  # train.py's config when no --config is given
+
+    cfg = load_config(default_config_path(), TINY + ["train.steps=1000000", "train.checkpoint_every=0"])
+    assert Trainer(cfg, out).step == step  # the rerun continues there
 
 
 if __name__ == "__main__":  # the torchrun worker of test_a_nonfinite_loss_on_one_process_skips_the_step_on_every_process

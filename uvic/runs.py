@@ -27,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,6 +39,7 @@ FINAL = "final"
 MANIFEST = "manifest.json"  # a checkpoint's last file: {"files": {relative path: {"size", "sha256"}}}
 TRAIN_STATE = "train_state.json"  # a checkpoint's counters (uvic.trainer.TrainState), JSON
 RUN_ARTIFACTS = (CHECKPOINTS, "samples", "logs", FINAL, "metrics.csv")  # what --overwrite deletes
+LOCK = ".uvic.lock"  # held by the one trainer writing the folder (RunLock)
 _STEP_RE = re.compile(r"^step_(\d+)$")
 _TMP_RE = re.compile(r"^\.(step_\d+|final)\.tmp$")  # temporary folders of the trainer's saves
 
@@ -156,6 +158,71 @@ def atomic_write(path, write: Callable) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+class RunLockedError(ValueError):
+    """Another trainer holds the run folder (an expected error: the message names the holder)."""
+
+
+class RunLock:
+    """One trainer per run folder: an advisory lock (fcntl.flock) on `folder`/.uvic.lock, which holds the
+    holder's pid and host. The kernel drops a flock when its process dies, so a file left by a killed trainer
+    is a stale lock: it is taken over with a warning naming the dead holder. The file is removed on release;
+    an acquirer checks it locked the file that is still there (the unlink race of lock files)."""
+
+    def __init__(self, folder):
+        self.path = Path(folder) / LOCK
+        self._file = None
+        self._made_folder = False  # a refused run leaves no empty folder behind
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+
+        self._made_folder = not self.path.parent.exists()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            f = open(self.path, "a+")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "a process that has not written its pid yet"
+                f.close()
+                raise RunLockedError(
+                    f"{self.path.parent} is in use by another trainer ({holder}; lock file {self.path}); wait for it "
+                    f"to finish or stop it, or choose another --output-dir") from None
+            try:
+                same = os.fstat(f.fileno()).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:  # released and removed between our open and our flock
+                same = False
+            if same:
+                break
+            f.close()
+        f.seek(0)
+        stale = f.read().strip()
+        if stale:
+            warnings.warn(f"taking over the stale lock {self.path} of a trainer that is not running ({stale}; "
+                          f"killed before it could release it)", stacklevel=2)
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
+        f.flush()
+        self._file = f
+        return self
+
+    def release(self) -> None:
+        if self._file is not None:
+            self.path.unlink(missing_ok=True)  # while still holding it: the next one creates a fresh file
+            self._file.close()
+            self._file = None
+            if self._made_folder and not any(self.path.parent.iterdir()):
+                self.path.parent.rmdir()
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 class RunDir:

@@ -15,11 +15,13 @@ A spec file (--spec, YAML) holds an experiment's grid: `configs` (list), `seeds`
 (mapping key -> list of values); configs, --seeds and --set given on the command line replace / extend it.
 """
 import argparse
+import contextlib
 import itertools
 import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -123,9 +125,49 @@ def write_manifest(out: Path, runs: Sequence[Dict]) -> None:
     path.write_text(json.dumps({"runs": list(known.values())}, indent=2))
 
 
+class Children:
+    """The sweep's running train.py processes. SIGINT / SIGTERM to the sweep are forwarded to each of them (once:
+    a second signal to train.py ends it without its checkpoint) and no new run starts; the sweep then waits for
+    them, so stopping a sweep leaves no trainer behind. Each child has its own session: a terminal's Ctrl-C
+    reaches it only through the sweep, once."""
+
+    def __init__(self):
+        self.procs: List[subprocess.Popen] = []
+        self.signalled: set = set()
+        self.stop: Optional[int] = None
+
+    def start(self, cmd: List[str], **kwargs) -> subprocess.Popen:
+        proc = subprocess.Popen(cmd, start_new_session=True, **kwargs)
+        self.procs.append(proc)
+        if self.stop is not None:  # a signal came while it started
+            self.forward(self.stop)
+        return proc
+
+    def forward(self, signum: int, frame=None) -> None:
+        self.stop = signum
+        for proc in self.procs:
+            if proc.poll() is None and proc.pid not in self.signalled:
+                self.signalled.add(proc.pid)
+                proc.send_signal(signum)
+
+    @contextlib.contextmanager
+    def forwarding(self):
+        previous = {s: signal.signal(s, self.forward) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for proc in self.procs:  # also when the sweep itself fails: never an orphan
+                if proc.poll() is None:
+                    self.forward(self.stop or signal.SIGTERM)
+                    proc.wait()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
 def run_all(todo: Sequence[Dict], out: Path, parallel: int, threads: Optional[int],
             gpus: Sequence[str]) -> List[tuple]:
-    """Run `todo`, `parallel` at a time; slot i uses GPU gpus[i % len(gpus)]. Returns [(name, log)] of failures."""
+    """Run `todo`, `parallel` at a time; slot i uses GPU gpus[i % len(gpus)]. Returns [(name, log)] of failures.
+    SIGINT / SIGTERM: forwarded to the running runs, waited for, then SystemExit(128 + signal)."""
     failed, active, free = [], {}, list(range(parallel))  # active: slot -> (run, log, process)
 
     def reap():
@@ -133,30 +175,36 @@ def run_all(todo: Sequence[Dict], out: Path, parallel: int, threads: Optional[in
             if proc.poll() is not None:
                 del active[slot]
                 free.append(slot)
-                if proc.returncode != 0:
+                if proc.returncode != 0 and children.stop is None:
                     failed.append((r["name"], log))
 
-    for r in todo:
-        while not free:
-            time.sleep(POLL_SECONDS)
+    with Children().forwarding() as children:
+        for r in todo:
+            while not free and children.stop is None:
+                time.sleep(POLL_SECONDS)
+                reap()
+            if children.stop is not None:
+                break
+            slot = free.pop(0)
+            env = dict(os.environ)
+            if threads is not None:
+                env["OMP_NUM_THREADS"] = str(threads)
+            if gpus:
+                env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
+            log = out / f"{r['name']}.log"
+            print(f"start {r['name']}" + (f" (GPU {env['CUDA_VISIBLE_DEVICES']})" if gpus else "") + f": log {log}",
+                  flush=True)
+            with open(log, "a") as stream:
+                proc = children.start(command(r, out, threads), stdout=stream, stderr=subprocess.STDOUT, env=env)
+            active[slot] = (r, log, proc)
+        while active:
+            time.sleep(POLL_SECONDS if children.stop is None else 0.2)
             reap()
-        slot = free.pop(0)
-        env = dict(os.environ)
-        if threads is not None:
-            env["OMP_NUM_THREADS"] = str(threads)
-        if gpus:
-            env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
-        log = out / f"{r['name']}.log"
-        print(f"start {r['name']}" + (f" (GPU {env['CUDA_VISIBLE_DEVICES']})" if gpus else "") + f": log {log}",
-              flush=True)
-        with open(log, "a") as stream:
-            proc = subprocess.Popen(command(r, out, threads), stdout=stream, stderr=subprocess.STDOUT, env=env)
-        active[slot] = (r, log, proc)
-    while active:
-        time.sleep(POLL_SECONDS)
-        reap()
+    if children.stop is not None:
+        print(f"sweep stopped by signal {children.stop}: its runs were stopped (train.py checkpoints on SIGTERM); "
+              f"rerun the same command to continue", file=sys.stderr, flush=True)
+        raise SystemExit(128 + children.stop)
     return failed
-
 
 
 @cli_command("python -m uvic.sweep")

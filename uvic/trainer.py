@@ -23,13 +23,17 @@ safetensors.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import json
 import math
 import os
 import shutil
+import signal
+import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -49,8 +53,8 @@ from .data import resolve_data_config
 from .diffusion import build_scheduler, diffusion_loss, drop_labels
 from .model import UViT
 from .pipeline import UViCPipeline, make_scheduler, save_grid
-from .runs import (CONFIG, MANIFEST, TRAIN_STATE, CheckpointError, DiskFullError, RunDir, atomic_write, checkpoint_name,
-                   disk_full_message, free_space, manifest_size, write_manifest)
+from .runs import (CONFIG, MANIFEST, TRAIN_STATE, CheckpointError, DiskFullError, RunDir, RunLock, atomic_write,
+                   checkpoint_name, disk_full_message, free_space, manifest_size, write_manifest)
 
 OPTIMIZER_SHARDS = "optimizer_shard_{}.safetensors"  # train.fsdp: one per process (its AdamW state shards)
 LR_SCHEDULE_NAMES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
@@ -114,6 +118,10 @@ class EpochSampler(DistributedSampler):
 
 class NonFiniteLossError(ValueError):
     """Training diverged: the loss or gradient norm stayed non-finite (an expected error: one message)."""
+
+
+class TrainingStopped(Exception):
+    """Training ended early on SIGTERM, its state checkpointed (train.py exits with 128 + 15)."""
 
 
 class EvaluationError(ValueError):
@@ -192,6 +200,13 @@ class Trainer:
             raise ValueError("eval.fid_every applies to class-conditional and unconditional models; for text-to-image "
                              "FID-30K sample captions with `sample.py MODEL --prompts FILE --num-samples N` and score "
                              "them with eval_fid.py; set eval.fid_every=0")
+        self.lock = RunLock(self.out) if self.is_main else None  # one trainer per run folder
+        with self.holding_lock():  # also while the folder is checked, cleared and its config written
+            self._init_run(cfg, resume, overwrite)
+
+    def _init_run(self, cfg: DictConfig, resume: Optional[str], overwrite: bool) -> None:
+        """The run folder checked (RunDir.prepare), the model built and restored, the folder written."""
+        t, accelerator = cfg.train, self.accelerator
         self.resume_from = self.run.prepare(cfg, resume, overwrite, log=accelerator.print)
 
         set_seed(t.seed)  # identical initial weights on every process
@@ -392,9 +407,56 @@ class Trainer:
     def on_step_end(self, step: int) -> None:
         """Called after every optimizer step (a hook for subclasses: extra logging, early stops)."""
 
+    @contextlib.contextmanager
+    def holding_lock(self) -> Iterator[None]:
+        """The run folder's RunLock on the main process (another trainer there: RunLockedError)."""
+        if self.lock is None:
+            yield
+            return
+        with self.lock:
+            yield
+
+    @contextlib.contextmanager
+    def stop_on_sigterm(self) -> Iterator[None]:
+        """The first SIGTERM (what schedulers send before a kill) asks the loop to checkpoint and stop after the
+        step in progress; a second one ends the process at once. Only the main thread can install handlers."""
+        self.stop_signal = None
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signum, frame):
+            if self.stop_signal is not None:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+            self.stop_signal = signum
+
+        previous = signal.signal(signal.SIGTERM, request_stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def stop_requested(self) -> bool:
+        """Whether any process got SIGTERM (the same answer everywhere: all of them checkpoint together)."""
+        flag = torch.tensor(float(self.stop_signal is not None), device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        return flag.item() > 0
+
+    def stop_with_checkpoint(self) -> None:
+        """SIGTERM: this step's checkpoint (unless just written), then TrainingStopped."""
+        saved = self.run.checkpoint(self.step)
+        if self.step not in self.run.checkpoints():
+            saved = self.save_checkpoint()
+        if self.writer is not None:
+            self.writer.close()
+        raise TrainingStopped(f"stopped by SIGTERM at step {self.step}: checkpoint {saved} written; rerun the same "
+                              f"command to continue from it")
+
     def train(self) -> Path:
-        """Train to train.steps; returns the final/ pipeline folder."""
-        with disk_full_message(self.out):
+        """Train to train.steps; returns the final/ pipeline folder. SIGTERM: TrainingStopped after a checkpoint."""
+        with self.holding_lock(), self.stop_on_sigterm(), disk_full_message(self.out):
             return self._train()
 
     def _train(self) -> Path:
@@ -459,6 +521,9 @@ class Trainer:
             if (t.checkpoint_every and step % t.checkpoint_every == 0) or done:
                 self.save_checkpoint()
             self.on_step_end(step)
+            if self.stop_requested():
+                progress.close()
+                self.stop_with_checkpoint()
         progress.close()
         final = self.save_final()
         if self.writer is not None:
@@ -840,4 +905,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     output_dir = args.output_dir or str(Path("runs") / config.stem)
     trainer = Trainer(cfg, output_dir, resume=args.resume, cpu=True if args.cpu else None, overwrite=args.overwrite,
                       dataset=dataset)
-    return trainer.train()
+    try:
+        return trainer.train()
+    except TrainingStopped as stopped:  # a clean stop, not an error: the scheduler's convention 128 + SIGTERM
+        print(f"train.py: {stopped}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signal.SIGTERM) from None
