@@ -541,5 +541,108 @@ def test_sigterm_checkpoints_the_step_and_train_py_exits_cleanly(tmp_path):
     assert Trainer(cfg, out).step == step  # the rerun continues there
 
 
+# ---------------------------------------------------------------------- identity checks (issue 28 items 4, 5, 6, 13, 15)
+def tiny_yaml(tmp_path) -> Path:
+    """The trained fixture's config as a file for train.py (whose default config is digits_uvic.yaml)."""
+    config = tmp_path / "tiny.yaml"
+    OmegaConf.save(OmegaConf.from_dotlist(TINY + CKPT), config)
+    return config
+
+
+def test_a_loose_checkpoint_of_another_architecture_is_refused_naming_the_keys(trained, tmp_path):
+    loose = tmp_path / "loose_step_4"  # copied out of its run: no config.yaml around it
+    shutil.copytree(trained / "checkpoints" / "step_0000004", loose)
+    recorded = json.loads((loose / "model" / "config.json").read_text())["attention_type"]
+    other = "softmax" if recorded == "cog" else "cog"  # a U-ViC checkpoint under a U-ViT config, or the reverse
+    with pytest.raises(ValueError, match=r"changed model architecture \(model.attention_type\)"):
+        Trainer(tiny(*CKPT, f"model.attention_type={other}"), tmp_path / "new", resume=str(loose))
+    with pytest.raises(ValueError, match=r"changed model architecture \(model.depth\)"):
+        Trainer(tiny(*CKPT, "model.depth=4"), tmp_path / "new", resume=str(loose))
+    assert not (tmp_path / "new").exists()
+    assert Trainer(tiny(*CKPT), tmp_path / "new", resume=str(loose)).step == 4  # the same architecture resumes
+
+
+def test_a_newest_step_folder_without_manifest_and_train_state_falls_back_to_the_one_before(trained, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    for name in ("manifest.json", "train_state.json"):  # a copy cut short, neither new nor an older uvic's
+        (out / "checkpoints" / "step_0000004" / name).unlink()
+    with pytest.warns(UserWarning, match=r"step_0000004 is damaged or incomplete \(no manifest.json, no "
+                                         r"train_state.json and not a checkpoint of an older uvic"):
+        resumed = Trainer(tiny(*CKPT), out)
+    assert resumed.step == 2 and RunDir(out).checkpoints() == [2]
+
+
+def test_resume_latest_with_fewer_steps_than_trained_is_refused_and_final_is_untouched(trained, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    before = snapshot(out)
+    with pytest.raises(ValueError, match=r"step_0000004 has trained 4 steps, more than train.steps=2.*nothing was "
+                                         r"changed \(final/ included\)"):
+        main(["--config", str(tiny_yaml(tmp_path)), "--output-dir", str(out), "--resume", "latest", "train.steps=2"])
+    assert snapshot(out) == before
+
+
+def test_overwrite_deletes_only_in_a_folder_uvic_made(trained, tmp_path):
+    foreign = tmp_path / "mine"
+    for name in ("logs/notes.txt", "samples/figure.png", "metrics.csv"):
+        (foreign / name).parent.mkdir(parents=True, exist_ok=True)
+        (foreign / name).write_text("keep")
+    before = snapshot(foreign)
+    with pytest.raises(ValueError, match=r"--overwrite would delete samples, logs, metrics.csv in .*mine, a folder "
+                                         r"uvic did not make \(no .uvic-run marker\); nothing was deleted"):
+        main(["--config", str(tiny_yaml(tmp_path)), "--output-dir", str(foreign), "--overwrite"])
+    assert snapshot(foreign) == before
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    assert (out / ".uvic-run").is_file()  # written when the run was made
+    fresh = Trainer(tiny(*CKPT), out, overwrite=True)
+    assert fresh.step == 0 and not (out / "checkpoints").exists() and (out / ".uvic-run").is_file()
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"depth": 4}, "missing: "),
+    ({"embed_dim": 48, "num_heads": 2}, "mis-shaped: "),
+])
+def test_a_pipeline_folder_whose_config_disagrees_with_its_weights_is_refused_naming_the_keys(
+        trained, tmp_path, capsys, edit, message):
+    from uvic.sampling import main as sample_main
+
+    final = tmp_path / "final"
+    shutil.copytree(trained / "final", final)
+    config = final / "transformer" / "config.json"
+    assert sample_main([str(final), "--grid", "2", "--steps", "2", "--out", str(tmp_path / "ok")]).is_file()
+    config.write_text(json.dumps({**json.loads(config.read_text()), **edit}))
+    with pytest.raises(SystemExit) as exit_:
+        sample_main([str(final), "--grid", "2", "--steps", "2", "--out", str(tmp_path / "g")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "is damaged or was edited: transformer/config.json" in err  # the manifest
+    (final / "manifest.json").unlink()  # a pipeline folder from elsewhere: the keys themselves are compared
+    with pytest.raises(SystemExit) as exit_:
+        sample_main([str(final), "--grid", "2", "--steps", "2", "--out", str(tmp_path / "g")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "weights do not match its config.json" in err and message in err
+    assert not (tmp_path / "g").exists()
+
+
+def test_a_full_disk_during_the_final_export_says_disk_full_and_names_final(tmp_path, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    save_file = safetensors.torch.save_file
+
+    def full(tensors, filename, *args, **kwargs):
+        if ".final.tmp" in str(filename):
+            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                                  '"No space left on device" })')
+        return save_file(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    out = tmp_path / "run"
+    with pytest.raises(DiskFullError, match=r"disk full: no space left writing .*final \(the pipeline export"):
+        Trainer(tiny(*CKPT), out).train()
+    assert RunDir(out).checkpoints() == [2, 4] and not (out / "final").exists()  # the rerun exports from step 4
+
+
 if __name__ == "__main__":  # the torchrun worker of test_a_nonfinite_loss_on_one_process_skips_the_step_on_every_process
     rank_worker(Path(sys.argv[1]))

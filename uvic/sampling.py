@@ -39,7 +39,7 @@ from .cli import add_debug_option, command
 from .config import TIMESTEP_SPACINGS, sampler_steps_problem
 from .diffusion import SCHEDULE_KEY
 from .pipeline import SCHEDULERS, UViCPipeline, make_scheduler, save_grid
-from .runs import RunDir, atomic_write, checkpoint_pipeline, file_sha256
+from .runs import RunDir, atomic_write, checkpoint_pipeline, file_sha256, pipeline_folder
 from .text import read_prompts
 
 CLASS_MODES = ("uniform", "balanced")  # i.i.d. uniform labels (ADM, DiT) | label = index mod classes
@@ -232,7 +232,7 @@ def load_pipeline(model, checkpoint=None, ema: bool = True, reference_config=Non
     if is_pipeline:
         if not ema:
             raise ValueError(f"{path} holds EMA weights only; for the raw weights pass a run directory with --checkpoint")
-        return UViCPipeline.from_pretrained(path)
+        return pipeline_folder(path)  # its weights checked against its config first
     if is_step:
         return checkpoint_pipeline(path, ema)
     if RunDir.is_run(path):

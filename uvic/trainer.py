@@ -224,6 +224,7 @@ class Trainer:
                 self.out.mkdir(parents=True, exist_ok=True)
                 self.run.remove_temporaries(log=accelerator.print)
                 save_config(cfg, self.out / CONFIG)
+                self.run.mark()
         accelerator.wait_for_everyone()
         if self.resume_from is not None:
             accelerator.print(f"resumed from {self.resume_from} at step {self.state.step}")
@@ -665,6 +666,11 @@ class Trainer:
             writer.writerow([self.step, metric, value])
 
     def save_checkpoint(self) -> Path:
+        """This step's checkpoint (_save_checkpoint); a full disk names it."""
+        with disk_full_message(self.out, writing=f"checkpoint {self.run.checkpoint(self.step)}"):
+            return self._save_checkpoint()
+
+    def _save_checkpoint(self) -> Path:
         """checkpoints/step_XXXXXXX: accelerate state (weights, optimizer, LR schedule, RNG states),
         train_state.json, model/, ema_model/ (the EMA weights, also what resume reads), scheduler/, and
         manifest.json last; atomic rename; rotation keeps the newest train.keep_checkpoints intact ones."""
@@ -865,7 +871,9 @@ class Trainer:
             tmp = final.with_name(".final.tmp")
             if tmp.exists():
                 shutil.rmtree(tmp)
-            self.attach_text_encoder(self.ema_pipeline()).save_pretrained(str(tmp), safe_serialization=True)
+            with disk_full_message(self.out, writing=f"{final} (the pipeline export, written as {tmp})"):
+                self.attach_text_encoder(self.ema_pipeline()).save_pretrained(str(tmp), safe_serialization=True)
+                write_manifest(tmp)  # what sample.py checks: an edited config.json or weights file is refused
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -889,7 +897,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--output-dir", help="run folder (default: runs/<config name>)")
     parser.add_argument("--resume", help="'latest' or a checkpoint / run folder")
     parser.add_argument("--overwrite", action="store_true",
-                        help="start a new run in --output-dir, deleting its checkpoints, samples, logs, final/ and metrics.csv")
+                        help="start a new run in --output-dir, deleting its checkpoints, samples, logs, final/ and metrics.csv "
+                             "(only in a folder uvic made)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
     return parser.parse_args(argv)
