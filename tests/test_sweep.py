@@ -150,3 +150,22 @@ def test_stopping_a_sweep_stops_and_waits_for_its_trainers_which_checkpoint_firs
     assert not (run / ".uvic.lock").exists()  # released
     resumed = Trainer(load_config(config, ["train.seed=0", "train.cpu_threads=1"]), run)  # the rerun continues
     assert resumed.step == steps[0]
+
+
+def test_rerunning_a_sweep_after_editing_its_config_is_refused_unless_overwrite(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_YAML)
+    out = tmp_path / "sweep"
+    args = [str(config), "--out", str(out), "--threads", "1"]
+    assert main(args) == 0 and is_finished(out / "tiny__seed=0")
+    config.write_text(TINY_YAML.replace("lr: 1e-3", "lr: 5e-4"))  # the folder's name no longer describes its config
+    before = (out / "tiny__seed=0" / "config.yaml").read_text()
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "tiny__seed=0 (train.lr)" in err and "--overwrite" in err
+    assert (out / "tiny__seed=0" / "config.yaml").read_text() == before  # nothing ran
+    assert main(args + ["--overwrite"]) == 0  # started over with the new settings
+    assert load_config(out / "tiny__seed=0" / "config.yaml").train.lr == 5e-4
+    assert main(args) == 0 and "0 to run" in capsys.readouterr().out  # now it agrees: finished, skipped

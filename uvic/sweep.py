@@ -92,7 +92,9 @@ def command(run: Dict, out: Path, threads: Optional[int] = None) -> List[str]:
     """train.py's command line for `run`; the key=value overrides come last, all together (argparse
     does not take positionals interleaved with options)."""
     cmd = [sys.executable, "train.py", "--config", run["config"], "--output-dir", str(out / run["name"])]
-    if (out / run["name"]).exists():
+    if run.get("overwrite"):  # its folder holds a run of other settings and --overwrite was given
+        cmd += ["--overwrite"]
+    elif (out / run["name"]).exists():
         cmd += ["--resume", "latest"]
     cmd += [f"{k}={v}" for k, v in run["settings"].items()]
     if threads is not None:
@@ -105,23 +107,40 @@ def is_finished(run_dir: Path) -> bool:
     return final.is_dir() and any(final.iterdir())
 
 
-def check_runs(runs: Sequence[Dict]) -> None:
-    """Load every run's config (file + overrides) so a typo in --set fails before any run starts."""
+def check_runs(runs: Sequence[Dict]) -> Dict[str, object]:
+    """Load every run's config (file + overrides) so a typo in --set fails before any run starts; name -> config."""
     from .config import load_config
 
+    configs = {}
     for r in runs:
         overrides = [f"{k}={v}" for k, v in r["settings"].items()]
         try:
-            load_config(r["config"], overrides)
+            configs[r["name"]] = load_config(r["config"], overrides)
         except (ValueError, FileNotFoundError) as err:
             raise ValueError(f"run {r['name']}: {err}") from None
+    return configs
+
+
+def changed_runs(configs: Dict[str, object], out: Path) -> Dict[str, List[str]]:
+    """Runs whose folder records (config.yaml) other settings than this sweep gives them (an edited config file
+    or spec): name -> the differing keys. --threads (train.cpu_threads) is not a setting."""
+    from .config import config_diff
+    from .runs import RunDir
+
+    changed = {}
+    for name, cfg in configs.items():
+        saved = RunDir(out / name).config() if (out / name / "config.yaml").is_file() else None
+        keys = [k for k in config_diff(saved, cfg) if k != "train.cpu_threads"] if saved is not None else []
+        if keys:
+            changed[name] = keys
+    return changed
 
 
 def write_manifest(out: Path, runs: Sequence[Dict]) -> None:
     """sweep.json: the runs of this and of earlier sweeps into the same --out (by name)."""
     path = out / "sweep.json"
     known = {r["name"]: r for r in json.loads(path.read_text())["runs"]} if path.is_file() else {}
-    known.update({r["name"]: r for r in runs})
+    known.update({r["name"]: {k: v for k, v in r.items() if k != "overwrite"} for r in runs})
     path.write_text(json.dumps({"runs": list(known.values())}, indent=2))
 
 
@@ -220,6 +239,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--gpus", default="", help="comma-separated GPU ids: run slot i gets CUDA_VISIBLE_DEVICES="
                                               "the (i mod n)-th (e.g. --gpus 0,1,2,3 --parallel 4)")
     p.add_argument("--dry-run", action="store_true", help="print the commands of the unfinished runs, run nothing")
+    p.add_argument("--overwrite", action="store_true", help="start over the runs whose folder holds other settings "
+                                                            "(refused without it)")
     add_debug_option(p)
     a = p.parse_args(argv)
     try:
@@ -233,11 +254,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if a.parallel < 1 or (a.threads is not None and a.threads < 1):
             raise ValueError("--parallel and --threads must be at least 1")
         runs = expand_grid(configs, a.seeds or spec["seeds"], spec["sets"] + a.sets)
-        check_runs(runs)
+        changed = changed_runs(check_runs(runs), Path(a.out))
+        if changed and not a.overwrite:
+            listed = "; ".join(f"{name} ({', '.join(keys[:4])})" for name, keys in list(changed.items())[:4])
+            raise ValueError(f"{len(changed)} run folder(s) hold other settings than this sweep gives them: {listed}; "
+                             f"continuing them would mix two configs in one folder. Pass --overwrite to start them "
+                             f"over, or choose another --out")
     except (ValueError, FileNotFoundError) as err:
         p.error(str(err))
     out = Path(a.out)
-    todo = [r for r in runs if not is_finished(out / r["name"])]
+    for r in runs:
+        r["overwrite"] = r["name"] in changed
+    todo = [r for r in runs if r["overwrite"] or not is_finished(out / r["name"])]
     if a.dry_run:
         for r in todo:
             print(shlex.join(command(r, out, a.threads)))
