@@ -440,10 +440,10 @@ class Trainer:
 
     def stop_requested(self) -> bool:
         """Whether any process got SIGTERM (the same answer everywhere: all of them checkpoint together)."""
+        if self.accelerator.num_processes == 1:  # no tensor: no device synchronisation per step
+            return self.stop_signal is not None
         flag = torch.tensor(float(self.stop_signal is not None), device=self.accelerator.device)
-        if self.accelerator.num_processes > 1:
-            flag = self.accelerator.reduce(flag, reduction="sum")
-        return flag.item() > 0
+        return self.accelerator.reduce(flag, reduction="sum").item() > 0
 
     def stop_with_checkpoint(self) -> None:
         """SIGTERM: this step's checkpoint (unless just written), then TrainingStopped."""
