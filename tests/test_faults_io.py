@@ -291,3 +291,50 @@ def test_fail_on_corrupt_stops_naming_the_file_and_the_rerun_continues_the_shard
         assert torch.equal(got["index"], want["index"]) and torch.equal(got["labels"], want["labels"])
         for k in ("mean", "std"):  # other batch sizes: the encoder's float rounding may differ
             torch.testing.assert_close(got[k].float(), want[k].float(), rtol=0, atol=2e-3)
+
+
+# ---------------------------------------------------------------------- issue 28 item 7: one message, not a traceback
+@pytest.mark.parametrize("override, message", [
+    ("model.patch_size=0", "model.patch_size must be >= 1, got 0"),
+    ("model.num_heads=0", "model.num_heads must be >= 1, got 0"),
+    ("model.depth=-2", "model.depth must be >= 1, got -2"),
+    ("model.sample_size=0", "model.sample_size must be >= 1, got 0"),
+])
+def test_train_py_refuses_nonpositive_model_sizes_with_one_line(tmp_path, capsys, override, message):
+    refused(capsys, cli.train, [override, "--output-dir", str(tmp_path / "run")], "train.py: error: ", message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_sample_py_refuses_more_steps_than_the_schedule_has(pipeline_folder, tmp_path, capsys):
+    # the pipeline's DDPMScheduler has 100 training timesteps; a discrete sampler visits distinct ones
+    refused(capsys, sample_main, [str(pipeline_folder), "--grid", "2", "--steps", "500", "--out", str(tmp_path / "g")],
+            "--steps 500: dpm++2m takes at most as many steps as the schedule has timesteps (100")
+    assert not (tmp_path / "g").exists()
+
+
+def test_after_an_interrupted_growth_a_smaller_set_is_served_from_the_complete_shards(tmp_path, monkeypatch):
+    from uvic import sampling
+
+    pipe = tiny_pipeline()
+    out = tmp_path / "set"
+    first = np.load(generate_samples(pipe, out, num_samples=6, shard_size=3, **SET))["arr_0"]
+    draw = sampling.draw
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed while drawing shard 2")
+
+    monkeypatch.setattr(sampling, "draw", killed)
+    with pytest.raises(KeyboardInterrupt):
+        generate_samples(pipe, out, num_samples=9, **SET)  # growth to 9 interrupted: shards 0 and 1 complete
+    monkeypatch.setattr(sampling, "draw", draw)
+    shards = {p: p.stat().st_mtime_ns for p in (out / "shards").glob("*.npz")}
+    served = np.load(generate_samples(pipe, out, num_samples=6, **SET))["arr_0"]  # held by the complete shards
+    assert np.array_equal(served, first)
+    assert np.array_equal(np.load(generate_samples(pipe, out, num_samples=5, **SET))["arr_0"], first[:5])
+    assert {p: p.stat().st_mtime_ns for p in (out / "shards").glob("*.npz")} == shards  # nothing drawn again
+    with pytest.raises(ValueError, match="would shrink it"):  # sample 6 is in the shard that was never written
+        generate_samples(pipe, out, num_samples=7, **SET)
+    grown = np.load(generate_samples(pipe, out, num_samples=9, **SET))["arr_0"]  # the growth continues
+    assert grown.shape[0] == 9 and np.array_equal(grown[:6], first)
+    with pytest.raises(ValueError, match="holds a set of 9 samples; --num-samples 6 would shrink it"):
+        generate_samples(pipe, out, num_samples=6, **SET)  # a finished set never shrinks

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -24,6 +25,8 @@ from uvic.model import UViT
 from uvic.loading import run_pipeline
 from uvic.runs import CheckpointError, DiskFullError, RunDir, checkpoint_problem, write_manifest
 from uvic.trainer import NonFiniteLossError, Trainer, main
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def snapshot(folder) -> dict:
@@ -380,6 +383,19 @@ def test_stale_temporaries_are_removed_when_a_run_resumes(trained, tmp_path):
     ("train.warmup_steps=-1", r"train.warmup_steps must be >= 0"),
     ("train.betas=[1.5,0.9]", r"train.betas must be two numbers .* in \[0, 1\)"),
     ("train.log_every=0", r"train.log_every must be >= 1"),
+    # issue 28 items 2, 7, 12: values that used to fail only at the first grid / FID step, or in a traceback
+    ("diffusion.beta_end=2.0", r"must satisfy 0 < beta_start < beta_end < 1, got 0.0001, 2.0"),
+    ("diffusion.beta_start=0.05", r"must satisfy 0 < beta_start < beta_end < 1, got 0.05, 0.02"),
+    ("train.sample_steps=2000", r"train.sample_steps=2000: ddim takes at most as many steps as the schedule has "
+                                r"timesteps \(1000"),
+    ("diffusion.snr_gamma=nan", r"diffusion.snr_gamma=nan is not a finite number"),
+    ("data.scale_factor=inf", r"data.scale_factor=inf is not a finite number"),
+    ("train.max_grad_norm=inf", r"train.max_grad_norm=inf is not a finite number"),
+    ("model.patch_size=0", r"model.patch_size must be >= 1, got 0"),
+    ("model.num_heads=0", r"model.num_heads must be >= 1, got 0"),
+    ("model.depth=-2", r"model.depth must be >= 1, got -2"),
+    ("model.sample_size=0", r"model.sample_size must be >= 1, got 0"),
+    ("model.num_heads=3", r"model.embed_dim=32 is not divisible by model.num_heads=3"),
 ])
 def test_a_value_out_of_range_is_refused_by_name_and_the_run_is_left_untouched(trained, tmp_path, override, message):
     out = tmp_path / "run"
@@ -390,6 +406,56 @@ def test_a_value_out_of_range_is_refused_by_name_and_the_run_is_left_untouched(t
     with pytest.raises(ValueError, match=message):
         main(["--config", str(config), "--output-dir", str(out), "--resume", "latest", override])
     assert snapshot(out) == before
+
+
+@pytest.fixture(scope="module")
+def digits_stats(tmp_path_factory):
+    from uvic.metrics import compute_statistics
+
+    return compute_statistics("digits").save(tmp_path_factory.mktemp("ref") / "digits_stats.npz")
+
+
+FID = ["eval.fid_every=2", "eval.fid_num_samples=4", "eval.fid_steps=2", "eval.fid_scheduler=ddim",
+       "eval.fid_batch_size=4"]
+
+
+def test_an_fid_reference_that_cannot_be_read_is_refused_at_load(tmp_path, digits_stats):
+    bad = tmp_path / "truncated.npz"
+    bad.write_bytes(digits_stats.read_bytes()[:200])
+    labels = tmp_path / "labels.npz"
+    np.savez(labels, labels=np.arange(4))
+    (tmp_path / "empty").mkdir()
+    for ref, message in ((tmp_path / "missing.npz", "does not exist"), (bad, "not a usable FID reference"),
+                         (labels, "neither images"), (tmp_path / "empty", "holds no images")):
+        with pytest.raises((ValueError, FileNotFoundError), match=rf"eval.fid_ref={ref} .*{message}"):
+            tiny(*FID, f"eval.fid_ref={ref}")
+    assert tiny(*FID, f"eval.fid_ref={digits_stats}").eval.fid_ref == str(digits_stats)  # a good one passes
+    with pytest.raises(ValueError, match=r"eval.fid_steps=5000: ddim takes at most"):
+        tiny(*FID, f"eval.fid_ref={digits_stats}", "eval.fid_steps=5000")
+
+
+def test_a_failing_evaluation_step_writes_its_checkpoint_first_and_the_rerun_continues(tmp_path, digits_stats):
+    from uvic.trainer import EvaluationError
+
+    ref = tmp_path / "ref.npz"
+    shutil.copy(digits_stats, ref)
+
+    class RefGoneAfterStep1(Trainer):  # valid at load, gone at the FID step: a failure no load check can see
+        def on_step_end(self, step):
+            if step == 1:
+                ref.rename(tmp_path / "moved.npz")
+
+    out = tmp_path / "run"
+    cfg = tiny(*FID, f"eval.fid_ref={ref}")
+    with pytest.raises(EvaluationError, match=r"evaluation at step 2 failed .*ref.npz.*step_0000002.*--resume latest"):
+        RefGoneAfterStep1(cfg, out).train()
+    assert RunDir(out).checkpoints() == [2]  # train.checkpoint_every=0: written because the evaluation failed
+    (tmp_path / "moved.npz").rename(ref)
+    resumed = Trainer(cfg, out, resume="latest")
+    assert resumed.step == 2
+    resumed.train()
+    fids = (out / "metrics.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in fids[1:]] == ["4"]  # the FID of the last step (2's failed)
 
 
 def test_a_list_yaml_config_is_refused_naming_the_file(tmp_path):
@@ -419,6 +485,164 @@ def test_a_changed_architecture_on_resume_is_refused(trained, tmp_path):
     with pytest.raises(ValueError, match=r"changed model architecture \(model.embed_dim\).*start a new run"):
         Trainer(tiny(*CKPT, "model.embed_dim=16"), out, resume="latest")
     assert snapshot(out) == before
+
+
+# ---------------------------------------------------------------------- one trainer per run folder (issue 28 item 3)
+def test_a_second_trainer_on_a_run_folder_is_refused_naming_the_holder(trained, tmp_path):
+    import socket
+
+    from uvic.runs import RunLock, RunLockedError
+
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    before = snapshot(out)
+    with RunLock(out):  # as a running train.py holds it (flock: another open file, even in this process)
+        for argv in (["--resume", "latest"], ["--overwrite"]):
+            with pytest.raises(RunLockedError, match=rf"in use by another trainer \(pid {os.getpid()} on host "
+                                                     rf"{socket.gethostname()}"):
+                main(["--output-dir", str(out), *argv] + TINY + CKPT)
+        assert {k: v for k, v in snapshot(out).items() if k != ".uvic.lock"} == before  # --overwrite deleted nothing
+    assert snapshot(out) == before  # released: the lock file is gone
+
+
+def test_a_stale_lock_of_a_killed_trainer_is_taken_over_with_a_warning(trained, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    (out / ".uvic.lock").write_text("pid 999999 on host gone\n")  # kill -9 leaves the file; the kernel drops the flock
+    with pytest.warns(UserWarning, match=r"taking over the stale lock .*pid 999999 on host gone"):
+        trainer = Trainer(tiny(*CKPT), out)
+    assert trainer.step == 4 and not (out / ".uvic.lock").exists()
+
+
+def test_sigterm_checkpoints_the_step_and_train_py_exits_cleanly(tmp_path):
+    import signal
+
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), "--output-dir", str(out), *TINY,
+                             "train.steps=1000000", "train.checkpoint_every=0"], env=env, stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True)
+    try:
+        lines = []
+        for line in iter(proc.stderr.readline, ""):  # tqdm's first line: the loop has started
+            lines.append(line)
+            if "train:" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        err = "".join(lines) + proc.communicate(timeout=240)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    (step,) = RunDir(out).checkpoints()
+    assert f"stopped by SIGTERM at step {step}" in err and "Traceback" not in err
+    from uvic.trainer import default_config_path  # train.py's config when no --config is given
+
+    cfg = load_config(default_config_path(), TINY + ["train.steps=1000000", "train.checkpoint_every=0"])
+    assert Trainer(cfg, out).step == step  # the rerun continues there
+
+
+# ---------------------------------------------------------------------- identity checks (issue 28 items 4, 5, 6, 13, 15)
+def tiny_yaml(tmp_path) -> Path:
+    """The trained fixture's config as a file for train.py (whose default config is digits_uvic.yaml)."""
+    config = tmp_path / "tiny.yaml"
+    OmegaConf.save(OmegaConf.from_dotlist(TINY + CKPT), config)
+    return config
+
+
+def test_a_loose_checkpoint_of_another_architecture_is_refused_naming_the_keys(trained, tmp_path):
+    loose = tmp_path / "loose_step_4"  # copied out of its run: no config.yaml around it
+    shutil.copytree(trained / "checkpoints" / "step_0000004", loose)
+    recorded = json.loads((loose / "model" / "config.json").read_text())["attention_type"]
+    other = "softmax" if recorded == "cog" else "cog"  # a U-ViC checkpoint under a U-ViT config, or the reverse
+    with pytest.raises(ValueError, match=r"changed model architecture \(model.attention_type\)"):
+        Trainer(tiny(*CKPT, f"model.attention_type={other}"), tmp_path / "new", resume=str(loose))
+    with pytest.raises(ValueError, match=r"changed model architecture \(model.depth\)"):
+        Trainer(tiny(*CKPT, "model.depth=4"), tmp_path / "new", resume=str(loose))
+    assert not (tmp_path / "new").exists()
+    assert Trainer(tiny(*CKPT), tmp_path / "new", resume=str(loose)).step == 4  # the same architecture resumes
+
+
+def test_a_newest_step_folder_without_manifest_and_train_state_falls_back_to_the_one_before(trained, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    for name in ("manifest.json", "train_state.json"):  # a copy cut short, neither new nor an older uvic's
+        (out / "checkpoints" / "step_0000004" / name).unlink()
+    with pytest.warns(UserWarning, match=r"step_0000004 is damaged or incomplete \(no manifest.json, no "
+                                         r"train_state.json and not a checkpoint of an older uvic"):
+        resumed = Trainer(tiny(*CKPT), out)
+    assert resumed.step == 2 and RunDir(out).checkpoints() == [2]
+
+
+def test_resume_latest_with_fewer_steps_than_trained_is_refused_and_final_is_untouched(trained, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    before = snapshot(out)
+    with pytest.raises(ValueError, match=r"step_0000004 has trained 4 steps, more than train.steps=2.*nothing was "
+                                         r"changed \(final/ included\)"):
+        main(["--config", str(tiny_yaml(tmp_path)), "--output-dir", str(out), "--resume", "latest", "train.steps=2"])
+    assert snapshot(out) == before
+
+
+def test_overwrite_deletes_only_in_a_folder_uvic_made(trained, tmp_path):
+    foreign = tmp_path / "mine"
+    for name in ("logs/notes.txt", "samples/figure.png", "metrics.csv"):
+        (foreign / name).parent.mkdir(parents=True, exist_ok=True)
+        (foreign / name).write_text("keep")
+    before = snapshot(foreign)
+    with pytest.raises(ValueError, match=r"--overwrite would delete samples, logs, metrics.csv in .*mine, a folder "
+                                         r"uvic did not make \(no .uvic-run marker\); nothing was deleted"):
+        main(["--config", str(tiny_yaml(tmp_path)), "--output-dir", str(foreign), "--overwrite"])
+    assert snapshot(foreign) == before
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    assert (out / ".uvic-run").is_file()  # written when the run was made
+    fresh = Trainer(tiny(*CKPT), out, overwrite=True)
+    assert fresh.step == 0 and not (out / "checkpoints").exists() and (out / ".uvic-run").is_file()
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"depth": 4}, "missing: "),
+    ({"embed_dim": 48, "num_heads": 2}, "mis-shaped: "),
+])
+def test_a_pipeline_folder_whose_config_disagrees_with_its_weights_is_refused_naming_the_keys(
+        trained, tmp_path, capsys, edit, message):
+    from uvic.sampling import main as sample_main
+
+    final = tmp_path / "final"
+    shutil.copytree(trained / "final", final)
+    config = final / "transformer" / "config.json"
+    assert sample_main([str(final), "--grid", "2", "--steps", "2", "--out", str(tmp_path / "ok")]).is_file()
+    config.write_text(json.dumps({**json.loads(config.read_text()), **edit}))
+    with pytest.raises(SystemExit) as exit_:
+        sample_main([str(final), "--grid", "2", "--steps", "2", "--out", str(tmp_path / "g")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "is damaged or was edited: transformer/config.json" in err  # the manifest
+    (final / "manifest.json").unlink()  # a pipeline folder from elsewhere: the keys themselves are compared
+    with pytest.raises(SystemExit) as exit_:
+        sample_main([str(final), "--grid", "2", "--steps", "2", "--out", str(tmp_path / "g")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "weights do not match its config.json" in err and message in err
+    assert not (tmp_path / "g").exists()
+
+
+def test_a_full_disk_during_the_final_export_says_disk_full_and_names_final(tmp_path, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    save_file = safetensors.torch.save_file
+
+    def full(tensors, filename, *args, **kwargs):
+        if ".final.tmp" in str(filename):
+            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                                  '"No space left on device" })')
+        return save_file(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    out = tmp_path / "run"
+    with pytest.raises(DiskFullError, match=r"disk full: no space left writing .*final \(the pipeline export"):
+        Trainer(tiny(*CKPT), out).train()
+    assert RunDir(out).checkpoints() == [2, 4] and not (out / "final").exists()  # the rerun exports from step 4
 
 
 if __name__ == "__main__":  # the torchrun worker of test_a_nonfinite_loss_on_one_process_skips_the_step_on_every_process

@@ -284,3 +284,108 @@ def test_a_webp_folder_can_be_scored(tmp_path, digits_rgb):
         Image.fromarray(im).save(folder / f"{i:03d}.webp", lossless=True)
     r = compute_metrics(str(folder), "digits", batch_size=512)
     assert r["num_samples"] == 20 and np.isfinite(r["fid"])
+
+
+# ---------------------------------------------------------------------- the reference feature cache (issue 28: 1, 8, 11)
+class Hostile:
+    """A pickle that creates `marker` when unpickled: what a planted cache file could do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def plant_hostile(folder, names, marker):
+    """A hostile pickle (torch.save's zip form) under every name in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        torch.save({"mu": Hostile(marker)}, folder / name)
+
+
+def eval_digits(samples, ref, *extra):
+    from uvic.evaluate import main as eval_main
+
+    return eval_main([str(samples), "--ref", str(ref), "--feature-extractor", "digits", "--kid", "--kid-subset-size",
+                      "10", "--batch-size", "64", "--csv", "", "--offline", *extra])
+
+
+@pytest.mark.parametrize("where", ["default", "cache-root"])
+def test_a_hostile_pickle_in_any_feature_cache_slot_is_never_unpickled(tmp_path, digits_rgb, uvic_cache, where,
+                                                                      recwarn):
+    samples, ref = tmp_path / "samples.npz", write_pngs(tmp_path / "ref", digits_rgb[:40])
+    np.savez(samples, arr_0=digits_rgb[40:80])
+    root = tmp_path / "cache" if where == "cache-root" else uvic_cache / "fidelity_cache"
+    extra = ["--cache-root", str(root)] if where == "cache-root" else []
+    before = set(root.glob("*")) if root.is_dir() else set()
+    first = eval_digits(samples, ref, *extra)
+    ours = sorted(set(root.glob("*")) - before)
+    assert [p.suffix for p in ours] == [".safetensors", ".npz"]  # features and statistics; no .pt
+    entry = ours[0].name[len("uvic-"):-len("-features.safetensors")]
+    layer = metrics.make_extractor("digits").layer("fid")
+    fidelity_names = [f"{entry}-features-{layer}.pt", f"{entry}-stat-fid-{layer}.pt"]  # torch-fidelity's own slots
+    marker = tmp_path / "marker"
+    plant_hostile(root, [p.name for p in ours] + fidelity_names, marker)
+    plant_hostile(tmp_path / "torch_home" / "fidelity_cache", fidelity_names, marker)  # torch-fidelity's default root
+    again = eval_digits(samples, ref, *extra)
+    assert not marker.exists()
+    assert again["fid"] == pytest.approx(first["fid"], rel=1e-9) and again["kid_mean"] == pytest.approx(first["kid_mean"])
+    missed = " ".join(str(w.message) for w in recwarn.list)
+    assert all(f"{p} is not usable" in missed for p in ours)  # each hostile entry: a named cache miss
+    third = eval_digits(samples, ref, *extra)  # the entries were rewritten as safetensors / npz and are used
+    assert third["fid"] == pytest.approx(first["fid"], rel=1e-9) and not marker.exists()
+
+
+def test_a_truncated_cache_entry_is_a_miss_and_a_full_disk_only_skips_caching(tmp_path, digits_rgb, monkeypatch):
+    import errno
+
+    from uvic import feature_cache
+
+    ref, root = write_pngs(tmp_path / "ref", digits_rgb[:30]), tmp_path / "cache"
+    first = compute_metrics(digits_rgb[30:60], str(ref), kid=True, kid_subset_size=10, cache_root=root, feature_extractor="digits")
+    for path in root.iterdir():
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.warns(UserWarning, match="is not usable"):
+        again = compute_metrics(digits_rgb[30:60], str(ref), kid=True, kid_subset_size=10, cache_root=root, feature_extractor="digits")
+    assert again["fid"] == pytest.approx(first["fid"], rel=1e-9)
+
+    def full(path, write):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(feature_cache, "atomic_write", full)
+    with pytest.warns(UserWarning, match=r"could not write the feature cache entry .*uvic-.* \(disk full\)"):
+        r = compute_metrics(digits_rgb[30:60], str(ref), cache_root=tmp_path / "full", feature_extractor="digits")
+    assert r["fid"] == pytest.approx(first["fid"], rel=1e-9)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda mu, s: (mu, -s), "not positive semi-definite"),
+    (lambda mu, s: (mu, np.where(np.eye(len(mu)) > 0, np.inf, s)), "non-finite"),
+    (lambda mu, s: (mu, s + np.triu(np.ones_like(s), 1)), "not symmetric"),
+    (lambda mu, s: (mu[:10], s), "are not (D,) and (D, D)"),
+])
+def test_damaged_reference_statistics_are_refused_by_name_not_scored(tmp_path, digits_rgb, capsys, damage, message):
+    from uvic.evaluate import main as eval_main
+
+    good = compute_statistics("digits")
+    mu, sigma = damage(good.mu, good.sigma)
+    path = tmp_path / "ref_stats.npz"
+    np.savez(path, mu=mu, sigma=sigma, extractor=good.extractor, layer=good.layer, weights=good.weights)
+    with pytest.raises(SystemExit) as exit_:  # a negated covariance gave FID -10.8, a non-finite one inf
+        eval_main(["digits", "--ref", str(path), "--csv", ""])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and str(path) in err and message in err and "Traceback" not in err
+    # the reference is a covariance: symmetric positive semi-definite, so the distance to itself is 0
+    assert compute_metrics("digits", good)["fid"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_torch_fidelity_without_an_internal_uvic_uses_gives_one_message_naming_the_range(monkeypatch, digits_rgb):
+    import torch_fidelity.utils
+
+    monkeypatch.delattr(torch_fidelity.utils, "get_featuresdict_from_dataset")
+    with pytest.raises(Exception) as err:
+        compute_metrics(digits_rgb[:20], "digits", cache_root=False)
+    assert type(err.value).__name__ == "UserError"
+    assert "torch_fidelity.utils.get_featuresdict_from_dataset" in str(err.value)
+    assert metrics.TORCH_FIDELITY_SUPPORTED in str(err.value)

@@ -57,3 +57,21 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
     with pytest.raises(OSError):
         atomic_write(path, fail)
     assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_a_run_lock_is_exclusive_names_its_holder_and_is_gone_after_release(tmp_path):
+    import os
+    import socket
+
+    from uvic.runs import RunLock, RunLockedError
+
+    folder = tmp_path / "run"
+    first = RunLock(folder).acquire()
+    assert (folder / ".uvic.lock").read_text().strip() == f"pid {os.getpid()} on host {socket.gethostname()}"
+    with pytest.raises(RunLockedError, match=rf"in use by another trainer \(pid {os.getpid()} on host"):
+        RunLock(folder).acquire()  # flock: another open file of the same lock conflicts, even in one process
+    first.release()
+    assert not (folder / ".uvic.lock").exists()
+    with RunLock(folder):  # free again, no stale-lock warning: the file was removed with the lock
+        assert (folder / ".uvic.lock").is_file()
+    assert not folder.exists()  # made by the lock for a run that wrote nothing: removed again

@@ -1,7 +1,12 @@
 """Sweeps: grid expansion and names, skip / resume, --dry-run, spec files, and one real sweep of tiny runs."""
 
 import json
+import os
 import shlex
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -9,6 +14,7 @@ import pytest
 from uvic.sweep import expand_grid, is_finished, load_spec, main
 from uvic.trainer import Trainer
 from uvic.config import load_config
+from uvic.runs import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_YAML = """
@@ -108,3 +114,58 @@ def test_a_sweep_runs_new_runs_continues_interrupted_ones_skips_finished_and_rep
     assert main(args[:-2] + ["--dry-run"]) == 0  # only the failed run is left
     (left,) = capsys.readouterr().out.strip().splitlines()
     assert "train.seed=2" in left and "--resume" not in left
+
+
+def wait_for(predicate, timeout=240.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def test_stopping_a_sweep_stops_and_waits_for_its_trainers_which_checkpoint_first(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_YAML.replace("steps: 4,", "steps: 1000000,").replace("checkpoint_every: 2", "checkpoint_every: 0"))
+    out = tmp_path / "sweep"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    sweep = subprocess.Popen([sys.executable, "-m", "uvic.sweep", str(config), "--out", str(out), "--threads", "1"],
+                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        run, log = out / "tiny__seed=0", out / "tiny__seed=0.log"
+        wait_for(lambda: log.is_file() and "train:" in log.read_text(), what="the trainer's first step")
+        holder = (run / ".uvic.lock").read_text()  # "pid N on host H": the trainer that holds the folder
+        pid = int(holder.split()[1])
+        sweep.send_signal(signal.SIGTERM)
+        _, err = sweep.communicate(timeout=240)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+    assert sweep.returncode == 128 + signal.SIGTERM, err
+    with pytest.raises(ProcessLookupError):  # the trainer ended and was reaped: nothing left behind
+        os.kill(pid, 0)
+    assert "stopped by SIGTERM at step" in log.read_text()
+    steps = RunDir(run).checkpoints()
+    assert len(steps) == 1 and steps[0] >= 1  # train.checkpoint_every=0: written because of the SIGTERM
+    assert not (run / ".uvic.lock").exists()  # released
+    resumed = Trainer(load_config(config, ["train.seed=0", "train.cpu_threads=1"]), run)  # the rerun continues
+    assert resumed.step == steps[0]
+
+
+def test_rerunning_a_sweep_after_editing_its_config_is_refused_unless_overwrite(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_YAML)
+    out = tmp_path / "sweep"
+    args = [str(config), "--out", str(out), "--threads", "1"]
+    assert main(args) == 0 and is_finished(out / "tiny__seed=0")
+    config.write_text(TINY_YAML.replace("lr: 1e-3", "lr: 5e-4"))  # the folder's name no longer describes its config
+    before = (out / "tiny__seed=0" / "config.yaml").read_text()
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "tiny__seed=0 (train.lr)" in err and "--overwrite" in err
+    assert (out / "tiny__seed=0" / "config.yaml").read_text() == before  # nothing ran
+    assert main(args + ["--overwrite"]) == 0  # started over with the new settings
+    assert load_config(out / "tiny__seed=0" / "config.yaml").train.lr == 5e-4
+    assert main(args) == 0 and "0 to run" in capsys.readouterr().out  # now it agrees: finished, skipped

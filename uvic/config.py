@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
@@ -255,10 +256,7 @@ def validate_config(cfg: DictConfig) -> None:
         attention_mechanism(m.attention_type)
     except ValueError as err:
         raise ValueError(f"model.{err}") from None
-    if m.sample_size % m.patch_size:
-        raise ValueError(
-            f"model.sample_size={m.sample_size} is not divisible by model.patch_size={m.patch_size}"
-        )
+    check_model_sizes(m)
     from .model import softmax_block_indices
 
     blocks = m.softmax_blocks
@@ -333,11 +331,62 @@ def validate_config(cfg: DictConfig) -> None:
                              "model with model.context_dim)")
     if e.fid_every > 0 and not e.fid_ref:
         raise ValueError("eval.fid_every > 0 needs eval.fid_ref (reference statistics for FID)")
+    if d.schedule == "discrete" and d.beta_schedule != "squaredcos_cap_v2" and not 0.0 < d.beta_start < d.beta_end < 1.0:
+        raise ValueError(f"diffusion.beta_start, beta_end must satisfy 0 < beta_start < beta_end < 1, got "
+                         f"{d.beta_start}, {d.beta_end}")
+    for key, steps, sampler in (("train.sample_steps", t.sample_steps, t.sample_scheduler),
+                                ("eval.fid_steps", e.fid_steps, e.fid_scheduler)):
+        problem = sampler_steps_problem(sampler, steps, d.num_train_timesteps)
+        if problem and (key == "train.sample_steps" or e.fid_every > 0):
+            raise ValueError(f"{key}={steps}: {problem}")
+    if e.fid_every > 0:
+        from .metrics import check_reference  # torch-fidelity: only for runs that measure FID
+
+        check_reference(e.fid_ref, "eval.fid_ref")
+    check_finite(cfg)  # last: the checks above name a NaN in their own terms where they have one
     from .finetune import check_init_source
 
     check_init_source(t.init_from, list(t.init_reset or []))
     if data.name in ("imagefolder", "latents") and not data.path:
         raise ValueError(f"data.name={data.name!r} needs data.path (the {data.name} location)")
+
+
+CONTINUOUS_TIME_SAMPLERS = ("euler-maruyama", "dpm-solver-fast", "dpm-solver++-fast", "EulerMaruyamaScheduler",
+                            "DPMSolverFastScheduler")  # their steps split continuous time: any number
+
+
+def sampler_steps_problem(sampler: str, steps: int, num_train_timesteps: int) -> Optional[str]:
+    """Why `steps` steps of `sampler` (a uvic.pipeline.SCHEDULERS name or a scheduler class name) cannot sample
+    a model trained on `num_train_timesteps` timesteps, or None: a discrete-time sampler visits distinct
+    training timesteps, so it has at most as many steps as the schedule has timesteps."""
+    if sampler in CONTINUOUS_TIME_SAMPLERS or steps <= num_train_timesteps:
+        return None
+    return (f"{sampler} takes at most as many steps as the schedule has timesteps ({num_train_timesteps}, "
+            f"diffusion.num_train_timesteps); use at most {num_train_timesteps}")
+
+
+def check_finite(cfg: DictConfig) -> None:
+    """NaN and inf are refused in every float of the config (a NaN compares false with every bound)."""
+    for key, value in _flatten(OmegaConf.to_container(cfg)).items():
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{key}={v} is not a finite number")
+
+
+def check_model_sizes(m: DictConfig) -> None:
+    """Positive sizes; the patches tile the image and the heads split the width."""
+    for key in ("sample_size", "in_channels", "patch_size", "embed_dim", "depth", "num_heads"):
+        if not m[key] >= 1:
+            raise ValueError(f"model.{key} must be >= 1, got {m[key]}")
+    if not m.mlp_ratio > 0:
+        raise ValueError(f"model.mlp_ratio must be > 0, got {m.mlp_ratio}")
+    if m.sample_size % m.patch_size:
+        raise ValueError(
+            f"model.sample_size={m.sample_size} is not divisible by model.patch_size={m.patch_size}"
+        )
+    if m.embed_dim % m.num_heads:
+        raise ValueError(f"model.embed_dim={m.embed_dim} is not divisible by model.num_heads={m.num_heads} "
+                         f"(each head takes embed_dim / num_heads channels)")
 
 
 def model_kwargs(cfg: DictConfig) -> dict:

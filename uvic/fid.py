@@ -14,6 +14,9 @@ import numpy as np
 
 from .stats import Interval, bootstrap_interval
 
+SYMMETRY_RTOL = 1e-6  # of the largest |entry|: float32-stored covariances are symmetric to rounding
+PSD_RTOL = 1e-4  # of the largest |entry|: rounding leaves eigenvalues of a rank-deficient covariance near -eps·D
+
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """‖μ1 − μ2‖² + tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½), in float64.
@@ -49,6 +52,38 @@ class FIDStatistics:
     weights: Optional[str] = None  # sha256 prefix of the extractor weights
     num_samples: Optional[int] = None
 
+    @classmethod
+    def from_features(cls, features, **tags) -> "FIDStatistics":
+        """(N, D) features -> statistics (np.cov: unbiased, as TTUR, pytorch-fid and torch-fidelity)."""
+        f = np.asarray(features, dtype=np.float64)
+        return cls(f.mean(axis=0), np.cov(f, rowvar=False), num_samples=len(f), **tags)
+
+    def problem(self) -> Optional[str]:
+        """None if these are statistics a Fréchet distance can use, else what is wrong: shapes (D,) and (D, D),
+        finite values, a covariance symmetric and positive semi-definite within float rounding (a covariance
+        is both by definition; a negated or damaged one would give a negative or infinite FID)."""
+        mu, sigma = self.mu, self.sigma
+        d = mu.shape[0] if mu.ndim == 1 else -1
+        if d < 1 or sigma.shape != (d, d):
+            return f"mu {mu.shape} and sigma {sigma.shape} are not (D,) and (D, D)"
+        if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+            return "mu or sigma holds non-finite values (nan or inf)"
+        scale = max(float(np.abs(sigma).max()), np.finfo(np.float64).tiny)
+        if np.abs(sigma - sigma.T).max() > SYMMETRY_RTOL * scale:
+            return f"sigma is not symmetric (largest |sigma - sigma.T| {np.abs(sigma - sigma.T).max():.3g})"
+        lowest = float(np.linalg.eigvalsh((sigma + sigma.T) / 2)[0])
+        if lowest < -PSD_RTOL * scale:
+            return f"sigma is not positive semi-definite (smallest eigenvalue {lowest:.3g}, largest |entry| {scale:.3g})"
+        return None
+
+    def validate(self, source: str) -> "FIDStatistics":
+        """self, or ValueError naming `source` when problem() finds something."""
+        problem = self.problem()
+        if problem is not None:
+            raise ValueError(f"{source} holds unusable FID statistics: {problem}; recompute them (eval_fid.py "
+                             f"REF --save-stats PATH)")
+        return self
+
     @property
     def tagged(self) -> bool:
         return self.extractor is not None
@@ -79,9 +114,7 @@ class FIDStatistics:
             tag = {k: str(f[k]) for k in ("extractor", "layer", "weights") if k in f.files}
             n = int(f["num_samples"]) if "num_samples" in f.files else None
             mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
-        if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-            raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not (D,) and (D, D)")
-        return cls(mu, sigma, num_samples=n, **tag)
+        return cls(mu, sigma, num_samples=n, **tag).validate(str(path))
 
 
 def bootstrap_fid(features, ref: FIDStatistics, *, resamples: int = 200, seed: int = 0) -> Interval:

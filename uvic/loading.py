@@ -23,7 +23,7 @@ from .diffusion import make_scheduler, reference_scheduler
 from .latents import attach_vae
 from .model import UViT, load_reference_checkpoint
 from .pipeline import UViCPipeline
-from .runs import CHECKPOINTS, MANIFEST, CheckpointError, RunDir, checkpoint_problem
+from .runs import CHECKPOINTS, MANIFEST, CheckpointError, RunDir, checkpoint_problem, pipeline_folder
 
 MODEL_KINDS = (
     "a pipeline folder (model_index.json, e.g. runs/NAME/final), a run directory (config.yaml, "
@@ -174,7 +174,7 @@ def load_pipeline(model, checkpoint=None, ema: bool = True, reference_config=Non
     if found == "pipeline":
         if not ema:
             raise ValueError(f"{path} holds EMA weights only; for the raw weights pass a run directory with --checkpoint")
-        return UViCPipeline.from_pretrained(path)
+        return pipeline_folder(path)  # its weights checked against its config first
     if found == "checkpoint":
         return checkpoint_pipeline(path, ema)
     if found == "run":
@@ -219,7 +219,7 @@ def run_pipeline(run: RunDir, step: Optional[Union[str, int]] = None, ema: bool 
             )
         if not ema:
             raise ValueError(f"{run.final} holds EMA weights only; for the raw weights pass a checkpoint")
-        return UViCPipeline.from_pretrained(run.final)
+        return pipeline_folder(run.final)
     return checkpoint_pipeline(run.checkpoint(run.resolve_step(step, verify=True)), ema=ema, run=run, verify=False)
 
 

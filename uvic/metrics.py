@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import logging
 import tempfile
 import zipfile
@@ -37,16 +38,19 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
 from . import digits_classifier
+from .cli import UserError
 from .data import IMAGE_EXTENSIONS
+from .feature_cache import FeatureCache
 from .fid import FIDStatistics, bootstrap_fid, frechet_distance
 
 logger = logging.getLogger(__name__)
 
 INCEPTION = "inception-v3-compat"
-INCEPTION_WEIGHTS_URL = URL_INCEPTION_V3  # weights-inception-2015-12-05-6726825d.pth on torch-fidelity's releases
+# torch-fidelity's URL_INCEPTION_V3 (not public API, so written out here): the TF FID Inception weights
+INCEPTION_WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                         "weights-inception-2015-12-05-6726825d.pth")
 INCEPTION_WEIGHTS_FILE = INCEPTION_WEIGHTS_URL.rsplit("/", 1)[1]
 EXTRACTOR_ALIASES = {"inception": INCEPTION, "digits": digits_classifier.EXTRACTOR_NAME}
 KID_SUBSET_SIZE = 1000  # torch-fidelity's default
@@ -54,6 +58,27 @@ PRC_NEIGHBORHOOD = 3
 ISC_SPLITS = 10
 RESOLUTION_FREE = (digits_classifier.EXTRACTOR_NAME,)  # built to score any size (8x8 digits, 16 px samples)
 PARALLEL_DECODE_MIN = 1000  # image files from which DataLoader workers pay for their start-up
+
+
+TORCH_FIDELITY_SUPPORTED = "torch-fidelity >= 0.3, < 0.5 (tested with 0.4.0)"
+
+
+# ---------------------------------------------------------------------- torch-fidelity internals
+def fidelity(module: str, name: str):
+    """torch_fidelity.<module>.<name>: a name outside torch-fidelity's public API (its registries, feature
+    extraction over a Dataset, the IS / KID / precision-recall of features). A version without it fails here
+    with one message naming the supported range, not with an AttributeError deep in a metric."""
+    try:
+        return getattr(importlib.import_module(f"torch_fidelity.{module}"), name)
+    except (ImportError, AttributeError):
+        try:
+            from torch_fidelity import __version__ as version
+        except ImportError:
+            version = "(not importable)"
+        raise UserError(
+            f"torch-fidelity {version} has no torch_fidelity.{module}.{name}, which uvic's metrics use; uvic "
+            f"supports {TORCH_FIDELITY_SUPPORTED}: pip install 'torch-fidelity>=0.3,<0.5'"
+        ) from None
 
 
 # ---------------------------------------------------------------------- feature extractors
@@ -66,9 +91,7 @@ class Extractor:
     tag: str
 
     def layer(self, metric: str) -> str:
-        from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
-
-        return FEATURE_EXTRACTORS_REGISTRY[self.name].get_default_feature_layer_for_metric(metric)
+        return fidelity("registry", "FEATURE_EXTRACTORS_REGISTRY")[self.name].get_default_feature_layer_for_metric(metric)
 
     def check(self, stats: FIDStatistics, source: str) -> None:
         """Refuse statistics of other features; accept untagged Inception-sized ones with a note."""
@@ -149,8 +172,7 @@ def _safe_state_dict_check(path: Path) -> None:
 
 def make_extractor(name: Optional[str] = None, *, inception_weights_path=None, download: bool = True) -> Extractor:
     """An Extractor by name ("inception", "digits" or any registered torch-fidelity name; default inception)."""
-    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
-
+    FEATURE_EXTRACTORS_REGISTRY = fidelity("registry", "FEATURE_EXTRACTORS_REGISTRY")
     digits_classifier.register()
     name = EXTRACTOR_ALIASES.get(name or "inception", name)
     if name not in FEATURE_EXTRACTORS_REGISTRY:
@@ -288,7 +310,8 @@ def _is_image(p: Path) -> bool:
 def _folder_input(folder: Path, cache_name: Optional[str]) -> MetricInput:
     """Images in the folder; else its one .npz (a sample.py set: samples.npz); else images in subfolders."""
     from PIL import Image
-    from torch_fidelity.datasets import ImagesPathDataset
+
+    ImagesPathDataset = fidelity("datasets", "ImagesPathDataset")
 
     files = sorted(p for p in folder.iterdir() if _is_image(p))
     npz = sorted(folder.glob("*.npz"))
@@ -335,8 +358,7 @@ def _npz_input(path: Path, cache_name: Optional[str]) -> MetricInput:
 
 
 def _registered_input(name: str, data_root=None, download: bool = True) -> MetricInput:
-    from torch_fidelity.registry import DATASETS_REGISTRY
-
+    DATASETS_REGISTRY = fidelity("registry", "DATASETS_REGISTRY")
     root = Path(data_root).expanduser() if data_root else Path(torch.hub.get_dir()).parent / "fidelity_datasets"
     download = download and data_root is None  # --data-root: the files are there, never download
     try:
@@ -361,13 +383,12 @@ def _path_cache_name(path: Path) -> str:
 def load_input(source, *, data_root=None, download: bool = True, cache: bool = False) -> MetricInput:
     """A MetricInput from any accepted form (see the module docstring). `cache`: give it a torch-fidelity
     cache entry (reference inputs: their features are computed once)."""
-    from torch_fidelity.registry import DATASETS_REGISTRY
-
+    DATASETS_REGISTRY = fidelity("registry", "DATASETS_REGISTRY")
     digits_classifier.register()
     if isinstance(source, MetricInput):
         return source
     if isinstance(source, FIDStatistics):
-        return MetricInput("statistics", stats=source)
+        return MetricInput("statistics", stats=source.validate("the statistics given"))  # files: validated on load
     if isinstance(source, np.ndarray):
         array = check_image_array(source, "array")
         return MetricInput(f"array {tuple(array.shape)}", images=ArrayImages(array), image_size=array.shape[1:3])
@@ -387,6 +408,36 @@ def load_input(source, *, data_root=None, download: bool = True, cache: bool = F
     if path.suffix == ".npz":
         return _npz_input(path, cache_name)
     raise ValueError(f"{path}: expected a folder of images or an .npz file")
+
+
+def check_reference(ref, key: str = "--ref") -> None:
+    """Fail now, naming `key`, unless `ref` is a usable FID reference: a registered input, a folder with images
+    (or an .npz), an .npz of images (arr_0 NHWC uint8: its header is read) or of statistics (read, validated)."""
+    digits_classifier.register()
+    if str(ref) in fidelity("registry", "DATASETS_REGISTRY"):
+        return
+    path = Path(str(ref)).expanduser()
+    try:
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist")
+        if path.is_dir():
+            if not any(_is_image(p) or p.suffix == ".npz" for p in path.rglob("*")):
+                raise ValueError(f"{path} holds no images and no .npz")
+            return
+        if path.suffix != ".npz":
+            raise ValueError(f"{path} is neither a folder of images nor an .npz")
+        with zipfile.ZipFile(path) as zf:
+            keys = {Path(n).stem for n in zf.namelist()}
+        if {"mu", "sigma"} <= keys:
+            FIDStatistics.load(path)
+        elif "arr_0" in keys:
+            check_image_array(NpzMember(path), str(path))
+        else:
+            raise ValueError(f"{path} has neither images (arr_0) nor statistics (mu, sigma); it has {sorted(keys)}")
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        kind = FileNotFoundError if isinstance(err, FileNotFoundError) else ValueError
+        raise kind(f"{key}={ref} is not a usable FID reference: {err} (expected a registered input such as "
+                   f"cifar10-train or digits, a folder of images, an .npz of images or of statistics)") from None
 
 
 def choose_extractor(name: Optional[str], *inputs: MetricInput) -> Optional[str]:
@@ -410,12 +461,14 @@ def _device(device) -> torch.device:
 
 
 class _Fidelity:
-    """torch-fidelity keyword arguments for one extractor on one device, and the calls that use them."""
+    """torch-fidelity keyword arguments for one extractor on one device, and the calls that use them.
+
+    torch-fidelity never caches here (its cache unpickles .pt files): reference features and statistics go
+    through uvic.feature_cache, under cache_root (None: $UVIC_CACHE_DIR/fidelity_cache; False: off)."""
 
     def __init__(self, extractor: Extractor, layers: Sequence[str], *, batch_size: int, device, cache_root,
                  verbose: bool, **metric_kwargs):
-        from torch_fidelity.utils import create_feature_extractor
-
+        create_feature_extractor = fidelity("utils", "create_feature_extractor")
         self.device = _device(device)
         self.extractor = extractor
         self.kwargs = dict(
@@ -424,12 +477,12 @@ class _Fidelity:
             verbose=verbose,
             feature_extractor=extractor.name,
             feature_extractor_weights_path=extractor.weights_path,
-            cache=cache_root is not False,
-            cache_root=None if cache_root in (None, False) else str(cache_root),
+            cache=False,
             **metric_kwargs,
         )
-        if self.kwargs["cache"] and self.kwargs["cache_root"] is None:
-            self.kwargs["cache_root"] = str(digits_classifier.cache_dir() / "fidelity_cache")
+        if cache_root is None:
+            cache_root = digits_classifier.cache_dir() / "fidelity_cache"
+        self.cache = FeatureCache(None if cache_root is False else cache_root)
         with self._on_device():
             try:
                 self.fe = create_feature_extractor(extractor.name, list(layers), **self.kwargs)
@@ -442,31 +495,36 @@ class _Fidelity:
             return torch.cuda.device(self.device.index)
         return contextlib.nullcontext()
 
-    def _input_kwargs(self, inp: MetricInput) -> dict:
-        # cache entries name the extractor weights too: features of other weights never mix
-        cache_name = None if inp.cache_name is None else f"{inp.cache_name}-w{self.extractor.tag}"
-        return {**self.kwargs, "input1": inp.images, "input1_cache_name": cache_name,
-                "save_cpu_ram": not inp.parallel_decode}
+    def _entry(self, inp: MetricInput) -> Optional[str]:
+        # cache entries name the extractor and its weights too: features of other weights never mix
+        return None if inp.cache_name is None else f"{inp.cache_name}-w{self.extractor.tag}-{self.extractor.name}"
 
     def features(self, inp: MetricInput) -> Dict[str, torch.Tensor]:
-        from torch_fidelity.utils import extract_featuresdict_from_input_id_cached
-
+        """{layer: (N, D) features} of the input's images (reference inputs: cached)."""
+        entry, layers = self._entry(inp), list(self.fe.get_requested_features_list())
+        found = self.cache.features(entry, layers, len(inp.images)) if entry else None
+        if found is not None:
+            return found
+        extract = fidelity("utils", "get_featuresdict_from_dataset")
         with self._on_device():
-            return extract_featuresdict_from_input_id_cached(1, self.fe, **self._input_kwargs(inp))
+            out = extract(inp.images, self.fe, self.kwargs["batch_size"], self.kwargs["cuda"],
+                          not inp.parallel_decode, self.kwargs["verbose"])
+        if entry:
+            self.cache.save_features(entry, out)
+        return out
 
     def statistics(self, inp: MetricInput, features: Optional[dict] = None) -> FIDStatistics:
-        """FID statistics of images: from `features` if given, else via torch-fidelity's statistics cache."""
-        from torch_fidelity.metric_fid import fid_featuresdict_to_statistics_cached, fid_input_id_to_statistics_cached
-
-        layer = self.extractor.layer("fid")
-        kw = self._input_kwargs(inp)
-        with self._on_device():
-            if features is None:
-                stat = fid_input_id_to_statistics_cached(1, self.fe, layer, **kw)
-            else:
-                stat = fid_featuresdict_to_statistics_cached(features, kw["input1_cache_name"], self.fe, layer, **kw)
-        return FIDStatistics(np.asarray(stat["mu"], np.float64), np.asarray(stat["sigma"], np.float64),
-                             self.extractor.name, layer, self.extractor.tag, len(inp.images))
+        """FID statistics of images: from `features` if given, else from the cache or the images' features."""
+        layer, entry = self.extractor.layer("fid"), self._entry(inp)
+        tags = dict(extractor=self.extractor.name, layer=layer, weights=self.extractor.tag)
+        found = self.cache.statistics(entry, layer, tags, len(inp.images)) if entry else None
+        if found is not None:
+            return found
+        features = self.features(inp) if features is None else features
+        stats = FIDStatistics.from_features(features[layer].numpy(), **tags)
+        if entry:
+            self.cache.save_statistics(entry, layer, stats)
+        return stats
 
 
 def _check_counts(samples: MetricInput, ref: MetricInput, *, fid, kid, isc, prc, kid_subset_size) -> None:
@@ -579,20 +637,14 @@ def compute_metrics(
                                seed=bootstrap_seed)
             out.update(fid_low=iv.low, fid_high=iv.high)
     if isc:
-        from torch_fidelity.metric_isc import isc_featuresdict_to_metric
-
-        r = isc_featuresdict_to_metric(feats_s, extractor.layer("isc"), **tf.kwargs)
+        r = fidelity("metric_isc", "isc_featuresdict_to_metric")(feats_s, extractor.layer("isc"), **tf.kwargs)
         out.update(isc_mean=r["inception_score_mean"], isc_std=r["inception_score_std"])
     if kid:
-        from torch_fidelity.metric_kid import kid_featuresdict_to_metric
-
-        r = kid_featuresdict_to_metric(feats_s, feats_r, extractor.layer("kid"), **tf.kwargs)
+        r = fidelity("metric_kid", "kid_featuresdict_to_metric")(feats_s, feats_r, extractor.layer("kid"), **tf.kwargs)
         out.update(kid_mean=r["kernel_inception_distance_mean"], kid_std=r["kernel_inception_distance_std"])
     if prc:
-        from torch_fidelity.metric_prc import prc_featuresdict_to_metric
-
         # save_cpu_ram: distances in blocks, never the full (N, N) matrices (10 GB for 50K vs 50K)
-        out.update(prc_featuresdict_to_metric(feats_s, feats_r, extractor.layer("prc"),
+        out.update(fidelity("metric_prc", "prc_featuresdict_to_metric")(feats_s, feats_r, extractor.layer("prc"),
                                               **{**tf.kwargs, "save_cpu_ram": True}))
     out.update(extractor=extractor.name, num_samples=samples_in.count, num_ref=ref_in.count)
     return out

@@ -26,6 +26,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,7 +37,10 @@ CHECKPOINTS = "checkpoints"
 FINAL = "final"
 MANIFEST = "manifest.json"  # a checkpoint's last file: {"files": {relative path: {"size", "sha256"}}}
 TRAIN_STATE = "train_state.json"  # a checkpoint's counters (uvic.trainer.TrainState), JSON
+LEGACY_STATES = ("custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl")  # pre-manifest checkpoints: EMA, step
+RUN_MARKER = ".uvic-run"  # written when uvic makes a run folder: --overwrite deletes only in such folders
 RUN_ARTIFACTS = (CHECKPOINTS, "samples", "logs", FINAL, "metrics.csv")  # what --overwrite deletes
+LOCK = ".uvic.lock"  # held by the one trainer writing the folder (RunLock)
 _STEP_RE = re.compile(r"^step_(\d+)$")
 _TMP_RE = re.compile(r"^\.(step_\d+|final)\.tmp$")  # temporary folders of the trainer's saves
 
@@ -85,11 +89,16 @@ def manifest_size(folder) -> Optional[int]:
 def checkpoint_problem(folder, full: bool = False) -> Optional[str]:
     """None if `folder` is an intact checkpoint, else what is wrong with it. full: compare hashes too.
 
-    A folder without a manifest and without train_state.json was written before manifests existed: its
-    rename made it complete, and it is taken unverified."""
+    A folder without a manifest and without train_state.json but with the EMA and step states of older uvic
+    checkpoints (LEGACY_STATES) was written before manifests existed: its rename made it complete, and it is
+    taken unverified; so is a folder of weights only (model/, ema_model/, scheduler/: no training state, made by
+    hand for sampling). One with accelerate's training state but neither is incomplete."""
     folder = Path(folder)
     if not (folder / MANIFEST).is_file() and not (folder / TRAIN_STATE).exists():
-        return None
+        weights_only = not any(folder.glob("optimizer*")) and not any(folder.glob("random_states_*"))
+        if weights_only or all((folder / name).is_file() for name in LEGACY_STATES):
+            return None
+        return f"no {MANIFEST}, no {TRAIN_STATE} and not a checkpoint of an older uvic (incomplete)"
     try:
         files: Dict[str, dict] = json.loads((folder / MANIFEST).read_text())["files"]
         entries = [(name, int(e["size"]), str(e["sha256"])) for name, e in files.items()]
@@ -118,14 +127,24 @@ def free_space(path) -> int:
     return shutil.disk_usage(existing).free
 
 
+def _write_errors() -> tuple:
+    """What a full disk raises: OSError, RuntimeError (torch.save), SafetensorError (safetensors' save_file)."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:
+        return (OSError, RuntimeError)
+    return (OSError, RuntimeError, SafetensorError)
+
+
 @contextmanager
-def disk_full_message(where) -> Iterator[None]:
-    """Turn a full disk met by any write inside into a DiskFullError that says disk full and where: ENOSPC /
-    EDQUOT, or another write error (torch.save reports a RuntimeError) while `where` has under 64 MB free."""
+def disk_full_message(where, writing=None) -> Iterator[None]:
+    """Turn a full disk met by any write inside into a DiskFullError that says disk full and what was written:
+    ENOSPC / EDQUOT (also in a SafetensorError's text), or another write error while `where` has under 64 MB
+    free. writing: the file or folder being written, named when the error names none."""
     try:
         yield
-    except (OSError, RuntimeError) as e:
-        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+    except _write_errors() as e:
+        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "code: 28," in str(e)
         if not full:
             try:
                 full = free_space(where) < NEARLY_FULL
@@ -133,7 +152,7 @@ def disk_full_message(where) -> Iterator[None]:
                 full = False
         if not full:
             raise
-        target = getattr(e, "filename", None) or where
+        target = getattr(e, "filename", None) or writing or where
         raise DiskFullError(
             f"disk full: no space left writing {target} (run folder {where}; {type(e).__name__}: {str(e)[:200]}); "
             f"free space there (or pass another --output-dir) and rerun the same command: it continues from the "
@@ -155,6 +174,71 @@ def atomic_write(path, write: Callable) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+class RunLockedError(ValueError):
+    """Another trainer holds the run folder (an expected error: the message names the holder)."""
+
+
+class RunLock:
+    """One trainer per run folder: an advisory lock (fcntl.flock) on `folder`/.uvic.lock, which holds the
+    holder's pid and host. The kernel drops a flock when its process dies, so a file left by a killed trainer
+    is a stale lock: it is taken over with a warning naming the dead holder. The file is removed on release;
+    an acquirer checks it locked the file that is still there (the unlink race of lock files)."""
+
+    def __init__(self, folder):
+        self.path = Path(folder) / LOCK
+        self._file = None
+        self._made_folder = False  # a refused run leaves no empty folder behind
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+
+        self._made_folder = not self.path.parent.exists()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            f = open(self.path, "a+")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "a process that has not written its pid yet"
+                f.close()
+                raise RunLockedError(
+                    f"{self.path.parent} is in use by another trainer ({holder}; lock file {self.path}); wait for it "
+                    f"to finish or stop it, or choose another --output-dir") from None
+            try:
+                same = os.fstat(f.fileno()).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:  # released and removed between our open and our flock
+                same = False
+            if same:
+                break
+            f.close()
+        f.seek(0)
+        stale = f.read().strip()
+        if stale:
+            warnings.warn(f"taking over the stale lock {self.path} of a trainer that is not running ({stale}; "
+                          f"killed before it could release it)", stacklevel=2)
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
+        f.flush()
+        self._file = f
+        return self
+
+    def release(self) -> None:
+        if self._file is not None:
+            self.path.unlink(missing_ok=True)  # while still holding it: the next one creates a fresh file
+            self._file.close()
+            self._file = None
+            if self._made_folder and not any(self.path.parent.iterdir()):
+                self.path.parent.rmdir()
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 class RunDir:
@@ -297,6 +381,7 @@ class RunDir:
         if overwrite:
             if resume is not None:
                 raise ValueError("--overwrite starts a new run; it cannot be combined with --resume")
+            self.check_made_by_uvic()
             return None
         saved = self.config()
         differs = config_diff(saved, cfg) if saved is not None else []
@@ -342,14 +427,36 @@ class RunDir:
                 other = from_run.config()
                 differs = config_diff(other, cfg) if other is not None else differs
         architecture = [key for key in differs if key.startswith("model.") and key != "model.gradient_checkpointing"]
+        architecture = sorted(set(architecture) | set(architecture_diff(found, cfg)))  # what the weights record
         if architecture:
             raise ValueError(
                 f"cannot resume {found} with a changed model architecture ({', '.join(architecture)}): its weights "
                 f"fix it; start a new run (another --output-dir, or --overwrite) to train another model"
             )
+        done = int(_STEP_RE.match(found.name).group(1)) if _STEP_RE.match(found.name) else None
+        if done is not None and done > cfg.train.steps:
+            raise ValueError(
+                f"{found} has trained {done} steps, more than train.steps={cfg.train.steps}: resuming would record "
+                f"fewer steps than were trained, so nothing was changed (final/ included); pass train.steps >= "
+                f"{done} to train on, or sample the checkpoint (sample.py {self.path} --checkpoint {done})")
         if differs:
             warnings.warn(f"resuming {found.name} with a changed config, applied from here on: {', '.join(differs)}")
         return found
+
+    def check_made_by_uvic(self) -> None:
+        """--overwrite deletes only in a folder uvic made: its RUN_MARKER, or (runs of older uvic versions) a
+        config.yaml beside checkpoint folders. Another folder holding any RUN_ARTIFACTS name is refused."""
+        legacy = (self.path / CONFIG).is_file() and bool(self.step_folders())
+        left = [name for name in RUN_ARTIFACTS if (self.path / name).exists()]
+        if left and not (self.path / RUN_MARKER).is_file() and not legacy:
+            raise ValueError(
+                f"--overwrite would delete {', '.join(left)} in {self.path}, a folder uvic did not make (no "
+                f"{RUN_MARKER} marker); nothing was deleted: remove them yourself or choose another --output-dir")
+
+    def mark(self) -> None:
+        """Write RUN_MARKER: this folder is a uvic run (what --overwrite may clear)."""
+        if not (self.path / RUN_MARKER).is_file():
+            atomic_write(self.path / RUN_MARKER, lambda f: f.write(b"a uvic training run (uvic.runs.RunDir)\n"))
 
     def clear(self) -> None:
         """Delete the run's artifacts (RUN_ARTIFACTS): what --overwrite does before a new run."""
@@ -359,3 +466,104 @@ class RunDir:
                 shutil.rmtree(p)
             elif p.exists():
                 p.unlink()
+
+
+def architecture_diff(checkpoint, cfg) -> List[str]:
+    """model.* keys where the architecture a checkpoint's weights record (model/config.json, written with them)
+    differs from `cfg`'s; [] when the checkpoint records none (older folders)."""
+    from .config import model_kwargs
+
+    for sub in ("model", "ema_model"):
+        path = Path(checkpoint) / sub / "config.json"
+        if path.is_file():
+            try:
+                recorded = json.loads(path.read_text())
+            except ValueError:
+                return [f"model.* (unreadable {path})"]
+            wanted = json.loads(json.dumps(model_kwargs(cfg)))
+            return sorted(f"model.{k}" for k, v in wanted.items() if k in recorded and recorded[k] != v)
+    return []
+
+
+def weights_problem(model_dir) -> Optional[str]:
+    """None if the safetensors in `model_dir` hold exactly the UViT its config.json describes (keys and shapes,
+    read from the files' headers: nothing is loaded), else the keys that are missing, unexpected or mis-shaped
+    (a file that cannot be read: CheckpointError).
+    An edited config.json (depth, embed_dim, ...) would otherwise drop weights or initialise them at random."""
+    import torch
+    from safetensors import safe_open
+
+    from .model import UViT
+
+    model_dir = Path(model_dir)
+    with torch.device("meta"):  # shapes without memory
+        expected = {k: tuple(v.shape) for k, v in UViT.from_config(UViT.load_config(model_dir)).state_dict().items()}
+    found = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                found.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+        except Exception as e:  # not a mismatch: the file itself is damaged
+            raise CheckpointError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}); restore it, or use "
+                                  f"another checkpoint") from None
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    shaped = sorted(f"{k} {found[k]} (config: {expected[k]})" for k in set(expected) & set(found)
+                    if found[k] != expected[k])
+    parts = [f"{what}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}" for what, keys in
+             (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shaped)) if keys]
+    return "; ".join(parts) or None
+
+
+def check_weights(model_dir) -> None:
+    problem = weights_problem(model_dir)
+    if problem is not None:
+        raise CheckpointError(f"{model_dir}: its weights do not match its config.json ({problem}); the config was "
+                              f"edited or the files come from different models: restore them")
+
+
+def pipeline_folder(path):
+    """UViCPipeline.from_pretrained of a pipeline folder (final/), once its manifest (if any) and its transformer's
+    weights against its config are checked."""
+    from .pipeline import UViCPipeline
+
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        problem = checkpoint_problem(path, full=True)
+        if problem is not None:
+            raise CheckpointError(f"pipeline folder {path} is damaged or was edited: {problem}")
+    check_weights(path / "transformer")
+    return UViCPipeline.from_pretrained(path)
+
+
+def checkpoint_pipeline(step_dir, ema: bool = True, run: Optional[RunDir] = None, verify: bool = True):
+    """The pipeline of one checkpoint folder: ema_model/ (ema=True) or model/, with its scheduler/; for
+    a latent run (`run`, found from the folder when None) the VAE its latents came from.
+    verify: a folder with a manifest must match it (sizes and sha256), or CheckpointError."""
+    import diffusers
+
+    from .model import UViT
+    from .pipeline import UViCPipeline
+
+    step_dir = Path(step_dir)
+    if verify and (step_dir / MANIFEST).is_file():
+        problem = checkpoint_problem(step_dir, full=True)
+        if problem is not None:
+            raise CheckpointError(f"checkpoint {step_dir} is damaged: {problem}")
+    sub = step_dir / ("ema_model" if ema else "model")
+    if not (sub / "config.json").is_file():
+        raise FileNotFoundError(f"checkpoint {step_dir} has no {sub.name}/ (expected UViT.save_pretrained output)")
+    sched_dir = step_dir / "scheduler"
+    if not (sched_dir / "scheduler_config.json").is_file():
+        raise FileNotFoundError(f"checkpoint {step_dir} has no scheduler/ (expected the training scheduler)")
+    class_name = json.loads((sched_dir / "scheduler_config.json").read_text()).get("_class_name", "DDPMScheduler")
+    scheduler = getattr(diffusers, class_name, diffusers.DDPMScheduler).from_pretrained(sched_dir)
+    check_weights(sub)
+    pipe = UViCPipeline(transformer=UViT.from_pretrained(sub).eval(), scheduler=scheduler)
+    if run is None and step_dir.parent.name == CHECKPOINTS:
+        run = RunDir(step_dir.parent.parent)
+    vae_source = run.vae_source() if run is not None else None
+    if vae_source is not None:
+        from .latents import attach_vae
+
+        attach_vae(pipe, vae_source[0], scale_factor=vae_source[1])
+    return pipe

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from .cli import add_debug_option, command
-from .config import TIMESTEP_SPACINGS
+from .config import TIMESTEP_SPACINGS, sampler_steps_problem
 from .diffusion import SCHEDULE_KEY
 from .pipeline import SCHEDULERS, UViCPipeline, make_scheduler, save_grid
 from .loading import (MODEL_KINDS, PUBLISHED_CHECKPOINTS, REFERENCE_CONFIGS, load_pipeline, published_reference_config,
@@ -305,12 +305,24 @@ def _check_manifest(out_dir: Path, manifest: dict, old: Optional[dict]):
             "use another --out, or the options that made it to continue it"
         )
     before = old.get("num_samples")
-    if isinstance(before, int) and manifest["num_samples"] < before:
+    if isinstance(before, int) and manifest["num_samples"] < before and not _prefix_held(out_dir, old,
+                                                                                         manifest["num_samples"]):
         raise ValueError(
             f"{out_dir} holds a set of {before} samples; --num-samples {manifest['num_samples']} would shrink it "
             f"and lose samples, so nothing was changed. Use --num-samples {before} (or more, to extend it), "
             "or another --out"
         )
+
+
+def _prefix_held(out_dir: Path, old: dict, num_samples: int) -> bool:
+    """Whether an unfinished larger set (a growth that was interrupted) holds samples 0..num_samples-1 in complete
+    shards: then the smaller set is served from them and nothing is drawn or lost. A finished set never shrinks."""
+    before, size = old.get("num_samples"), old.get("shard_size")
+    if not (isinstance(before, int) and isinstance(size, int) and size >= 1) or num_samples >= before:
+        return False
+    complete = [_shard_complete(_shard_path(out_dir, k), r) for k, r in enumerate(shard_ranges(before, size))]
+    needed = math.ceil(num_samples / size)  # the shards holding indices 0..num_samples-1
+    return not all(complete) and all(complete[:needed])
 
 
 def _npz_verified(out_dir: Path, record, num_samples: int) -> bool:
@@ -414,6 +426,12 @@ def generate_samples(
             "count": len(prompts), "sha1": hashlib.sha1("\n".join(prompts).encode()).hexdigest(), "file": "prompts.txt"},
     }
     _check_manifest(out_dir, manifest, old)  # every rank raises the same error, before anyone writes
+    if old is not None and num_samples < old["num_samples"]:  # _check_manifest found it held by complete shards
+        verified = _npz_verified(out_dir, old.get(NPZ_RECORD), num_samples)
+        if state.is_main_process and not verified:
+            _assemble(out_dir, shard_ranges(old["num_samples"], shard_size), old, count=num_samples)
+        state.wait_for_everyone()
+        return out_dir / SAMPLES_NPZ
     record = (old or {}).get(NPZ_RECORD)
     if record is not None:
         manifest[NPZ_RECORD] = record  # describes the samples.npz on disk until a new one replaces it
@@ -504,17 +522,20 @@ def _assembled_count(out_dir: Path) -> Optional[int]:
         return None
 
 
-def _assemble(out_dir: Path, shards: List[range], manifest: dict):
-    """samples.npz from the shards, then its record (count, shape, bytes, sha256) in the manifest."""
-    num_samples = manifest["num_samples"]
+def _assemble(out_dir: Path, shards: List[range], manifest: dict, count: Optional[int] = None):
+    """samples.npz from the shards, then its record (count, shape, bytes, sha256) in the manifest. count: only
+    samples 0..count-1 (a smaller set served from a larger one's shards; the manifest keeps its num_samples)."""
+    num_samples = manifest["num_samples"] if count is None else count
+    shards = [r for r in shards if r.start < num_samples]
     with np.load(_shard_path(out_dir, 0)) as first:
         arr = np.empty((num_samples, *first["arr_0"].shape[1:]), dtype=np.uint8)  # (N, H, W, 3)
         labels = np.empty(num_samples, dtype=np.int64) if "labels" in first.files else None
     for k, indices in enumerate(shards):
         with np.load(_shard_path(out_dir, k)) as shard:
-            arr[indices.start : indices.stop] = shard["arr_0"]
+            stop = min(indices.stop, num_samples)
+            arr[indices.start : stop] = shard["arr_0"][: stop - indices.start]
             if labels is not None:
-                labels[indices.start : indices.stop] = shard["labels"]
+                labels[indices.start : stop] = shard["labels"][: stop - indices.start]
     arrays = {"arr_0": arr} if labels is None else {"arr_0": arr, "labels": labels}
     (out_dir / ASSEMBLED).unlink(missing_ok=True)
     path = out_dir / SAMPLES_NPZ
@@ -626,6 +647,10 @@ def run(args) -> Path:
         device = state.device
     pipe = load_pipeline(args.model, checkpoint=args.checkpoint, ema=args.ema, reference_config=args.reference_config,
                          vae=args.vae)
+    steps_problem = sampler_steps_problem(args.scheduler if args.scheduler != "saved" else type(pipe.scheduler).__name__,
+                                          args.steps, pipe.scheduler.config.num_train_timesteps)
+    if steps_problem:
+        raise ValueError(f"--steps {args.steps}: {steps_problem}")
     if args.vae and not args.reference_config:
         from .latents import attach_vae
 

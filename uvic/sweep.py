@@ -15,11 +15,13 @@ A spec file (--spec, YAML) holds an experiment's grid: `configs` (list), `seeds`
 (mapping key -> list of values); configs, --seeds and --set given on the command line replace / extend it.
 """
 import argparse
+import contextlib
 import itertools
 import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -91,7 +93,9 @@ def command(run: Dict, out: Path, threads: Optional[int] = None) -> List[str]:
     """train.py's command line for `run`; the key=value overrides come last, all together (argparse
     does not take positionals interleaved with options)."""
     cmd = [sys.executable, "train.py", "--config", run["config"], "--output-dir", str(out / run["name"])]
-    if (out / run["name"]).exists():
+    if run.get("overwrite"):  # its folder holds a run of other settings and --overwrite was given
+        cmd += ["--overwrite"]
+    elif (out / run["name"]).exists():
         cmd += ["--resume", "latest"]
     cmd += [f"{k}={v}" for k, v in run["settings"].items()]
     if threads is not None:
@@ -103,29 +107,86 @@ def is_finished(run_dir: Path) -> bool:
     return RunDir(run_dir).finished()
 
 
-def check_runs(runs: Sequence[Dict]) -> None:
-    """Load every run's config (file + overrides) so a typo in --set fails before any run starts."""
+def check_runs(runs: Sequence[Dict]) -> Dict[str, object]:
+    """Load every run's config (file + overrides) so a typo in --set fails before any run starts; name -> config."""
     from .config import load_config
 
+    configs = {}
     for r in runs:
         overrides = [f"{k}={v}" for k, v in r["settings"].items()]
         try:
-            load_config(r["config"], overrides)
+            configs[r["name"]] = load_config(r["config"], overrides)
         except (ValueError, FileNotFoundError) as err:
             raise ValueError(f"run {r['name']}: {err}") from None
+    return configs
+
+
+def changed_runs(configs: Dict[str, object], out: Path) -> Dict[str, List[str]]:
+    """Runs whose folder records (config.yaml) other settings than this sweep gives them (an edited config file
+    or spec): name -> the differing keys. --threads (train.cpu_threads) is not a setting."""
+    from .config import config_diff
+    from .runs import RunDir
+
+    changed = {}
+    for name, cfg in configs.items():
+        saved = RunDir(out / name).config() if (out / name / "config.yaml").is_file() else None
+        keys = [k for k in config_diff(saved, cfg) if k != "train.cpu_threads"] if saved is not None else []
+        if keys:
+            changed[name] = keys
+    return changed
 
 
 def write_manifest(out: Path, runs: Sequence[Dict]) -> None:
     """sweep.json: the runs of this and of earlier sweeps into the same --out (by name)."""
     path = out / "sweep.json"
     known = {r["name"]: r for r in json.loads(path.read_text())["runs"]} if path.is_file() else {}
-    known.update({r["name"]: r for r in runs})
+    known.update({r["name"]: {k: v for k, v in r.items() if k != "overwrite"} for r in runs})
     path.write_text(json.dumps({"runs": list(known.values())}, indent=2))
+
+
+class Children:
+    """The sweep's running train.py processes. SIGINT / SIGTERM to the sweep are forwarded to each of them (once:
+    a second signal to train.py ends it without its checkpoint) and no new run starts; the sweep then waits for
+    them, so stopping a sweep leaves no trainer behind. Each child has its own session: a terminal's Ctrl-C
+    reaches it only through the sweep, once."""
+
+    def __init__(self):
+        self.procs: List[subprocess.Popen] = []
+        self.signalled: set = set()
+        self.stop: Optional[int] = None
+
+    def start(self, cmd: List[str], **kwargs) -> subprocess.Popen:
+        proc = subprocess.Popen(cmd, start_new_session=True, **kwargs)
+        self.procs.append(proc)
+        if self.stop is not None:  # a signal came while it started
+            self.forward(self.stop)
+        return proc
+
+    def forward(self, signum: int, frame=None) -> None:
+        self.stop = signum
+        for proc in self.procs:
+            if proc.poll() is None and proc.pid not in self.signalled:
+                self.signalled.add(proc.pid)
+                proc.send_signal(signum)
+
+    @contextlib.contextmanager
+    def forwarding(self):
+        previous = {s: signal.signal(s, self.forward) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for proc in self.procs:  # also when the sweep itself fails: never an orphan
+                if proc.poll() is None:
+                    self.forward(self.stop or signal.SIGTERM)
+                    proc.wait()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
 
 def run_all(todo: Sequence[Dict], out: Path, parallel: int, threads: Optional[int],
             gpus: Sequence[str]) -> List[tuple]:
-    """Run `todo`, `parallel` at a time; slot i uses GPU gpus[i % len(gpus)]. Returns [(name, log)] of failures."""
+    """Run `todo`, `parallel` at a time; slot i uses GPU gpus[i % len(gpus)]. Returns [(name, log)] of failures.
+    SIGINT / SIGTERM: forwarded to the running runs, waited for, then SystemExit(128 + signal)."""
     failed, active, free = [], {}, list(range(parallel))  # active: slot -> (run, log, process)
 
     def reap():
@@ -133,30 +194,36 @@ def run_all(todo: Sequence[Dict], out: Path, parallel: int, threads: Optional[in
             if proc.poll() is not None:
                 del active[slot]
                 free.append(slot)
-                if proc.returncode != 0:
+                if proc.returncode != 0 and children.stop is None:
                     failed.append((r["name"], log))
 
-    for r in todo:
-        while not free:
-            time.sleep(POLL_SECONDS)
+    with Children().forwarding() as children:
+        for r in todo:
+            while not free and children.stop is None:
+                time.sleep(POLL_SECONDS)
+                reap()
+            if children.stop is not None:
+                break
+            slot = free.pop(0)
+            env = dict(os.environ)
+            if threads is not None:
+                env["OMP_NUM_THREADS"] = str(threads)
+            if gpus:
+                env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
+            log = out / f"{r['name']}.log"
+            print(f"start {r['name']}" + (f" (GPU {env['CUDA_VISIBLE_DEVICES']})" if gpus else "") + f": log {log}",
+                  flush=True)
+            with open(log, "a") as stream:
+                proc = children.start(command(r, out, threads), stdout=stream, stderr=subprocess.STDOUT, env=env)
+            active[slot] = (r, log, proc)
+        while active:
+            time.sleep(POLL_SECONDS if children.stop is None else 0.2)
             reap()
-        slot = free.pop(0)
-        env = dict(os.environ)
-        if threads is not None:
-            env["OMP_NUM_THREADS"] = str(threads)
-        if gpus:
-            env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
-        log = out / f"{r['name']}.log"
-        print(f"start {r['name']}" + (f" (GPU {env['CUDA_VISIBLE_DEVICES']})" if gpus else "") + f": log {log}",
-              flush=True)
-        with open(log, "a") as stream:
-            proc = subprocess.Popen(command(r, out, threads), stdout=stream, stderr=subprocess.STDOUT, env=env)
-        active[slot] = (r, log, proc)
-    while active:
-        time.sleep(POLL_SECONDS)
-        reap()
+    if children.stop is not None:
+        print(f"sweep stopped by signal {children.stop}: its runs were stopped (train.py checkpoints on SIGTERM); "
+              f"rerun the same command to continue", file=sys.stderr, flush=True)
+        raise SystemExit(128 + children.stop)
     return failed
-
 
 
 @cli_command("python -m uvic.sweep")
@@ -172,6 +239,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--gpus", default="", help="comma-separated GPU ids: run slot i gets CUDA_VISIBLE_DEVICES="
                                               "the (i mod n)-th (e.g. --gpus 0,1,2,3 --parallel 4)")
     p.add_argument("--dry-run", action="store_true", help="print the commands of the unfinished runs, run nothing")
+    p.add_argument("--overwrite", action="store_true", help="start over the runs whose folder holds other settings "
+                                                            "(refused without it)")
     add_debug_option(p)
     a = p.parse_args(argv)
     try:
@@ -185,11 +254,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if a.parallel < 1 or (a.threads is not None and a.threads < 1):
             raise ValueError("--parallel and --threads must be at least 1")
         runs = expand_grid(configs, a.seeds or spec["seeds"], spec["sets"] + a.sets)
-        check_runs(runs)
+        changed = changed_runs(check_runs(runs), Path(a.out))
+        if changed and not a.overwrite:
+            listed = "; ".join(f"{name} ({', '.join(keys[:4])})" for name, keys in list(changed.items())[:4])
+            raise ValueError(f"{len(changed)} run folder(s) hold other settings than this sweep gives them: {listed}; "
+                             f"continuing them would mix two configs in one folder. Pass --overwrite to start them "
+                             f"over, or choose another --out")
     except (ValueError, FileNotFoundError) as err:
         p.error(str(err))
     out = Path(a.out)
-    todo = [r for r in runs if not is_finished(out / r["name"])]
+    for r in runs:
+        r["overwrite"] = r["name"] in changed
+    todo = [r for r in runs if r["overwrite"] or not is_finished(out / r["name"])]
     if a.dry_run:
         for r in todo:
             print(shlex.join(command(r, out, a.threads)))

@@ -23,13 +23,17 @@ safetensors.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import json
 import math
 import os
 import shutil
+import signal
+import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -49,8 +53,8 @@ from .data import resolve_data_config
 from .diffusion import build_scheduler, diffusion_loss, drop_labels
 from .model import UViT
 from .pipeline import UViCPipeline, make_scheduler, save_grid
-from .runs import (CONFIG, MANIFEST, TRAIN_STATE, CheckpointError, DiskFullError, RunDir, atomic_write, checkpoint_name,
-                   disk_full_message, free_space, manifest_size, write_manifest)
+from .runs import (CONFIG, MANIFEST, TRAIN_STATE, CheckpointError, DiskFullError, RunDir, RunLock, atomic_write,
+                   checkpoint_name, disk_full_message, free_space, manifest_size, write_manifest)
 
 OPTIMIZER_SHARDS = "optimizer_shard_{}.safetensors"  # train.fsdp: one per process (its AdamW state shards)
 LR_SCHEDULE_NAMES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
@@ -117,6 +121,14 @@ class EpochSampler(DistributedSampler):
 
 class NonFiniteLossError(ValueError):
     """Training diverged: the loss or gradient norm stayed non-finite (an expected error: one message)."""
+
+
+class TrainingStopped(Exception):
+    """Training ended early on SIGTERM, its state checkpointed (train.py exits with 128 + 15)."""
+
+
+class EvaluationError(ValueError):
+    """A sample grid or FID during training failed; its step's checkpoint was written first (one message)."""
 
 
 class TrainState:
@@ -191,6 +203,13 @@ class Trainer:
             raise ValueError("eval.fid_every applies to class-conditional and unconditional models; for text-to-image "
                              "FID-30K sample captions with `sample.py MODEL --prompts FILE --num-samples N` and score "
                              "them with eval_fid.py; set eval.fid_every=0")
+        self.lock = RunLock(self.out) if self.is_main else None  # one trainer per run folder
+        with self.holding_lock():  # also while the folder is checked, cleared and its config written
+            self._init_run(cfg, resume, overwrite)
+
+    def _init_run(self, cfg: DictConfig, resume: Optional[str], overwrite: bool) -> None:
+        """The run folder checked (RunDir.prepare), the model built and restored, the folder written."""
+        t, accelerator = cfg.train, self.accelerator
         self.resume_from = self.run.prepare(cfg, resume, overwrite, log=accelerator.print)
 
         set_seed(t.seed)  # identical initial weights on every process
@@ -208,6 +227,7 @@ class Trainer:
                 self.out.mkdir(parents=True, exist_ok=True)
                 self.run.remove_temporaries(log=accelerator.print)
                 save_config(cfg, self.out / CONFIG)
+                self.run.mark()
         accelerator.wait_for_everyone()
         if self.resume_from is not None:
             accelerator.print(f"resumed from {self.resume_from} at step {self.state.step}")
@@ -397,13 +417,60 @@ class Trainer:
     def on_step_end(self, step: int) -> None:
         """Called after every optimizer step (a hook for subclasses: extra logging, early stops)."""
 
+    @contextlib.contextmanager
+    def holding_lock(self) -> Iterator[None]:
+        """The run folder's RunLock on the main process (another trainer there: RunLockedError)."""
+        if self.lock is None:
+            yield
+            return
+        with self.lock:
+            yield
+
+    @contextlib.contextmanager
+    def stop_on_sigterm(self) -> Iterator[None]:
+        """The first SIGTERM (what schedulers send before a kill) asks the loop to checkpoint and stop after the
+        step in progress; a second one ends the process at once. Only the main thread can install handlers."""
+        self.stop_signal = None
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signum, frame):
+            if self.stop_signal is not None:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+            self.stop_signal = signum
+
+        previous = signal.signal(signal.SIGTERM, request_stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def stop_requested(self) -> bool:
+        """Whether any process got SIGTERM (the same answer everywhere: all of them checkpoint together)."""
+        if self.accelerator.num_processes == 1:  # no tensor: no device synchronisation per step
+            return self.stop_signal is not None
+        flag = torch.tensor(float(self.stop_signal is not None), device=self.accelerator.device)
+        return self.accelerator.reduce(flag, reduction="sum").item() > 0
+
+    def stop_with_checkpoint(self) -> None:
+        """SIGTERM: this step's checkpoint (unless just written), then TrainingStopped."""
+        saved = self.run.checkpoint(self.step)
+        if self.step not in self.run.checkpoints():
+            saved = self.save_checkpoint()
+        if self.writer is not None:
+            self.writer.close()
+        raise TrainingStopped(f"stopped by SIGTERM at step {self.step}: checkpoint {saved} written; rerun the same "
+                              f"command to continue from it")
+
     def train(self) -> Path:
-        """Train to train.steps; returns the final/ pipeline folder."""
-        with disk_full_message(self.out):
+        """Train to train.steps; returns the final/ pipeline folder. SIGTERM: TrainingStopped after a checkpoint."""
+        with self.holding_lock(), self.stop_on_sigterm(), disk_full_message(self.out):
             return self._train()
 
     def _train(self) -> Path:
-        cfg, t, accelerator = self.cfg, self.cfg.train, self.accelerator
+        t, accelerator = self.cfg.train, self.accelerator
         if self.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -460,13 +527,13 @@ class Trainer:
                 loss_count.zero_()
                 tick, tick_step = time.perf_counter(), step
             done = step == t.steps
-            if (t.sample_every and step % t.sample_every == 0) or done:
-                self.save_sample_grid()
-            if self.cfg.eval.fid_every and (step % self.cfg.eval.fid_every == 0 or done):
-                self.evaluate_fid()
+            self.evaluate(step, done)
             if (t.checkpoint_every and step % t.checkpoint_every == 0) or done:
                 self.save_checkpoint()
             self.on_step_end(step)
+            if self.stop_requested():
+                progress.close()
+                self.stop_with_checkpoint()
         progress.close()
         final = self.save_final()
         if self.writer is not None:
@@ -558,6 +625,25 @@ class Trainer:
             self.writer.add_images("samples", images.float().cpu(), self.step)
         self.accelerator.wait_for_everyone()
 
+    def evaluate(self, step: int, done: bool) -> None:
+        """This step's sample grid and FID, when due. A failure there (a reference gone, a sampler that cannot
+        run, memory) first writes this step's checkpoint, so nothing trained is lost, then stops the run with
+        EvaluationError; --resume latest continues from this step."""
+        t, e = self.cfg.train, self.cfg.eval
+        try:
+            if (t.sample_every and step % t.sample_every == 0) or done:
+                self.save_sample_grid()
+            if e.fid_every and (step % e.fid_every == 0 or done):
+                self.evaluate_fid()
+        except (NonFiniteLossError, DiskFullError):
+            raise
+        except Exception as err:
+            saved = self.save_checkpoint()
+            raise EvaluationError(
+                f"evaluation at step {step} failed ({type(err).__name__}: {' '.join(str(err).split())[:400]}); "
+                f"the weights of step {step} were saved first ({saved}); fix the cause (train.sample_*, eval.*) "
+                f"and continue with --resume latest") from err
+
     def evaluate_fid(self) -> None:
         e = self.cfg.eval
         self.gather_ema()
@@ -599,6 +685,11 @@ class Trainer:
             writer.writerow([self.step, metric, value] + [protocol.get(k, "") for k in METRICS_COLUMNS[3:]])
 
     def save_checkpoint(self) -> Path:
+        """This step's checkpoint (_save_checkpoint); a full disk names it."""
+        with disk_full_message(self.out, writing=f"checkpoint {self.run.checkpoint(self.step)}"):
+            return self._save_checkpoint()
+
+    def _save_checkpoint(self) -> Path:
         """checkpoints/step_XXXXXXX: accelerate state (weights, optimizer, LR schedule, RNG states),
         train_state.json, model/, ema_model/ (the EMA weights, also what resume reads), scheduler/, and
         manifest.json last; atomic rename; rotation keeps the newest train.keep_checkpoints intact ones."""
@@ -799,7 +890,9 @@ class Trainer:
             tmp = final.with_name(".final.tmp")
             if tmp.exists():
                 shutil.rmtree(tmp)
-            self.attach_text_encoder(self.ema_pipeline()).save_pretrained(str(tmp), safe_serialization=True)
+            with disk_full_message(self.out, writing=f"{final} (the pipeline export, written as {tmp})"):
+                self.attach_text_encoder(self.ema_pipeline()).save_pretrained(str(tmp), safe_serialization=True)
+                write_manifest(tmp)  # what sample.py checks: an edited config.json or weights file is refused
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -823,7 +916,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--output-dir", help="run folder (default: runs/<config name>)")
     parser.add_argument("--resume", help="'latest' or a checkpoint / run folder")
     parser.add_argument("--overwrite", action="store_true",
-                        help="start a new run in --output-dir, deleting its checkpoints, samples, logs, final/ and metrics.csv")
+                        help="start a new run in --output-dir, deleting its checkpoints, samples, logs, final/ and metrics.csv "
+                             "(only in a folder uvic made)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
     return parser.parse_args(argv)
@@ -839,4 +933,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     output_dir = args.output_dir or str(Path("runs") / config.stem)
     trainer = Trainer(cfg, output_dir, resume=args.resume, cpu=True if args.cpu else None, overwrite=args.overwrite,
                       dataset=dataset)
-    return trainer.train()
+    try:
+        return trainer.train()
+    except TrainingStopped as stopped:  # a clean stop, not an error: the scheduler's convention 128 + SIGTERM
+        print(f"train.py: {stopped}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signal.SIGTERM) from None
