@@ -249,3 +249,27 @@ def test_fsdp_on_one_process_trains_unsharded_and_says_so(tmp_path, capsys):
     assert "parallelism: none over 1 process" in said and "train.fsdp=true ignored: one process" in said, said
     step = tmp_path / "run" / "checkpoints" / "step_0000004"
     assert step.is_dir() and not list(step.glob("optimizer_shard_*"))
+
+
+def test_final_loads_through_diffusers_and_samples_with_the_configured_sampler(tmp_path, monkeypatch):
+    """A diffusers user's route: DiffusionPipeline.from_pretrained(final, trust_remote_code=True), then pipe()."""
+    import diffusers.utils.dynamic_modules_utils as dynamic
+    from diffusers import DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
+
+    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "modules"))  # where diffusers copies pipeline.py
+    final = Trainer(tiny("data.conditional=true", "train.sample_scheduler=dpm++2m", "train.sample_steps=3",
+                         "train.checkpoint_every=4"), tmp_path / "run").train()
+    with pytest.raises(ValueError, match="contains custom code"):
+        DiffusionPipeline.from_pretrained(final)
+    pipe = DiffusionPipeline.from_pretrained(final, trust_remote_code=True)
+    assert type(pipe) is UViCPipeline and type(pipe.scheduler) is DPMSolverMultistepScheduler
+    assert pipe.scheduler.config.algorithm_type == "dpmsolver++" and pipe.scheduler.config.solver_order == 2
+    pipe.set_progress_bar_config(disable=True)
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(3)]  # noqa: E731
+    default = pipe(class_labels=[1, 2, 3], generator=gens(), output_type="pt").images  # batch from the labels
+    # the same sampler built by hand from the training schedule (the checkpoint's scheduler/), 3 steps
+    training = DDPMScheduler.from_pretrained(tmp_path / "run" / "checkpoints" / "step_0000004" / "scheduler")
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(training.config, algorithm_type="dpmsolver++",
+                                                             solver_order=2, timestep_spacing="trailing")
+    by_hand = pipe(batch_size=3, num_inference_steps=3, class_labels=[1, 2, 3], generator=gens(), output_type="pt").images
+    assert default.shape == (3, 1, 8, 8) and torch.allclose(default, by_hand, atol=1e-6)

@@ -772,7 +772,8 @@ class Trainer:
         self.ema.decay, self.ema.update_after_step = t.ema_decay, t.ema_update_after_step  # ema_warmup: the class
 
     def save_final(self) -> Path:
-        """final/: UViCPipeline(EMA model, training scheduler), safetensors."""
+        """final/: UViCPipeline(EMA model, train.sample_scheduler's sampler with train.sample_steps as the default
+        steps, so `pipe()` samples as the grids and sample.py do), safetensors."""
         final = self.run.final
         self.check_weights_finite("final/")
         self.gather_ema()
@@ -780,7 +781,9 @@ class Trainer:
             tmp = final.with_name(".final.tmp")
             if tmp.exists():
                 shutil.rmtree(tmp)
-            self.attach_text_encoder(self.ema_pipeline()).save_pretrained(str(tmp), safe_serialization=True)
+            pipe = self.ema_pipeline(self.cfg.train.sample_scheduler)
+            pipe.register_to_config(default_num_inference_steps=int(self.cfg.train.sample_steps))
+            self.attach_text_encoder(pipe).save_pretrained(str(tmp), safe_serialization=True)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
