@@ -273,3 +273,76 @@ def test_final_loads_through_diffusers_and_samples_with_the_configured_sampler(t
                                                              solver_order=2, timestep_spacing="trailing")
     by_hand = pipe(batch_size=3, num_inference_steps=3, class_labels=[1, 2, 3], generator=gens(), output_type="pt").images
     assert default.shape == (3, 1, 8, 8) and torch.allclose(default, by_hand, atol=1e-6)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state whose precision cannot change: start and leave it blank."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def test_the_launchers_mixed_precision_wins_over_the_config_in_one_line(tmp_path, monkeypatch, capsys,
+                                                                         fresh_accelerate_state):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch --mixed_precision bf16` sets
+    trainer = Trainer(tiny(), tmp_path / "run")  # train.mixed_precision: "no" (the default)
+    assert trainer.accelerator.mixed_precision == "bf16" and trainer.accelerator.native_amp  # accelerate autocasts
+    said = capsys.readouterr().out
+    overridden = [line for line in said.splitlines() if "overriding train.mixed_precision=no" in line]
+    assert len(overridden) == 2 and overridden[0].startswith("mixed precision: bf16"), said  # the line + summary
+    assert "bf16 on the CPU" in said and "slower than float32" in said
+    assert "mixed precision: bf16 (ACCELERATE_MIXED_PRECISION=bf16" in (tmp_path / "run" / "run_summary.txt").read_text()
+
+
+def test_accelerate_launchs_default_no_leaves_the_configs_precision(tmp_path, monkeypatch, fresh_accelerate_state):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # plain `accelerate launch train.py`
+    trainer = Trainer(tiny("train.mixed_precision=bf16"), tmp_path / "run")
+    assert trainer.accelerator.mixed_precision == "bf16"
+
+
+@pytest.mark.parametrize("configured, launched", [("fp16", None), (None, "fp16")])
+def test_fp16_on_the_cpu_is_refused_before_anything_is_written(tmp_path, monkeypatch, configured, launched,
+                                                               fresh_accelerate_state):
+    if launched:
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launched)
+    with pytest.raises(ValueError, match="fp16 .* on the CPU: accelerate has no fp16 autocast.*use bf16 or no"):
+        Trainer(tiny(*([f"train.mixed_precision={configured}"] if configured else [])), tmp_path / "run", cpu=True)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_startup_summary_is_printed_once_and_kept_in_the_run_folder(tmp_path, capsys):
+    Trainer(tiny("train.grad_accum=2", "model.attention_type=cog"), tmp_path / "run").train()
+    said = capsys.readouterr().out
+    assert said.count("***** Running training *****") == 1
+    summary = (tmp_path / "run" / "run_summary.txt").read_text()
+    assert summary.splitlines()[0] == "***** Running training *****" and summary.strip() in said
+    model = UViCPipeline.from_pretrained(tmp_path / "run" / "final").transformer
+    for line in ("  device: cpu", "  parallelism: none over 1 process (NO, cpu)", "  mixed precision: no",
+                 "  batch per device: 8 (micro-batch) x grad_accum 2",
+                 "  global batch: 16 = 1 process x 2 x 8 (train.batch_size is the global batch)",
+                 f"  parameters: {sum(p.numel() for p in model.parameters()):,}",
+                 "  steps: 4 optimizer steps, from step 0 (a new run)",
+                 "  attention: Cog in blocks [1] via lean (training) / chunked (grids, FID), softmax (SDPA) in [0, 2]"):
+        assert line in summary, (line, summary)
+    resumed = Trainer(tiny("train.grad_accum=2", "model.attention_type=cog", "train.steps=6"), tmp_path / "run",
+                      resume="latest")
+    assert f"from step 4 (resumed from {tmp_path / 'run' / 'checkpoints' / 'step_0000004'})" in "\n".join(resumed.summary)
+
+
+def test_accelerate_launch_num_processes_2_without_multi_gpu_says_it_runs_one_process(tmp_path):
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HOME": str(tmp_path)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "train.py", "--output-dir", str(tmp_path / "run"),
+           *TINY, "train.steps=1", "train.log_every=1"]
+    result = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if "started ONE process" in line]
+    assert len(lines) == 1 and "accelerate launch --multi_gpu --num_processes N" in lines[0], result.stdout
+    assert "parallelism: none over 1 process" in (tmp_path / "run" / "run_summary.txt").read_text()
