@@ -346,3 +346,43 @@ def test_accelerate_launch_num_processes_2_without_multi_gpu_says_it_runs_one_pr
     lines = [line for line in result.stdout.splitlines() if "started ONE process" in line]
     assert len(lines) == 1 and "accelerate launch --multi_gpu --num_processes N" in lines[0], result.stdout
     assert "parallelism: none over 1 process" in (tmp_path / "run" / "run_summary.txt").read_text()
+
+
+def test_an_installed_uvic_train_finds_the_shipped_configs_and_errors_in_one_line(tmp_path):
+    """pip install of a wheel built from this tree: the console script is the one-error-style wrapper and the
+    default configs come with the package (the checkout's configs/ is not there)."""
+    import shutil
+    import subprocess
+    import sys
+    import sysconfig
+
+    repo = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy(repo / name, src / name)
+    for name in ("uvic", "configs"):
+        shutil.copytree(repo / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    run = lambda *cmd, **kw: subprocess.run(cmd, capture_output=True, text=True, timeout=240, **kw)  # noqa: E731
+    built = run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), ".",
+                cwd=src)
+    assert built.returncode == 0, built.stderr[-2000:]
+    venv = tmp_path / "venv"
+    assert run(sys.executable, "-m", "venv", "--without-pip", str(venv)).returncode == 0
+    # the new environment sees this one's packages (torch, diffusers...) but not its editable uvic
+    purelib = Path(sysconfig.get_paths()["purelib"])
+    (next((venv / "lib").glob("python*")) / "site-packages" / "deps.pth").write_text(str(purelib) + "\n")
+    wheel = next(tmp_path.glob("uvic-*.whl"))
+    installed = run(sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--no-deps", "-q",
+                    str(wheel))
+    assert installed.returncode == 0, installed.stderr[-2000:]
+    elsewhere = tmp_path / "work"
+    elsewhere.mkdir()
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    bad = run(str(venv / "bin" / "uvic-train"), "--config", "digits_uvix", cwd=elsewhere, env=env)
+    assert bad.returncode == 2 and bad.stderr.count("error: no config 'digits_uvix'") == 1, bad.stderr[-2000:]
+    assert "Traceback" not in bad.stderr and str(venv / "share" / "uvic" / "configs") in bad.stderr  # the copy
+    # the default config (digits_uvic) from the installed copy: loaded and checked up to the missing data folder
+    found = run(str(venv / "bin" / "uvic-train"), "data.name=imagefolder", "data.path=nowhere", cwd=elsewhere, env=env)
+    assert found.returncode == 2 and "data.path" in found.stderr and "nowhere" in found.stderr, found.stderr[-2000:]
+    assert "Traceback" not in found.stderr and "no config" not in found.stderr

@@ -888,8 +888,37 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------- command line
+DEFAULT_CONFIG = "digits_uvic"
+
+
+def config_dirs() -> List[Path]:
+    """Where a config NAME is looked up: ./configs, the checkout's configs/ beside uvic/, and the copy an install
+    puts in PREFIX/share/uvic/configs (setup.cfg data_files)."""
+    import sys
+
+    return [Path("configs"), Path(__file__).resolve().parents[1] / "configs", Path(sys.prefix) / "share" / "uvic" / "configs"]
+
+
+def find_config(name: Optional[str]) -> Path:
+    """--config as given: a YAML path, else a shipped config's name looked up in config_dirs() (`digits_uvit`,
+    `sweeps/digits_default`; `configs/digits_uvit.yaml` from any folder too)."""
+    path = Path(name or DEFAULT_CONFIG)
+    if path.is_file():
+        return path
+    relative = Path(*path.parts[1:]) if path.parts[0] == "configs" and len(path.parts) > 1 else path
+    if relative.suffix not in (".yaml", ".yml"):
+        relative = relative.with_name(relative.name + ".yaml")
+    if not path.is_absolute():
+        for folder in config_dirs():
+            if (folder / relative).is_file():
+                return folder / relative
+    where = ", ".join(str(d) for d in config_dirs())
+    raise FileNotFoundError(f"no config {name or DEFAULT_CONFIG!r}: neither a file nor a shipped config name "
+                            f"(looked in {where}); give a YAML path or a name such as digits_uvic")
+
+
 def default_config_path() -> Path:
-    return Path(__file__).resolve().parents[1] / "configs" / "digits_uvic.yaml"
+    return find_config(None)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -897,7 +926,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         description="Train a U-ViT / U-ViC diffusion model. With no arguments: U-ViC on the embedded digits set (CPU).",
         epilog="example: python train.py --config configs/cifar10_uvic_s2.yaml train.batch_size=64 --resume latest",
     )
-    parser.add_argument("--config", help="YAML config (default: configs/digits_uvic.yaml)")
+    parser.add_argument("--config", help="YAML config path or a shipped config's name, e.g. digits_uvit "
+                                         "(default: digits_uvic)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 model.attention_type=softmax")
     parser.add_argument("--output-dir", help="run folder (default: runs/<config name>)")
     parser.add_argument("--resume", help="'latest' or a checkpoint / run folder")
@@ -910,9 +940,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> Path:
     args = parse_args(argv)
-    config = Path(args.config) if args.config else default_config_path()
-    if not args.config and not config.is_file():
-        raise FileNotFoundError(f"no --config given and the default {config} is missing")
+    config = find_config(args.config)
     overrides = list(args.overrides) + (["train.compile=true"] if args.compile else [])
     cfg, dataset = resolve_data_config(load_config(config, overrides))
     output_dir = args.output_dir or str(Path("runs") / config.stem)
