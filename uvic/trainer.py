@@ -662,7 +662,7 @@ class Trainer:
             )
             self.writer.add_scalar("eval/fid", fid, self.step)
             self.append_metric("fid", fid)
-            self.accelerator.print(f"step {self.step}: FID {fid:.3f}")
+            tqdm.write(f"step {self.step}: FID {fid:.3f}")  # above the training bar, not onto it
         self.accelerator.wait_for_everyone()
 
     def append_metric(self, metric: str, value: float) -> None:
@@ -929,7 +929,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--config", help="YAML config path or a shipped config's name, e.g. digits_uvit "
                                          "(default: digits_uvic)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 model.attention_type=softmax")
-    parser.add_argument("--output-dir", help="run folder (default: runs/<config name>)")
+    parser.add_argument("--output-dir", "--out", dest="output_dir", help="run folder (default: runs/<config name>)")
     parser.add_argument("--resume", help="'latest' or a checkpoint / run folder")
     parser.add_argument("--overwrite", action="store_true",
                         help="start a new run in --output-dir, deleting its checkpoints, samples, logs, final/ and metrics.csv")
