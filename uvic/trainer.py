@@ -58,7 +58,10 @@ LR_SCHEDULE_NAMES = {"constant": "constant_with_warmup", "linear": "linear", "co
 
 
 class FixedDecayEMA(EMAModel):
-    """U-ViT's EMA (train.ema_warmup: false): θ_ema ← d θ_ema + (1 − d) θ from the first step, d fixed."""
+    """U-ViT's EMA (train.ema_warmup: false): θ_ema ← d θ_ema + (1 − d) θ from the first step, d fixed.
+
+    Kept rather than EMAModel(decay=d, min_decay=d): that one's get_decay returns 0 at the first update (the EMA
+    becomes a copy of θ_1), where U-ViT's first update is d θ_0 + (1 − d) θ_1."""
 
     def get_decay(self, optimization_step: int) -> float:
         return self.decay
