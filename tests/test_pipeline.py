@@ -47,9 +47,52 @@ def test_diffusers_loads_a_saved_pipeline_through_its_custom_pipeline_file(tmp_p
     monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "modules"))  # where diffusers copies the file
     pipe = tiny_pipeline()
     pipe.save_pretrained(tmp_path / "final")
-    loaded = DiffusionPipeline.from_pretrained(tmp_path / "final", custom_pipeline="pipeline", trust_remote_code=True)
-    assert type(loaded) is UViCPipeline and loaded.config.timestep_offset == 0
-    assert torch.equal(loaded.transformer.pos_embed, pipe.transformer.pos_embed)
+    # the Hub custom-pipeline convention: [file stem beside model_index.json, class name]
+    assert json.loads((tmp_path / "final" / "model_index.json").read_text())["_class_name"] == ["pipeline", "UViCPipeline"]
+    for kwargs in ({"trust_remote_code": True}, {"custom_pipeline": "pipeline", "trust_remote_code": True}):
+        loaded = DiffusionPipeline.from_pretrained(tmp_path / "final", **kwargs)
+        assert type(loaded) is UViCPipeline and loaded.config.timestep_offset == 0
+        assert torch.equal(loaded.transformer.pos_embed, pipe.transformer.pos_embed)
+    with pytest.raises(ValueError, match="(?s)contains custom code in pipeline.py.*Pass `trust_remote_code=True`"):  # diffusers' own message
+        DiffusionPipeline.from_pretrained(tmp_path / "final")
+
+
+def test_labels_set_the_batch_when_batch_size_is_not_given():
+    """DiTPipeline's habit: pipe(class_labels=[...]) draws one sample per label."""
+    pipe = tiny_pipeline()
+    kwargs = dict(num_inference_steps=2, output_type="pt")
+    by_labels = pipe(class_labels=[1, 2, 3], generator=generators(3), **kwargs).images
+    explicit = pipe(batch_size=3, class_labels=[1, 2, 3], generator=generators(3), **kwargs).images
+    assert by_labels.shape == (3, 3, 8, 8) and torch.equal(by_labels, explicit)
+
+
+def test_latent_output_is_x0_before_the_vae_decodes_it():
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                        sample_size=16, scaling_factor=0.5).eval()
+    pipe = UViCPipeline(transformer=UViT(**{**TINY, "in_channels": 4}).eval(),
+                        scheduler=DDPMScheduler(num_train_timesteps=100, clip_sample=False), vae=vae)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(batch_size=2, num_inference_steps=2)
+    latents = pipe(generator=generators(2), output_type="latent", **kwargs).images
+    assert latents.shape == (2, 4, 8, 8)
+    images = pipe(generator=generators(2), output_type="pt", **kwargs).images
+    with torch.no_grad():  # diffusers' own decode of the returned latents gives the "pt" images
+        decoded = vae.decode(latents / vae.config.scaling_factor).sample
+    assert torch.allclose(images, (decoded / 2 + 0.5).clamp(0, 1), atol=1e-6)
+    pixels = tiny_pipeline(num_classes=0)(batch_size=1, num_inference_steps=2, generator=generators(1),
+                                          output_type="latent").images  # no VAE: x_0 in [-1, 1] units
+    assert pixels.shape == (1, 3, 8, 8) and pixels.min() < 0
+
+
+def test_diffusers_attention_switches_name_the_cog_backend_instead_of_doing_nothing():
+    pipe = tiny_pipeline()
+    for switch in (lambda: pipe.transformer.set_attention_backend("native"),
+                   lambda: pipe.transformer.set_attn_processor({}),
+                   pipe.enable_xformers_memory_efficient_attention, pipe.enable_attention_slicing):
+        with pytest.raises(NotImplementedError, match=r"set_cog_backend\('auto' \| 'math' \| 'lean'"):
+            switch()
 
 
 def test_a_folder_saved_with_the_old_model_component_still_loads(tmp_path):

@@ -317,3 +317,14 @@ def test_two_processes_give_the_same_set_as_one(run_dir, tmp_path):
                            steps=2, scheduler="dpm++2m", guidance=1.4, seed=7, progress=False)
     with np.load(tmp_path / "two" / "samples.npz") as two, np.load(one) as single:
         assert np.array_equal(two["arr_0"], single["arr_0"]) and np.array_equal(two["labels"], single["labels"])
+
+
+def test_no_progress_silences_diffusers_loading_bar_too(run_dir, tmp_path, capsys):
+    main([str(run_dir / "final"), "--grid", "2", "--steps", "1", "--out", str(tmp_path / "a.png")])
+    assert "Loading pipeline components" in capsys.readouterr().err  # diffusers' bar, shown by default
+    main([str(run_dir / "final"), "--grid", "2", "--steps", "1", "--out", str(tmp_path / "b.png"), "--no-progress"])
+    said = capsys.readouterr().err
+    assert "Loading pipeline components" not in said and "it/s" not in said, said
+    from diffusers.utils import logging as diffusers_logging
+
+    assert diffusers_logging.is_progress_bar_enabled()  # switched back on when the command ends

@@ -59,7 +59,7 @@ def test_dry_run_skips_finished_resumes_interrupted_and_starts_new(tmp_path, cap
     lines = [shlex.split(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert len(lines) == 2  # seed 0 is finished
     resumed, fresh = lines
-    assert resumed[1:] == ["train.py", "--config", "configs/digits_uvic.yaml", "--output-dir",
+    assert resumed[1:] == [str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "digits_uvic.yaml"), "--output-dir",
                            str(tmp_path / "digits_uvic__seed=1"), "--resume", "latest", "train.seed=1",
                            "train.cpu_threads=1"]
     assert "--resume" not in fresh and fresh[-2:] == ["train.seed=2", "train.cpu_threads=1"]

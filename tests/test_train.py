@@ -342,3 +342,140 @@ def test_a_run_saved_before_the_fine_tuning_and_fid_keys_existed_continues_with_
     save_config(saved, tmp_path / "run" / "config.yaml")
     again = Trainer(tiny(*overrides), tmp_path / "run")
     assert again.resume_from is not None and again.state.step == 3
+
+
+def test_final_loads_through_diffusers_and_samples_with_the_configured_sampler(tmp_path, monkeypatch):
+    """A diffusers user's route: DiffusionPipeline.from_pretrained(final, trust_remote_code=True), then pipe()."""
+    import diffusers.utils.dynamic_modules_utils as dynamic
+    from diffusers import DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler
+
+    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "modules"))  # where diffusers copies pipeline.py
+    final = Trainer(tiny("data.conditional=true", "train.sample_scheduler=dpm++2m", "train.sample_steps=3",
+                         "train.checkpoint_every=4"), tmp_path / "run").train()
+    with pytest.raises(ValueError, match="contains custom code"):
+        DiffusionPipeline.from_pretrained(final)
+    pipe = DiffusionPipeline.from_pretrained(final, trust_remote_code=True)
+    assert type(pipe) is UViCPipeline and type(pipe.scheduler) is DPMSolverMultistepScheduler
+    assert pipe.scheduler.config.algorithm_type == "dpmsolver++" and pipe.scheduler.config.solver_order == 2
+    pipe.set_progress_bar_config(disable=True)
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(3)]  # noqa: E731
+    default = pipe(class_labels=[1, 2, 3], generator=gens(), output_type="pt").images  # batch from the labels
+    # the same sampler built by hand from the training schedule (the checkpoint's scheduler/), 3 steps
+    training = DDPMScheduler.from_pretrained(tmp_path / "run" / "checkpoints" / "step_0000004" / "scheduler")
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(training.config, algorithm_type="dpmsolver++",
+                                                             solver_order=2, timestep_spacing="trailing")
+    by_hand = pipe(batch_size=3, num_inference_steps=3, class_labels=[1, 2, 3], generator=gens(), output_type="pt").images
+    assert default.shape == (3, 1, 8, 8) and torch.allclose(default, by_hand, atol=1e-6)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state whose precision cannot change: start and leave it blank."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def test_the_launchers_mixed_precision_wins_over_the_config_in_one_line(tmp_path, monkeypatch, capsys,
+                                                                         fresh_accelerate_state):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch --mixed_precision bf16` sets
+    trainer = Trainer(tiny(), tmp_path / "run")  # train.mixed_precision: "no" (the default)
+    assert trainer.accelerator.mixed_precision == "bf16" and trainer.accelerator.native_amp  # accelerate autocasts
+    said = capsys.readouterr().out
+    overridden = [line for line in said.splitlines() if "overriding train.mixed_precision=no" in line]
+    assert len(overridden) == 2 and overridden[0].startswith("mixed precision: bf16"), said  # the line + summary
+    assert "bf16 on the CPU" in said and "slower than float32" in said
+    assert "mixed precision: bf16 (ACCELERATE_MIXED_PRECISION=bf16" in (tmp_path / "run" / "run_summary.txt").read_text()
+
+
+def test_accelerate_launchs_default_no_leaves_the_configs_precision(tmp_path, monkeypatch, fresh_accelerate_state):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # plain `accelerate launch train.py`
+    trainer = Trainer(tiny("train.mixed_precision=bf16"), tmp_path / "run")
+    assert trainer.accelerator.mixed_precision == "bf16"
+
+
+@pytest.mark.parametrize("configured, launched", [("fp16", None), (None, "fp16")])
+def test_fp16_on_the_cpu_is_refused_before_anything_is_written(tmp_path, monkeypatch, configured, launched,
+                                                               fresh_accelerate_state):
+    if launched:
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launched)
+    with pytest.raises(ValueError, match="fp16 .* on the CPU: accelerate has no fp16 autocast.*use bf16 or no"):
+        Trainer(tiny(*([f"train.mixed_precision={configured}"] if configured else [])), tmp_path / "run", cpu=True)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_startup_summary_is_printed_once_and_kept_in_the_run_folder(tmp_path, capsys):
+    Trainer(tiny("train.grad_accum=2", "model.attention_type=cog"), tmp_path / "run").train()
+    said = capsys.readouterr().out
+    assert said.count("***** Running training *****") == 1
+    summary = (tmp_path / "run" / "run_summary.txt").read_text()
+    assert summary.splitlines()[0] == "***** Running training *****" and summary.strip() in said
+    model = UViCPipeline.from_pretrained(tmp_path / "run" / "final").transformer
+    for line in ("  device: cpu", "  parallelism: none over 1 process (NO, cpu)", "  mixed precision: no",
+                 "  batch per device: 8 (micro-batch) x grad_accum 2",
+                 "  global batch: 16 = 1 process x 2 x 8 (train.batch_size is the global batch)",
+                 f"  parameters: {sum(p.numel() for p in model.parameters()):,}",
+                 "  steps: 4 optimizer steps, from step 0 (a new run)",
+                 "  attention: Cog in blocks [1] via lean (training) / chunked (grids, FID), softmax (SDPA) in [0, 2]"):
+        assert line in summary, (line, summary)
+    resumed = Trainer(tiny("train.grad_accum=2", "model.attention_type=cog", "train.steps=6"), tmp_path / "run",
+                      resume="latest")
+    assert f"from step 4 (resumed from {tmp_path / 'run' / 'checkpoints' / 'step_0000004'})" in "\n".join(resumed.summary)
+
+
+def test_accelerate_launch_num_processes_2_without_multi_gpu_says_it_runs_one_process(tmp_path):
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HOME": str(tmp_path)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "train.py", "--output-dir", str(tmp_path / "run"),
+           *TINY, "train.steps=1", "train.log_every=1"]
+    result = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if "started ONE process" in line]
+    assert len(lines) == 1 and "accelerate launch --multi_gpu --num_processes N" in lines[0], result.stdout
+    assert "parallelism: none over 1 process" in (tmp_path / "run" / "run_summary.txt").read_text()
+
+
+def test_an_installed_uvic_train_finds_the_shipped_configs_and_errors_in_one_line(tmp_path):
+    """pip install of a wheel built from this tree: the console script is the one-error-style wrapper and the
+    default configs come with the package (the checkout's configs/ is not there)."""
+    import shutil
+    import subprocess
+    import sys
+    import sysconfig
+
+    repo = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy(repo / name, src / name)
+    for name in ("uvic", "configs"):
+        shutil.copytree(repo / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    run = lambda *cmd, **kw: subprocess.run(cmd, capture_output=True, text=True, timeout=240, **kw)  # noqa: E731
+    built = run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), ".",
+                cwd=src)
+    assert built.returncode == 0, built.stderr[-2000:]
+    venv = tmp_path / "venv"
+    assert run(sys.executable, "-m", "venv", "--without-pip", str(venv)).returncode == 0
+    # the new environment sees this one's packages (torch, diffusers...) but not its editable uvic
+    purelib = Path(sysconfig.get_paths()["purelib"])
+    (next((venv / "lib").glob("python*")) / "site-packages" / "deps.pth").write_text(str(purelib) + "\n")
+    wheel = next(tmp_path.glob("uvic-*.whl"))
+    installed = run(sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--no-deps", "-q",
+                    str(wheel))
+    assert installed.returncode == 0, installed.stderr[-2000:]
+    elsewhere = tmp_path / "work"
+    elsewhere.mkdir()
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    bad = run(str(venv / "bin" / "uvic-train"), "--config", "digits_uvix", cwd=elsewhere, env=env)
+    assert bad.returncode == 2 and bad.stderr.count("error: no config 'digits_uvix'") == 1, bad.stderr[-2000:]
+    assert "Traceback" not in bad.stderr and str(venv / "share" / "uvic" / "configs") in bad.stderr  # the copy
+    # the default config (digits_uvic) from the installed copy: loaded and checked up to the missing data folder
+    found = run(str(venv / "bin" / "uvic-train"), "data.name=imagefolder", "data.path=nowhere", cwd=elsewhere, env=env)
+    assert found.returncode == 2 and "data.path" in found.stderr and "nowhere" in found.stderr, found.stderr[-2000:]
+    assert "Traceback" not in found.stderr and "no config" not in found.stderr

@@ -14,6 +14,7 @@ Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
@@ -116,6 +117,33 @@ def command(prog: str):
         return main
 
     return wrap
+
+
+def add_renamed_option(parser, old: str, new: str, prog: str) -> None:
+    """Accept the spelling `old` of option `new` for one more release, with one deprecation line on stderr."""
+    import argparse
+
+    class Renamed(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            print(f"{prog}: {old} is deprecated and will be removed in the next release: use {new}", file=sys.stderr)
+            setattr(namespace, self.dest, values)
+
+    parser.add_argument(old, dest=new.lstrip("-").replace("-", "_"), action=Renamed, help=argparse.SUPPRESS)
+
+
+@contextlib.contextmanager
+def progress_bars(enabled: bool):
+    """--no-progress: diffusers' own bars (loading pipeline components) off too, while the command runs."""
+    from diffusers.utils import logging as diffusers_logging
+
+    was = diffusers_logging.is_progress_bar_enabled()
+    if not enabled:
+        diffusers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was and not enabled:
+            diffusers_logging.enable_progress_bar()
 
 
 def add_debug_option(parser) -> None:

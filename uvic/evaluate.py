@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import metrics
-from .cli import DEBUG_HELP, command
+from .cli import DEBUG_HELP, add_renamed_option, command, progress_bars
 from .text import read_prompts
+from .config import TIMESTEP_SPACINGS
 from .report import (DEFAULT_CSV, MAX_DEFAULT_SAMPLES, append_csv, compare, default_samples_dir, format_result,
                      is_model, make_row, parse_run_specs, sample_model)
 
@@ -37,6 +38,7 @@ def _add_metric_options(add):
     add("--no-cache", action="store_true", help="do not cache reference features")
     add("--scheduler", default="dpm++2m", help="sampler for models (uvic.pipeline.SCHEDULERS or 'saved')")
     add("--steps", type=int, default=50, help="sampling steps for models")
+    add("--timestep-spacing", choices=TIMESTEP_SPACINGS, help="models: override the sampler's timestep spacing")
     add("--guidance", type=float, default=1.0, help="classifier-free guidance w for models (1 = off)")
     add("--seed", type=int, default=0, help="sampling seed for models")
     add("--prompts", metavar="FILE", help="text-to-image models: sample i from line i of FILE (the same captions "
@@ -44,6 +46,10 @@ def _add_metric_options(add):
     add("--allow-resize", action="store_true", help="score samples and a reference of different sizes (the "
                                                     "extractor resizes both; refused by default)")
     add("--verbose", action="store_true", help="torch-fidelity's progress output")
+    add("--no-progress", dest="progress", action="store_false", help="no progress bars (sampling, diffusers' loading)")
+    add("--prc", action=argparse.BooleanOptionalAction, default=False, help="precision and recall (k = 3; default off)")
+    add("--samples-dir", metavar="DIR", help="models: where the sample sets go (resumable, reused by reruns; "
+        "default: eval_fid.py RUN/eval_samples/..., compare OUT/samples)")
     add("--debug", action="store_true", help=DEBUG_HELP)
 
 
@@ -62,15 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("samples", metavar="SAMPLES", help="folder of PNGs, .npz (arr_0 NHWC uint8), statistics .npz, registered "
                                            "input, or a model: pipeline folder / run directory / RUN@STEP")
-    add("--isc", action="store_true", help="Inception Score")
-    add("--kid", action="store_true", help="Kernel Inception Distance")
-    add("--prc", action="store_true", help="precision and recall (k = 3)")
-    add("--no-fid", dest="fid", action="store_false", help="skip FID")
+    # the same flags as compare (--isc/--no-isc ...); one set is scored for FID only unless asked
+    add("--isc", action=argparse.BooleanOptionalAction, default=False, help="Inception Score (default off)")
+    add("--kid", action=argparse.BooleanOptionalAction, default=False, help="Kernel Inception Distance (default off)")
+    add("--fid", action=argparse.BooleanOptionalAction, default=True, help="FID (default on)")
     add("--save-stats", metavar="PATH", help="write SAMPLES' FID statistics (tagged .npz) to PATH")
     add("--csv", default=DEFAULT_CSV, help=f"append the result row here (default {DEFAULT_CSV}; '' = off)")
     add("--num-samples", type=int, help="models: samples to draw (default: the reference's size, at most 50K)")
-    add("--samples-out", metavar="DIR", help="models: where the sample set goes (default RUN/eval_samples/...)")
     _add_metric_options(add)
+    add_renamed_option(parser, "--samples-out", "--samples-dir", "eval_fid.py")
     return parser
 
 
@@ -84,11 +90,11 @@ def build_compare_parser() -> argparse.ArgumentParser:
     add("runs", nargs="+", metavar="RUN", help="run directory or pipeline folder; RUN@STEP, RUN@latest, RUN@all")
     add("--num-samples", type=int, required=True, help="samples per model")
     add("--checkpoints", help="comma-separated checkpoints for every plain RUN: steps, latest, final")
-    add("--out", default="docs/results/compare", help="report folder")
-    add("--samples-dir", help="where the sample sets go (default OUT/samples; resumable, reused by reruns)")
-    add("--no-isc", dest="isc", action="store_false", help="skip IS")
-    add("--no-kid", dest="kid", action="store_false", help="skip KID")
-    add("--prc", action="store_true", help="also precision and recall")
+    add("--out", default="runs/compare", help="report folder (default runs/compare)")
+    add("--csv", default="", help=f"also append every run's row here (e.g. {DEFAULT_CSV}; default '' = off)")
+    # the same flags as eval_fid.py (--isc/--no-isc ...); a comparison reports all three unless told not to
+    add("--isc", action=argparse.BooleanOptionalAction, default=True, help="Inception Score (default on)")
+    add("--kid", action=argparse.BooleanOptionalAction, default=True, help="Kernel Inception Distance (default on)")
     add("--clip", metavar="DIR", help="text-to-image: also the CLIP score of each set against its --prompts "
         "(a CLIP model folder, e.g. openai/clip-vit-large-patch14)")
     add("--bootstrap", type=int, default=200, metavar="B",
@@ -130,10 +136,11 @@ def run_eval(args) -> dict:
         if num is None:
             ref_count = ref_in.count if ref_in is not None else None
             num = min(ref_count or MAX_DEFAULT_SAMPLES, MAX_DEFAULT_SAMPLES)
-        out = Path(args.samples_out) if args.samples_out else default_samples_dir(
-            spec, args.scheduler, args.steps, args.guidance, args.seed)
+        out = Path(args.samples_dir) if args.samples_dir else default_samples_dir(
+            spec, args.scheduler, args.steps, args.guidance, args.seed, args.timestep_spacing)
         npz, info = sample_model(spec, out, num_samples=num, scheduler=args.scheduler, steps=args.steps,
                                  guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
+                                 timestep_spacing=args.timestep_spacing, progress=args.progress,
                                  device=args.device, ref=ref_in, feature_extractor=args.feature_extractor,
                                  allow_resize=args.allow_resize,
                                  prompts=read_prompts(args.prompts) if args.prompts else None)
@@ -169,9 +176,12 @@ def run_compare(args, command: str) -> dict:
                   steps=args.steps, guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
                   device=args.device, checkpoints=checkpoints, isc=args.isc, kid=args.kid, prc=args.prc,
                   kid_subset_size=args.kid_subset_size, bootstrap=args.bootstrap, command=command, samples_dir=args.samples_dir,
+                  timestep_spacing=args.timestep_spacing, progress=args.progress,
                   prompts=read_prompts(args.prompts) if args.prompts else None, clip=args.clip, **_metric_kwargs(args))
     print(Path(out["md"]).read_text())
     print(f"report: {out['md']}, {out['csv']}, {out['png']}")
+    if args.csv:
+        print(f"rows appended to {append_csv(args.csv, out['rows'])}")
     return out
 
 
@@ -182,6 +192,7 @@ def main(argv: Optional[Sequence[str]] = None):
     compare_mode = bool(argv) and argv[0] == "compare"
     parser = build_compare_parser() if compare_mode else build_parser()
     args = parser.parse_args(argv[1:] if compare_mode else argv)
-    if compare_mode:
-        return run_compare(args, "python eval_fid.py " + " ".join(argv))
-    return run_eval(args)
+    with progress_bars(args.progress):
+        if compare_mode:
+            return run_compare(args, "python eval_fid.py " + " ".join(argv))
+        return run_eval(args)

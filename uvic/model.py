@@ -128,6 +128,13 @@ def softmax_block_indices(softmax_blocks: Union[None, str, Sequence[int]], depth
     return sorted(set(keep))
 
 
+# UViT's attention is uvic's own module (softmax through PyTorch SDPA, Cog through uvic.attention), not a diffusers
+# Attention with processors: diffusers' switches would silently do nothing, so they say what does work instead.
+COG_BACKEND_HINT = ("UViT attention is uvic's own (softmax: PyTorch SDPA; Cog: uvic.attention), not diffusers' "
+                    "attention processors or dispatcher backends; choose the Cog backend with "
+                    "model.set_cog_backend('auto' | 'math' | 'lean' | 'chunked' | 'triton') or UVIC_COG_BACKEND=NAME")
+
+
 class UViT(ModelMixin, ConfigMixin):
     """U-ViT / U-ViC noise-prediction network.
 
@@ -241,10 +248,16 @@ class UViT(ModelMixin, ConfigMixin):
     def set_cog_backend(self, backend: str):
         """Run every block's Cog attention through `backend`: "auto", "math", "lean", "chunked" or
         "triton" (uvic.attention). A runtime choice, like the device: not stored in the config.
-        Named apart from diffusers' `set_attention_backend`, which picks diffusers' own attention
-        processors and keeps its diffusers meaning here."""
+        diffusers' `set_attention_backend` / `set_attn_processor` do not reach this attention and say so."""
         for blk in self.blocks:
             blk.attn.set_backend(backend)
+
+    def set_attention_backend(self, backend: str):
+        """diffusers' attention dispatcher does not reach UViT's attention: refused, naming set_cog_backend."""
+        raise NotImplementedError(f"set_attention_backend({backend!r}): {COG_BACKEND_HINT}")
+
+    def set_attn_processor(self, processor):
+        raise NotImplementedError(f"set_attn_processor: {COG_BACKEND_HINT}")
 
     # ------------------------------------------------------------------ forward
     def forward(

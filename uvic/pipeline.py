@@ -5,10 +5,16 @@ batch and ε̂ = ε_uncond + w (ε_cond − ε_uncond). w = 1 is no guidance (th
 alone, one forward pass); U-ViT's "scale 0.4" (ε_cond + 0.4 (ε_cond − ε_uncond)) is w = 1.4;
 w = 0 is the unconditional (null-class) model alone.
 
-Saved pipelines load with `UViCPipeline.from_pretrained(folder)`, or through diffusers' custom
-pipeline route, with the one-line `pipeline.py` that `save_pretrained` writes beside model_index.json:
+Saved pipelines load with `UViCPipeline.from_pretrained(folder)`, or as a Hub custom pipeline: save_pretrained
+writes the one-line `pipeline.py` beside model_index.json and names it there the Hub way,
+`"_class_name": ["pipeline", "UViCPipeline"]`, so that diffusers' own loader finds the class:
 
-    DiffusionPipeline.from_pretrained(folder, custom_pipeline="pipeline", trust_remote_code=True)
+    DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+
+(without trust_remote_code diffusers refuses with its own "contains custom code" message).
+
+A pipeline saved by the trainer (final/) holds the sampler of train.sample_scheduler and its
+train.sample_steps as the default `num_inference_steps`, so `pipe()` samples as sample.py and the training grids do.
 
 The denoiser component is `transformer` (diffusers' name for transformer backbones); folders saved
 when it was called `model` (a model/ subfolder, model_index.json key "model") still load.
@@ -29,21 +35,24 @@ from typing import List, Optional, Union
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
 from .diffusion import PAPER_SAMPLERS, SCHEDULERS, make_scheduler, model_time  # noqa: F401 (re-exported)
-from .model import UViT
+from .model import COG_BACKEND_HINT, UViT
 from .text import empty_context as encode_empty_context
 from .text import encode_prompts
 
 # Written beside model_index.json: diffusers' custom-pipeline route imports the class from it.
 PIPELINE_FILE = "pipeline.py"
-_PIPELINE_SHIM = '''"""UViCPipeline for DiffusionPipeline.from_pretrained(folder, custom_pipeline="pipeline", trust_remote_code=True)."""
+HUB_CLASS_NAME = [Path(PIPELINE_FILE).stem, "UViCPipeline"]  # model_index.json "_class_name": [module, class]
+_PIPELINE_SHIM = '''"""UViCPipeline for DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)."""
 
 from uvic.pipeline import UViCPipeline  # noqa: F401  (pip install uvic)
 '''
 LEGACY_TRANSFORMER_KEY = "model"  # the denoiser's component name before it became `transformer`
 EMPTY_CONTEXT_FILE = "empty_context.safetensors"  # text-to-image: the empty prompt's features (L, D)
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
 def check_latent_scale(vae, latent_scale: float):
@@ -63,6 +72,9 @@ class UViCPipeline(DiffusionPipeline):
     With a `vae` (diffusers AutoencoderKL) the model works on latents, decoded as
     vae.decode(latents / vae.config.scaling_factor).
 
+    default_num_inference_steps: the steps of `pipe()` without num_inference_steps (the trainer saves
+    train.sample_steps with train.sample_scheduler's sampler).
+
     timestep_offset: added to a discrete scheduler's timestep before the model sees it. 0 for uvic
     models (trained on diffusers' 0..T-1); 1 for the reference discrete-time U-ViT checkpoints (ImageNet
     H), trained with n = 1..N where diffusers' index n-1 has the same noise level. Continuous-time
@@ -79,14 +91,17 @@ class UViCPipeline(DiffusionPipeline):
     _optional_components = ["vae", "text_encoder", "tokenizer"]
 
     def __init__(self, transformer: UViT, scheduler, vae=None, text_encoder=None, tokenizer=None,
-                 timestep_offset: int = 0, latent_scale: Optional[float] = None, null_label: bool = True):
+                 timestep_offset: int = 0, latent_scale: Optional[float] = None, null_label: bool = True,
+                 default_num_inference_steps: int = 50):
         super().__init__()
         if vae is not None and latent_scale is not None:
             check_latent_scale(vae, latent_scale)
         self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
                               tokenizer=tokenizer)
         self.register_to_config(timestep_offset=int(timestep_offset), null_label=bool(null_label),
-                                latent_scale=None if latent_scale is None else float(latent_scale))
+                                latent_scale=None if latent_scale is None else float(latent_scale),
+                                default_num_inference_steps=int(default_num_inference_steps))
+        self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)  # [-1, 1] -> pil / np / pt
         self.empty_context: Optional[torch.Tensor] = None  # (L, D), text-to-image; see set_empty_context
 
     # ------------------------------------------------------------------ text-to-image
@@ -171,10 +186,24 @@ class UViCPipeline(DiffusionPipeline):
     def save_pretrained(self, save_directory, *args, **kwargs):
         super().save_pretrained(save_directory, *args, **kwargs)
         (Path(save_directory) / PIPELINE_FILE).write_text(_PIPELINE_SHIM)
+        index = Path(save_directory) / "model_index.json"
+        config = json.loads(index.read_text())
+        config["_class_name"] = HUB_CLASS_NAME  # the Hub custom-pipeline convention: [file stem, class]
+        index.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if self.empty_context is not None:
             from safetensors.torch import save_file
 
             save_file({"empty_context": self.empty_context.contiguous()}, str(Path(save_directory) / EMPTY_CONTEXT_FILE))
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        """diffusers' load_config; a Hub-style `_class_name` [module, class] becomes the class name when this class
+        loads the folder itself (UViCPipeline.from_pretrained needs no remote code: the class is at hand)."""
+        loaded = super().load_config(*args, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        if isinstance(config.get("_class_name"), (list, tuple)):
+            config["_class_name"] = config["_class_name"][-1]
+        return loaded
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
@@ -215,8 +244,9 @@ class UViCPipeline(DiffusionPipeline):
     def check_inputs(self, batch_size: int, class_labels, guidance_scale: float) -> Optional[torch.Tensor]:
         """Validate labels and guidance against the model; returns labels as a (B,) long tensor or None.
 
-        class_labels: None (classes 0, 1, ... in turn), one int for the whole batch, or one per sample.
-        Text-to-image models take no labels (their prompts are checked by `text_context`).
+        class_labels: None (classes 0, 1, ... in turn), one int for the whole batch, or one per sample (with
+        batch_size 1, as DiTPipeline: one sample per label). Text-to-image models take no labels (their prompts
+        are checked by `text_context`).
         """
         if self.is_text_conditional:
             if class_labels is not None:
@@ -237,7 +267,7 @@ class UViCPipeline(DiffusionPipeline):
         labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
         if labels.numel() == 1:
             labels = labels.expand(batch_size)
-        if labels.numel() != batch_size:
+        if labels.numel() != batch_size and batch_size != 1:
             raise ValueError(f"got {labels.numel()} class labels for batch_size={batch_size}")
         if labels.min() < 0 or labels.max() >= self.num_real_classes:
             raise ValueError(
@@ -273,7 +303,7 @@ class UViCPipeline(DiffusionPipeline):
     def __call__(
         self,
         batch_size: int = 1,
-        num_inference_steps: int = 50,
+        num_inference_steps: Optional[int] = None,
         class_labels: Optional[Union[int, List[int], torch.Tensor]] = None,
         guidance_scale: float = 1.0,
         generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
@@ -283,17 +313,22 @@ class UViCPipeline(DiffusionPipeline):
         prompt: Optional[Union[str, List[str]]] = None,
         prompt_embeds: Optional[torch.Tensor] = None,
     ):
-        """Sample `batch_size` images. Text-to-image models take `prompt` (a string or one per sample;
+        """Sample `batch_size` images. Class-conditional: `class_labels` one per sample (with batch_size 1 the
+        labels set the batch, as DiTPipeline). Text-to-image models take `prompt` (a string or one per sample;
         with batch_size 1, one sample per prompt) or `prompt_embeds` (B, L, D) instead of class labels.
+        num_inference_steps: default the saved `default_num_inference_steps` (final/: train.sample_steps).
         A list of generators (one per sample) makes each image
         depend only on its own generator, whatever the batch it is drawn in. `latents`: the initial
         x_T (B, C, H, W) instead of one drawn from `generator` (which still drives stochastic samplers).
 
-        Returns ImagePipelineOutput(images): PIL list, NHWC float numpy in [0, 1] ("np") or NCHW
-        float tensor in [0, 1] ("pt").
+        Returns ImagePipelineOutput(images): PIL list, NHWC float numpy in [0, 1] ("np"), NCHW
+        float tensor in [0, 1] ("pt"), or the model's own x_0 (B, C, h, w) float32 before any VAE decoding
+        ("latent": latents as the VAE encodes them times its scaling_factor; pixels in [-1, 1]).
         """
-        if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(map(repr, OUTPUT_TYPES))}, got {output_type!r}")
+        if num_inference_steps is None:
+            num_inference_steps = int(self.config.get("default_num_inference_steps", 50))
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
         context = None
@@ -306,10 +341,11 @@ class UViCPipeline(DiffusionPipeline):
         elif prompt is not None or prompt_embeds is not None:
             raise ValueError("this model is not text-conditional: prompt and prompt_embeds must be None "
                              "(class-conditional models take class_labels)")
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(f"got {len(generator)} generators for batch_size={batch_size}")
         if context is None:
             labels = self.check_inputs(batch_size, class_labels, guidance_scale)
+            batch_size = batch_size if labels is None else labels.numel()
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"got {len(generator)} generators for batch_size={batch_size}")
         device, dtype = self._execution_device, self.transformer.dtype
         cfg = self.transformer.config
         shape = (batch_size, cfg.in_channels, cfg.sample_size, cfg.sample_size)
@@ -339,15 +375,19 @@ class UViCPipeline(DiffusionPipeline):
                 "ddim, ...), else check the model weights"
             )
 
-        if self.vae is not None:
+        if self.vae is not None and output_type != "latent":
             x = self.vae.decode((x / self.vae.config.scaling_factor).to(self.vae.dtype)).sample.float()
-        images = (x / 2 + 0.5).clamp(0, 1)  # (B, C, H, W) in [0, 1]
-        if output_type != "pt":
-            images = images.permute(0, 2, 3, 1).cpu().numpy()
-            if output_type == "pil":
-                images = self.numpy_to_pil(images)
+        images = self.image_processor.postprocess(x, output_type=output_type)  # (B, C, H, W) in [-1, 1] ->
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+
+    # ------------------------------------------------------------------ diffusers' attention switches
+    def enable_xformers_memory_efficient_attention(self, attention_op=None):
+        raise NotImplementedError(COG_BACKEND_HINT)
+
+    def enable_attention_slicing(self, slice_size="auto"):
+        raise NotImplementedError(COG_BACKEND_HINT + "; for less memory use the 'chunked' Cog backend")
 
 
 def save_grid(images: torch.Tensor, path, nrow: int = 8, padding: int = 2, min_cell: int = 64) -> Path:

@@ -113,7 +113,8 @@ def sampler_name(manifest: dict) -> Optional[str]:
 
 def sample_model(spec: RunSpec, out_dir, *, num_samples: int, scheduler: str, steps: int, guidance: float,
                  seed: int, batch_size: int, device=None, progress: bool = True, ref=None,
-                 feature_extractor: Optional[str] = None, allow_resize: bool = False, prompts=None):
+                 feature_extractor: Optional[str] = None, allow_resize: bool = False, prompts=None,
+                 timestep_spacing: Optional[str] = None):
     """Sample `spec` into out_dir (resumable) -> (samples.npz path, model info for reports). With `ref` (a
     MetricInput), images of another size than the reference's are refused before sampling (check_resolution).
     prompts: text-to-image models draw sample i from prompts[i] (every model the same captions)."""
@@ -134,15 +135,17 @@ def sample_model(spec: RunSpec, out_dir, *, num_samples: int, scheduler: str, st
     pipe.to(torch.device(device) if device else ("cuda" if torch.cuda.is_available() else "cpu"))
     npz = generate_samples(pipe, out_dir, num_samples=num_samples, batch_size=batch_size, seed=seed,
                            scheduler=None if scheduler == "saved" else scheduler, steps=steps, guidance=guidance,
-                           progress=progress, prompts=prompts)
+                           progress=progress, prompts=prompts, timestep_spacing=timestep_spacing)
     return npz, info
 
 
-def default_samples_dir(spec: RunSpec, scheduler: str, steps: int, guidance: float, seed: int) -> Path:
-    """<run>/eval_samples/<checkpoint>_<sampler>_<steps>steps_w<guidance>_seed<seed>; beside a pipeline
+def default_samples_dir(spec: RunSpec, scheduler: str, steps: int, guidance: float, seed: int,
+                        timestep_spacing: Optional[str] = None) -> Path:
+    """<run>/eval_samples/<checkpoint>_<sampler>_<steps>steps_w<guidance>_seed<seed>[_<spacing>]; beside a pipeline
     folder that is not in a run, <folder>_eval_samples/..."""
     where = spec.run_dir / "eval_samples" if spec.run_dir else spec.path.with_name(f"{spec.path.name}_eval_samples")
-    return where / f"{spec.checkpoint or 'final'}_{scheduler}_{steps}steps_w{guidance:g}_seed{seed}"
+    spacing = f"_{timestep_spacing}" if timestep_spacing else ""
+    return where / f"{spec.checkpoint or 'final'}_{scheduler}_{steps}steps_w{guidance:g}_seed{seed}{spacing}"
 
 
 # ---------------------------------------------------------------------- seeds: groups, intervals, pairs
@@ -506,7 +509,8 @@ def compare(runs: Sequence[str], *, ref: str, out_dir, num_samples: int, schedul
             steps: int = 50, guidance: float = 1.0, seed: int = 0, batch_size: int = 64, device=None,
             checkpoints: Optional[Sequence[str]] = None, isc: bool = True, kid: bool = True, prc: bool = False,
             kid_subset_size: int = metrics.KID_SUBSET_SIZE, bootstrap: int = 200, command: str = "",
-            progress: bool = True, samples_dir=None, prompts=None, clip=None, **metric_kwargs) -> dict:
+            progress: bool = True, samples_dir=None, prompts=None, clip=None, timestep_spacing=None,
+            **metric_kwargs) -> dict:
     """Sample every run alike into samples_dir (default out_dir/samples), score each against `ref` (with a
     bootstrap interval over samples from `bootstrap` resamples; 0: none), group runs that differ only by
     train.seed, and write the report to out_dir.
@@ -544,7 +548,8 @@ def compare(runs: Sequence[str], *, ref: str, out_dir, num_samples: int, schedul
         npz, info = sample_model(spec, sample_dir, num_samples=num_samples, scheduler=scheduler, steps=steps,
                                  guidance=guidance, seed=seed, batch_size=batch_size, device=device,
                                  progress=progress, ref=ref_in, feature_extractor=metric_kwargs.get("feature_extractor"),
-                                 allow_resize=metric_kwargs.get("allow_resize", False), prompts=prompts)
+                                 allow_resize=metric_kwargs.get("allow_resize", False), prompts=prompts,
+                                 timestep_spacing=timestep_spacing)
         result = metrics.compute_metrics(str(npz), ref_in, fid=True, isc=isc, kid=kid, prc=prc, batch_size=batch_size,
                                          device=device, kid_subset_size=kid_subset_size, bootstrap=bootstrap,
                                          bootstrap_seed=seed, **metric_kwargs)
@@ -558,6 +563,7 @@ def compare(runs: Sequence[str], *, ref: str, out_dir, num_samples: int, schedul
                              train_seed=train_seed, **info))
     groups = group_by_seed(rows, configs, [s.checkpoint for s in specs])
     settings = dict(num_samples=num_samples, scheduler=scheduler, steps=steps, guidance=guidance, seed=seed,
+                    **({"timestep_spacing": timestep_spacing} if timestep_spacing else {}),
                     ref=ref, kid_subset_size=kid_subset_size, bootstrap=bootstrap, bootstrap_seed=seed)
     command = command or (f"python eval_fid.py compare {' '.join(map(str, runs))} --ref {ref} --num-samples "
                           f"{num_samples} --scheduler {scheduler} --steps {steps} --guidance {guidance:g} --seed {seed} "

@@ -34,7 +34,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-from .cli import add_debug_option, command
+from .cli import add_debug_option, command, progress_bars
 from .config import TIMESTEP_SPACINGS, sampler_steps_problem
 from .diffusion import SCHEDULE_KEY
 from .pipeline import SCHEDULERS, UViCPipeline, make_scheduler, save_grid
@@ -595,7 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available; accelerate launch: one per process)")
     add("--dtype", choices=DTYPES, default="fp32", help="model weights and activations")
     add("--compile", action="store_true", help="torch.compile the model")
-    add("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add("--no-progress", dest="progress", action="store_false", help="no progress bars (diffusers' loading too)")
     add_debug_option(parser)
     return parser
 
@@ -698,4 +698,6 @@ def _process_state(device: str):
 @command("sample.py")
 def main(argv: Optional[Sequence[str]] = None) -> Path:
     """Entry point of sample.py and `uvic-sample`. Bad input ends with one message and exit status 2 (uvic.cli)."""
-    return run(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    with progress_bars(args.progress):
+        return run(args)

@@ -89,10 +89,21 @@ def load_spec(path: str) -> Dict:
             "sets": sets}
 
 
+def train_command() -> List[str]:
+    """The checkout's train.py by absolute path, else the installed console script: works from any folder."""
+    script = Path(__file__).resolve().parents[1] / "train.py"
+    if script.is_file():
+        return [sys.executable, str(script)]
+    import shutil
+
+    return [shutil.which("uvic-train") or "uvic-train"]
+
+
 def command(run: Dict, out: Path, threads: Optional[int] = None) -> List[str]:
-    """train.py's command line for `run`; the key=value overrides come last, all together (argparse
-    does not take positionals interleaved with options)."""
-    cmd = [sys.executable, "train.py", "--config", run["config"], "--output-dir", str(out / run["name"])]
+    """train.py's command line for `run`, with absolute paths (it runs from any folder); the key=value overrides
+    come last, all together (argparse does not take positionals interleaved with options)."""
+    config = Path(run["config"]).resolve() if Path(run["config"]).is_file() else run["config"]
+    cmd = [*train_command(), "--config", str(config), "--output-dir", str((out / run["name"]).resolve())]
     if run.get("overwrite"):  # its folder holds a run of other settings and --overwrite was given
         cmd += ["--overwrite"]
     elif (out / run["name"]).exists():

@@ -37,7 +37,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from accelerate import Accelerator
@@ -48,7 +48,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
-from .config import load_config, model_kwargs, save_config
+from .config import MIXED_PRECISION, load_config, model_kwargs, save_config
 from .data import resolve_data_config
 from .diffusion import build_scheduler, diffusion_loss, drop_labels
 from .model import UViT
@@ -56,6 +56,7 @@ from .pipeline import UViCPipeline, make_scheduler, save_grid
 from .runs import (CONFIG, MANIFEST, TRAIN_STATE, CheckpointError, DiskFullError, RunDir, RunLock, atomic_write,
                    checkpoint_name, disk_full_message, free_space, manifest_size, write_manifest)
 
+RUN_SUMMARY = "run_summary.txt"  # the startup summary (run_summary), rewritten by every start or resume
 OPTIMIZER_SHARDS = "optimizer_shard_{}.safetensors"  # train.fsdp: one per process (its AdamW state shards)
 LR_SCHEDULE_NAMES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
@@ -64,7 +65,10 @@ METRICS_COLUMNS = ["step", "metric", "value", "scheduler", "steps", "guidance"] 
 
 
 class FixedDecayEMA(EMAModel):
-    """U-ViT's EMA (train.ema_warmup: false): θ_ema ← d θ_ema + (1 − d) θ from the first step, d fixed."""
+    """U-ViT's EMA (train.ema_warmup: false): θ_ema ← d θ_ema + (1 − d) θ from the first step, d fixed.
+
+    Kept rather than EMAModel(decay=d, min_decay=d): that one's get_decay returns 0 at the first update (the EMA
+    becomes a copy of θ_1), where U-ViT's first update is d θ_0 + (1 − d) θ_1."""
 
     def get_decay(self, optimization_step: int) -> float:
         return self.decay
@@ -103,6 +107,96 @@ def shard_of(full: torch.Tensor, like) -> torch.Tensor:
     from torch.distributed.tensor import distribute_tensor
 
     return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None).to_local()
+
+
+# ---------------------------------------------------------------------- launch settings and the startup summary
+PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"  # set by `accelerate launch` (--mixed_precision, or its config file)
+
+
+def resolve_mixed_precision(configured: str, on_cpu: bool) -> Tuple[str, str]:
+    """(precision to train in, where it came from). The launcher's ACCELERATE_MIXED_PRECISION wins over
+    train.mixed_precision, except "no": accelerate launch sets that by default, so it cannot mean "off".
+    fp16 on the CPU is refused: accelerate has neither fp16 autocast nor a GradScaler there and would train in
+    float32 without a word."""
+    launched = os.environ.get(PRECISION_ENV, "").strip().lower()
+    precision, source = configured, f"train.mixed_precision={configured}"
+    if launched and launched != "no":
+        if launched not in MIXED_PRECISION:
+            raise ValueError(f"{PRECISION_ENV}={launched} (accelerate launch --mixed_precision): uvic trains with "
+                             f"{' / '.join(MIXED_PRECISION)}")
+        precision = launched
+        source = f"{PRECISION_ENV}={launched} from the launcher" + (
+            f", overriding train.mixed_precision={configured}" if configured != launched else "")
+    elif launched == "no" and configured != "no":
+        source += f" ({PRECISION_ENV}=no is accelerate launch's default and does not turn it off)"
+    if precision == "fp16" and on_cpu:
+        raise ValueError(f"mixed precision fp16 ({source}) on the CPU: accelerate has no fp16 autocast or GradScaler "
+                         "there and would silently train in float32; use bf16 or no")
+    return precision, source
+
+
+def launch_notes(num_processes: int, precision: str, source: str) -> List[str]:
+    """One line for each launch setting that was overridden or not honoured, or is costly."""
+    notes = []
+    if "overriding" in source:
+        notes.append(f"mixed precision: {precision} ({source})")
+    if precision == "bf16" and not torch.cuda.is_available():
+        notes.append("mixed precision bf16 on the CPU: bfloat16 autocast is emulated on CPUs without native bf16 "
+                     "(AMX / AVX512-BF16) and is then slower than float32; train.mixed_precision=no trains faster there")
+    # accelerate's simple launcher (no --multi_gpu) exports MASTER_ADDR for --num_processes > 1 but runs the script once
+    if num_processes == 1 and os.environ.get("MASTER_ADDR") and "WORLD_SIZE" not in os.environ and \
+            PRECISION_ENV in os.environ:
+        notes.append("accelerate launch --num_processes N started ONE process (without --multi_gpu accelerate runs "
+                     "the script once); for N processes on the CPU use `accelerate launch --multi_gpu --num_processes N "
+                     "train.py` (gloo) or `torchrun --nproc_per_node N train.py`")
+    return notes
+
+
+def attention_summary(cfg: DictConfig, model: UViT, batch: int, device: torch.device, precision: str) -> str:
+    """Which attention each kind of block runs and, for Cog blocks, the backend `auto` picks at the training shape."""
+    from .attention import resolve_cog_backend
+
+    layout = model.attention_layout()
+    cog = [i for i, kind in enumerate(layout) if kind == "cog"]
+    if not cog:
+        return "softmax (PyTorch SDPA) in every block"
+    m = cfg.model
+    length = model.pos_embed.shape[1]  # tokens: time, label / text, patches
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    q = torch.zeros(1, m.num_heads, 1, m.embed_dim // m.num_heads, device=device, dtype=dtype)  # (B, H, L, D)
+    train = resolve_cog_backend(q, q, q.clone().requires_grad_())
+    with torch.no_grad():
+        infer = resolve_cog_backend(q, q, q)
+    softmax = [i for i in range(len(layout)) if i not in cog]
+    return (f"Cog in blocks {cog} via {train} (training) / {infer} (grids, FID), softmax (SDPA) in {softmax}; "
+            f"shape (B={batch}, H={m.num_heads}, L={length}, D={m.embed_dim // m.num_heads}), "
+            f"{str(dtype).replace('torch.', '')}")
+
+
+def run_summary(trainer: "Trainer") -> List[str]:
+    """diffusers' "***** Running training *****" block: everything a launch setting can silently change."""
+    t, accelerator, n = trainer.cfg.train, trainer.accelerator, trainer.accelerator.num_processes
+    parallel = "FSDP2 (train.fsdp=true)" if trainer.fsdp else "DDP" if n > 1 else "none"
+    ignored = "; train.fsdp=true ignored: one process has nothing to shard" if t.fsdp and n == 1 else ""
+    params = sum(p.numel() for p in trainer.raw_model.parameters())
+    start = (f"step {trainer.step} (resumed from {trainer.resume_from})" if trainer.resume_from is not None
+             else "step 0 (a new run)")
+    rows = [
+        ("device", str(accelerator.device)),
+        ("parallelism", f"{parallel} over {n} process{'es' if n > 1 else ''} ({accelerator.distributed_type.value}, "
+                        f"{accelerator.device.type}){ignored}"),
+        ("mixed precision", f"{trainer.mixed_precision} ({trainer.precision_source})"),
+        ("batch per device", f"{trainer.per_process_batch} (micro-batch) x grad_accum {t.grad_accum}"),
+        ("global batch", f"{t.batch_size} = {n} process{'es' if n > 1 else ''} x {t.grad_accum} x {trainer.per_process_batch} "
+                         "(train.batch_size is the global batch)"),
+        ("examples", f"{len(trainer.dataset)} ({trainer.batches_per_epoch} micro-batches per process per epoch)"),
+        ("parameters", f"{params:,}"),
+        ("steps", f"{t.steps} optimizer steps, from {start}"),
+        ("attention", attention_summary(trainer.cfg, trainer.raw_model, trainer.per_process_batch,
+                                        accelerator.device, trainer.mixed_precision)),
+        ("run folder", str(trainer.out)),
+    ]
+    return ["***** Running training *****"] + [f"  {key}: {value}" for key, value in rows]
 
 
 class EpochSampler(DistributedSampler):
@@ -171,8 +265,11 @@ class Trainer:
         self.out = self.run.path
         if cpu is None:  # no GPU: accelerate's CPU mode (gloo when launched with torchrun)
             cpu = not torch.cuda.is_available()
+        on_cpu = cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+        # the launcher's precision (accelerate launch --mixed_precision / its config) wins over the config's
+        self.mixed_precision, self.precision_source = resolve_mixed_precision(t.mixed_precision, on_cpu)
         self.accelerator = accelerator = Accelerator(
-            mixed_precision=t.mixed_precision,
+            mixed_precision=self.mixed_precision,
             gradient_accumulation_steps=t.grad_accum,
             step_scheduler_with_optimizer=False,  # one LR step per optimizer step, whatever the process count
             cpu=cpu,
@@ -184,14 +281,11 @@ class Trainer:
         if accelerator.distributed_type == DistributedType.FSDP:
             raise ValueError("uvic shards the model itself (train.fsdp=true): launch with a multi-GPU accelerate config "
                              "(configs/accelerate/fsdp_h.yaml), not accelerate's distributed_type: FSDP")
-        if self.fsdp and (t.compile or t.mixed_precision == "fp16"):
-            raise ValueError("train.fsdp=true supports train.mixed_precision no or bf16, without train.compile; "
-                             f"got mixed_precision={t.mixed_precision}, compile={t.compile}")
-        n = accelerator.num_processes
-        accelerator.print(f"parallelism: {'FSDP2 (train.fsdp=true)' if self.fsdp else 'DDP' if n > 1 else 'none'} over "
-                          f"{n} process{'es' if n > 1 else ''} ({accelerator.distributed_type.value}, "
-                          f"{accelerator.device.type})" + ("; train.fsdp=true ignored: one process has nothing to "
-                                                            "shard" if t.fsdp and n == 1 else ""))
+        if self.fsdp and (t.compile or self.mixed_precision == "fp16"):
+            raise ValueError("train.fsdp=true supports mixed precision no or bf16, without train.compile; "
+                             f"got mixed_precision={self.mixed_precision} ({self.precision_source}), compile={t.compile}")
+        for line in launch_notes(accelerator.num_processes, self.mixed_precision, self.precision_source):
+            accelerator.print(line)  # what the launcher asked for and did not get, or costs: before the work
         if t.cpu_threads and accelerator.device.type == "cpu":
             torch.set_num_threads(t.cpu_threads)
         self.per_process_batch, self.batches_per_epoch = self._batch_split(accelerator.num_processes)
@@ -229,8 +323,12 @@ class Trainer:
                 save_config(cfg, self.out / CONFIG)
                 self.run.mark()
         accelerator.wait_for_everyone()
-        if self.resume_from is not None:
-            accelerator.print(f"resumed from {self.resume_from} at step {self.state.step}")
+        self.summary = run_summary(self)  # printed once and kept in the run folder (run_summary.txt)
+        accelerator.print("\n".join(self.summary))
+        if self.is_main:
+            with disk_full_message(self.out):
+                text = "\n".join(self.summary) + "\n"
+                atomic_write(self.out / RUN_SUMMARY, lambda f: f.write(text.encode()))
         self.writer = None
         self._vae = None  # latent data: the decoder, loaded on first use
 
@@ -250,7 +348,7 @@ class Trainer:
         if self.fsdp:  # whole weights are gathered into this copy (grids, FID, saving), on the main process only
             self.raw_model.to(self.accelerator.device)
             self.ema_model = copy.deepcopy(self.raw_model).eval().requires_grad_(False) if self.is_main else None
-            shard(self.raw_model, self.accelerator.num_processes, t.mixed_precision)
+            shard(self.raw_model, self.accelerator.num_processes, self.mixed_precision)
         optimizer = torch.optim.AdamW(
             self.raw_model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, eps=t.adam_eps
         )
@@ -663,8 +761,8 @@ class Trainer:
             )
             self.writer.add_scalar("eval/fid", fid, self.step)
             self.append_metric("fid", fid, scheduler=e.fid_scheduler, steps=e.fid_steps, guidance=e.fid_guidance)
-            self.accelerator.print(f"step {self.step}: FID {fid:.3f} ({e.fid_scheduler}, {e.fid_steps} steps, "
-                                   f"guidance {e.fid_guidance:g}, {e.fid_num_samples} samples)")
+            tqdm.write(f"step {self.step}: FID {fid:.3f} ({e.fid_scheduler}, {e.fid_steps} steps, "
+                       f"guidance {e.fid_guidance:g}, {e.fid_num_samples} samples)")
         self.accelerator.wait_for_everyone()
 
     def append_metric(self, metric: str, value: float, **protocol) -> None:
@@ -882,7 +980,8 @@ class Trainer:
         self.ema.decay, self.ema.update_after_step = t.ema_decay, t.ema_update_after_step  # ema_warmup: the class
 
     def save_final(self) -> Path:
-        """final/: UViCPipeline(EMA model, training scheduler), safetensors."""
+        """final/: UViCPipeline(EMA model, train.sample_scheduler's sampler with train.sample_steps as the default
+        steps, so `pipe()` samples as the grids and sample.py do), safetensors."""
         final = self.run.final
         self.check_weights_finite("final/")
         self.gather_ema()
@@ -891,7 +990,9 @@ class Trainer:
             if tmp.exists():
                 shutil.rmtree(tmp)
             with disk_full_message(self.out, writing=f"{final} (the pipeline export, written as {tmp})"):
-                self.attach_text_encoder(self.ema_pipeline()).save_pretrained(str(tmp), safe_serialization=True)
+                pipe = self.ema_pipeline(self.cfg.train.sample_scheduler)
+                pipe.register_to_config(default_num_inference_steps=int(self.cfg.train.sample_steps))
+                self.attach_text_encoder(pipe).save_pretrained(str(tmp), safe_serialization=True)
                 write_manifest(tmp)  # what sample.py checks: an edited config.json or weights file is refused
             if final.exists():
                 shutil.rmtree(final)
@@ -902,8 +1003,37 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------- command line
+DEFAULT_CONFIG = "digits_uvic"
+
+
+def config_dirs() -> List[Path]:
+    """Where a config NAME is looked up: ./configs, the checkout's configs/ beside uvic/, and the copy an install
+    puts in PREFIX/share/uvic/configs (setup.cfg data_files)."""
+    import sys
+
+    return [Path("configs"), Path(__file__).resolve().parents[1] / "configs", Path(sys.prefix) / "share" / "uvic" / "configs"]
+
+
+def find_config(name: Optional[str]) -> Path:
+    """--config as given: a YAML path, else a shipped config's name looked up in config_dirs() (`digits_uvit`,
+    `sweeps/digits_default`; `configs/digits_uvit.yaml` from any folder too)."""
+    path = Path(name or DEFAULT_CONFIG)
+    if path.is_file():
+        return path
+    relative = Path(*path.parts[1:]) if path.parts[0] == "configs" and len(path.parts) > 1 else path
+    if relative.suffix not in (".yaml", ".yml"):
+        relative = relative.with_name(relative.name + ".yaml")
+    if not path.is_absolute():
+        for folder in config_dirs():
+            if (folder / relative).is_file():
+                return folder / relative
+    where = ", ".join(str(d) for d in config_dirs())
+    raise FileNotFoundError(f"no config {name or DEFAULT_CONFIG!r}: neither a file nor a shipped config name "
+                            f"(looked in {where}); give a YAML path or a name such as digits_uvic")
+
+
 def default_config_path() -> Path:
-    return Path(__file__).resolve().parents[1] / "configs" / "digits_uvic.yaml"
+    return find_config(None)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -911,9 +1041,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         description="Train a U-ViT / U-ViC diffusion model. With no arguments: U-ViC on the embedded digits set (CPU).",
         epilog="example: python train.py --config configs/cifar10_uvic_s2.yaml train.batch_size=64 --resume latest",
     )
-    parser.add_argument("--config", help="YAML config (default: configs/digits_uvic.yaml)")
+    parser.add_argument("--config", help="YAML config path or a shipped config's name, e.g. digits_uvit "
+                                         "(default: digits_uvic)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 model.attention_type=softmax")
-    parser.add_argument("--output-dir", help="run folder (default: runs/<config name>)")
+    parser.add_argument("--output-dir", "--out", dest="output_dir", help="run folder (default: runs/<config name>)")
     parser.add_argument("--resume", help="'latest' or a checkpoint / run folder")
     parser.add_argument("--overwrite", action="store_true",
                         help="start a new run in --output-dir, deleting its checkpoints, samples, logs, final/ and metrics.csv "
@@ -925,9 +1056,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> Path:
     args = parse_args(argv)
-    config = Path(args.config) if args.config else default_config_path()
-    if not args.config and not config.is_file():
-        raise FileNotFoundError(f"no --config given and the default {config} is missing")
+    config = find_config(args.config)
     overrides = list(args.overrides) + (["train.compile=true"] if args.compile else [])
     cfg, dataset = resolve_data_config(load_config(config, overrides))
     output_dir = args.output_dir or str(Path("runs") / config.stem)
