@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from ..attention import tf32_allowed
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -282,27 +284,35 @@ class KernelCall(NamedTuple):
         return {**self.constants, **blocks}
 
 
-def fitting(kind: str, call: KernelCall, head_dim: int, compile_config, limit: int) -> Iterator[Tuple[LaunchConfig, object]]:
-    """(config, compiled kernel) of the candidates whose compiled shared memory is within `limit`
-    bytes, in order. compile_config(call, config) -> triton CompiledKernel (its metadata.shared is
-    what the compiler allocates)."""
-    for config in candidates(kind, head_dim):
-        compiled = compile_config(call, config)
-        if compiled.metadata.shared <= limit:
-            yield config, compiled
+def check_fits(compiled, limit: int) -> None:
+    """triton.runtime.OutOfResources unless the compiled kernel (triton's CompiledKernel) allocates at
+    most `limit` bytes of shared memory: what the compiler allocates, not an estimate."""
+    if compiled.metadata.shared > limit:
+        raise triton.runtime.OutOfResources(compiled.metadata.shared, limit, "shared memory")
 
 
 def launch_kernel(call: KernelCall, config: LaunchConfig) -> None:
     """Compile (once) and launch `call` with `config`; triton.runtime.OutOfResources when the compiled
     kernel needs more shared memory (or threads) than the tensors' device has."""
-    device = next(a for a in call.args if isinstance(a, torch.Tensor)).device
+    device = call.args[0].device
     grid, meta = call.grid(config), call.meta(config)
     if device.type == "cuda" and not interpreting():
-        compiled = call.kernel.warmup(*call.args, grid=grid, **meta)
-        limit = max_shared_memory(device)
-        if compiled.metadata.shared > limit:
-            raise triton.runtime.OutOfResources(compiled.metadata.shared, limit, "shared memory")
+        check_fits(call.kernel.warmup(*call.args, grid=grid, **meta), max_shared_memory(device))
     call.kernel[grid](*call.args, **meta)
+
+
+def first_that_fits(configs, run) -> Tuple[Optional[LaunchConfig], List[str]]:
+    """(the first of `configs` for which run(config) does not raise OutOfResources, or None; why each
+    one before it did not fit). run launches a config (`launch`) or compiles it for a target (tests)."""
+    failures = []
+    for config in configs:
+        try:
+            run(config)
+        except triton.runtime.OutOfResources as error:
+            failures.append(f"{config.block_m}x{config.block_n}/{config.num_warps}w/{config.num_stages}s: {error}")
+            continue
+        return config, failures
+    return None, failures
 
 
 # Launch configurations that worked, keyed by (kind, device, dtype, head dim, mask, precision,
@@ -316,17 +326,13 @@ def launch(kind: str, call: KernelCall, q: torch.Tensor) -> LaunchConfig:
     c = call.constants
     key = (kind, str(q.device), q.dtype, q.shape[-1], c["HAS_MASK"], c["PRECISION"], c["ALIGN"])
     configs = candidates(kind, q.shape[-1])
-    failures = []
-    for config in configs[configs.index(_CHOSEN[key]) if _CHOSEN.get(key) in configs else 0:]:
-        try:
-            launch_kernel(call, config)
-        except triton.runtime.OutOfResources as error:
-            failures.append(f"{config.block_m}x{config.block_n}/{config.num_warps}w/{config.num_stages}s: {error}")
-            continue
-        _CHOSEN[key] = config
-        return config
-    raise RuntimeError(f"no {kind} launch configuration of head dim {q.shape[-1]} in {q.dtype} fits {q.device}: "
-                       + "; ".join(failures))
+    start = configs.index(_CHOSEN[key]) if _CHOSEN.get(key) in configs else 0
+    config, failures = first_that_fits(configs[start:], lambda config: launch_kernel(call, config))
+    if config is None:
+        raise RuntimeError(f"no {kind} launch configuration of head dim {q.shape[-1]} in {q.dtype} fits {q.device}: "
+                           + "; ".join(failures))
+    _CHOSEN[key] = config
+    return config
 
 
 def alignment(*tensors: torch.Tensor) -> int:
@@ -352,16 +358,6 @@ def problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[str]:
         return f"{q.dtype} on a device of compute capability {capability[0]}.{capability[1]}: needs 8.0+ for " \
                "bfloat16 and 7.5+ otherwise"
     return None
-
-
-def tf32_allowed() -> bool:
-    """Whether torch lets float32 matmuls on CUDA use TF32 (torch.backends.cuda.matmul.allow_tf32,
-    set by torch.set_float32_matmul_precision("high"), the new fp32_precision = "tf32", or torch's
-    TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1). The kernels follow it for float32 inputs."""
-    try:
-        return bool(torch.backends.cuda.matmul.allow_tf32)
-    except RuntimeError:  # torch refuses the legacy read after a mix of the legacy and new APIs
-        return torch.backends.cuda.matmul.fp32_precision == "tf32"
 
 
 def _dot_args(dtype: torch.dtype, device: torch.device) -> dict:
