@@ -251,7 +251,7 @@ def test_interpreted_out_of_resources_tries_the_next_launch_configuration(interp
     import triton  # noqa: PLC0415
 
     cog_triton, _ = interpreted_auto
-    first = {kind: cog_triton.candidates(kind, 16)[0] for kind in ("forward", "backward")}
+    first = {kind: cog_triton.candidates(kind, 16, torch.float32)[0] for kind in ("forward", "backward")}
     refused = []
     launch_kernel = cog_triton.launch_kernel
 
@@ -268,7 +268,7 @@ def test_interpreted_out_of_resources_tries_the_next_launch_configuration(interp
         assert triton_self_check(torch.device("cpu"), torch.float32, 16) is None
     assert refused == [first["forward"], first["backward"], first["forward"], first["backward"]]  # once per key
     chosen = {key[0]: config for key, config in cog_triton._CHOSEN.items() if not key[4]}  # without a mask
-    assert chosen == {kind: cog_triton.candidates(kind, 16)[1] for kind in ("forward", "backward")}
+    assert chosen == {kind: cog_triton.candidates(kind, 16, torch.float32)[1] for kind in ("forward", "backward")}
 
 
 def test_interpreted_kernels_are_disabled_only_when_no_configuration_fits(interpreted_auto, monkeypatch):
@@ -439,7 +439,7 @@ def test_chosen_launch_configurations_fit_the_shared_memory_of_ampere_and_hopper
                 compiled[config] = compile_call(call, config)
                 ct.check_fits(compiled[config], SHARED_MEMORY[arch])
 
-            config, failures = ct.first_that_fits(ct.candidates(kind, head_dim), fits)
+            config, failures = ct.first_that_fits(ct.candidates(kind, head_dim, dtype), fits)
             assert config is not None, f"{kind} D={head_dim} on sm_{arch}: nothing fits: {failures}"
             shared = compiled[config].metadata.shared
             assert shared <= SHARED_MEMORY[arch]
@@ -469,14 +469,14 @@ def test_head_dim_72_loads_are_vectorised_and_pipelined(arch):
     forward, delta, backward = model_calls(torch.bfloat16, 72)
     assert forward.constants["ALIGN"] == backward.constants["ALIGN"] == delta.constants["ALIGN"] == 8
     counts = {}
-    for name, call, config in (("forward", forward, ct.candidates("forward", 72)[0]),
-                               ("backward", backward, ct.candidates("backward", 72)[0]),
+    for name, call, config in (("forward", forward, ct.candidates("forward", 72, torch.bfloat16)[0]),
+                               ("backward", backward, ct.candidates("backward", 72, torch.bfloat16)[0]),
                                ("delta", delta, ct.delta_config(72))):
         counts[name] = global_loads(compile_call(call, config).asm["ptx"])
         assert counts[name]["scalar16"] == 0 and counts[name]["vector"] + counts[name]["cp.async"] > 0, counts
     assert counts["forward"]["cp.async"] > 0, counts  # K and V blocks pipelined
     unaligned = forward._replace(constants={**forward.constants, "ALIGN": 1})  # no claim: what D=72 got before
-    before = global_loads(compile_call(unaligned, ct.candidates("forward", 72)[0]).asm["ptx"])
+    before = global_loads(compile_call(unaligned, ct.candidates("forward", 72, torch.bfloat16)[0]).asm["ptx"])
     assert before["scalar16"] > 0 and before["cp.async"] == 0, before
     print(f"sm_{arch} D=72 bf16: {counts}; without the alignment claim: {before}")
 

@@ -233,6 +233,9 @@ class LaunchConfig(NamedTuple):
 FORWARD_CANDIDATES = ((128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (64, 32, 4, 1),
                       (32, 32, 4, 1))
 BACKWARD_CANDIDATES = ((64, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (64, 32, 4, 1), (32, 32, 4, 1))
+# float32 (TF32) tiles take twice the registers: 32 query rows per step keeps the backward free of
+# spills at D = 64 (0 B on sm_80 and sm_90 against 24 B at 64 x 64; ptxas -v, docs/benchmarks.md)
+BACKWARD_CANDIDATES_FP32 = ((32, 64, 8, 2), (64, 32, 8, 2), (32, 32, 4, 2), (32, 32, 4, 1))
 DELTA_BLOCK_M = 64
 INTERPRETER_BLOCK = 16  # numpy runs the interpreter's blocks: small ones keep the CPU tests fast
 ALIGNMENT = 8  # elements; strides that are multiples of it let the compiler vectorise loads (D = 72)
@@ -246,11 +249,12 @@ def split_head_dim(head_dim: int) -> Tuple[int, int]:
     return d0, (max(16, triton.next_power_of_2(rest)) if rest > 0 else 0)
 
 
-def candidates(kind: str, head_dim: int) -> List[LaunchConfig]:
+def candidates(kind: str, head_dim: int, dtype: torch.dtype) -> List[LaunchConfig]:
     """Launch configurations of `kind` ("forward" / "backward") in the order they are tried. In the
     interpreter the blocks are capped at INTERPRETER_BLOCK (no shared memory there)."""
     d0, d1 = split_head_dim(head_dim)
-    table = FORWARD_CANDIDATES if kind == "forward" else BACKWARD_CANDIDATES
+    table = (FORWARD_CANDIDATES if kind == "forward" else
+             BACKWARD_CANDIDATES_FP32 if dtype == torch.float32 else BACKWARD_CANDIDATES)
     cap = INTERPRETER_BLOCK if interpreting() else 1 << 30
     return [LaunchConfig(min(m, cap), min(n, cap), d0, d1, w, s) for m, n, w, s in table]
 
@@ -325,7 +329,7 @@ def launch(kind: str, call: KernelCall, q: torch.Tensor) -> LaunchConfig:
     before for this key); on triton's OutOfResources the next candidate is tried."""
     c = call.constants
     key = (kind, str(q.device), q.dtype, q.shape[-1], c["HAS_MASK"], c["PRECISION"], c["ALIGN"])
-    configs = candidates(kind, q.shape[-1])
+    configs = candidates(kind, q.shape[-1], q.dtype)
     start = configs.index(_CHOSEN[key]) if _CHOSEN.get(key) in configs else 0
     config, failures = first_that_fits(configs[start:], lambda config: launch_kernel(call, config))
     if config is None:
