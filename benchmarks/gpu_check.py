@@ -271,7 +271,8 @@ def attention_rows(p, device):
                         median = statistics.median(times[name, mode])
                         rows[name][f"{mode} ms"] = 1e3 * median
                         rows[name][f"{mode} / sdpa"] = median / statistics.median(times["sdpa", mode])
-                    rows[name]["fwd+bwd peak MiB"] = attention_bench.peak_bytes(fn, (q, k, v), d_out, True, device) / 2**20
+                    peak = attention_bench.peak_bytes(fn, (q, k, v), d_out, True, device)
+                    rows[name]["fwd+bwd peak MiB"] = peak / 2**20
             yield from rows.values()
 
 

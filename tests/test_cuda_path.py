@@ -150,7 +150,8 @@ def test_gpu_check_survives_a_hanging_and_a_raising_section(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py"), "--device", "cpu",
                              "--tiny", "--out", str(tmp_path), "--section-timeout", "60"], capture_output=True,
                             text=True, timeout=400, cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": ROOT, "UVIC_GPU_CHECK_FAULTS": "attention=hang,sampling=raise"})
+                            env={**os.environ, "PYTHONPATH": ROOT,
+                                 "UVIC_GPU_CHECK_FAULTS": "attention=hang,sampling=raise"})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "expected about" in result.stdout.splitlines()[0]
     report = json.loads((tmp_path / "report.json").read_text())

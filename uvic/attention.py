@@ -25,8 +25,12 @@ model; never part of a model's config):
 
 `auto` never lets a kernel problem stop a run: the first time it would use "triton" for a
 (device, dtype, head dim) it runs the kernels at a small shape against "chunked" (values and
-gradients) inside try/except; on an exception or a mismatch it warns once, naming the cause, and
-uses the PyTorch backends for that key from then on (`triton_self_check`, cached per key).
+gradients) inside try/except, in a thread of its own so that no autograd context of the caller
+applies (checkpointing's saved-tensor hooks, inference_mode, autocast); on an exception or a
+mismatch it warns once, naming the cause, and uses the PyTorch backends for that key from then on
+(`triton_self_check`, cached per key). `check_cog_kernels(model, ...)` runs it up front (the
+trainer, before step 0) and says in one line per shape which backend runs. Float32 follows
+torch's TF32 flag (`tf32_allowed`).
 The environment variable UVIC_COG_BACKEND=<name> overrides every backend choice (also an
 explicit one) except where the weights are returned, e.g. UVIC_COG_BACKEND=chunked to rule the
 kernels out.

@@ -12,11 +12,14 @@ with atomics. Where S is exactly 0, sign(S) = 0 gives A = 0 and dS = 0 (autograd
 Head dims that are not a power of two are split into a power-of-two part and a small rest
 (72 = 64 + 16 with 8 padded, 80 = 64 + 16, 96 = 64 + 32) instead of padding to 128.
 Offsets are 64-bit; batch·heads run on grid axis 0 (no 65,535 limit); launches happen under the
-tensors' CUDA device. Block sizes and pipeline stages are chosen to fit the device's shared
-memory (`launch_config`); `problem` says why these kernels cannot run given inputs.
+tensors' CUDA device. The head dim is a constexpr, and where every stride is a multiple of 8
+(`alignment`, checked per call) the row offsets are declared so, which gives vector loads and
+cp.async pipelining also at D = 72. Block sizes and pipeline stages: the first candidate whose
+compiled kernel fits the device's shared memory and launches (`launch`; OutOfResources moves to
+the next). `problem` says why these kernels cannot run given inputs.
 
-Dots accumulate in float32. Float32 inputs use TF32 tensor cores when
-torch.backends.cuda.matmul.allow_tf32 is set, else IEEE float32 dots (correct but slow; `auto`
+Dots accumulate in float32. Float32 inputs use TF32 tensor cores when torch allows TF32 for
+float32 matmuls (uvic.attention.tf32_allowed), else IEEE float32 dots (correct but slow; `auto`
 in uvic.attention then prefers the PyTorch backends). Import this module only where triton is
 importable; it is validated on CPU with TRITON_INTERPRET=1 (the interpreter cannot run bf16 dots,
 so there every dot is upcast to float32, and blocks are small).
@@ -256,7 +259,8 @@ def candidates(kind: str, head_dim: int, dtype: torch.dtype) -> List[LaunchConfi
     table = (FORWARD_CANDIDATES if kind == "forward" else
              BACKWARD_CANDIDATES_FP32 if dtype == torch.float32 else BACKWARD_CANDIDATES)
     cap = INTERPRETER_BLOCK if interpreting() else 1 << 30
-    return [LaunchConfig(min(m, cap), min(n, cap), d0, d1, w, s) for m, n, w, s in table]
+    configs = (LaunchConfig(min(m, cap), min(n, cap), d0, d1, w, s) for m, n, w, s in table)
+    return list(dict.fromkeys(configs))  # capped blocks repeat: each once
 
 
 def max_shared_memory(device: torch.device) -> int:
@@ -401,7 +405,8 @@ def backward_calls(d_out, q, k, v, out, lse, mask, delta, d_q, d_k, d_v, scale: 
     delta_call = KernelCall(_cog_bwd_delta, batch * heads, lq, False,
                             (out, d_out, delta, *out.stride(), *d_out.stride(), heads, lq),
                             dict(D=dim, ALIGN=alignment(out, d_out)))
-    constants = dict(HAS_MASK=mask is not None, D=dim, ALIGN=alignment(q, k, v, d_out, d_k, d_v), **_dot_args(q.dtype, q.device))
+    constants = dict(HAS_MASK=mask is not None, D=dim, ALIGN=alignment(q, k, v, d_out, d_k, d_v),
+                     **_dot_args(q.dtype, q.device))
     args = (q, k, v, m, d_out, lse, delta, d_q, d_k, d_v, *q.stride(), *k.stride(), *v.stride(), *m_strides,
             *d_out.stride(), heads, lq, k.shape[-2], scale)
     return delta_call, KernelCall(_cog_bwd, batch * heads, k.shape[-2], True, args, constants)
