@@ -306,9 +306,8 @@ def test_triton_kernel_non_power_of_two_head_dims_and_zero_scores(interpreted_tr
     length = 20
     if gpu_blocks:
         length = 130  # 128 + 2 query rows, 64 + 64 + 2 keys
-        blocks = {"forward": cog_triton.FORWARD_CANDIDATES[0], "backward": cog_triton.BACKWARD_CANDIDATES[0]}
-        monkeypatch.setattr(cog_triton, "launch_config", lambda kind, d, *_: cog_triton.LaunchConfig(
-            *blocks[kind][:2], *cog_triton.split_head_dim(d), *blocks[kind][2:]))
+        monkeypatch.setattr(cog_triton, "INTERPRETER_BLOCK", 1 << 30)  # the candidates' own block sizes
+        assert cog_triton.candidates("forward", head_dim, torch.float32)[0][:2] == (128, 64)
     packed = torch.randn(1, length, 3, 2, head_dim, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     q, k, v = (packed[:, :, i].transpose(1, 2).float() for i in range(3))  # packed-qkv strides
     k[:, :, 4] = 0  # exact zero scores: sign 0, gradient 0, as autograd gives

@@ -25,8 +25,12 @@ model; never part of a model's config):
 
 `auto` never lets a kernel problem stop a run: the first time it would use "triton" for a
 (device, dtype, head dim) it runs the kernels at a small shape against "chunked" (values and
-gradients) inside try/except; on an exception or a mismatch it warns once, naming the cause, and
-uses the PyTorch backends for that key from then on (`triton_self_check`, cached per key).
+gradients) inside try/except, in a thread of its own so that no autograd context of the caller
+applies (checkpointing's saved-tensor hooks, inference_mode, autocast); on an exception or a
+mismatch it warns once, naming the cause, and uses the PyTorch backends for that key from then on
+(`triton_self_check`, cached per key). `check_cog_kernels(model, ...)` runs it up front (the
+trainer, before step 0) and says in one line per shape which backend runs. Float32 follows
+torch's TF32 flag (`tf32_allowed`).
 The environment variable UVIC_COG_BACKEND=<name> overrides every backend choice (also an
 explicit one) except where the weights are returned, e.g. UVIC_COG_BACKEND=chunked to rule the
 kernels out.
@@ -54,9 +58,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import einops
 import torch
@@ -133,9 +138,10 @@ def _triton_attention(q, k, v, scale, mask):
     return cog_attention_triton(q, k, v, scale, mask)
 
 
-# Self-check results of the Triton kernels, keyed by (device, dtype, head dim): None = passed,
-# else the reason they are not used. Filled on first use by `triton_self_check`; the one piece of
-# module state, so each process checks each key once and warns at most once per key.
+# ---------------------------------------------------------------------------------- Triton self-check
+# Results of the kernels' first-use self-check, keyed by (device, dtype, head dim): None = passed, else
+# the reason they are not used. Filled by `triton_self_check`; the one piece of module state, so each
+# process checks each key once and warns at most once per key.
 _SELF_CHECKS: Dict[Tuple[str, torch.dtype, int], Optional[str]] = {}
 SELF_CHECK_TOLERANCE = {torch.float32: 2e-2, torch.float16: 2e-2, torch.bfloat16: 6e-2}  # of max |reference|
 
@@ -144,7 +150,8 @@ def _run_self_check(device: torch.device, dtype: torch.dtype, head_dim: int) -> 
     """Kernels against "chunked" at a small shape (several blocks, ragged ends, both kernel variants (mask or none),
     packed-qkv strides, a key mask): values and gradients. None when they agree, else why not."""
     g = torch.Generator().manual_seed(0)
-    b, h, length = 2, 2, 130  # GPU blocks: 128 + 2 query rows, 64 + 64 + 2 keys
+    b, h = 2, 2
+    length = 130 if device.type == "cuda" else 34  # GPU blocks: 128 + 2 query rows, 64 + 64 + 2 keys (interpreter: 16)
     packed = torch.randn(b, length, 3, h, head_dim, generator=g).to(device, dtype)  # qkv as in the model
     mask = torch.rand(b, 1, 1, length, generator=g).to(device) > 0.2
     mask[..., 0] = True
@@ -164,23 +171,54 @@ def _run_self_check(device: torch.device, dtype: torch.dtype, head_dim: int) -> 
                 if not error <= SELF_CHECK_TOLERANCE[dtype]:  # also catches NaN
                     return f"{name} differs from 'chunked' by {error:.2g} of its largest value (tolerance " \
                            f"{SELF_CHECK_TOLERANCE[dtype]})"
-    except Exception as error:  # any kernel failure: compile, launch, resources
+    except Exception as error:  # any kernel failure: compile, launch, every launch configuration out of resources
         return f"the kernels raised {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
     return None
 
 
+def _isolated(fn, *args):
+    """fn(*args) in a fresh thread, eagerly and outside every autograd context of the caller: grad mode,
+    inference mode, autocast, saved-tensor hooks (gradient checkpointing records every tensor saved in
+    the forward and expects the same ones when it recomputes) and dispatch modes are thread-local."""
+    result = {}
+
+    def run():
+        try:
+            with torch.inference_mode(False), torch.enable_grad():  # a fresh thread's defaults, stated
+                result["value"] = fn(*args)
+        except BaseException as error:  # re-raised in the caller's thread
+            result["error"] = error
+
+    thread = threading.Thread(target=run, name="uvic-cog-self-check", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
 def triton_self_check(device: torch.device, dtype: torch.dtype, head_dim: int) -> Optional[str]:
     """None when the Triton kernels passed their self-check for this key, else why they are not used
-    (warned once). Cached in _SELF_CHECKS."""
+    (warned once). Runs once per key and process (cached in _SELF_CHECKS), isolated from the caller
+    (`_isolated`), so it may run at any point of a forward, under checkpointing or inference_mode."""
     key = (str(device), dtype, head_dim)
     if key not in _SELF_CHECKS:
-        with torch.enable_grad():
-            problem = _run_self_check(device, dtype, head_dim)
+        problem = _isolated(_run_self_check, device, dtype, head_dim)
         if problem:
             warnings.warn(f"Cog attention: Triton kernels disabled for {dtype} head dim {head_dim} on {device} "
                           f"({problem}); using the PyTorch backends instead (set UVIC_COG_BACKEND to force one)")
         _SELF_CHECKS[key] = problem
     return _SELF_CHECKS[key]
+
+
+def tf32_allowed() -> bool:
+    """Whether torch lets float32 CUDA matmuls use TF32: torch.backends.cuda.matmul.allow_tf32 = True,
+    torch.set_float32_matmul_precision("high"), torch.backends.cuda.matmul.fp32_precision = "tf32", or
+    TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1. Float32 Cog attention follows it (README, GPU section)."""
+    try:
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+    except RuntimeError:  # torch refuses the legacy read once the legacy and new APIs were mixed
+        return torch.backends.cuda.matmul.fp32_precision == "tf32"
 
 
 @torch.compiler.assume_constant_result  # decided eagerly while torch.compile traces: no graph break
@@ -190,12 +228,39 @@ def _auto_triton(q, k, v) -> bool:
 
 
 def _triton_allowed(q, k, v) -> bool:
-    """The kernels can run these inputs, are faster than the PyTorch backends and passed their self-check."""
-    if triton_problem(q, k, v) is not None:
-        return False
-    if q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return False  # IEEE float32 dots run without tensor cores: the PyTorch backends are faster
-    return triton_self_check(q.device, q.dtype, q.shape[-1]) is None
+    return _why_not_triton(q, k, v) is None
+
+
+def _why_not_triton(q, k, v) -> Optional[str]:
+    """None when the kernels can run these inputs, are faster than the PyTorch backends and passed their
+    self-check; else why "auto" does not use them."""
+    problem = triton_problem(q, k, v)
+    if problem is not None:
+        return problem
+    if q.dtype == torch.float32 and not tf32_allowed():  # IEEE float32 dots: the PyTorch backends are faster
+        return "float32 without TF32 (torch.backends.cuda.matmul.allow_tf32 is False)"
+    return triton_self_check(q.device, q.dtype, q.shape[-1])
+
+
+def check_cog_kernels(model: nn.Module, device, dtype) -> List[str]:
+    """Run auto's Triton self-check now for every Cog attention shape of `model` (call it before the
+    first training step) and say in one line per shape which backend it uses. dtype: the attention's
+    compute dtype, a torch.dtype or accelerate's mixed precision ("no", "bf16", "fp16")."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}.get(dtype, dtype)
+    device = torch.device(device)
+    shapes = sorted({(m.num_heads, m.qkv.out_features // 3 // m.num_heads, m.backend) for m in model.modules()
+                     if isinstance(m, Attention) and m.attention_type == "cog"})
+    lines = []
+    for heads, head_dim, backend in shapes:
+        q = torch.zeros(1, heads, 1, head_dim, device=device, dtype=dtype)
+        train = resolve_cog_backend(q, q, q.clone().requires_grad_(), backend=backend)  # runs the self-check
+        infer = resolve_cog_backend(q, q, q.detach(), backend=backend)
+        line = (f"Cog attention {heads} heads x {head_dim} in {str(dtype).replace('torch.', '')} on {device} "
+                f"(backend {backend!r}): {train} for training, {infer} for inference")
+        if backend == "auto" and "triton" not in (train, infer):
+            line += f"; Triton kernels not used: {_why_not_triton(q, q, q) if device.type == 'cuda' else 'not CUDA'}"
+        lines.append(line)
+    return lines
 
 
 def resolve_cog_backend(q, k, v, *, backend: Optional[str] = None, return_weights: bool = False) -> str:

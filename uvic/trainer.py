@@ -48,6 +48,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
+from .attention import check_cog_kernels
 from .config import MIXED_PRECISION, load_config, model_kwargs, save_config
 from .data import resolve_data_config
 from .diffusion import build_scheduler, diffusion_loss, drop_labels
@@ -581,6 +582,8 @@ class Trainer:
         tick, tick_step = time.perf_counter(), self.step
         grad_norm = torch.zeros(())
         self.model.train()
+        for line in check_cog_kernels(self.raw_model, device, t.mixed_precision):  # before step 0
+            accelerator.print(line)
         while self.step < t.steps:
             nonfinite_losses = torch.zeros((), device=device)  # this step's micro-batches, this process
             stepped = False

@@ -12,11 +12,14 @@ with atomics. Where S is exactly 0, sign(S) = 0 gives A = 0 and dS = 0 (autograd
 Head dims that are not a power of two are split into a power-of-two part and a small rest
 (72 = 64 + 16 with 8 padded, 80 = 64 + 16, 96 = 64 + 32) instead of padding to 128.
 Offsets are 64-bit; batch·heads run on grid axis 0 (no 65,535 limit); launches happen under the
-tensors' CUDA device. Block sizes and pipeline stages are chosen to fit the device's shared
-memory (`launch_config`); `problem` says why these kernels cannot run given inputs.
+tensors' CUDA device. The head dim is a constexpr, and where every stride is a multiple of 8
+(`alignment`, checked per call) the row offsets are declared so, which gives vector loads and
+cp.async pipelining also at D = 72. Block sizes and pipeline stages: the first candidate whose
+compiled kernel fits the device's shared memory and launches (`launch`; OutOfResources moves to
+the next). `problem` says why these kernels cannot run given inputs.
 
-Dots accumulate in float32. Float32 inputs use TF32 tensor cores when
-torch.backends.cuda.matmul.allow_tf32 is set, else IEEE float32 dots (correct but slow; `auto`
+Dots accumulate in float32. Float32 inputs use TF32 tensor cores when torch allows TF32 for
+float32 matmuls (uvic.attention.tf32_allowed), else IEEE float32 dots (correct but slow; `auto`
 in uvic.attention then prefers the PyTorch backends). Import this module only where triton is
 importable; it is validated on CPU with TRITON_INTERPRET=1 (the interpreter cannot run bf16 dots,
 so there every dot is upcast to float32, and blocks are small).
@@ -29,11 +32,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from ..attention import tf32_allowed
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -52,15 +57,24 @@ def _dot(a, b, FP32: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _load(PTR, base, idx, n, s_n, dims, D, s_d):
-    """(len(idx), len(dims)) tile at base + idx·s_n + dims·s_d (int64), zeros outside (n, D)."""
-    ptrs = PTR + base + idx[:, None].to(tl.int64) * s_n + dims[None, :] * s_d
+def _offsets(base, idx, s_n, dims, s_d, ALIGN: tl.constexpr):
+    """(len(idx), len(dims)) int64 element offsets base + idx·s_n + dims·s_d. ALIGN: base and s_n are
+    multiples of it (the wrapper checked: `alignment`); said to the compiler, it vectorises the loads
+    even where the head dim is not a power of two (72: the head stride is only a multiple of 8)."""
+    rows = tl.multiple_of(base + idx[:, None].to(tl.int64) * s_n, [ALIGN, ALIGN])  # (len(idx), 1)
+    return rows + dims[None, :] * s_d
+
+
+@triton.jit
+def _load(PTR, base, idx, n, s_n, dims, D: tl.constexpr, s_d, ALIGN: tl.constexpr):
+    """(len(idx), len(dims)) tile at base + idx·s_n + dims·s_d, zeros outside (n, D)."""
+    ptrs = PTR + _offsets(base, idx, s_n, dims, s_d, ALIGN)
     return tl.load(ptrs, mask=(idx[:, None] < n) & (dims[None, :] < D), other=0.0)
 
 
 @triton.jit
-def _store(PTR, base, idx, n, s_n, dims, D, s_d, x):
-    ptrs = PTR + base + idx[:, None].to(tl.int64) * s_n + dims[None, :] * s_d
+def _store(PTR, base, idx, n, s_n, dims, D: tl.constexpr, s_d, x, ALIGN: tl.constexpr):
+    ptrs = PTR + _offsets(base, idx, s_n, dims, s_d, ALIGN)
     tl.store(ptrs, x.to(PTR.dtype.element_ty), mask=(idx[:, None] < n) & (dims[None, :] < D))
 
 
@@ -78,28 +92,29 @@ def _valid(M, b, h, rows, cols, LQ, LK, smb, smh, smm, smn, HAS_MASK: tl.constex
 def _cog_fwd(Q, K, V, M, O, LSE,
              sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
              smb, smh, smm, smn, sob, soh, som, sod,
-             H, LQ, LK, D, scale,
+             H, LQ, LK, scale,
              HAS_MASK: tl.constexpr, FP32: tl.constexpr, PRECISION: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr):
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+             D: tl.constexpr, ALIGN: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
     h = bh % H
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     q_base, k_base, v_base = b * sqb + h * sqh, b * skb + h * skh, b * svb + h * svh
     d0 = tl.arange(0, D0)
-    q0 = _load(Q, q_base, rows, LQ, sqm, d0, D, sqd)  # (BLOCK_M, D0)
+    q0 = _load(Q, q_base, rows, LQ, sqm, d0, D, sqd, ALIGN)  # (BLOCK_M, D0)
     acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     if D1 > 0:  # the rest of a head dim that is not a power of two
         d1 = D0 + tl.arange(0, D1)
-        q1 = _load(Q, q_base, rows, LQ, sqm, d1, D, sqd)
+        q1 = _load(Q, q_base, rows, LQ, sqm, d1, D, sqd, ALIGN)
         acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running max of |S|; |S| >= 0, so 0 is a valid start
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp(|S| - m_i)
     for start in range(0, LK, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        s = _dot(q0, tl.trans(_load(K, k_base, cols, LK, skn, d0, D, skd)), FP32, PRECISION)
+        s = _dot(q0, tl.trans(_load(K, k_base, cols, LK, skn, d0, D, skd, ALIGN)), FP32, PRECISION)
         if D1 > 0:
-            s += _dot(q1, tl.trans(_load(K, k_base, cols, LK, skn, d1, D, skd)), FP32, PRECISION)
+            s += _dot(q1, tl.trans(_load(K, k_base, cols, LK, skn, d1, D, skd, ALIGN)), FP32, PRECISION)
         s = s * scale  # (BLOCK_M, BLOCK_N) float32
         valid = _valid(M, b, h, rows, cols, LQ, LK, smb, smh, smm, smn, HAS_MASK)
         magnitude = tl.where(valid, tl.abs(s), float("-inf"))
@@ -108,23 +123,23 @@ def _cog_fwd(Q, K, V, M, O, LSE,
         p = tl.exp(magnitude - m_new[:, None])  # 0 at masked keys
         l_i = l_i * alpha + tl.sum(p, 1)
         signed = tl.where(s > 0, p, tl.where(s < 0, -p, 0.0))  # sign(S) ⊙ exp(|S| - m)
-        v0 = _load(V, v_base, cols, LK, svn, d0, D, svd)
+        v0 = _load(V, v_base, cols, LK, svn, d0, D, svd, ALIGN)
         acc0 = acc0 * alpha[:, None] + _dot(signed.to(v0.dtype), v0, FP32, PRECISION)
         if D1 > 0:
-            v1 = _load(V, v_base, cols, LK, svn, d1, D, svd)
+            v1 = _load(V, v_base, cols, LK, svn, d1, D, svd, ALIGN)
             acc1 = acc1 * alpha[:, None] + _dot(signed.to(v1.dtype), v1, FP32, PRECISION)
         m_i = m_new
     l_safe = tl.where(rows < LQ, l_i, 1.0)  # fully masked rows give NaN, as the plain formula does
     o_base = b * sob + h * soh
-    _store(O, o_base, rows, LQ, som, d0, D, sod, acc0 / l_safe[:, None])
+    _store(O, o_base, rows, LQ, som, d0, D, sod, acc0 / l_safe[:, None], ALIGN)
     if D1 > 0:
-        _store(O, o_base, rows, LQ, som, d1, D, sod, acc1 / l_safe[:, None])
+        _store(O, o_base, rows, LQ, som, d1, D, sod, acc1 / l_safe[:, None], ALIGN)
     tl.store(LSE + bh * LQ + rows, m_i + tl.log(l_safe), mask=rows < LQ)
 
 
 @triton.jit
-def _cog_bwd_delta(O, DO, DELTA, sob, soh, som, sod, sdb, sdh, sdm, sdd, H, LQ, D,
-                   BLOCK_M: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr):
+def _cog_bwd_delta(O, DO, DELTA, sob, soh, som, sod, sdb, sdh, sdm, sdd, H, LQ,
+                   BLOCK_M: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D: tl.constexpr, ALIGN: tl.constexpr):
     """δ = rowsum(dO ⊙ O) in float32, (B·H, Lq)."""
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
@@ -132,12 +147,12 @@ def _cog_bwd_delta(O, DO, DELTA, sob, soh, som, sod, sdb, sdh, sdm, sdd, H, LQ, 
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     o_base, d_base = b * sob + h * soh, b * sdb + h * sdh
     d0 = tl.arange(0, D0)
-    o = _load(O, o_base, rows, LQ, som, d0, D, sod).to(tl.float32)
-    delta = tl.sum(o * _load(DO, d_base, rows, LQ, sdm, d0, D, sdd).to(tl.float32), 1)
+    o = _load(O, o_base, rows, LQ, som, d0, D, sod, ALIGN).to(tl.float32)
+    delta = tl.sum(o * _load(DO, d_base, rows, LQ, sdm, d0, D, sdd, ALIGN).to(tl.float32), 1)
     if D1 > 0:
         d1 = D0 + tl.arange(0, D1)
-        o1 = _load(O, o_base, rows, LQ, som, d1, D, sod).to(tl.float32)
-        delta += tl.sum(o1 * _load(DO, d_base, rows, LQ, sdm, d1, D, sdd).to(tl.float32), 1)
+        o1 = _load(O, o_base, rows, LQ, som, d1, D, sod, ALIGN).to(tl.float32)
+        delta += tl.sum(o1 * _load(DO, d_base, rows, LQ, sdm, d1, D, sdd, ALIGN).to(tl.float32), 1)
     tl.store(DELTA + bh * LQ + rows, delta, mask=rows < LQ)
 
 
@@ -145,35 +160,37 @@ def _cog_bwd_delta(O, DO, DELTA, sob, soh, som, sod, sdb, sdh, sdm, sdd, H, LQ, 
 def _cog_bwd(Q, K, V, M, DO, LSE, DELTA, DQ, DK, DV,
              sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
              smb, smh, smm, smn, sdb, sdh, sdm, sdd,
-             H, LQ, LK, D, scale,
+             H, LQ, LK, scale,
              HAS_MASK: tl.constexpr, FP32: tl.constexpr, PRECISION: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr):
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+             D: tl.constexpr, ALIGN: tl.constexpr):
     """One block of keys: dK, dV written; dQ added (float32 atomics) into DQ, contiguous (B·H, Lq, D)."""
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
     h = bh % H
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    q_base, k_base, v_base, d_base = b * sqb + h * sqh, b * skb + h * skh, b * svb + h * svh, b * sdb + h * sdh
+    q_base, k_base = b * sqb + h * sqh, b * skb + h * skh
+    v_base, d_base = b * svb + h * svh, b * sdb + h * sdh
     d0 = tl.arange(0, D0)
-    k0 = _load(K, k_base, cols, LK, skn, d0, D, skd)  # (BLOCK_N, D0)
-    v0 = _load(V, v_base, cols, LK, svn, d0, D, svd)
+    k0 = _load(K, k_base, cols, LK, skn, d0, D, skd, ALIGN)  # (BLOCK_N, D0)
+    v0 = _load(V, v_base, cols, LK, svn, d0, D, svd, ALIGN)
     d_k0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
     d_v0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
     if D1 > 0:
         d1 = D0 + tl.arange(0, D1)
-        k1 = _load(K, k_base, cols, LK, skn, d1, D, skd)
-        v1 = _load(V, v_base, cols, LK, svn, d1, D, svd)
+        k1 = _load(K, k_base, cols, LK, skn, d1, D, skd, ALIGN)
+        v1 = _load(V, v_base, cols, LK, svn, d1, D, svd, ALIGN)
         d_k1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
         d_v1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
     for start in range(0, LQ, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
-        q0 = _load(Q, q_base, rows, LQ, sqm, d0, D, sqd)
-        do0 = _load(DO, d_base, rows, LQ, sdm, d0, D, sdd)
+        q0 = _load(Q, q_base, rows, LQ, sqm, d0, D, sqd, ALIGN)
+        do0 = _load(DO, d_base, rows, LQ, sdm, d0, D, sdd, ALIGN)
         s = _dot(q0, tl.trans(k0), FP32, PRECISION)
         d_a = _dot(do0, tl.trans(v0), FP32, PRECISION)  # dA = dO Vᵀ
         if D1 > 0:
-            q1 = _load(Q, q_base, rows, LQ, sqm, d1, D, sqd)
-            do1 = _load(DO, d_base, rows, LQ, sdm, d1, D, sdd)
+            q1 = _load(Q, q_base, rows, LQ, sqm, d1, D, sqd, ALIGN)
+            do1 = _load(DO, d_base, rows, LQ, sdm, d1, D, sdd, ALIGN)
             s += _dot(q1, tl.trans(k1), FP32, PRECISION)
             d_a += _dot(do1, tl.trans(v1), FP32, PRECISION)
         s = s * scale
@@ -195,11 +212,11 @@ def _cog_bwd(Q, K, V, M, DO, LSE, DELTA, DQ, DK, DV,
             tl.atomic_add(dq_ptrs + d1[None, :], _dot(d_s, k1, FP32, PRECISION) * scale,
                           mask=(rows[:, None] < LQ) & (d1[None, :] < D))
     out_base = bh * LK * D  # DK, DV contiguous (B, H, Lk, D)
-    _store(DK, out_base, cols, LK, D, d0, D, 1, d_k0 * scale)
-    _store(DV, out_base, cols, LK, D, d0, D, 1, d_v0)
+    _store(DK, out_base, cols, LK, D, d0, D, 1, d_k0 * scale, ALIGN)
+    _store(DV, out_base, cols, LK, D, d0, D, 1, d_v0, ALIGN)
     if D1 > 0:
-        _store(DK, out_base, cols, LK, D, d1, D, 1, d_k1 * scale)
-        _store(DV, out_base, cols, LK, D, d1, D, 1, d_v1)
+        _store(DK, out_base, cols, LK, D, d1, D, 1, d_k1 * scale, ALIGN)
+        _store(DV, out_base, cols, LK, D, d1, D, 1, d_v1, ALIGN)
 
 
 # ------------------------------------------------------------------------------------- launch choices
@@ -213,9 +230,18 @@ class LaunchConfig(NamedTuple):
     num_stages: int
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages), fastest first; the first that fits shared memory wins
-FORWARD_CANDIDATES = ((128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (64, 32, 4, 1))
-BACKWARD_CANDIDATES = ((64, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (64, 32, 4, 1))  # 8 warps: no spills at D 64 (sm_90)
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), fastest first. The first whose compiled kernel fits the
+# device's shared memory and launches is used (`launch`); the small ones exist so that every dtype and
+# head dim <= 128 has one that fits sm_80 and sm_90 (tests/test_cuda_path.py compiles them all).
+FORWARD_CANDIDATES = ((128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (64, 32, 4, 1),
+                      (32, 32, 4, 1))
+BACKWARD_CANDIDATES = ((64, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (64, 32, 4, 1), (32, 32, 4, 1))
+# float32 (TF32) tiles take twice the registers: 32 query rows per step keeps the backward free of
+# spills at D = 64 (0 B on sm_80 and sm_90 against 24 B at 64 x 64; ptxas -v, docs/benchmarks.md)
+BACKWARD_CANDIDATES_FP32 = ((32, 64, 8, 2), (64, 32, 8, 2), (32, 32, 4, 2), (32, 32, 4, 1))
+DELTA_BLOCK_M = 64
+INTERPRETER_BLOCK = 16  # numpy runs the interpreter's blocks: small ones keep the CPU tests fast
+ALIGNMENT = 8  # elements; strides that are multiples of it let the compiler vectorise loads (D = 72)
 
 
 def split_head_dim(head_dim: int) -> Tuple[int, int]:
@@ -226,15 +252,15 @@ def split_head_dim(head_dim: int) -> Tuple[int, int]:
     return d0, (max(16, triton.next_power_of_2(rest)) if rest > 0 else 0)
 
 
-def shared_memory_bytes(kind: str, block_m: int, block_n: int, padded_dim: int, element_bytes: int,
-                        num_stages: int) -> int:
-    """Estimated shared memory of one program, an upper bound of what triton 3.8 allocates for sm_80
-    and sm_90 (checked by compiling: tests/test_cuda_path.py): pipelined tiles (stages x loaded
-    tiles), tiles held for the whole loop, and score-sized tiles staged as dot operands."""
-    if kind == "forward":  # Q held; K, V pipelined; the signed weights staged for the second dot
-        return element_bytes * (padded_dim * (block_m + 2 * num_stages * block_n) + block_m * block_n)
-    # backward: K, V held; Q, dO pipelined; A and dS transposed through shared memory
-    return element_bytes * (padded_dim * (2 * block_n + 2 * num_stages * block_m) + 2 * block_m * block_n)
+def candidates(kind: str, head_dim: int, dtype: torch.dtype) -> List[LaunchConfig]:
+    """Launch configurations of `kind` ("forward" / "backward") in the order they are tried. In the
+    interpreter the blocks are capped at INTERPRETER_BLOCK (no shared memory there)."""
+    d0, d1 = split_head_dim(head_dim)
+    table = (FORWARD_CANDIDATES if kind == "forward" else
+             BACKWARD_CANDIDATES_FP32 if dtype == torch.float32 else BACKWARD_CANDIDATES)
+    cap = INTERPRETER_BLOCK if interpreting() else 1 << 30
+    configs = (LaunchConfig(min(m, cap), min(n, cap), d0, d1, w, s) for m, n, w, s in table)
+    return list(dict.fromkeys(configs))  # capped blocks repeat: each once
 
 
 def max_shared_memory(device: torch.device) -> int:
@@ -246,22 +272,87 @@ def max_shared_memory(device: torch.device) -> int:
     return int(triton.runtime.driver.active.utils.get_device_properties(device.index or 0)["max_shared_mem"])
 
 
-def launch_config(kind: str, head_dim: int, dtype: torch.dtype, device: torch.device) -> Optional[LaunchConfig]:
-    """The first candidate of `kind` ("forward"/"backward") whose shared memory fits the device, or
-    None. In the interpreter: small blocks (numpy runs them; no shared memory)."""
-    d0, d1 = split_head_dim(head_dim)
-    if interpreting() and device.type != "cuda":
-        return LaunchConfig(16, 16, d0, d1, 1, 1)
-    limit = max_shared_memory(device)
-    element_bytes = torch.finfo(dtype).bits // 8
-    for block_m, block_n, num_warps, num_stages in (FORWARD_CANDIDATES if kind == "forward" else BACKWARD_CANDIDATES):
-        if shared_memory_bytes(kind, block_m, block_n, d0 + d1, element_bytes, num_stages) <= limit:
-            return LaunchConfig(block_m, block_n, d0, d1, num_warps, num_stages)
-    return None
+class KernelCall(NamedTuple):
+    """One kernel launch but for its block sizes (a LaunchConfig)."""
+    kernel: object
+    batch_heads: int
+    rows: int  # along grid axis 1: query rows (forward, delta) or keys (backward), cut into blocks
+    by_keys: bool  # grid axis 1 counts key blocks (BLOCK_N) instead of query blocks (BLOCK_M)
+    args: tuple
+    constants: dict
+
+    def grid(self, config: LaunchConfig) -> Tuple[int, int]:
+        return self.batch_heads, triton.cdiv(self.rows, config.block_n if self.by_keys else config.block_m)
+
+    def meta(self, config: LaunchConfig) -> dict:
+        blocks = dict(BLOCK_M=config.block_m, D0=config.d0, D1=config.d1, num_warps=config.num_warps,
+                      num_stages=config.num_stages)
+        if self.kernel is not _cog_bwd_delta:
+            blocks["BLOCK_N"] = config.block_n
+        return {**self.constants, **blocks}
+
+
+def check_fits(compiled, limit: int) -> None:
+    """triton.runtime.OutOfResources unless the compiled kernel (triton's CompiledKernel) allocates at
+    most `limit` bytes of shared memory: what the compiler allocates, not an estimate."""
+    if compiled.metadata.shared > limit:
+        raise triton.runtime.OutOfResources(compiled.metadata.shared, limit, "shared memory")
+
+
+def launch_kernel(call: KernelCall, config: LaunchConfig) -> None:
+    """Compile (once) and launch `call` with `config`; triton.runtime.OutOfResources when the compiled
+    kernel needs more shared memory (or threads) than the tensors' device has."""
+    device = call.args[0].device
+    grid, meta = call.grid(config), call.meta(config)
+    if device.type == "cuda" and not interpreting():
+        check_fits(call.kernel.warmup(*call.args, grid=grid, **meta), max_shared_memory(device))
+    call.kernel[grid](*call.args, **meta)
+
+
+def first_that_fits(configs, run) -> Tuple[Optional[LaunchConfig], List[str]]:
+    """(the first of `configs` for which run(config) does not raise OutOfResources, or None; why each
+    one before it did not fit). run launches a config (`launch`) or compiles it for a target (tests)."""
+    failures = []
+    for config in configs:
+        try:
+            run(config)
+        except triton.runtime.OutOfResources as error:
+            failures.append(f"{config.block_m}x{config.block_n}/{config.num_warps}w/{config.num_stages}s: {error}")
+            continue
+        return config, failures
+    return None, failures
+
+
+# Launch configurations that worked, keyed by (kind, device, dtype, head dim, mask, precision,
+# alignment): each process searches each key once. Module state like uvic.attention's self-check cache.
+_CHOSEN: Dict[tuple, LaunchConfig] = {}
+
+
+def launch(kind: str, call: KernelCall, q: torch.Tensor) -> LaunchConfig:
+    """Launch `call` with the first candidate of `kind` that fits q's device (from the one chosen
+    before for this key); on triton's OutOfResources the next candidate is tried."""
+    c = call.constants
+    key = (kind, str(q.device), q.dtype, q.shape[-1], c["HAS_MASK"], c["PRECISION"], c["ALIGN"])
+    configs = candidates(kind, q.shape[-1], q.dtype)
+    start = configs.index(_CHOSEN[key]) if _CHOSEN.get(key) in configs else 0
+    config, failures = first_that_fits(configs[start:], lambda config: launch_kernel(call, config))
+    if config is None:
+        raise RuntimeError(f"no {kind} launch configuration of head dim {q.shape[-1]} in {q.dtype} fits {q.device}: "
+                           + "; ".join(failures))
+    _CHOSEN[key] = config
+    return config
+
+
+def alignment(*tensors: torch.Tensor) -> int:
+    """ALIGNMENT when every tensor's last stride is 1 and its other strides are multiples of ALIGNMENT
+    (what the kernels may then declare to the compiler), else 1 (no claim: scalar loads, still correct)."""
+    ok = all(t.stride(-1) == 1 and all(s % ALIGNMENT == 0 for s in t.stride()[:-1]) for t in tensors)
+    return ALIGNMENT if ok else 1
 
 
 def problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[str]:
-    """Why these kernels cannot run q, k, v (B, H, L, D), or None when they can."""
+    """Why these kernels cannot run q, k, v (B, H, L, D), or None when they can. (Whether a launch
+    configuration fits the device's shared memory is found by compiling: `launch`.)"""
     if q.device.type != "cuda" and not interpreting():
         return f"tensors are on {q.device.type}; the kernels need CUDA (or TRITON_INTERPRET=1)"
     if not q.shape[-1] == k.shape[-1] == v.shape[-1] <= 256:
@@ -274,17 +365,13 @@ def problem(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[str]:
     if capability < (7, 5) or (q.dtype == torch.bfloat16 and capability < (8, 0)):
         return f"{q.dtype} on a device of compute capability {capability[0]}.{capability[1]}: needs 8.0+ for " \
                "bfloat16 and 7.5+ otherwise"
-    for kind in ("forward", "backward"):
-        if launch_config(kind, q.shape[-1], q.dtype, q.device) is None:
-            return (f"head dim {q.shape[-1]} in {q.dtype}: no {kind} block size fits the "
-                    f"{max_shared_memory(q.device) // 1024} KiB of shared memory of {q.device}")
     return None
 
 
 def _dot_args(dtype: torch.dtype, device: torch.device) -> dict:
     """FP32: dots on float32 operands (float32 inputs, or the interpreter, which cannot dot halves);
     PRECISION: "tf32" when float32 inputs may use TF32 tensor cores, else "ieee"."""
-    tf32 = dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    tf32 = dtype == torch.float32 and device.type == "cuda" and tf32_allowed()
     return dict(FP32=dtype == torch.float32 or interpreting(), PRECISION="tf32" if tf32 else "ieee")
 
 
@@ -296,18 +383,39 @@ def _mask_args(mask, q, k):
     return mask, mask.stride()
 
 
-def _launch(kind, q, mask):
-    config = launch_config(kind, q.shape[-1], q.dtype, q.device)
-    if config is None:
-        raise RuntimeError(problem(q, q, q) or f"no {kind} launch configuration fits")
-    meta = dict(HAS_MASK=mask is not None, BLOCK_M=config.block_m, BLOCK_N=config.block_n, D0=config.d0,
-                D1=config.d1, num_warps=config.num_warps, num_stages=config.num_stages, **_dot_args(q.dtype, q.device))
-    return config, meta
-
-
 def _device_guard(t: torch.Tensor):
     """Launch on t's CUDA device, whichever device is current."""
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def forward_call(q, k, v, mask, out, lse, scale: float) -> KernelCall:
+    """The forward kernel's launch for q (B, H, Lq, D), k, v (B, H, Lk, D) into out, lse (B, H, Lq)."""
+    batch, heads, lq, dim = q.shape
+    m, m_strides = _mask_args(mask, q, k)
+    constants = dict(HAS_MASK=mask is not None, D=dim, ALIGN=alignment(q, k, v, out), **_dot_args(q.dtype, q.device))
+    args = (q, k, v, m, out, lse, *q.stride(), *k.stride(), *v.stride(), *m_strides, *out.stride(),
+            heads, lq, k.shape[-2], scale)
+    return KernelCall(_cog_fwd, batch * heads, lq, False, args, constants)
+
+
+def backward_calls(d_out, q, k, v, out, lse, mask, delta, d_q, d_k, d_v, scale: float) -> Tuple[KernelCall, KernelCall]:
+    """(δ kernel, key-block kernel) launches of the backward."""
+    batch, heads, lq, dim = q.shape
+    m, m_strides = _mask_args(mask, q, k)
+    delta_call = KernelCall(_cog_bwd_delta, batch * heads, lq, False,
+                            (out, d_out, delta, *out.stride(), *d_out.stride(), heads, lq),
+                            dict(D=dim, ALIGN=alignment(out, d_out)))
+    constants = dict(HAS_MASK=mask is not None, D=dim, ALIGN=alignment(q, k, v, d_out, d_k, d_v),
+                     **_dot_args(q.dtype, q.device))
+    args = (q, k, v, m, d_out, lse, delta, d_q, d_k, d_v, *q.stride(), *k.stride(), *v.stride(), *m_strides,
+            *d_out.stride(), heads, lq, k.shape[-2], scale)
+    return delta_call, KernelCall(_cog_bwd, batch * heads, k.shape[-2], True, args, constants)
+
+
+def delta_config(head_dim: int) -> LaunchConfig:
+    """The δ kernel's one configuration (elementwise and a row sum: little shared memory)."""
+    block = min(DELTA_BLOCK_M, INTERPRETER_BLOCK) if interpreting() else DELTA_BLOCK_M
+    return LaunchConfig(block, block, *split_head_dim(head_dim), 4, 1)
 
 
 @torch.library.custom_op("uvic::cog_triton", mutates_args=())
@@ -317,12 +425,8 @@ def cog_triton_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optio
     batch, heads, lq, dim = q.shape
     out = q.new_empty(batch, heads, lq, dim, dtype=v.dtype)
     lse = q.new_empty(batch, heads, lq, dtype=torch.float32)
-    m, m_strides = _mask_args(mask, q, k)
-    config, meta = _launch("forward", q, mask)
     with _device_guard(q):
-        _cog_fwd[(batch * heads, triton.cdiv(lq, config.block_m))](
-            q, k, v, m, out, lse, *q.stride(), *k.stride(), *v.stride(), *m_strides, *out.stride(),
-            heads, lq, k.shape[-2], dim, scale, **meta)
+        launch("forward", forward_call(q, k, v, mask, out, lse, scale), q)
     return out, lse
 
 
@@ -342,15 +446,10 @@ def cog_triton_backward_op(d_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     d_q = q.new_zeros(batch, heads, lq, dim, dtype=torch.float32)  # atomics add into it
     d_k = k.new_empty(batch, heads, lk, dim)
     d_v = v.new_empty(batch, heads, lk, dim)
-    m, m_strides = _mask_args(mask, q, k)
-    config, meta = _launch("backward", q, mask)
+    delta_call, key_call = backward_calls(d_out, q, k, v, out, lse, mask, delta, d_q, d_k, d_v, scale)
     with _device_guard(q):
-        _cog_bwd_delta[(batch * heads, triton.cdiv(lq, config.block_m))](
-            out, d_out, delta, *out.stride(), *d_out.stride(), heads, lq, dim,
-            BLOCK_M=config.block_m, D0=config.d0, D1=config.d1)
-        _cog_bwd[(batch * heads, triton.cdiv(lk, config.block_n))](
-            q, k, v, m, d_out, lse, delta, d_q, d_k, d_v,
-            *q.stride(), *k.stride(), *v.stride(), *m_strides, *d_out.stride(), heads, lq, lk, dim, scale, **meta)
+        launch_kernel(delta_call, delta_config(dim))
+        launch("backward", key_call, q)
     return d_q.to(q.dtype), d_k, d_v
 
 
