@@ -16,14 +16,16 @@ from pathlib import Path
 from typing import Optional, Union
 
 import diffusers
+import torch
 from diffusers import AutoencoderKL, DDPMScheduler
 from omegaconf import OmegaConf
+from safetensors import safe_open
 
 from .diffusion import make_scheduler, reference_scheduler
 from .latents import attach_vae
 from .model import UViT, load_reference_checkpoint
 from .pipeline import UViCPipeline
-from .runs import CHECKPOINTS, MANIFEST, CheckpointError, RunDir, checkpoint_problem, pipeline_folder
+from .runs import CHECKPOINTS, MANIFEST, CheckpointError, RunDir, checkpoint_problem
 
 MODEL_KINDS = (
     "a pipeline folder (model_index.json, e.g. runs/NAME/final), a run directory (config.yaml, "
@@ -194,6 +196,7 @@ def checkpoint_pipeline(step_dir, ema: bool = True, run: Optional[RunDir] = None
     sub = step_dir / ("ema_model" if ema else "model")
     if not (sub / "config.json").is_file():
         raise FileNotFoundError(f"checkpoint {step_dir} has no {sub.name}/ (expected UViT.save_pretrained output)")
+    check_weights(sub)
     sched_dir = step_dir / "scheduler"
     if not (sched_dir / "scheduler_config.json").is_file():
         raise FileNotFoundError(f"checkpoint {step_dir} has no scheduler/ (expected the training scheduler)")
@@ -234,3 +237,46 @@ def kind(path) -> Optional[str]:
         return "checkpoint"
     return "run" if RunDir.is_run(path) else None
 
+
+# ---------------------------------------------------------------------- weights against their config
+def weights_problem(model_dir) -> Optional[str]:
+    """None if the safetensors in `model_dir` hold exactly the UViT its config.json describes (keys and shapes,
+    read from the files' headers: nothing is loaded), else the keys that are missing, unexpected or mis-shaped
+    (a file that cannot be read: CheckpointError).
+    An edited config.json (depth, embed_dim, ...) would otherwise drop weights or initialise them at random."""
+    model_dir = Path(model_dir)
+    with torch.device("meta"):  # shapes without memory
+        expected = {k: tuple(v.shape) for k, v in UViT.from_config(UViT.load_config(model_dir)).state_dict().items()}
+    found = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                found.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+        except Exception as e:  # not a mismatch: the file itself is damaged
+            raise CheckpointError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}); restore it, or use "
+                                  f"another checkpoint") from None
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    shaped = sorted(f"{k} {found[k]} (config: {expected[k]})" for k in set(expected) & set(found)
+                    if found[k] != expected[k])
+    parts = [f"{what}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}" for what, keys in
+             (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shaped)) if keys]
+    return "; ".join(parts) or None
+
+
+def check_weights(model_dir) -> None:
+    problem = weights_problem(model_dir)
+    if problem is not None:
+        raise CheckpointError(f"{model_dir}: its weights do not match its config.json ({problem}); the config was "
+                              f"edited or the files come from different models: restore them")
+
+
+def pipeline_folder(path):
+    """UViCPipeline.from_pretrained of a pipeline folder (final/), once its manifest (if any) and its transformer's
+    weights against its config are checked."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        problem = checkpoint_problem(path, full=True)
+        if problem is not None:
+            raise CheckpointError(f"pipeline folder {path} is damaged or was edited: {problem}")
+    check_weights(path / "transformer")
+    return UViCPipeline.from_pretrained(path)
