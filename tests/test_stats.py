@@ -203,3 +203,56 @@ def test_paired_seeds_for_power_and_exact_failure_rate_interval():
     iv = stats.binomial_interval(0, 24)  # no failure in 24: upper bound 1 − 0.025^(1/24)
     assert (iv.mean, iv.low) == (0.0, 0.0) and iv.high == pytest.approx(1 - 0.025 ** (1 / 24))
     assert stats.binomial_interval(3, 10).low == pytest.approx(scipy_stats.beta.ppf(0.025, 3, 8))
+
+
+def test_kid_of_two_equal_sets_is_torch_fidelitys_unbiased_mmd():
+    from torch_fidelity.metric_kid import kid_features_to_metric
+
+    import torch
+
+    from uvic.fid import kid_with_se
+
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(0.0, 1.0, (60, 5)), rng.normal(0.3, 1.1, (60, 5))
+    # one subset of all 60 (drawn without replacement: a permutation) is the full-set estimator
+    ref = kid_features_to_metric(torch.from_numpy(x), torch.from_numpy(y), kid_subsets=1, kid_subset_size=60,
+                                 verbose=False, rng_seed=0, kid_kernel="poly", kid_kernel_poly_degree=3,
+                                 kid_kernel_poly_gamma=None, kid_kernel_poly_coef0=1)
+    kid, _ = kid_with_se(x, y)
+    assert kid == pytest.approx(ref["kernel_inception_distance_mean"], rel=1e-9)
+
+
+def test_kid_standard_error_is_the_jackknife_and_matches_the_spread_over_replications():
+    from uvic.fid import kid_with_se
+
+    def mmd(a, b):  # the unbiased MMD² recomputed from scratch
+        k = lambda p, q: (p @ q.T / p.shape[1] + 1) ** 3  # noqa: E731
+        kaa, kbb = k(a, a), k(b, b)
+        n, m = len(a), len(b)
+        return ((kaa.sum() - np.trace(kaa)) / (n * (n - 1)) + (kbb.sum() - np.trace(kbb)) / (m * (m - 1))
+                - 2 * k(a, b).mean())
+
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(0.0, 1.0, (12, 3)), rng.normal(0.5, 1.0, (9, 3))
+    loo_x = np.array([mmd(np.delete(x, i, 0), y) for i in range(12)])
+    loo_y = np.array([mmd(x, np.delete(y, j, 0)) for j in range(9)])
+    var = 11 / 12 * ((loo_x - loo_x.mean()) ** 2).sum() + 8 / 9 * ((loo_y - loo_y.mean()) ** 2).sum()
+    kid, se = kid_with_se(x, y)
+    assert kid == pytest.approx(mmd(x, y)) and se == pytest.approx(math.sqrt(var))
+    draws = [kid_with_se(rng.normal(0, 1, (150, 4)), rng.normal(0.3, 1, (100, 4))) for _ in range(60)]
+    spread = np.std([d[0] for d in draws], ddof=1)
+    assert np.mean([d[1] for d in draws]) == pytest.approx(spread, rel=0.3)
+
+
+def test_fid_bootstrap_resamples_the_reference_too_and_basic_is_centred_on_the_fid():
+    from uvic.fid import FIDStatistics, bootstrap_fid
+
+    rng = np.random.default_rng(6)
+    x, r = rng.normal(0.0, 1.0, (200, 4)), rng.normal(0.2, 1.0, (150, 4))
+    ref = FIDStatistics.from_features(r)
+    samples_only = bootstrap_fid(x, ref, resamples=300, seed=0, method="percentile")
+    both = bootstrap_fid(x, ref, resamples=300, seed=0, method="percentile", ref_features=r)
+    assert both.half_width > samples_only.half_width  # the reference's finite size adds spread
+    basic = bootstrap_fid(x, ref, resamples=300, seed=0, ref_features=r)
+    # percentile intervals of a biased-upward statistic sit above it; the basic one reflects them about it
+    assert both.low > basic.low and basic.contains(basic.mean)
