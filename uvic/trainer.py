@@ -49,6 +49,7 @@ from .data import resolve_data_config
 from .diffusion import build_scheduler, diffusion_loss, drop_labels
 from .model import UViT
 from .pipeline import UViCPipeline, make_scheduler, save_grid
+from .runs import record_provenance
 from .runs import (CONFIG, MANIFEST, TRAIN_STATE, CheckpointError, DiskFullError, RunDir, atomic_write, checkpoint_name,
                    disk_full_message, free_space, manifest_size, write_manifest)
 
@@ -205,6 +206,7 @@ class Trainer:
                 self.out.mkdir(parents=True, exist_ok=True)
                 self.run.remove_temporaries(log=accelerator.print)
                 save_config(cfg, self.out / CONFIG)
+                record_provenance(self.out, new_run=self.resume_from is None)  # the code behind the numbers
         accelerator.wait_for_everyone()
         if self.resume_from is not None:
             accelerator.print(f"resumed from {self.resume_from} at step {self.state.step}")
