@@ -394,7 +394,7 @@ def choose_extractor(name: Optional[str], *inputs: MetricInput) -> Optional[str]
     statistics, else Inception."""
     if name:
         return name
-    if any(i.source == digits_classifier.DATASET_NAME for i in inputs):
+    if any(i.source in digits_classifier.SPLITS.values() for i in inputs):
         return digits_classifier.EXTRACTOR_NAME
     tags = {i.stats.extractor for i in inputs if i.stats is not None and i.stats.tagged}
     if len(tags) == 1:
