@@ -208,7 +208,7 @@ def _config_key(config: dict, checkpoint, drop: Sequence[str]) -> str:
 def _group_name(names: List[str]) -> str:
     """The members' common name prefix, less a trailing "_seed" / "_s" / "__seed=" ("digits_uvic_s0",
     "digits_uvic_s1" -> "digits_uvic"; sweep folders "digits_uvic__seed=0", ... -> "digits_uvic")."""
-    prefix = re.sub(r"[_\-.]*((seed|s)=?)?$", "", os.path.commonprefix(names))
+    prefix = re.sub(r"[_\-.]*((seed|s)=?\d*)?$", "", os.path.commonprefix(names))  # seeds 100, 101: "seed=1"
     return prefix if len(names) > 1 and prefix else names[0]
 
 
@@ -438,7 +438,8 @@ def features_note(extractor: str) -> str:
                 "IS on its logits, KID on the 2048-d features")
     if extractor == metrics.digits_classifier.EXTRACTOR_NAME:
         _, meta = metrics.digits_classifier.load_digits_cnn()
-        return (f"the 64-d features of uvic's digits classifier (held-out accuracy {float(meta['test_accuracy']):.1%} "
+        return (f"the 64-d features (penultimate layer before its ReLU, every unit live) of uvic's digits classifier "
+                f"(held-out accuracy {float(meta['test_accuracy']):.1%} "
                 f"on {meta['test_size']} digits), so \"FID\" is a Fréchet distance in that space and IS its "
                 "10-class analogue: comparable between these runs, not with Inception FIDs")
     return f"torch-fidelity extractor {extractor}"
