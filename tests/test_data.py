@@ -85,3 +85,34 @@ def test_absent_cifar10_says_where_to_put_the_files(tmp_path):
     assert str(tmp_path / "cifar-10-batches-py") in message and "cifar-10-python.tar.gz" in message
     assert "data.download=true" in message
 
+
+
+def test_digits_split_keeps_the_heldout_reference_out_of_training():
+    from sklearn.datasets import load_digits
+
+    train = build_dataset(data_cfg(name="digits", split="train"), 8)
+    heldout = build_dataset(data_cfg(name="digits", split="heldout"), 8)
+    assert (len(train), len(heldout)) == (1437, 360)  # sklearn's stratified 80 / 20 split, random_state 0
+    raw = torch.from_numpy(load_digits().images).float()[:, None] / 16.0 * 2 - 1  # (1797, 1, 8, 8)
+    rows = {tuple(x.flatten().tolist()): i for i, x in enumerate(raw)}
+    seen = {rows[tuple(train[i][0].flatten().tolist())] for i in range(len(train))}
+    held = {rows[tuple(heldout[i][0].flatten().tolist())] for i in range(len(heldout))}
+    assert not seen & held and len(seen | held) == len({tuple(x.flatten().tolist()) for x in raw})
+    assert np.bincount(heldout.labels.numpy()).min() >= 35  # stratified: every class held out
+    with pytest.raises(ValueError, match="data.split='test' is not valid"):
+        build_dataset(data_cfg(name="digits", split="test"), 8)
+    with pytest.raises(ValueError, match="data.split='train' applies to data.name=digits only"):
+        build_dataset(data_cfg(name="imagefolder", path="/nonexistent", split="train"), 8)
+
+
+def test_digits_classifier_feature_layer_has_no_dead_units():
+    from uvic import digits_classifier as dc
+
+    model, meta = dc.load_digits_cnn()
+    images, _ = dc.digits_images()
+    with torch.no_grad():
+        features, _ = model(dc.resize(torch.from_numpy(images).float().unsqueeze(1) / 255.0))  # (1797, 64)
+    live, pr = dc.feature_dimensions(features.numpy())
+    assert live == 64 and (features.std(0) > 0).all()  # v2, after the ReLU: 27 live units of 64
+    assert 1.0 < pr < 64.0 and float(meta["test_accuracy"]) > 0.9
+    assert dc.feature_dimensions(np.c_[np.random.default_rng(0).normal(size=(50, 2)), np.zeros(50)])[0] == 2

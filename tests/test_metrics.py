@@ -270,9 +270,11 @@ def test_digits_features_are_resolution_free_so_16px_samples_score_against_8px_d
     assert compute_metrics(x16, "digits", batch_size=512)["fid"] < 1.0
 
 
-def test_bootstrap_interval_of_fid_over_samples(digits_rgb):
+def test_bootstrap_interval_of_fid_over_samples_and_reference(digits_rgb):
     r = compute_metrics(digits_rgb[::4], "digits", batch_size=512, bootstrap=50, bootstrap_seed=3)
-    assert r["fid_low"] < r["fid_high"] and r["fid_high"] > r["fid"] - 1e-9
+    # basic bootstrap (2·FID − quantiles): near the real-vs-real floor the resampling bias exceeds the spread,
+    # so the interval may fall below the FID; it is reproducible and resamples the reference images too
+    assert r["fid_low"] < r["fid_high"] and r["bootstrap_ref"] is True
     again = compute_metrics(digits_rgb[::4], "digits", batch_size=512, bootstrap=50, bootstrap_seed=3)
     assert (again["fid_low"], again["fid_high"]) == (r["fid_low"], r["fid_high"])  # seeded
 

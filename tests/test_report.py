@@ -2,6 +2,7 @@
 from the command line, the CSV, run specs and bad input."""
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -257,7 +258,7 @@ def test_a_model_of_another_size_than_the_reference_is_refused_before_sampling(r
 
 
 def test_a_csv_with_older_columns_is_rewritten_with_the_current_ones(tmp_path):
-    old_columns = report.CSV_COLUMNS[:-3]
+    old_columns = report.CSV_COLUMNS[:report.CSV_COLUMNS.index("train_seed")]  # written before train_seed existed
     (tmp_path / "r.csv").write_text(",".join(old_columns) + "\n" + ",".join("x" * len(old_columns)) + "\n")
     report.append_csv(tmp_path / "r.csv", [{"model": "new", "train_seed": 3}])
     rows = read_csv(tmp_path / "r.csv")
@@ -265,3 +266,139 @@ def test_a_csv_with_older_columns_is_rewritten_with_the_current_ones(tmp_path):
     assert (rows[0]["model"], rows[0]["train_seed"]) == ("x", "") and (rows[1]["model"], rows[1]["train_seed"]) == ("new", "3")
     report.append_csv(tmp_path / "r.csv", [{"model": "third"}])  # current columns: appended
     assert [r["model"] for r in read_csv(tmp_path / "r.csv")] == ["x", "new", "third"]
+
+
+# ---------------------------------------------------------------------- tests, multiplicity, looks, provenance
+def synthetic_groups(fids):
+    """Seed groups from {(attention, name): [FID by seed]}, all arms of one config apart from the attention."""
+    configs, rows = [], []
+    for (attention, name), values in fids.items():
+        for seed, fid in enumerate(values):
+            configs.append({"model": {"attention_type": attention, "softmax_blocks": name}, "train": {"seed": seed}})
+            rows.append({"model": f"{name}_s{seed}", "attention": attention, "fid": fid, "train_seed": seed,
+                         "num_samples": 10})
+    return report.group_by_seed(rows, configs, [None] * len(rows))
+
+
+def test_paired_table_gives_the_exact_tests_effect_size_ratio_and_holm():
+    from scipy import stats as scipy_stats
+
+    groups = synthetic_groups({("softmax", "uvit"): [1.0, 1.2, 1.1], ("cog", "none"): [3.0, 3.1, 3.2],
+                               ("cog", "half"): [1.5, 1.0, 1.4]})
+    md = "\n".join(report.statistics_lines(groups, {"bootstrap": 0}))
+    # none − uvit = (2.0, 1.9, 2.1): mean 2, s = 0.1, t = 2 / (0.1 / √3); every difference positive, so the
+    # exact sign-flip and Wilcoxon p are both 2 / 2³
+    p_t = 2 * scipy_stats.t.sf(2 / (0.1 / 3 ** 0.5), 2)
+    row = next(line for line in md.splitlines() if line.startswith("| none | uvit |"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[5] == f"{p_t:.3g}" and cells[6] == "0.25" and cells[7] == "0.25"
+    assert cells[8].startswith(f"{2 / 0.1:+.2f} [")  # d_z = mean / s
+    ratio = (3.0 / 1.0 * 3.1 / 1.2 * 3.2 / 1.1) ** (1 / 3)  # geometric mean of the per-seed ratios
+    assert cells[9].startswith(f"{ratio:.3f} [")
+    # half − uvit = (0.5, −0.2, 0.3): Holm over 2 tests: the smaller p doubled, the larger max(itself, that)
+    p_half = stats.paired_difference({0: 1.5, 1: 1.0, 2: 1.4}, {0: 1.0, 1: 1.2, 2: 1.1}).p_value
+    assert cells[10] == f"{min(1, 2 * p_t):.3g}"
+    assert f"| {max(p_half, 2 * p_t):.3g} |" in next(line for line in md.splitlines() if line.startswith("| half | uvit |"))
+    assert "**Dunnett, 2 U-ViC arms against the one control uvit**" in md  # two arms share the one U-ViT
+
+
+def test_dunnett_tost_and_failure_rates_in_the_report():
+    rng = np.random.default_rng(0)
+    base = rng.normal(1.0, 0.2, 6)
+    groups = synthetic_groups({("softmax", "uvit"): list(base), ("cog", "a"): list(base + 0.4 + rng.normal(0, 0.1, 6)),
+                               ("cog", "b"): list(base + rng.normal(0, 0.1, 6))})
+    pairs = report.paired_comparisons(groups)
+    md = "\n".join(report.statistics_lines(groups, {"margin": 0.3, "fail_above": 1.3}))
+    adjusted = stats.dunnett_paired({"a": groups[1].fid_by_seed, "b": groups[2].fid_by_seed}, groups[0].fid_by_seed)
+    assert "**Dunnett, 2 U-ViC arms against the one control uvit**" in md
+    assert f"- a − uvit: adjusted p = {adjusted['a']:.3g}" in md
+    eq = stats.tost(pairs[1][2].differences, 0.3)
+    assert f"- b − uvit: 90% interval [{eq.interval.low:.3f}, {eq.interval.high:.3f}], TOST p = {eq.p:.3g}" in md
+    failed = sum(f > 1.3 for f in groups[1].fid_by_seed.values())
+    iv = stats.binomial_interval(failed, 6)
+    assert f"- a: {failed} of 6 = {iv.mean:.0%}, 95% exact interval [{iv.low:.0%}, {iv.high:.0%}]" in md
+
+
+def test_unpaired_seeds_are_named_in_the_report():
+    groups = synthetic_groups({("softmax", "uvit"): [1.0, 1.2, 1.1, 0.9], ("cog", "uvic"): [1.5, 1.0, 1.4]})
+    md = "\n".join(report.statistics_lines(groups, {}))
+    assert "uvic vs uvit: unpaired, left out: uvit seed 3 (no uvic partner)." in md
+
+
+def test_looks_grow_with_the_seeds_and_get_the_alpha_spending_boundary(tmp_path):
+    def pairs(n):
+        return report.paired_comparisons(synthetic_groups({("softmax", "uvit"): [1.0, 1.2, 1.1, 0.9][:n],
+                                                           ("cog", "uvic"): [1.5, 1.0, 1.4, 1.6][:n]}))
+
+    report.record_looks(tmp_path, pairs(2))
+    report.record_looks(tmp_path, pairs(2))  # the same seeds again: no new look
+    looks = report.record_looks(tmp_path, pairs(4))
+    lines = (tmp_path / report.LOOKS_LOG).read_text().splitlines()
+    assert len(lines) == 2 and [e["n"] for e in looks["uvic vs uvit"]] == [2, 4]
+    md = "\n".join(report.sequential_lines(looks))
+    # no plan recorded: Pocock type at fractions 1/2, 1: z = 2.157, 2.201 (DeMets & Lan 1994) -> nominal p
+    from scipy.stats import norm
+
+    assert "No plan was recorded" in md
+    assert f"| 1 | {looks['uvic vs uvit'][0]['date']} | 2 |" in md and f"| {2 * norm.sf(2.157):.3g} | no |" in md
+    assert f"| {2 * norm.sf(2.201):.3g} |" in md and "No look crossed its boundary" in md
+
+
+def test_a_plan_stated_with_the_first_look_holds_for_later_looks(tmp_path):
+    groups = synthetic_groups({("softmax", "uvit"): [1.0, 1.2, 1.1], ("cog", "uvic"): [2.0, 2.3, 2.1]})
+    (cog, soft, cmp), = report.paired_comparisons(groups)
+    first = stats.paired_difference({0: 2.0, 1: 2.3}, {0: 1.0, 1: 1.2})
+    report.record_looks(tmp_path, [(cog, soft, first)], report.parse_plan("obrien-fleming:4"))
+    looks = report.record_looks(tmp_path, [(cog, soft, cmp)], report.parse_plan("pocock:3"))  # too late to change
+    md = "\n".join(report.sequential_lines(looks))
+    bounds = stats.sequential_boundaries([2 / 4, 3 / 4], spending="obrien-fleming")
+    assert "obrien-fleming-type alpha spending, 0.05 two-sided over at most 4" in md
+    assert f"| {stats.nominal_p(bounds[1]):.3g} | {'yes' if cmp.p_value <= stats.nominal_p(bounds[1]) else 'no'} |" in md
+    with pytest.raises(ValueError, match="--plan 'fleming:4' is not valid"):
+        report.parse_plan("fleming:4")
+
+
+def test_compare_twice_over_growing_seeds_appends_looks_and_curves_over_checkpoints(tmp_path):
+    runs = [make_run(tmp_path, f"lc_{name}_s{seed}", attention, steps=(2, 4), seed=seed)
+            for name, attention in (("uvit", "softmax"), ("uvic", "cog")) for seed in (0, 1, 2)]
+    common = dict(ref="digits", out_dir=tmp_path / "out", num_samples=10, steps=2, scheduler="ddim", batch_size=16,
+                  isc=False, kid=False, bootstrap=0, progress=False, plan="pocock:3")
+    report.compare([f"{r}@4" for r in runs if not r.name.endswith("s2")], **common)
+    out = report.compare([f"{r}@all" for r in runs], **common)
+    looks = [json.loads(line) for line in (tmp_path / "out" / report.LOOKS_LOG).read_text().splitlines()]
+    assert [(e["comparison"], e["n"]) for e in looks] == [("lc_uvic@4 vs lc_uvit@4", 2), ("lc_uvic@2 vs lc_uvit@2", 3),
+                                                          ("lc_uvic@4 vs lc_uvit@4", 3)]
+    md = out["md"].read_text()
+    assert "**Sequential looks: lc_uvic@4 vs lc_uvit@4** (2 looks" in md and "pocock-type" in md
+    assert "## Learning curves" in md and "![learning curves](curves.png)" in md
+    assert (tmp_path / "out" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_runs_of_different_code_are_refused_unless_allowed(tmp_path, capsys):
+    import subprocess
+
+    from uvic.runs import PROVENANCE, record_provenance
+
+    a, b = make_run(tmp_path, "code_uvit", "softmax", steps=(4,)), make_run(tmp_path, "code_uvic", "cog", steps=(4,))
+    path = record_provenance(a)
+    entry, = json.loads(path.read_text())
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=report.__file__.rsplit("/", 2)[0])
+    assert entry["commit"] == head.stdout.strip() and entry["uvic_modified"] in (True, False)
+    assert entry["packages"]["torch"] == torch.__version__.split("+")[0]  # the distribution version, no local tag
+    assert len(entry["source_sha256"]) == 64 and record_provenance(a) == path and len(json.loads(path.read_text())) == 1
+    other = dict(entry, source_sha256="f" * 64)
+    (b / PROVENANCE).write_text(json.dumps([other]))
+    with pytest.raises(SystemExit) as err:
+        evaluate.main(["compare", str(a), str(b), "--ref", "digits", "--num-samples", "4", "--out", str(tmp_path / "c"),
+                       "--no-isc", "--no-kid", *FAST])
+    message = capsys.readouterr().err
+    assert err.value.code == 2 and "different code" in message and "--allow-mixed-code" in message
+    assert entry["source_sha256"][:12] in message and "ffffffffffff" in message
+    assert not (tmp_path / "c").exists()  # refused before sampling
+    out = report.compare([str(a), str(b)], ref="digits", out_dir=tmp_path / "c", num_samples=4, steps=2,
+                         scheduler="ddim", isc=False, kid=False, bootstrap=0, progress=False, allow_mixed_code=True)
+    assert "**Runs of different code grouped (--allow-mixed-code):**" in out["md"].read_text()
+    # a start from scratch begins the record anew; a resume with other code would add a second entry
+    (a / PROVENANCE).write_text(json.dumps([other]))
+    assert len(json.loads(record_provenance(a).read_text())) == 2
+    assert len(json.loads(record_provenance(a, new_run=True).read_text())) == 1

@@ -84,6 +84,7 @@ class DataConfig:
     conditional: bool = False  # train class-conditional (labels needed)
     random_flip: bool = False  # random horizontal flip (applied on the batch, resume-exact)
     limit: Optional[int] = None  # use only the first N examples (quick tests, overfitting checks)
+    split: str = "all"  # digits: all, train (1,437) or heldout (360; the reference digits-heldout, never trained on)
     scale_factor: Optional[float] = None  # latents: multiply latents by this (None = the file's own)
     check_images: bool = True  # imagefolder: open every file once up front, skip unreadable ones
     fail_on_corrupt: bool = False  # imagefolder: raise on the first unreadable file instead

@@ -29,8 +29,11 @@ CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 def build_dataset(data_cfg, sample_size: int, train: bool = True) -> Dataset:
     """The data set of a `data` config section at `sample_size` pixels (latents: as stored)."""
     name = data_cfg.name
+    split = data_cfg.get("split") or "all"
+    if split != "all" and name != "digits":
+        raise ValueError(f"data.split={split!r} applies to data.name=digits only (got data.name={name!r})")
     if name == "digits":
-        dataset = DigitsDataset(sample_size)
+        dataset = DigitsDataset(sample_size, split=split)
     elif name == "cifar10":
         dataset = cifar10(data_cfg.path or "data", sample_size, train=train, download=data_cfg.download)
     elif name == "imagefolder":
@@ -123,19 +126,26 @@ def to_model_range(images: torch.Tensor) -> torch.Tensor:
 
 
 class DigitsDataset(Dataset):
-    """scikit-learn's 8x8 digits, upsampled (bilinear, antialiased) to sample_size, 1 channel."""
+    """scikit-learn's 8x8 digits, upsampled (bilinear, antialiased) to sample_size, 1 channel.
+
+    split: "all" (1,797), "train" (1,437) or "heldout" (360), the fixed stratified split of
+    uvic.digits_classifier: train on "train" and score against the reference "digits-heldout", which
+    neither the diffusion model nor the classifier has seen."""
 
     num_classes = 10
 
-    def __init__(self, sample_size: int = 16):
+    def __init__(self, sample_size: int = 16, split: str = "all"):
         from sklearn.datasets import load_digits
 
+        from .digits_classifier import split_index
+
+        keep = split_index(split)  # a bad split: ValueError naming data.split
         digits = load_digits()
-        images = torch.from_numpy(digits.images).float()[:, None] / 16.0  # (N, 1, 8, 8) in [0, 1]
+        images = torch.from_numpy(digits.images[keep]).float()[:, None] / 16.0  # (N, 1, 8, 8) in [0, 1]
         if sample_size != 8:
             images = F.interpolate(images, size=(sample_size, sample_size), mode="bilinear", antialias=True)
         self.images = to_model_range(images.clamp(0, 1))  # (N, 1, S, S)
-        self.labels = torch.from_numpy(digits.target).long()
+        self.labels = torch.from_numpy(digits.target[keep]).long()
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -7,11 +7,19 @@ torch-fidelity as the registered feature extractor "uvic-digits-cnn", which take
 any resolution (averaged to grey and resized to 16x16 inside, bilinear with antialiasing: the way
 uvic.data upsamples the digits for the demo, so 16x16 training data and the 8x8 originals give
 the same features), and "digits" is registered as a torch-fidelity input: the whole dataset as
-uint8 RGB 8x8 images. Features are divided by a fixed scale (their RMS over the training digits),
-so distances read alike whatever the network's raw activation scale.
+uint8 RGB 8x8 images; "digits-train" and "digits-heldout" are the two sides of the fixed split
+(SPLITS). Features are divided by a fixed scale (their RMS over the training digits), so distances
+read alike whatever the network's raw activation scale.
+
+The held-out split (360 digits, stratified) is the reference a reviewer accepts: the classifier never
+trained on it, and diffusion runs with data.split=train never see it, so a model that copies its
+training digits is not rewarded. The feature layer is the penultimate linear layer *before* its ReLU:
+after it, 37 of 64 units were zero on every digit (v2); before it every unit varies (feature_dimensions
+reports the live count and the participation-ratio dimension).
 
 The distance it gives is a Fréchet distance in a 64-d digits feature space: comparable between
-models scored the same way, not with Inception FIDs.
+models scored the same way, not with Inception FIDs. benchmarks/digits_sanity.py measures what its
+values mean (real vs real floor; classes dropped, shifts, blur, noise): docs/results/digits_sanity.md.
 """
 
 from __future__ import annotations
@@ -29,10 +37,11 @@ from torch.utils.data import Dataset
 
 EXTRACTOR_NAME = "uvic-digits-cnn"
 DATASET_NAME = "digits"
-FEATURES = "features"  # (B, 64) penultimate activations: FID, KID, precision/recall
+SPLITS = {"all": "digits", "train": "digits-train", "heldout": "digits-heldout"}  # data.split -> registered input
+FEATURES = "features"  # (B, 64) penultimate layer before its ReLU: FID, KID, precision/recall
 LOGITS = "logits"  # (B, 10): Inception-Score analogue
 IMAGE_SIZE = 16  # the extractor's working resolution
-WEIGHTS_FILE = "digits_cnn_v2.safetensors"  # bump the version when the recipe below changes
+WEIGHTS_FILE = "digits_cnn_v3.safetensors"  # bump the version when the recipe below changes
 SEED = 0
 EPOCHS = 25
 TEST_FRACTION = 0.2
@@ -59,8 +68,20 @@ def split_indices(n: int, labels: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return train_test_split(np.arange(n), test_size=TEST_FRACTION, random_state=SEED, stratify=labels)
 
 
+def split_index(split: str) -> np.ndarray:
+    """Indices (sorted) into the 1,797 digits of a split: "all", "train" (1,437) or "heldout" (360)."""
+    if split not in SPLITS:
+        raise ValueError(f"data.split={split!r} is not valid; choose one of: {', '.join(SPLITS)}")
+    images, labels = digits_images()
+    if split == "all":
+        return np.arange(len(images))
+    train, heldout = split_indices(len(images), labels)
+    return np.sort(train if split == "train" else heldout)
+
+
 class DigitsCNN(nn.Module):
-    """(B, 1, 16, 16) grey in [0, 1] -> features (B, 64) (scaled to unit RMS on the training digits), logits (B, 10)."""
+    """(B, 1, 16, 16) grey in [0, 1] -> features (B, 64) (the fc layer before its ReLU, scaled to unit RMS on the
+    training digits), logits (B, 10) (the head on the ReLU of those)."""
 
     def __init__(self, width: int = 16, feature_dim: int = 64, num_classes: int = 10):
         super().__init__()
@@ -75,8 +96,8 @@ class DigitsCNN(nn.Module):
         x = F.max_pool2d(F.relu(self.conv1(x)), 2)  # (B, w, 8, 8)
         x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # (B, 2w, 4, 4)
         x = F.relu(self.conv3(x))  # (B, 2w, 4, 4)
-        features = F.relu(self.fc(x.flatten(1)))  # (B, 64)
-        return features / self.feature_scale, self.head(features)
+        features = self.fc(x.flatten(1))  # (B, 64): before the ReLU, where no unit is constant
+        return features / self.feature_scale, self.head(F.relu(features))
 
 
 def resize(x: torch.Tensor) -> torch.Tensor:
@@ -158,11 +179,20 @@ def load_digits_cnn(path: Optional[Path] = None) -> Tuple[DigitsCNN, dict]:
     return model, meta
 
 
-class DigitsImages(Dataset):
-    """All 1,797 sklearn digits as torch-fidelity expects inputs: uint8 (3, 8, 8) tensors."""
+def feature_dimensions(features) -> Tuple[int, float]:
+    """(live units: those whose spread over `features` (N, D) is above 1e-6 of the largest, participation-ratio
+    dimension (Σλ)² / Σλ² of the covariance eigenvalues λ: how many directions the spread really uses)."""
+    f = np.asarray(features, np.float64)
+    sd = f.std(axis=0)
+    lam = np.clip(np.linalg.eigvalsh(np.cov(f, rowvar=False)), 0, None)
+    return int((sd > 1e-6 * sd.max()).sum()), float(lam.sum() ** 2 / (lam ** 2).sum())
 
-    def __init__(self):
-        self.images = torch.from_numpy(digits_images()[0])  # (N, 8, 8)
+
+class DigitsImages(Dataset):
+    """The sklearn digits of a split (default all 1,797) as torch-fidelity expects inputs: uint8 (3, 8, 8)."""
+
+    def __init__(self, split: str = "all"):
+        self.images = torch.from_numpy(digits_images()[0][split_index(split)])  # (N, 8, 8)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -218,7 +248,8 @@ def make_extractor_class():
 
 
 def register() -> None:
-    """Register the "uvic-digits-cnn" extractor and the "digits" input with torch-fidelity (idempotent)."""
+    """Register the "uvic-digits-cnn" extractor and the "digits", "digits-train" and "digits-heldout" inputs with
+    torch-fidelity (idempotent)."""
     from torch_fidelity.registry import (
         DATASETS_REGISTRY,
         FEATURE_EXTRACTORS_REGISTRY,
@@ -228,5 +259,6 @@ def register() -> None:
 
     if EXTRACTOR_NAME not in FEATURE_EXTRACTORS_REGISTRY:
         register_feature_extractor(EXTRACTOR_NAME, make_extractor_class())
-    if DATASET_NAME not in DATASETS_REGISTRY:
-        register_dataset(DATASET_NAME, lambda root, download: DigitsImages())
+    for split, name in SPLITS.items():
+        if name not in DATASETS_REGISTRY:
+            register_dataset(name, lambda root, download, split=split: DigitsImages(split))

@@ -98,7 +98,15 @@ def build_compare_parser() -> argparse.ArgumentParser:
     add("--clip", metavar="DIR", help="text-to-image: also the CLIP score of each set against its --prompts "
         "(a CLIP model folder, e.g. openai/clip-vit-large-patch14)")
     add("--bootstrap", type=int, default=200, metavar="B",
-        help="resamples of each run's sample features for its FID interval (0 = off; seeded by --seed)")
+        help="resamples of each run's sample and reference features for its FID interval (0 = off; seeded by "
+             "--seed)")
+    add("--margin", type=float, metavar="M", help="also test equivalence within ±M (TOST on the paired differences)")
+    add("--plan", metavar="SPENDING:MAX_PAIRS", help="the sequential plan, recorded with a comparison's first look "
+        "in OUT/looks.jsonl: obrien-fleming:N or pocock:N (N the most paired seeds the study will reach)")
+    add("--fail-above", type=float, metavar="FID", help="count a run whose FID is above this as failed (rate per "
+        "group with an exact binomial interval)")
+    add("--allow-mixed-code", action="store_true", help="group runs whose provenance.json names different uvic "
+        "code (refused by default; the report says so)")
     _add_metric_options(add)
     return parser
 
@@ -177,7 +185,9 @@ def run_compare(args, command: str) -> dict:
                   device=args.device, checkpoints=checkpoints, isc=args.isc, kid=args.kid, prc=args.prc,
                   kid_subset_size=args.kid_subset_size, bootstrap=args.bootstrap, command=command, samples_dir=args.samples_dir,
                   timestep_spacing=args.timestep_spacing, progress=args.progress,
-                  prompts=read_prompts(args.prompts) if args.prompts else None, clip=args.clip, **_metric_kwargs(args))
+                  prompts=read_prompts(args.prompts) if args.prompts else None, clip=args.clip, margin=args.margin,
+                  plan=args.plan, allow_mixed_code=args.allow_mixed_code, fail_above=args.fail_above,
+                  **_metric_kwargs(args))
     print(Path(out["md"]).read_text())
     print(f"report: {out['md']}, {out['csv']}, {out['png']}")
     if args.csv:

@@ -1,14 +1,16 @@
-"""Fréchet distance between Gaussians fitted to features, the statistics files that hold them, and the
-bootstrap interval of an FID over samples. Pure numpy: no feature extractor here (see uvic.metrics).
+"""Distances between feature sets: the Fréchet distance between Gaussians fitted to features, the statistics
+files that hold them, the bootstrap interval of an FID over samples and reference, and KID with its standard
+error. Pure numpy: no feature extractor here (see uvic.metrics).
 
     d² = ‖μ1 − μ2‖² + tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½)        (Heusel et al. 2017; Dowson & Landau 1982)
+    KID = unbiased MMD² with k(x, y) = (xᵀy / D + 1)³     (Bińkowski et al. 2018; torch-fidelity's kernel)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -115,10 +117,45 @@ class FIDStatistics:
         return cls(mu, sigma, num_samples=n, **tag).validate(str(path))
 
 
-def bootstrap_fid(features, ref: FIDStatistics, *, resamples: int = 200, seed: int = 0) -> Interval:
-    """FID of (N, D) sample features against `ref` with a percentile bootstrap interval over the samples:
-    the features are resampled with replacement and the FID recomputed `resamples` times (seeded)."""
-    def fid_of(f):  # (N, D) -> FID
-        return frechet_distance(f.mean(axis=0), np.cov(f, rowvar=False), ref.mu, ref.sigma)
+def bootstrap_fid(features, ref: FIDStatistics, *, resamples: int = 200, seed: int = 0, ref_features=None,
+                  method: str = "basic") -> Interval:
+    """FID of (N, D) sample features against `ref` with a bootstrap interval: the sample features and, when
+    `ref_features` (M, D) are given, the reference features too are resampled with replacement (independently)
+    and the FID recomputed `resamples` times (seeded). basic (default): 2·FID − quantiles, which undoes the rise
+    of FID under resampling instead of copying it; percentile: the quantiles themselves."""
+    def fid_of(f, r=None):  # (N, D), (M, D) -> FID
+        mu_r, sigma_r = (ref.mu, ref.sigma) if r is None else (r.mean(axis=0), np.cov(r, rowvar=False))
+        return frechet_distance(f.mean(axis=0), np.cov(f, rowvar=False), mu_r, sigma_r)
 
-    return bootstrap_interval(np.asarray(features, np.float64), fid_of, resamples=resamples, seed=seed)
+    data = np.asarray(features, np.float64)
+    if ref_features is not None:
+        data = (data, np.asarray(ref_features, np.float64))
+    return bootstrap_interval(data, fid_of, resamples=resamples, seed=seed, method=method)
+
+
+def _cubic_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return (x @ y.T / x.shape[1] + 1.0) ** 3  # (N, M)
+
+
+def kid_with_se(features, ref_features, *, max_n: int = 5000, seed: int = 0) -> Tuple[float, float]:
+    """(KID, its standard error): the unbiased MMD² of all sample features (N, D) against all reference features
+    (M, D) (each capped at max_n, a seeded subset: the kernel matrices are N², M²), and the two-sample
+    delete-one jackknife SE (Arvesen 1969): var = (N−1)/N Σ_i (θ₋ᵢ − θ̄)² over samples plus the same over
+    reference. torch-fidelity's "± std" is the spread over overlapping subsets, not a standard error."""
+    rng = np.random.default_rng(seed)
+    x, y = (np.asarray(a, np.float64) for a in (features, ref_features))
+    x, y = (a[np.sort(rng.choice(len(a), max_n, replace=False))] if len(a) > max_n else a for a in (x, y))
+    n, m = len(x), len(y)
+    if n < 3 or m < 3:
+        raise ValueError(f"KID with a standard error needs at least 3 samples and 3 reference images, got {n}, {m}")
+    kxx, kyy, kxy = _cubic_kernel(x, x), _cubic_kernel(y, y), _cubic_kernel(x, y)
+    rx, ry = kxx.sum(1) - np.diag(kxx), kyy.sum(1) - np.diag(kyy)  # off-diagonal row sums
+    sxx, syy, sxy = rx.sum(), ry.sum(), kxy.sum()
+
+    def mmd(sxx, syy, sxy, n, m):
+        return sxx / (n * (n - 1)) + syy / (m * (m - 1)) - 2 * sxy / (n * m)
+
+    drop_x = mmd(sxx - 2 * rx, syy, sxy - kxy.sum(1), n - 1, m)  # (N,) without sample i
+    drop_y = mmd(sxx, syy - 2 * ry, sxy - kxy.sum(0), n, m - 1)  # (M,) without reference j
+    var = (n - 1) / n * ((drop_x - drop_x.mean()) ** 2).sum() + (m - 1) / m * ((drop_y - drop_y.mean()) ** 2).sum()
+    return float(mmd(sxx, syy, sxy, n, m)), float(np.sqrt(var))

@@ -43,7 +43,7 @@ from . import digits_classifier
 from .cli import UserError
 from .data import IMAGE_EXTENSIONS
 from .feature_cache import FeatureCache
-from .fid import FIDStatistics, bootstrap_fid, frechet_distance
+from .fid import FIDStatistics, bootstrap_fid, frechet_distance, kid_with_se
 
 logger = logging.getLogger(__name__)
 
@@ -445,7 +445,7 @@ def choose_extractor(name: Optional[str], *inputs: MetricInput) -> Optional[str]
     statistics, else Inception."""
     if name:
         return name
-    if any(i.source == digits_classifier.DATASET_NAME for i in inputs):
+    if any(i.source in digits_classifier.SPLITS.values() for i in inputs):
         return digits_classifier.EXTRACTOR_NAME
     tags = {i.stats.extractor for i in inputs if i.stats is not None and i.stats.tagged}
     if len(tags) == 1:
@@ -596,11 +596,14 @@ def compute_metrics(
     accepted forms). The extractor is `feature_extractor` ("inception", "digits", a torch-fidelity name),
     else chosen from the inputs (choose_extractor). cache_root: torch-fidelity's feature / statistics cache
     of the reference (default $UVIC_CACHE_DIR/fidelity_cache; False: off). Samples and reference of different
-    sizes are refused unless allow_resize (see check_resolution). bootstrap > 0: also a percentile bootstrap
-    interval of the FID over the samples ("fid_low", "fid_high"; that many resamples, seeded by bootstrap_seed).
+    sizes are refused unless allow_resize (see check_resolution). bootstrap > 0: also a basic bootstrap
+    interval of the FID over the samples and the reference images ("fid_low", "fid_high"; that many resamples,
+    seeded by bootstrap_seed; "bootstrap_ref" False when the reference is a statistics file, samples only).
 
-    Returns {"fid", "isc_mean", "isc_std", "kid_mean", "kid_std", "precision", "recall", "f_score"} (the
-    metrics asked for) plus "extractor", "num_samples", "num_ref".
+    Returns {"fid", "isc_mean", "isc_std", "kid_mean", "kid_std", "kid", "kid_se", "precision", "recall",
+    "f_score"} (the metrics asked for) plus "extractor", "num_samples", "num_ref". kid_mean ± kid_std:
+    torch-fidelity's mean and spread over subsets; kid ± kid_se: all samples against all reference images
+    (each capped at 5,000) with a jackknife standard error (uvic.fid.kid_with_se).
     """
     if not (fid or kid or isc or prc):
         raise ValueError("no metric asked for: set at least one of fid, kid, isc, prc")
@@ -625,7 +628,8 @@ def compute_metrics(
                    isc_splits=ISC_SPLITS)
     need_features = kid or isc or prc or bootstrap
     feats_s = tf.features(samples_in) if samples_in.images is not None and need_features else None
-    feats_r = tf.features(ref_in) if (kid or prc) else None
+    # the bootstrap resamples the reference too when its images are at hand (a statistics file: samples only)
+    feats_r = tf.features(ref_in) if (kid or prc or (bootstrap and ref_in.images is not None)) else None
 
     out: dict = {}
     if fid:
@@ -633,15 +637,18 @@ def compute_metrics(
         stats_r = ref_in.stats if ref_in.stats is not None else tf.statistics(ref_in, feats_r)
         out["fid"] = frechet_distance(stats_s.mu, stats_s.sigma, stats_r.mu, stats_r.sigma)
         if bootstrap:
-            iv = bootstrap_fid(feats_s[extractor.layer("fid")].numpy(), stats_r, resamples=bootstrap,
-                               seed=bootstrap_seed)
-            out.update(fid_low=iv.low, fid_high=iv.high)
+            layer = extractor.layer("fid")
+            iv = bootstrap_fid(feats_s[layer].numpy(), stats_r, resamples=bootstrap, seed=bootstrap_seed,
+                               ref_features=None if feats_r is None else feats_r[layer].numpy())
+            out.update(fid_low=iv.low, fid_high=iv.high, bootstrap_ref=feats_r is not None)
     if isc:
         r = fidelity("metric_isc", "isc_featuresdict_to_metric")(feats_s, extractor.layer("isc"), **tf.kwargs)
         out.update(isc_mean=r["inception_score_mean"], isc_std=r["inception_score_std"])
     if kid:
         r = fidelity("metric_kid", "kid_featuresdict_to_metric")(feats_s, feats_r, extractor.layer("kid"), **tf.kwargs)
         out.update(kid_mean=r["kernel_inception_distance_mean"], kid_std=r["kernel_inception_distance_std"])
+        layer = extractor.layer("kid")
+        out["kid"], out["kid_se"] = kid_with_se(feats_s[layer].numpy(), feats_r[layer].numpy())
     if prc:
         # save_cpu_ram: distances in blocks, never the full (N, N) matrices (10 GB for 50K vs 50K)
         out.update(fidelity("metric_prc", "prc_featuresdict_to_metric")(feats_s, feats_r, extractor.layer("prc"),

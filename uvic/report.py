@@ -24,14 +24,15 @@ import numpy as np
 from . import loading, metrics, stats
 from .attention import MECHANISMS
 from .config import TrainConfig, load_config
-from .runs import CONFIG, RunDir
+from .runs import CONFIG, PROVENANCE, RunDir
 
 CSV_COLUMNS = (
     "date", "samples", "model", "attention", "params", "step", "sampler", "steps", "guidance", "seed",
     "num_samples", "ref", "num_ref", "extractor", "fid", "isc_mean", "isc_std", "kid_mean", "kid_std",
-    "precision", "recall", "clip_score", "train_seed", "fid_low", "fid_high",
+    "precision", "recall", "clip_score", "train_seed", "fid_low", "fid_high", "kid", "kid_se", "code",
 )  # fmt: skip
 DEFAULT_CSV = "runs/eval_fid.csv"
+LOOKS_LOG = "looks.jsonl"  # in a report folder: one line per look at a comparison (uvic.report.record_looks)
 MAX_DEFAULT_SAMPLES = 50_000
 
 
@@ -209,7 +210,7 @@ def _config_key(config: dict, checkpoint, drop: Sequence[str]) -> str:
 def _group_name(names: List[str]) -> str:
     """The members' common name prefix, less a trailing "_seed" / "_s" / "__seed=" ("digits_uvic_s0",
     "digits_uvic_s1" -> "digits_uvic"; sweep folders "digits_uvic__seed=0", ... -> "digits_uvic")."""
-    prefix = re.sub(r"[_\-.]*((seed|s)=?)?$", "", os.path.commonprefix(names))
+    prefix = re.sub(r"[_\-.]*((seed|s)=?\d*)?$", "", os.path.commonprefix(names))  # seeds 100, 101: "seed=1"
     return prefix if len(names) > 1 and prefix else names[0]
 
 
@@ -229,9 +230,136 @@ def group_by_seed(rows: List[dict], configs: List[Optional[dict]], checkpoints: 
         if len(set(seeds)) != len(seeds):
             names = ", ".join(rows[i]["model"] for i in members)
             raise ValueError(f"runs {names} have the same config and the same train.seed: the same run twice?")
-        out.append(SeedGroup(_group_name([rows[i]["model"] for i in members]), rows[first]["attention"],
-                             [rows[i] for i in members], pair_key))
+        name, ck = _group_name([rows[i]["model"] for i in members]), checkpoints[first]
+        if ck is not None and not name.endswith(f"@{ck}"):  # seeds at one checkpoint: the step stays in the name
+            name += f"@{ck}"
+        out.append(SeedGroup(name, rows[first]["attention"], [rows[i] for i in members], pair_key))
     return out
+
+
+# ---------------------------------------------------------------------- provenance: the code behind each run
+def run_code(spec: RunSpec) -> Optional[str]:
+    """The code a run trained with, from its provenance.json (uvic.runs.record_provenance): the sha256 prefix of
+    the uvic sources, several joined by "+" when it was resumed with other code; None when not recorded."""
+    path = spec.run.path / PROVENANCE if spec.run is not None else None
+    if path is None or not path.is_file():
+        return None
+    hashes = []
+    for entry in json.loads(path.read_text()):
+        if entry.get("source_sha256", "")[:12] not in hashes:
+            hashes.append(entry.get("source_sha256", "")[:12])
+    return "+".join(hashes) or None
+
+
+def check_code(rows: List[dict], allow_mixed_code: bool = False) -> List[str]:
+    """Runs of different code are not compared unless allowed (a batch effect would pass for an effect of the
+    model): raises ValueError naming them; returns the report's lines about the code of its runs."""
+    codes: Dict[str, List[str]] = {}
+    for r in rows:
+        codes.setdefault(r.get("code") or "not recorded", []).append(r["model"])
+    known = [c for c in codes if c != "not recorded"]
+    listing = "; ".join(f"{code}: {', '.join(models)}" for code, models in codes.items())
+    if len(known) > 1 or any("+" in c for c in known):
+        if not allow_mixed_code:
+            raise ValueError(f"the runs ran different code (uvic source sha256 by run: {listing}); compare runs of "
+                             "one code version, or pass --allow-mixed-code to group them anyway (the report says so)")
+        return [f"**Runs of different code grouped (--allow-mixed-code):** {listing}. A difference between code "
+                "versions can pass for a difference between models.", ""]
+    if "not recorded" in codes:
+        return [f"Code (uvic source sha256, from each run's provenance.json): {listing}; runs without "
+                "provenance.json predate the record and cannot be checked.", ""]
+    return [f"Code: every run trained with uvic source sha256 {known[0]} (provenance.json).", ""]
+
+
+# ---------------------------------------------------------------------- looks: every comparison over growing seeds
+def parse_plan(text: Optional[str]) -> Optional[dict]:
+    """--plan SPENDING:MAX_PAIRS (e.g. obrien-fleming:24) -> {"spending", "max_pairs", "alpha"}."""
+    if not text:
+        return None
+    spending, _, max_pairs = str(text).partition(":")
+    if spending not in stats.SPENDING or not max_pairs.isdigit() or int(max_pairs) < 2:
+        raise ValueError(f"--plan {text!r} is not valid; use SPENDING:MAX_PAIRS with SPENDING one of "
+                         f"{', '.join(stats.SPENDING)} and MAX_PAIRS >= 2 (e.g. obrien-fleming:24)")
+    return {"spending": spending, "max_pairs": int(max_pairs), "alpha": round(1 - stats.CONFIDENCE, 10)}
+
+
+def record_looks(out_dir, pairs: List[tuple], plan: Optional[dict] = None) -> Dict[str, List[dict]]:
+    """Append a look to out_dir/looks.jsonl for each comparison whose paired seeds differ from its last look
+    (a rerun on the same seeds is no new look), and return every comparison's looks. The plan recorded with a
+    comparison's first look is the one its boundaries use."""
+    path = Path(out_dir) / LOOKS_LOG
+    old = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    new = []
+    for cog, soft, cmp in pairs:
+        name = f"{cog.name} vs {soft.name}"
+        mine = [e for e in old if e["comparison"] == name]
+        seeds = [str(s) for s in cmp.seeds]
+        if not mine or mine[-1]["seeds"] != seeds:
+            new.append({"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                        "comparison": name, "seeds": seeds, "n": len(seeds), "difference": cmp.interval.mean,
+                        "p": cmp.p_value, "plan": plan})
+    if new:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.writelines(json.dumps(e) + "\n" for e in new)
+    looks: Dict[str, List[dict]] = {}
+    for e in old + new:
+        looks.setdefault(e["comparison"], []).append(e)
+    return {f"{c.name} vs {s.name}": looks[f"{c.name} vs {s.name}"] for c, s, _ in pairs}
+
+
+def sequential_lines(looks: Dict[str, List[dict]]) -> List[str]:
+    """For each comparison looked at more than once: the alpha-spending boundary of every look (the plan
+    recorded with its first look; none recorded: Pocock type, the latest look taken as the last) and whether
+    a look crossed it."""
+    lines = []
+    for name, entries in looks.items():
+        if len(entries) < 2:
+            continue
+        ns = [e["n"] for e in entries]
+        lines += [f"**Sequential looks: {name}** ({len(entries)} looks in {LOOKS_LOG}).", ""]
+        if any(b <= a for a, b in zip(ns, ns[1:])):
+            lines += [f"The paired seeds do not grow from look to look ({ns}): no boundary applies; read the "
+                      "latest look alone, nominal p.", ""]
+            continue
+        plan = entries[0].get("plan")
+        if plan:
+            total, spending, alpha = max(plan["max_pairs"], ns[-1]), plan["spending"], plan["alpha"]
+            lines.append(f"Plan recorded with the first look: Lan-DeMets {spending}-type alpha spending, "
+                         f"{alpha:g} two-sided over at most {plan['max_pairs']} paired seeds.")
+        else:
+            total, spending, alpha = ns[-1], "pocock", 1 - stats.CONFIDENCE
+            lines.append("No plan was recorded with the first look (--plan): Pocock-type alpha spending over the "
+                         "looks so far, the latest taken as the last. Chosen after the fact, this is a guide, not "
+                         "the guarantee a plan stated up front gives.")
+        bounds = stats.sequential_boundaries([n / total for n in ns], alpha, spending)
+        lines += ["", "| look | date | paired seeds | t-test p | boundary p | crossed |", "|---|---|---|---|---|---|"]
+        crossed = None
+        for k, (e, z) in enumerate(zip(entries, bounds), 1):
+            hit = e["p"] is not None and e["p"] <= stats.nominal_p(z)
+            crossed = crossed or (k if hit else None)
+            lines.append(f"| {k} | {e['date']} | {e['n']} | {_fmt(e['p'], '.3g')} | {stats.nominal_p(z):.3g} | "
+                         f"{'yes' if hit else 'no'} |")
+        lines += ["", f"Boundary crossed at look {crossed}: the difference holds at the overall {alpha:g} level."
+                  if crossed else f"No look crossed its boundary: no difference established at the overall "
+                                  f"{alpha:g} level.", ""]
+    return lines
+
+
+def learning_curve_lines(pairs: List[tuple]) -> List[str]:
+    """With paired comparisons at several checkpoints: U-ViC and U-ViT mean FID and their difference by step."""
+    steps = {cog.rows[0].get("step") for cog, _, _ in pairs}
+    if len(steps - {None}) < 2:
+        return []
+    lines = ["## Learning curves", "", "Mean FID over seeds ± its 95% t-interval at each checkpoint, and the "
+             "paired difference (plot: curves.png, bands = the t-intervals).", "",
+             "| step | U-ViC | U-ViT | paired seeds | U-ViC mean | U-ViT mean | difference | t p |",
+             "|---|---|---|---|---|---|---|---|"]
+    for cog, soft, cmp in sorted(pairs, key=lambda p: (p[0].rows[0].get("step") or 0, p[0].name)):
+        lines.append(f"| {_fmt(cog.rows[0].get('step'), ',d')} | {cog.name} | {soft.name} | {len(cmp.seeds)} | "
+                     f"{cog.interval.format()} | {soft.interval.format()} | {cmp.interval.format('+.3f')} | "
+                     f"{_fmt(cmp.p_value, '.3g')} |")
+    return lines + [""]
 
 
 def paired_comparisons(groups: List[SeedGroup]) -> List[tuple]:
@@ -300,7 +428,9 @@ def format_result(result: dict) -> str:
     if "isc_mean" in result:
         lines.append(f"IS         {result['isc_mean']:.4f} ± {result['isc_std']:.4f}")
     if "kid_mean" in result:
-        lines.append(f"KID        {result['kid_mean']:.6f} ± {result['kid_std']:.6f}")
+        lines.append(f"KID        {result['kid_mean']:.6f} ± {result['kid_std']:.6f} (spread over subsets)")
+    if "kid" in result:
+        lines.append(f"KID        {result['kid']:.6f} ± {result['kid_se']:.6f} (all vs all, standard error)")
     if "precision" in result:
         lines.append(f"precision  {result['precision']:.4f}")
         lines.append(f"recall     {result['recall']:.4f}")
@@ -315,15 +445,17 @@ def features_note(extractor: str) -> str:
                 "IS on its logits, KID on the 2048-d features")
     if extractor == metrics.digits_classifier.EXTRACTOR_NAME:
         _, meta = metrics.digits_classifier.load_digits_cnn()
-        return (f"the 64-d features of uvic's digits classifier (held-out accuracy {float(meta['test_accuracy']):.1%} "
+        return (f"the 64-d features (penultimate layer before its ReLU, every unit live) of uvic's digits classifier "
+                f"(held-out accuracy {float(meta['test_accuracy']):.1%} "
                 f"on {meta['test_size']} digits), so \"FID\" is a Fréchet distance in that space and IS its "
                 "10-class analogue: comparable between these runs, not with Inception FIDs")
     return f"torch-fidelity extractor {extractor}"
 
 
 def statistics_lines(groups: List[SeedGroup], settings: dict) -> List[str]:
-    """The report's statistics: per group mean ± t-interval over seeds, the paired U-ViC − U-ViT comparison,
-    and the verdict the intervals support."""
+    """The report's statistics: per group mean ± t-interval over seeds, the paired U-ViC − U-ViT comparisons with
+    their tests, the multiplicity adjustments, equivalence (with a margin), the sequential looks and the
+    learning curves, and the verdict the intervals support."""
     conf = f"{stats.CONFIDENCE:.0%}"
     boot = settings.get("bootstrap") or 0
     lines = [
@@ -332,11 +464,13 @@ def statistics_lines(groups: List[SeedGroup], settings: dict) -> List[str]:
         f"Runs whose config.yaml differ only in train.seed form a group. Per group: mean FID over its seeds ± the "
         f"half-width of the {conf} t-interval (t · s / √n, n − 1 degrees of freedom); a group of one seed is "
         f"reported as that one seed, without an interval. "
-        + (f"Per run (table above): the {conf} percentile bootstrap interval of its FID over its "
-           f"{settings['num_samples']} samples ({boot} resamples of the sample features with replacement, "
-           f"seed {settings.get('bootstrap_seed', 0)}; the reference fixed): the spread from the finite sample "
-           "set alone, not from training. Resampling repeats samples, which raises FID, so this interval can lie "
-           "above the FID itself: read its width." if boot else "No bootstrap over samples (--bootstrap 0)."),
+        + (f"Per run (table above): the {conf} basic bootstrap interval of its FID ({boot} resamples, seed "
+           f"{settings.get('bootstrap_seed', 0)}; the sample features and the reference features each resampled "
+           "with replacement, a reference given as statistics kept fixed): the spread from the finite sample "
+           "and reference sets alone, not from training. Resampling repeats images, which raises FID; the basic "
+           "interval (2·FID − the resampled quantiles) reflects that shift instead of copying it, and where the "
+           "shift is larger than the spread (near the real-vs-real floor) it can fall below the FID: read its "
+           "width." if boot else "No bootstrap over samples (--bootstrap 0)."),
         "",
         f"| group | attention | seeds | samples per run | FID mean ± {conf} t-interval | FID by seed |",
         "|---|---|---|---|---|---|",
@@ -351,26 +485,70 @@ def statistics_lines(groups: List[SeedGroup], settings: dict) -> List[str]:
         lines += ["No U-ViC group has a U-ViT partner (configs that differ only in model.attention_type, with a "
                   "train.seed in common): no paired comparison, no verdict.", ""]
         return lines
-    lines += [
+    lines += comparison_lines(pairs)
+    lines += multiple_comparison_lines(pairs) + dunnett_lines(pairs)
+    if settings.get("margin"):
+        lines += equivalence_lines(pairs, settings["margin"])
+    lines += sequential_lines(settings.get("looks") or {})
+    lines += learning_curve_lines(pairs) + failure_lines(groups, settings.get("fail_above"))
+    return lines
+
+
+def comparison_lines(pairs: List[tuple]) -> List[str]:
+    """The paired table: difference with its t-interval, the t, exact sign-flip and Wilcoxon p, d_z with its
+    interval, the ratio on log FID, Holm's adjusted p over the report's comparisons, and the verdict."""
+    conf = f"{stats.CONFIDENCE:.0%}"
+    holm = stats.holm([cmp.p_value for _, _, cmp in pairs])
+    lines = [
         f"Difference = FID(U-ViC) − FID(U-ViT) for the same train.seed, with its {conf} t-interval over the "
-        "paired seeds. FID is lower-is-better: a negative difference favours U-ViC, a positive one U-ViT.",
+        "paired seeds. FID is lower-is-better: a negative difference favours U-ViC, a positive one U-ViT. Tests of "
+        "a zero difference, two-sided: the paired t-test, the sign-flip permutation test (exact: all 2^n sign "
+        f"patterns up to n = {stats.EXACT_SIGN_FLIP_MAX}, else {stats.SIGN_FLIP_DRAWS:,} seeded draws) and the "
+        "Wilcoxon signed-rank test (exact for small n), which do not assume normal differences. d_z = mean / SD "
+        f"of the differences ({conf} interval from the noncentral t). Ratio: FID(U-ViC) / FID(U-ViT) as the "
+        f"geometric mean over seeds ({conf} t-interval of log FID differences). Holm: the t-test p adjusted "
+        f"step-down over the {len(pairs)} comparison{'s' if len(pairs) > 1 else ''} of this report.",
         "",
-        f"| U-ViC | U-ViT | paired seeds | difference U-ViC − U-ViT ± {conf} t-interval | interval | verdict |",
-        "|---|---|---|---|---|---|",
+        f"| U-ViC | U-ViT | paired seeds | difference U-ViC − U-ViT ± {conf} t-interval | interval | t p | "
+        "sign-flip p | Wilcoxon p | d_z [interval] | ratio [interval] | Holm p | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    for (cog, soft, cmp), p_holm in zip(pairs, holm):
+        iv, dz = cmp.interval, cmp.dz
+        flip, exact = cmp.sign_flip
+        ratio = _ratio(cog, soft)
+        lines.append(
+            f"| {cog.name} | {soft.name} | {len(cmp.seeds)} | {iv.format('+.3f')} | {_bracket(iv)} | "
+            f"{_fmt(cmp.p_value, '.3g')} | {_fmt(flip, '.3g')}{'' if exact else ' (MC)'} | "
+            f"{_fmt(cmp.wilcoxon, '.3g')} | {_fmt(dz.mean, '+.2f')} {_bracket(dz, '+.2f')} | "
+            f"{_fmt(ratio.mean if ratio else None, '.3f')} {_bracket(ratio)} | {_fmt(p_holm, '.3g')} | "
+            f"{cmp.verdict('U-ViC', 'U-ViT')} |")
     for cog, soft, cmp in pairs:
-        iv = cmp.interval
-        where = "–" if iv.low is None else f"[{iv.low:.3f}, {iv.high:.3f}]"
-        lines.append(f"| {cog.name} | {soft.name} | {len(cmp.seeds)} | {iv.format('+.3f')} | {where} | "
-                     f"{cmp.verdict('U-ViC', 'U-ViT')} |")
-    lines += ["", "**Verdict:** " + "; ".join(f"{cog.name} vs {soft.name}: {cmp.verdict('U-ViC', 'U-ViT')}"
-                                              for cog, soft, cmp in pairs) + ".", ""]
-    return lines + multiple_comparison_lines(pairs)
+        note = cmp.unpaired_note(cog.name, soft.name)
+        if note:
+            lines.append(f"\n{cog.name} vs {soft.name}: {note}.")
+    lines += ["", "**Verdict:** " + "; ".join(
+        f"{cog.name} vs {soft.name}: {cmp.verdict('U-ViC', 'U-ViT')}" + (f" (Holm-adjusted p = {p:.3g})" if
+                                                                        len(pairs) > 1 and p is not None else "")
+        for (cog, soft, cmp), p in zip(pairs, holm)) + ".", ""]
+    return lines
+
+
+def _bracket(iv: Optional[stats.Interval], spec: str = ".3f") -> str:
+    return "–" if iv is None or iv.low is None else f"[{iv.low:{spec}}, {iv.high:{spec}}]"
+
+
+def _ratio(cog: SeedGroup, soft: SeedGroup) -> Optional[stats.Interval]:
+    try:
+        return stats.ratio_interval(cog.fid_by_seed, soft.fid_by_seed)
+    except ValueError:  # a zero or negative score (a KID-like metric): no log
+        return None
 
 
 def multiple_comparison_lines(pairs: List[tuple]) -> List[str]:
     """With k > 1 paired comparisons, the chance that some 95% interval excludes 0 by luck grows with k: the
-    Bonferroni reading widens each interval to confidence 1 − 0.05/k and says which verdicts survive."""
+    Bonferroni reading widens each interval to confidence 1 − 0.05/k and says which verdicts survive (Holm's
+    adjusted p, in the table, is the uniformly more powerful step-down version of the same guarantee)."""
     k = len(pairs)
     if k < 2:
         return []
@@ -381,6 +559,56 @@ def multiple_comparison_lines(pairs: List[tuple]) -> List[str]:
         wide = stats.paired_difference(cog.fid_by_seed, soft.fid_by_seed, confidence=level)
         where = "–" if wide.interval.low is None else f"[{wide.interval.low:.3f}, {wide.interval.high:.3f}]"
         lines.append(f"- {cog.name} − {soft.name}: {where}: {wide.verdict('U-ViC', 'U-ViT')}")
+    return lines + [""]
+
+
+def dunnett_lines(pairs: List[tuple]) -> List[str]:
+    """Several U-ViC arms against one U-ViT control (the layer-placement ablation): Dunnett's many-to-one
+    adjusted p over the seeds every arm and the control share, the arms' correlation taken from the data."""
+    by_control: Dict[str, List[tuple]] = {}
+    for cog, soft, cmp in pairs:
+        by_control.setdefault(soft.name, []).append((cog, soft))
+    lines = []
+    for control, members in by_control.items():
+        if len(members) < 2:
+            continue
+        arms = {cog.name: cog.fid_by_seed for cog, _ in members}
+        try:
+            adjusted = stats.dunnett_paired(arms, members[0][1].fid_by_seed)
+        except ValueError as err:
+            lines += [f"**Dunnett ({len(arms)} arms vs {control}):** not computed: {err}.", ""]
+            continue
+        lines += [f"**Dunnett, {len(arms)} U-ViC arms against the one control {control}** (paired by seed, "
+                  "single-step many-to-one adjusted p of each arm − control):", ""]
+        lines += [f"- {name} − {control}: adjusted p = {p:.3g}" for name, p in adjusted.items()] + [""]
+    return lines
+
+
+def equivalence_lines(pairs: List[tuple], margin: float) -> List[str]:
+    """TOST for each comparison: equivalent within ±margin when the 90% interval lies inside it."""
+    lines = [f"**Equivalence within ±{margin:g}** (TOST, two one-sided t-tests at 5%: equivalent when the 90% "
+             "t-interval lies inside the margin; a 95% interval that contains 0 alone is not equivalence):", ""]
+    for cog, soft, cmp in pairs:
+        eq = stats.tost(cmp.differences, margin)
+        verdict = "equivalent" if eq.equivalent else "not shown equivalent (inconclusive unless the interval " \
+                                                     "lies outside the margin)"
+        lines.append(f"- {cog.name} − {soft.name}: 90% interval {_bracket(eq.interval)}, TOST p = "
+                     f"{_fmt(eq.p, '.3g')}: {verdict}")
+    return lines + [""]
+
+
+def failure_lines(groups: List[SeedGroup], fail_above: Optional[float]) -> List[str]:
+    """Failed runs per attention (FID above the stated failure level, or not finite): the rate with its exact
+    (Clopper-Pearson) interval. Runs that crashed never reach the report: the sweep lists them."""
+    if fail_above is None:
+        return []
+    lines = [f"**Failed runs** (FID above {fail_above:g} or not finite, at each group's checkpoint):", ""]
+    for g in groups:
+        failed = [r for r in g.rows if r["fid"] is None or not math.isfinite(r["fid"]) or r["fid"] > fail_above]
+        iv = stats.binomial_interval(len(failed), len(g.rows))
+        seeds = ", ".join(str(r["train_seed"]) for r in failed)
+        lines.append(f"- {g.name}: {len(failed)} of {len(g.rows)} = {iv.mean:.0%}, 95% exact interval "
+                     f"[{iv.low:.0%}, {iv.high:.0%}]" + (f" (seeds {seeds})" if failed else ""))
     return lines + [""]
 
 
@@ -400,8 +628,10 @@ def write_report(rows: List[dict], out_dir, *, settings: dict, command: str,
         header.append("train seed")
     if "isc_mean" in have:
         header.append("IS")
-    if "kid_mean" in have:
-        header.append("KID ×10³")
+    if "kid" in have:
+        header.append("KID ×10³ ± SE")
+    elif "kid_mean" in have:
+        header.append("KID ×10³ (± spread over subsets)")
     if "precision" in have:
         header += ["precision", "recall"]
     if "clip_score" in have:
@@ -415,7 +645,9 @@ def write_report(rows: List[dict], out_dir, *, settings: dict, command: str,
         f"Features: {features_note(rows[0]['extractor'])}.",
     ]
     if "kid_mean" in have:
-        lines[-1] += f" KID: {settings.get('kid_subsets', 100)} subsets of {settings['kid_subset_size']}."
+        lines[-1] += (" KID: the unbiased MMD² of all samples against all reference images (each capped at 5,000), "
+                      "± its jackknife standard error." if "kid" in have else
+                      f" KID: {settings.get('kid_subsets', 100)} subsets of {settings['kid_subset_size']}.")
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [r["model"], attention_label(r["attention"]),
@@ -427,17 +659,20 @@ def write_report(rows: List[dict], out_dir, *, settings: dict, command: str,
         if "isc_mean" in have:
             cells.append(f"{_fmt(r['isc_mean'], '.2f')} ± {_fmt(r['isc_std'], '.2f')}")
         if "kid_mean" in have:
-            kid = None if r["kid_mean"] is None else 1e3 * r["kid_mean"]
-            std = None if r["kid_std"] is None else 1e3 * r["kid_std"]
-            cells.append(f"{_fmt(kid, '.2f')} ± {_fmt(std, '.2f')}")
+            kid, spread = ("kid", "kid_se") if "kid" in have else ("kid_mean", "kid_std")
+            kid, spread = (None if r[k] is None else 1e3 * r[k] for k in (kid, spread))
+            cells.append(f"{_fmt(kid, '.2f')} ± {_fmt(spread, '.2f')}")
         if "precision" in have:
             cells += [_fmt(r["precision"]), _fmt(r["recall"])]
         if "clip_score" in have:
             cells.append(_fmt(r["clip_score"], ".2f"))
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     lines.append("")
+    lines += settings.get("code_lines") or []
     if groups:
         lines += statistics_lines(groups, settings)
+        if plot_curves(groups, out_dir / "curves.png") is not None:
+            lines += ["![learning curves](curves.png)", ""]
     lines += [f"![FID]({paths['png'].name})", "", "Made with:", "", f"    {command}",
               "", f"{rows[0]['date']}; rows also in {paths['csv'].name}.", ""]
     paths["md"].write_text("\n".join(lines))
@@ -505,11 +740,48 @@ def plot_fid(rows: List[dict], path, ylabel: str = "FID", groups: Optional[List[
     return Path(path)
 
 
+def plot_curves(groups: List[SeedGroup], path) -> Optional[Path]:
+    """FID against training step per seed-group family (the groups of one config at several checkpoints):
+    the mean over seeds with its 95% t-interval as a band. None (no file) with fewer than 2 steps."""
+    families: Dict[tuple, List[SeedGroup]] = {}
+    for g in groups:
+        if g.rows[0].get("step") is not None:
+            families.setdefault((g.name.split("@")[0], g.attention), []).append(g)
+    if not any(len({g.rows[0]["step"] for g in gs}) > 1 for gs in families.values()):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.8), dpi=120)
+    colors = {"cog": "tab:red", "softmax": "tab:blue"}
+    for (name, attention), gs in families.items():
+        gs = sorted(gs, key=lambda g: g.rows[0]["step"])
+        x = [g.rows[0]["step"] for g in gs]
+        ivs = [g.interval for g in gs]
+        line, = ax.plot(x, [iv.mean for iv in ivs], marker="o", color=colors.get(attention),
+                        label=f"{name} (n = {max(iv.n for iv in ivs)})")
+        have = [(xi, iv) for xi, iv in zip(x, ivs) if iv.low is not None]
+        if have:
+            ax.fill_between([xi for xi, _ in have], [iv.low for _, iv in have], [iv.high for _, iv in have],
+                            color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("FID (lower is better)")
+    ax.set_title("mean over seeds, band: 95% t-interval")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
 def compare(runs: Sequence[str], *, ref: str, out_dir, num_samples: int, scheduler: str = "dpm++2m",
             steps: int = 50, guidance: float = 1.0, seed: int = 0, batch_size: int = 64, device=None,
             checkpoints: Optional[Sequence[str]] = None, isc: bool = True, kid: bool = True, prc: bool = False,
             kid_subset_size: int = metrics.KID_SUBSET_SIZE, bootstrap: int = 200, command: str = "",
-            progress: bool = True, samples_dir=None, prompts=None, clip=None, timestep_spacing=None,
+            progress: bool = True, samples_dir=None, prompts=None, clip=None, timestep_spacing=None, margin: Optional[float] = None,
+            plan: Optional[str] = None, allow_mixed_code: bool = False, fail_above: Optional[float] = None,
             **metric_kwargs) -> dict:
     """Sample every run alike into samples_dir (default out_dir/samples), score each against `ref` (with a
     bootstrap interval over samples from `bootstrap` resamples; 0: none), group runs that differ only by
@@ -519,7 +791,15 @@ def compare(runs: Sequence[str], *, ref: str, out_dir, num_samples: int, schedul
     reference that holds only statistics. Returns the report's paths, the rows and the seed groups.
     Text-to-image runs: `prompts` (sample i from prompts[i], the same for every model) and `clip` (a CLIP
     model folder: the CLIP score of each set against its prompts, uvic.clip_score).
+
+    Inference: margin (TOST equivalence within ±margin), plan ("SPENDING:MAX_PAIRS", recorded with a
+    comparison's first look in out_dir/looks.jsonl: the alpha-spending plan of later looks), fail_above (a run
+    with a higher FID counts as failed). Runs whose provenance.json names other code are refused before any
+    sampling unless allow_mixed_code.
     """
+    plan_dict = parse_plan(plan)  # bad input: before any sampling
+    if margin is not None and not margin > 0:
+        raise ValueError(f"--margin must be positive, got {margin}")
     specs = [s for text in runs for s in parse_run_specs(text, checkpoints)]
     labels = [s.label for s in specs]
     if len(set(labels)) != len(labels):
@@ -529,6 +809,7 @@ def compare(runs: Sequence[str], *, ref: str, out_dir, num_samples: int, schedul
     if bootstrap == 1 or bootstrap < 0:
         raise ValueError(f"--bootstrap must be 0 (off) or at least 2 resamples, got {bootstrap}")
     configs = [run_config(s) for s in specs]
+    code_lines = check_code([{"model": s.label, "code": run_code(s)} for s in specs], allow_mixed_code)
     if clip is not None and prompts is None:
         raise ValueError("--clip scores samples against their prompts: give --prompts FILE")
     clip_model = None
@@ -560,13 +841,16 @@ def compare(runs: Sequence[str], *, ref: str, out_dir, num_samples: int, schedul
         print(f"{spec.label}: " + format_result(result).replace("\n", "; "), file=sys.stderr)
         train_seed = None if config is None else config.get("train", {}).get("seed", TrainConfig.seed)
         rows.append(make_row(result, samples=str(npz), ref=str(ref), manifest=metrics.read_manifest(Path(npz)),
-                             train_seed=train_seed, **info))
+                             train_seed=train_seed, code=run_code(spec), **info))
     groups = group_by_seed(rows, configs, [s.checkpoint for s in specs])
     settings = dict(num_samples=num_samples, scheduler=scheduler, steps=steps, guidance=guidance, seed=seed,
                     **({"timestep_spacing": timestep_spacing} if timestep_spacing else {}),
-                    ref=ref, kid_subset_size=kid_subset_size, bootstrap=bootstrap, bootstrap_seed=seed)
+                    ref=ref, kid_subset_size=kid_subset_size, bootstrap=bootstrap, bootstrap_seed=seed, margin=margin,
+                    fail_above=fail_above, code_lines=code_lines,
+                    looks=record_looks(out_dir, paired_comparisons(groups), plan_dict))
     command = command or (f"python eval_fid.py compare {' '.join(map(str, runs))} --ref {ref} --num-samples "
                           f"{num_samples} --scheduler {scheduler} --steps {steps} --guidance {guidance:g} --seed {seed} "
-                          f"--bootstrap {bootstrap}")
+                          f"--bootstrap {bootstrap}" + (f" --plan {plan}" if plan else "")
+                          + (f" --margin {margin:g}" if margin else ""))
     paths = write_report(rows, out_dir, settings=settings, command=command, groups=groups)
     return {**paths, "rows": rows, "groups": groups}

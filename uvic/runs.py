@@ -6,7 +6,7 @@
 
 Layout (written by uvic.trainer):
 
-    config.yaml  checkpoints/step_XXXXXXX/{accelerate state, train_state.json, model/, ema_model/, scheduler/,
+    config.yaml  provenance.json  checkpoints/step_XXXXXXX/{accelerate state, train_state.json, model/, ema_model/, scheduler/,
                                            manifest.json}
     samples/step_XXXXXXX.png  logs/ (TensorBoard)  metrics.csv  final/ (UViCPipeline, EMA weights)
 
@@ -39,6 +39,7 @@ MANIFEST = "manifest.json"  # a checkpoint's last file: {"files": {relative path
 TRAIN_STATE = "train_state.json"  # a checkpoint's counters (uvic.trainer.TrainState), JSON
 LEGACY_STATES = ("custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl")  # pre-manifest checkpoints: EMA, step
 RUN_MARKER = ".uvic-run"  # written when uvic makes a run folder: --overwrite deletes only in such folders
+PROVENANCE = "provenance.json"  # the code of each start of the run: [{commit, source_sha256, packages, ...}]
 RUN_ARTIFACTS = (CHECKPOINTS, "samples", "logs", FINAL, "metrics.csv")  # what --overwrite deletes
 LOCK = ".uvic.lock"  # held by the one trainer writing the folder (RunLock)
 _STEP_RE = re.compile(r"^step_(\d+)$")
@@ -51,6 +52,45 @@ class CheckpointError(ValueError):
 
 class DiskFullError(ValueError):
     """No space left where a run writes (an expected error: the message says where and what to do)."""
+
+
+def record_provenance(run_path, new_run: bool = False) -> Path:
+    """Append the code this start of a run uses to <run>/provenance.json: the git commit of the checkout holding
+    uvic (None outside one) and whether uvic/ differs from it, the sha256 of uvic's *.py sources (what was run,
+    committed or not) and the versions of the packages behind the numbers. A start with the code of the last
+    entry adds nothing, so a run resumed with other code lists both (uvic.report refuses to group it);
+    new_run (a start from scratch, not a resume) begins the list anew."""
+    import datetime
+    import subprocess
+    from importlib import metadata
+
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for source in sorted(package.rglob("*.py")):
+        digest.update(source.relative_to(package).as_posix().encode() + b"\0" + source.read_bytes() + b"\0")
+
+    def git(*args) -> Optional[str]:
+        try:
+            done = subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    versions = {}
+    for name in ("uvic", "torch", "diffusers", "accelerate", "torch-fidelity", "numpy", "scipy", "scikit-learn"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    commit = git("rev-parse", "HEAD")
+    entry = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit,
+             "uvic_modified": None if commit is None else bool(git("status", "--porcelain", "--", ".")),
+             "source_sha256": digest.hexdigest(), "packages": versions}
+    path = Path(run_path) / PROVENANCE
+    entries = json.loads(path.read_text()) if path.is_file() and not new_run else []
+    if not entries or entries[-1]["source_sha256"] != entry["source_sha256"]:
+        atomic_write(path, lambda f: f.write(json.dumps(entries + [entry], indent=2).encode()))
+    return path
 
 
 def checkpoint_name(step: int) -> str:

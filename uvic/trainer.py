@@ -54,6 +54,7 @@ from .data import resolve_data_config
 from .diffusion import build_scheduler, diffusion_loss, drop_labels
 from .model import UViT
 from .pipeline import UViCPipeline, make_scheduler, save_grid
+from .runs import record_provenance
 from .runs import (CONFIG, MANIFEST, TRAIN_STATE, CheckpointError, DiskFullError, RunDir, RunLock, atomic_write,
                    checkpoint_name, disk_full_message, free_space, manifest_size, write_manifest)
 
@@ -323,6 +324,7 @@ class Trainer:
                 self.run.remove_temporaries(log=accelerator.print)
                 save_config(cfg, self.out / CONFIG)
                 self.run.mark()
+                record_provenance(self.out, new_run=self.resume_from is None)  # the code behind the numbers
         accelerator.wait_for_everyone()
         self.summary = run_summary(self)  # printed once and kept in the run folder (run_summary.txt)
         accelerator.print("\n".join(self.summary))
