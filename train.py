@@ -4,7 +4,7 @@
     python train.py --config configs/cifar10_uvic_s2.yaml [key=value ...] [--output-dir DIR] [--resume latest]
 """
 
-from uvic.cli import train
+from uvic.trainer import train
 
 if __name__ == "__main__":
     train()  # bad input: one `error:` line, exit 2 (--debug or UVIC_DEBUG=1: the traceback)

@@ -245,7 +245,7 @@ def test_interpreted_trainer_checks_the_kernels_before_step_0(interpreted_auto, 
     said = capsys.readouterr().out
     line = "Cog attention 2 heads x 16 in float32 on cpu (backend 'auto'): triton for training, triton for inference"
     assert line in said, said
-    assert said.index(line) < said.index("train")  # before the first step
+    assert said.index("***** Running training *****") < said.index(line)  # at start-up, with the summary
     assert attention._SELF_CHECKS == {("cpu", torch.float32, 16): None}
 
 

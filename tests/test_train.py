@@ -324,7 +324,7 @@ def test_a_bad_init_from_fails_at_config_load(tmp_path, capsys):
         tiny(f"train.init_from={tmp_path}")
     with pytest.raises(ValueError, match=r"train.init_reset: unknown part\(s\) \['labels'\]; choose from label_emb, head"):
         tiny(f"train.init_from={tmp_path / 'nnet_ema.pth'}", "train.init_reset=[labels]")
-    from uvic.cli import train as train_py
+    from uvic.trainer import train as train_py
 
     with pytest.raises(SystemExit) as exit_:  # train.py: one line, before any run folder exists
         train_py([f"--output-dir={tmp_path / 'run'}", *TINY, f"train.init_from={tmp_path / 'missing'}"])

@@ -68,6 +68,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .kernels import tf32_allowed
+
 ATTENTION_BACKENDS = ("auto", "math", "lean", "chunked", "triton")
 
 
@@ -209,16 +211,6 @@ def triton_self_check(device: torch.device, dtype: torch.dtype, head_dim: int) -
                           f"({problem}); using the PyTorch backends instead (set UVIC_COG_BACKEND to force one)")
         _SELF_CHECKS[key] = problem
     return _SELF_CHECKS[key]
-
-
-def tf32_allowed() -> bool:
-    """Whether torch lets float32 CUDA matmuls use TF32: torch.backends.cuda.matmul.allow_tf32 = True,
-    torch.set_float32_matmul_precision("high"), torch.backends.cuda.matmul.fp32_precision = "tf32", or
-    TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1. Float32 Cog attention follows it (README, GPU section)."""
-    try:
-        return bool(torch.backends.cuda.matmul.allow_tf32)
-    except RuntimeError:  # torch refuses the legacy read once the legacy and new APIs were mixed
-        return torch.backends.cuda.matmul.fp32_precision == "tf32"
 
 
 @torch.compiler.assume_constant_result  # decided eagerly while torch.compile traces: no graph break

@@ -34,7 +34,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 
 from .latents import STORAGE_DTYPES, LatentDataset, extract_latents, read_captions, shards_for_process
-from .runs import atomic_write
+from .files import atomic_write
 from .text import CLIP_TEXT_ENCODER, MAX_LENGTH, empty_context, encode_prompts, load_text_encoder
 
 CAPTIONS_META = "captions.json"

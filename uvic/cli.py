@@ -149,10 +149,3 @@ def progress_bars(enabled: bool):
 def add_debug_option(parser) -> None:
     """List --debug in a parser's help (run_main removes it from argv before parsing)."""
     parser.add_argument(DEBUG_FLAG, action="store_true", help=DEBUG_HELP)
-
-
-def train(argv: Optional[Sequence[str]] = None):
-    """train.py: uvic.trainer.main under the common error style."""
-    from .trainer import main
-
-    return run_main(main, argv, prog="train.py")

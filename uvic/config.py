@@ -27,7 +27,6 @@ DATASETS = ("digits", "cifar10", "imagefolder", "latents")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "linear", "cosine")  # after the linear warm-up
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
-SCHEDULES = ("discrete", "vp_continuous")  # see uvic.diffusion
 
 
 @dataclass
@@ -59,7 +58,7 @@ class ModelConfig:
 class DiffusionConfig:
     """The noise schedule (uvic.diffusion: a diffusers DDPMScheduler, or U-ViT's continuous VP-SDE) and the loss."""
 
-    schedule: str = "discrete"  # one of SCHEDULES; vp_continuous: U-ViT's VP-SDE, model time 999·t
+    schedule: str = "discrete"  # one of uvic.diffusion.SCHEDULES; vp_continuous: U-ViT's VP-SDE, model time 999·t
     beta_min: float = 0.1  # vp_continuous: β(t) = beta_min + t (beta_max - beta_min), t in [0, 1]
     beta_max: float = 20.0
     t_min: float = 0.0  # vp_continuous: training draws t ~ U(t_min, 1) (U-ViT: 0)
@@ -236,7 +235,7 @@ def resolve_model(cfg: DictConfig) -> DictConfig:
 def validate_config(cfg: DictConfig) -> None:
     """Fail fast on values no run could use (each message names the key and what is valid)."""
     from .attention import attention_mechanism
-    from .diffusion import SCHEDULERS
+    from .diffusion import SCHEDULERS, SCHEDULES
 
     m, d, data, t, e = cfg.model, cfg.diffusion, cfg.data, cfg.train, cfg.eval
     choices = [

@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
+from .files import IMAGE_EXTENSIONS
+
 # Every image file uvic reads (training folders, latent extraction, scoring) is one of these.
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
 

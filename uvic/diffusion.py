@@ -57,10 +57,10 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin, SchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .config import SCHEDULES
 
 # scheduler-config entry: {"schedule": "vp_continuous", "beta_min", "beta_max", "t_min"} or
 # {"schedule": "discrete", "timestep_offset"}; absent = discrete, offset 0
+SCHEDULES = ("discrete", "vp_continuous")  # discrete: diffusers betas; vp_continuous: U-ViT's VP-SDE, model time 999·t
 SCHEDULE_KEY = "_uvic_schedule"
 VP_TIME_SCALE = 999.0  # U-ViT feeds a continuous-time model 999·t (sde.ScoreModel.predict)
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .fid import FIDStatistics
-from .runs import atomic_write
+from .files import atomic_write
 
 
 class FeatureCache:

@@ -44,8 +44,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .cli import add_debug_option, command
-from .data import IMAGE_EXTENSIONS
-from .runs import atomic_write
+from .files import IMAGE_EXTENSIONS, atomic_write
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"  # the VAE of U-ViT (autoencoder_kl_ema) and DiT
 SCALE_FACTOR = 0.18215  # Stable Diffusion's latent scale: unit variance for the SD VAE

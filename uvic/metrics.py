@@ -41,7 +41,7 @@ from torch.utils.data import Dataset
 
 from . import digits_classifier
 from .cli import UserError
-from .data import IMAGE_EXTENSIONS
+from .files import IMAGE_EXTENSIONS
 from .feature_cache import FeatureCache
 from .fid import FIDStatistics, bootstrap_fid, frechet_distance, kid_with_se
 

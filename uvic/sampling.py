@@ -40,7 +40,8 @@ from .diffusion import SCHEDULE_KEY
 from .pipeline import SCHEDULERS, UViCPipeline, make_scheduler, save_grid
 from .loading import (MODEL_KINDS, PUBLISHED_CHECKPOINTS, REFERENCE_CONFIGS, load_pipeline, published_reference_config,
                       reference_sample_settings)
-from .runs import RunDir, atomic_write, file_sha256
+from .files import atomic_write, file_sha256
+from .runs import RunDir
 from .text import read_prompts
 
 CLASS_MODES = ("uniform", "balanced")  # i.i.d. uniform labels (ADM, DiT) | label = index mod classes

@@ -49,6 +49,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
 from .attention import check_cog_kernels
+from .cli import run_main
 from .config import MIXED_PRECISION, load_config, model_kwargs, save_config
 from .data import resolve_data_config
 from .diffusion import build_scheduler, diffusion_loss, drop_labels
@@ -1072,3 +1073,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     except TrainingStopped as stopped:  # a clean stop, not an error: the scheduler's convention 128 + SIGTERM
         print(f"train.py: {stopped}", file=sys.stderr, flush=True)
         raise SystemExit(128 + signal.SIGTERM) from None
+
+
+def train(argv: Optional[Sequence[str]] = None):
+    """train.py and `uvic-train`: main under the common error style (one `train.py: error:` line, exit 2)."""
+    return run_main(main, argv, prog="train.py")

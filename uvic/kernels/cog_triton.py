@@ -19,7 +19,7 @@ compiled kernel fits the device's shared memory and launches (`launch`; OutOfRes
 the next). `problem` says why these kernels cannot run given inputs.
 
 Dots accumulate in float32. Float32 inputs use TF32 tensor cores when torch allows TF32 for
-float32 matmuls (uvic.attention.tf32_allowed), else IEEE float32 dots (correct but slow; `auto`
+float32 matmuls (uvic.kernels.tf32_allowed), else IEEE float32 dots (correct but slow; `auto`
 in uvic.attention then prefers the PyTorch backends). Import this module only where triton is
 importable; it is validated on CPU with TRITON_INTERPRET=1 (the interpreter cannot run bf16 dots,
 so there every dot is upcast to float32, and blocks are small).
@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..attention import tf32_allowed
+from . import tf32_allowed
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
