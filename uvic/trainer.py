@@ -55,9 +55,8 @@ from .data import resolve_data_config
 from .diffusion import build_scheduler, diffusion_loss, drop_labels
 from .model import UViT
 from .pipeline import UViCPipeline, make_scheduler, save_grid
-from .runs import record_provenance
 from .runs import (CONFIG, MANIFEST, TRAIN_STATE, CheckpointError, DiskFullError, RunDir, RunLock, atomic_write,
-                   checkpoint_name, disk_full_message, free_space, manifest_size, write_manifest)
+                   checkpoint_name, disk_full_message, free_space, manifest_size, record_provenance, write_manifest)
 
 RUN_SUMMARY = "run_summary.txt"  # the startup summary (run_summary), rewritten by every start or resume
 OPTIMIZER_SHARDS = "optimizer_shard_{}.safetensors"  # train.fsdp: one per process (its AdamW state shards)
