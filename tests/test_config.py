@@ -162,3 +162,20 @@ def test_data_derived_values_are_filled_in_when_the_config_is_resolved():
     assert cfg.model.num_classes == -1  # the given config is left as it was
     with pytest.raises(ValueError, match="model.num_classes=5 but the data has 10 classes"):
         resolve_data_config(load_config(CONFIGS / "digits_uvic.yaml", ["data.conditional=true", "model.num_classes=5"]))
+
+
+def test_a_string_setting_keeps_the_word_typed_where_yaml_reads_a_boolean(tmp_path):
+    # YAML 1.1 reads an unquoted no / off / yes as a boolean; accelerate's spelling of "no mixed precision" is "no"
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    assert load_config(None, ["data.path=off"]).data.path == "off"
+    assert load_config(None, ["data.download=yes"]).data.download is True  # a boolean field stays a boolean
+    config = tmp_path / "c.yaml"
+    config.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(str(config)).train.mixed_precision == "no"
+
+
+def test_a_saved_config_stays_readable_after_the_files_it_names_moved(tmp_path):
+    # reports and analysis read old runs' config.yaml; train.py checks init_from / fid_ref where a run starts
+    cfg = load_config(None, [f"train.init_from={tmp_path / 'gone.pth'}", "eval.fid_every=10",
+                             f"eval.fid_ref={tmp_path / 'gone.npz'}"])
+    assert cfg.train.init_from == str(tmp_path / "gone.pth")

@@ -420,7 +420,9 @@ FID = ["eval.fid_every=2", "eval.fid_num_samples=4", "eval.fid_steps=2", "eval.f
        "eval.fid_batch_size=4"]
 
 
-def test_an_fid_reference_that_cannot_be_read_is_refused_at_load(tmp_path, digits_stats):
+def test_an_fid_reference_that_cannot_be_read_is_refused_where_the_run_starts(tmp_path, digits_stats, capsys):
+    from uvic.trainer import check_inputs, train as train_py
+
     bad = tmp_path / "truncated.npz"
     bad.write_bytes(digits_stats.read_bytes()[:200])
     labels = tmp_path / "labels.npz"
@@ -429,8 +431,12 @@ def test_an_fid_reference_that_cannot_be_read_is_refused_at_load(tmp_path, digit
     for ref, message in ((tmp_path / "missing.npz", "does not exist"), (bad, "not a usable FID reference"),
                          (labels, "neither images"), (tmp_path / "empty", "holds no images")):
         with pytest.raises((ValueError, FileNotFoundError), match=rf"eval.fid_ref={ref} .*{message}"):
-            tiny(*FID, f"eval.fid_ref={ref}")
-    assert tiny(*FID, f"eval.fid_ref={digits_stats}").eval.fid_ref == str(digits_stats)  # a good one passes
+            check_inputs(tiny(*FID, f"eval.fid_ref={ref}"))
+    check_inputs(tiny(*FID, f"eval.fid_ref={digits_stats}"))  # a good one passes
+    with pytest.raises(SystemExit):  # train.py: one line, before any run folder exists
+        train_py([f"--output-dir={tmp_path / 'run'}", *TINY, *FID, f"eval.fid_ref={tmp_path / 'missing.npz'}"])
+    assert f"train.py: error: eval.fid_ref={tmp_path / 'missing.npz'} is not a usable FID reference" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
     with pytest.raises(ValueError, match=r"eval.fid_steps=5000: ddim takes at most"):
         tiny(*FID, f"eval.fid_ref={digits_stats}", "eval.fid_steps=5000")
 

@@ -313,17 +313,19 @@ def test_fine_tuning_to_another_class_count_lists_the_differing_tensors_or_reset
     run.train()
 
 
-def test_a_bad_init_from_fails_at_config_load(tmp_path, capsys):
+def test_a_bad_init_from_fails_where_the_run_starts(tmp_path, capsys):
+    from uvic.trainer import check_inputs
+
     with pytest.raises(FileNotFoundError, match="train.init_from=.*missing does not exist"):
-        tiny(f"train.init_from={tmp_path / 'missing'}")
+        check_inputs(tiny(f"train.init_from={tmp_path / 'missing'}"))
     (tmp_path / "nnet_ema.pth").write_bytes(b"")
     with pytest.raises(ValueError, match=r"train.init_from: nnet_ema.pth is not the name of a published U-ViT "
                                          r"checkpoint \(cifar10_uvit_small.pth, "):
-        tiny(f"train.init_from={tmp_path / 'nnet_ema.pth'}")
+        check_inputs(tiny(f"train.init_from={tmp_path / 'nnet_ema.pth'}"))
     with pytest.raises(ValueError, match="no model weights there"):
-        tiny(f"train.init_from={tmp_path}")
+        check_inputs(tiny(f"train.init_from={tmp_path}"))
     with pytest.raises(ValueError, match=r"train.init_reset: unknown part\(s\) \['labels'\]; choose from label_emb, head"):
-        tiny(f"train.init_from={tmp_path / 'nnet_ema.pth'}", "train.init_reset=[labels]")
+        check_inputs(tiny(f"train.init_from={tmp_path / 'nnet_ema.pth'}", "train.init_reset=[labels]"))
     from uvic.trainer import train as train_py
 
     with pytest.raises(SystemExit) as exit_:  # train.py: one line, before any run folder exists

@@ -32,10 +32,13 @@ from diffusers import DDPMScheduler
 
 from .attention import MECHANISMS
 from .cli import add_debug_option, command
+from .config import load_config
+from .data import build_dataset
 from .diffusion import make_scheduler, model_time
+from .files import IMAGE_EXTENSIONS
 from .model import UViT
-from .runs import RunDir
 from .loading import load_pipeline
+from .runs import RunDir
 
 # statistic -> what it means (summary.md and the README quote these). All are means over images.
 STATISTICS = {
@@ -264,17 +267,14 @@ def image_source_from_path(path, channels: int, size: int) -> ImageSource:
             return to_tensor(Image.fromarray(images[i].squeeze())), int(labels[i])
 
         return ImageSource(f"{len(images)} images from {path}", len(images), get)
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".webp", ".bmp"})
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
-        raise FileNotFoundError(f"--data {path}: no .png/.jpg/.jpeg/.webp/.bmp images found")
+        raise FileNotFoundError(f"--data {path}: no {'/'.join(sorted(IMAGE_EXTENSIONS))} images found")
     return ImageSource(f"{len(files)} images from {path}", len(files), lambda i: (to_tensor(Image.open(files[i])), -1))
 
 
 def image_source_from_run(run_dir: Path, sample_size: int) -> ImageSource:
     """The evaluation split of the data set in a run's config.yaml (uvic.data.build_dataset)."""
-    from .config import load_config  # lazily: only runs with a config need them
-    from .data import build_dataset
-
     cfg = load_config(run_dir / "config.yaml", [])
     dataset = build_dataset(cfg.data, sample_size, train=False)
     name = cfg.data.get("name", "data")

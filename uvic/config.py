@@ -20,6 +20,10 @@ from typing import Any, List, Optional, Sequence
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .attention import attention_mechanism
+from .diffusion import SCHEDULERS, SCHEDULES
+from .model import UViT, preset_config, softmax_block_indices
+
 SECTIONS = ("model", "diffusion", "data", "train", "eval")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
@@ -174,10 +178,12 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Di
     if bad:
         raise ValueError(f"overrides must look like section.key=value, got {bad}")
     if overrides:
-        layers.append((OmegaConf.from_dotlist(overrides), "command line"))
+        layers.append((override_layer(overrides, schema), "command line"))
     cfg = schema
     for layer, source in layers:
         _check_keys(layer, schema, "", source)
+        if OmegaConf.select(layer, "train.mixed_precision") is False:  # YAML 1.1 reads an unquoted `no` as false
+            layer.train.mixed_precision = "no"
         try:
             cfg = OmegaConf.merge(cfg, layer)
         except OmegaConfBaseException as e:  # a wrong type, e.g. train.steps=abc
@@ -185,6 +191,23 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Di
     cfg = resolve_eval(resolve_model(cfg))
     validate_config(cfg)
     return cfg
+
+
+def override_layer(overrides: Sequence[str], schema: DictConfig) -> DictConfig:
+    """`key=value` overrides as one config layer, values parsed as YAML (numbers, lists, null), except that a string
+    field keeps the word typed where YAML 1.1 would read a boolean (`train.mixed_precision=no` is "no", not false)."""
+    layer = OmegaConf.from_dotlist(list(overrides))
+    for item in overrides:
+        key, text = item.split("=", 1)
+        if isinstance(OmegaConf.select(layer, key), bool) and _is_str_field(schema, key):
+            OmegaConf.update(layer, key, text.strip("'\""))
+    return layer
+
+
+def _is_str_field(schema: DictConfig, key: str) -> bool:
+    section, _, name = key.rpartition(".")
+    node = OmegaConf.select(schema, section) if section else schema
+    return isinstance(node, DictConfig) and name in node and node._get_node(name)._metadata.ref_type is str
 
 
 def resolve_eval(cfg: DictConfig) -> DictConfig:
@@ -215,8 +238,6 @@ def _check_keys(node: Any, schema: Any, prefix: str, source: str) -> None:
 
 def resolve_model(cfg: DictConfig) -> DictConfig:
     """Fill every model field: explicit value > preset > UViT's default (num_classes stays as given)."""
-    from .model import UViT, preset_config  # model imports torch; keep config import light
-
     defaults = {
         name: p.default for name, p in inspect.signature(UViT.__init__).parameters.items() if name != "self"
     }
@@ -233,10 +254,9 @@ def resolve_model(cfg: DictConfig) -> DictConfig:
 
 
 def validate_config(cfg: DictConfig) -> None:
-    """Fail fast on values no run could use (each message names the key and what is valid)."""
-    from .attention import attention_mechanism
-    from .diffusion import SCHEDULERS, SCHEDULES
-
+    """Fail fast on values no run could use (each message names the key and what is valid). The files a config
+    names (train.init_from, eval.fid_ref) are checked where a run starts (uvic.preflight), not here: a saved
+    run's config stays readable after they moved."""
     m, d, data, t, e = cfg.model, cfg.diffusion, cfg.data, cfg.train, cfg.eval
     choices = [
         ("diffusion.schedule", d.schedule, SCHEDULES),
@@ -257,8 +277,6 @@ def validate_config(cfg: DictConfig) -> None:
     except ValueError as err:
         raise ValueError(f"model.{err}") from None
     check_model_sizes(m)
-    from .model import softmax_block_indices
-
     blocks = m.softmax_blocks
     try:  # a preset name or indices; a typo fails here, also where attention_type="softmax" ignores it
         softmax_block_indices(list(blocks) if isinstance(blocks, ListConfig) else blocks, m.depth)
@@ -339,14 +357,7 @@ def validate_config(cfg: DictConfig) -> None:
         problem = sampler_steps_problem(sampler, steps, d.num_train_timesteps)
         if problem and (key == "train.sample_steps" or e.fid_every > 0):
             raise ValueError(f"{key}={steps}: {problem}")
-    if e.fid_every > 0:
-        from .metrics import check_reference  # torch-fidelity: only for runs that measure FID
-
-        check_reference(e.fid_ref, "eval.fid_ref")
     check_finite(cfg)  # last: the checks above name a NaN in their own terms where they have one
-    from .finetune import check_init_source
-
-    check_init_source(t.init_from, list(t.init_reset or []))
     if data.name in ("imagefolder", "latents") and not data.path:
         raise ValueError(f"data.name={data.name!r} needs data.path (the {data.name} location)")
 

@@ -14,6 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List, Sequence
 
+from .loading import published_reference_config
+from .model import UViT, read_reference_state
+
 # train.init_reset names -> the parameter prefixes they re-initialise
 INIT_RESET_PARTS = {
     "label_emb": ("label_emb.",),  # the class table: another number of classes
@@ -45,8 +48,6 @@ def check_init_source(path, reset: Sequence[str]) -> None:
     if not path.exists():
         raise FileNotFoundError(f"train.init_from={path} does not exist; expected {INIT_KINDS}")
     if path.is_file():
-        from .loading import published_reference_config
-
         try:
             published_reference_config(path)
         except ValueError as err:  # another name: the list of the published ones
@@ -57,8 +58,6 @@ def check_init_source(path, reset: Sequence[str]) -> None:
 
 def source_state(path) -> Dict:
     """The state dict (name -> tensor) that train.init_from names."""
-    from .model import UViT, read_reference_state
-
     path = Path(path)
     if path.is_file():  # a published .pth
         return read_reference_state(str(path))

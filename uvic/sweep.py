@@ -29,7 +29,9 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from .cli import add_debug_option, command as cli_command
+from .config import config_diff, load_config
 from .runs import RunDir
+from .trainer import check_inputs
 
 POLL_SECONDS = 2.0  # how often a running sweep checks its runs
 
@@ -119,14 +121,14 @@ def is_finished(run_dir: Path) -> bool:
 
 
 def check_runs(runs: Sequence[Dict]) -> Dict[str, object]:
-    """Load every run's config (file + overrides) so a typo in --set fails before any run starts; name -> config."""
-    from .config import load_config
-
+    """Load every run's config (file + overrides) and check the files it names, so a typo in --set or a missing
+    eval.fid_ref fails before any run starts; name -> config."""
     configs = {}
     for r in runs:
         overrides = [f"{k}={v}" for k, v in r["settings"].items()]
         try:
             configs[r["name"]] = load_config(r["config"], overrides)
+            check_inputs(configs[r["name"]])
         except (ValueError, FileNotFoundError) as err:
             raise ValueError(f"run {r['name']}: {err}") from None
     return configs
@@ -135,9 +137,6 @@ def check_runs(runs: Sequence[Dict]) -> Dict[str, object]:
 def changed_runs(configs: Dict[str, object], out: Path) -> Dict[str, List[str]]:
     """Runs whose folder records (config.yaml) other settings than this sweep gives them (an edited config file
     or spec): name -> the differing keys. --threads (train.cpu_threads) is not a setting."""
-    from .config import config_diff
-    from .runs import RunDir
-
     changed = {}
     for name, cfg in configs.items():
         saved = RunDir(out / name).config() if (out / name / "config.yaml").is_file() else None

@@ -53,6 +53,8 @@ from .cli import run_main
 from .config import MIXED_PRECISION, load_config, model_kwargs, save_config
 from .data import resolve_data_config
 from .diffusion import build_scheduler, diffusion_loss, drop_labels
+from .finetune import check_init_source
+from .metrics import check_reference
 from .model import UViT
 from .pipeline import UViCPipeline, make_scheduler, save_grid
 from .runs import (CONFIG, MANIFEST, TRAIN_STATE, CheckpointError, DiskFullError, RunDir, RunLock, atomic_write,
@@ -1041,6 +1043,14 @@ def default_config_path() -> Path:
     return find_config(None)
 
 
+def check_inputs(cfg: DictConfig) -> None:
+    """The files a run's config names, checked where a run starts (train.py, the sweep) before anything is built:
+    train.init_from / init_reset, and eval.fid_ref when the run measures FID. One line names the key."""
+    check_init_source(cfg.train.init_from, list(cfg.train.init_reset or []))
+    if cfg.eval.fid_every > 0:
+        check_reference(cfg.eval.fid_ref, "eval.fid_ref")
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Train a U-ViT / U-ViC diffusion model. With no arguments: U-ViC on the embedded digits set (CPU).",
@@ -1064,6 +1074,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     config = find_config(args.config)
     overrides = list(args.overrides) + (["train.compile=true"] if args.compile else [])
     cfg, dataset = resolve_data_config(load_config(config, overrides))
+    check_inputs(cfg)
     output_dir = args.output_dir or str(Path("runs") / config.stem)
     trainer = Trainer(cfg, output_dir, resume=args.resume, cpu=True if args.cpu else None, overwrite=args.overwrite,
                       dataset=dataset)
