@@ -255,9 +255,21 @@ def resolve_model(cfg: DictConfig) -> DictConfig:
 
 def validate_config(cfg: DictConfig) -> None:
     """Fail fast on values no run could use (each message names the key and what is valid). The files a config
-    names (train.init_from, eval.fid_ref) are checked where a run starts (uvic.preflight), not here: a saved
-    run's config stays readable after they moved."""
-    m, d, data, t, e = cfg.model, cfg.diffusion, cfg.data, cfg.train, cfg.eval
+    names (train.init_from, eval.fid_ref) are checked where a run starts (uvic.trainer.check_inputs), not here: a
+    saved run's config stays readable after they moved."""
+    check_choices(cfg)
+    check_model(cfg.model)
+    check_ranges(cfg)
+    check_diffusion(cfg.diffusion)
+    check_sampling(cfg)
+    check_finite(cfg)  # last: the checks above name a NaN in their own terms where they have one
+    if cfg.data.name in ("imagefolder", "latents") and not cfg.data.path:
+        raise ValueError(f"data.name={cfg.data.name!r} needs data.path (the {cfg.data.name} location)")
+
+
+def check_choices(cfg: DictConfig) -> None:
+    """Every name-valued setting of the diffusion, data, train and eval sections is one of its valid names."""
+    d, data, t, e = cfg.diffusion, cfg.data, cfg.train, cfg.eval
     choices = [
         ("diffusion.schedule", d.schedule, SCHEDULES),
         ("diffusion.prediction_type", d.prediction_type, PREDICTION_TYPES),
@@ -272,17 +284,11 @@ def validate_config(cfg: DictConfig) -> None:
     for key, value, valid in choices:
         if value not in valid:
             raise ValueError(f"{key}={value!r} is not valid; choose one of: {', '.join(valid)}")
-    try:
-        attention_mechanism(m.attention_type)
-    except ValueError as err:
-        raise ValueError(f"model.{err}") from None
-    check_model_sizes(m)
-    blocks = m.softmax_blocks
-    try:  # a preset name or indices; a typo fails here, also where attention_type="softmax" ignores it
-        softmax_block_indices(list(blocks) if isinstance(blocks, ListConfig) else blocks, m.depth)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"model.{err}" if isinstance(err, ValueError) else
-                         f"model.softmax_blocks={blocks!r}: expected a preset name or a list of block indices") from None
+
+
+def check_ranges(cfg: DictConfig) -> None:
+    """Counts, rates and probabilities within their bounds."""
+    d, data, t, e = cfg.diffusion, cfg.data, cfg.train, cfg.eval
     at_least_one = [
         ("train.steps", t.steps),
         ("train.batch_size", t.batch_size),
@@ -328,9 +334,10 @@ def validate_config(cfg: DictConfig) -> None:
         raise ValueError(f"diffusion.p_uncond must lie in [0, 1), got {d.p_uncond}")
     if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
         raise ValueError(f"train.betas must be two numbers (beta1, beta2) in [0, 1), got {list(t.betas)}")
-    for key, name in (("train.sample_scheduler", t.sample_scheduler), ("eval.fid_scheduler", e.fid_scheduler)):
-        if name == "euler-maruyama" and d.schedule != "vp_continuous":
-            raise ValueError(f"{key}=euler-maruyama samples a diffusion.schedule=vp_continuous model; this one is {d.schedule}")
+
+
+def check_diffusion(d: DictConfig) -> None:
+    """The noise schedule's parameters (U-ViT's VP-SDE or a discrete beta schedule)."""
     if d.schedule == "vp_continuous":
         if d.prediction_type != "epsilon":
             raise ValueError(
@@ -343,23 +350,28 @@ def validate_config(cfg: DictConfig) -> None:
             raise ValueError(f"diffusion.t_min must lie in [0, 1), got {d.t_min}")
     if d.snr_gamma is not None and d.snr_gamma <= 0:
         raise ValueError(f"diffusion.snr_gamma must be > 0 or null, got {d.snr_gamma}")
+    if d.schedule == "discrete" and d.beta_schedule != "squaredcos_cap_v2" and not 0.0 < d.beta_start < d.beta_end < 1.0:
+        raise ValueError(f"diffusion.beta_start, beta_end must satisfy 0 < beta_start < beta_end < 1, got "
+                         f"{d.beta_start}, {d.beta_end}")
+
+
+def check_sampling(cfg: DictConfig) -> None:
+    """The grid and in-training FID samplers fit the model: steps, guidance, a continuous-time sampler's schedule."""
+    m, d, data, t, e = cfg.model, cfg.diffusion, cfg.data, cfg.train, cfg.eval
+    for key, name in (("train.sample_scheduler", t.sample_scheduler), ("eval.fid_scheduler", e.fid_scheduler)):
+        if name == "euler-maruyama" and d.schedule != "vp_continuous":
+            raise ValueError(f"{key}=euler-maruyama samples a diffusion.schedule=vp_continuous model; this one is {d.schedule}")
     for key, guidance in (("train.sample_guidance", t.sample_guidance), ("eval.fid_guidance", e.fid_guidance)):
         if guidance != 1.0 and not (data.conditional or m.get("context_dim")):
             raise ValueError(f"{key} != 1 needs a conditional run (data.conditional=true, or a text "
                              "model with model.context_dim)")
     if e.fid_every > 0 and not e.fid_ref:
         raise ValueError("eval.fid_every > 0 needs eval.fid_ref (reference statistics for FID)")
-    if d.schedule == "discrete" and d.beta_schedule != "squaredcos_cap_v2" and not 0.0 < d.beta_start < d.beta_end < 1.0:
-        raise ValueError(f"diffusion.beta_start, beta_end must satisfy 0 < beta_start < beta_end < 1, got "
-                         f"{d.beta_start}, {d.beta_end}")
     for key, steps, sampler in (("train.sample_steps", t.sample_steps, t.sample_scheduler),
                                 ("eval.fid_steps", e.fid_steps, e.fid_scheduler)):
         problem = sampler_steps_problem(sampler, steps, d.num_train_timesteps)
         if problem and (key == "train.sample_steps" or e.fid_every > 0):
             raise ValueError(f"{key}={steps}: {problem}")
-    check_finite(cfg)  # last: the checks above name a NaN in their own terms where they have one
-    if data.name in ("imagefolder", "latents") and not data.path:
-        raise ValueError(f"data.name={data.name!r} needs data.path (the {data.name} location)")
 
 
 CONTINUOUS_TIME_SAMPLERS = ("euler-maruyama", "dpm-solver-fast", "dpm-solver++-fast", "EulerMaruyamaScheduler",
@@ -382,6 +394,21 @@ def check_finite(cfg: DictConfig) -> None:
         for v in value if isinstance(value, list) else [value]:
             if isinstance(v, float) and not math.isfinite(v):
                 raise ValueError(f"{key}={v} is not a finite number")
+
+
+def check_model(m: DictConfig) -> None:
+    """A registered attention mechanism, sizes that fit together, softmax blocks that exist."""
+    try:
+        attention_mechanism(m.attention_type)
+    except ValueError as err:
+        raise ValueError(f"model.{err}") from None
+    check_model_sizes(m)
+    blocks = m.softmax_blocks
+    try:  # a preset name or indices; a typo fails here, also where attention_type="softmax" ignores it
+        softmax_block_indices(list(blocks) if isinstance(blocks, ListConfig) else blocks, m.depth)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"model.{err}" if isinstance(err, ValueError) else
+                         f"model.softmax_blocks={blocks!r}: expected a preset name or a list of block indices") from None
 
 
 def check_model_sizes(m: DictConfig) -> None:

@@ -179,11 +179,6 @@ def build_scheduler(diffusion_cfg) -> DDPMScheduler:
         if offset:  # U-ViT's H models: trained on n = i + 1
             scheduler.register_to_config(**{SCHEDULE_KEY: {"schedule": "discrete", "timestep_offset": offset}})
         return scheduler
-    if diffusion_cfg.prediction_type != "epsilon":
-        raise ValueError(
-            f"diffusion.schedule=vp_continuous trains noise prediction (U-ViT's LSimple); "
-            f"diffusion.prediction_type={diffusion_cfg.prediction_type!r} is not valid; use epsilon"
-        )
     sde = VPSDE(float(diffusion_cfg.beta_min), float(diffusion_cfg.beta_max))
     return vp_proxy_scheduler(sde, diffusion_cfg.get("t_min", 0.0), **common)
 
