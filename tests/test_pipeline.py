@@ -86,26 +86,59 @@ def test_latent_output_is_x0_before_the_vae_decodes_it():
     assert pixels.shape == (1, 3, 8, 8) and pixels.min() < 0
 
 
-def test_diffusers_attention_switches_name_the_cog_backend_instead_of_doing_nothing():
+def test_diffusers_attention_processors_switch_what_each_block_runs(caplog):
+    from uvic.attention import MechanismProcessor, SoftmaxProcessor, cog_reference
+
+    torch.manual_seed(0)
+    sizes = dict(sample_size=8, in_channels=1, patch_size=2, embed_dim=32, depth=4, num_heads=2)
+    uvic_model = UViT(attention_type="cog", **sizes).eval()  # official layout: softmax in blocks 0 and 4
+    uvit = UViT(attention_type="softmax", **sizes).eval()
+    uvit.load_state_dict(uvic_model.state_dict())
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 500])
+    processors = uvic_model.attn_processors  # diffusers' names: one processor per attention module
+    assert list(processors) == [f"{name}.attn.processor" for name in
+                                ("in_blocks.0", "in_blocks.1", "mid_block", "out_blocks.0", "out_blocks.1")]
+    assert [type(p) for p in processors.values()] == [SoftmaxProcessor, *[MechanismProcessor] * 3, SoftmaxProcessor]
+    with torch.no_grad():
+        uvic_out = uvic_model(x, t).sample
+        uvic_model.set_attn_processor(SoftmaxProcessor())  # softmax everywhere: the U-ViT of the same weights
+        assert uvic_model.attention_layout() == ["softmax"] * 5
+        assert torch.equal(uvic_model(x, t).sample, uvit(x, t).sample)
+        # a dict by name, as diffusers takes it: back to the official layout gives the first output again
+        uvic_model.set_attn_processor({name: SoftmaxProcessor() if i in (0, 4) else MechanismProcessor("cog", "math")
+                                       for i, name in enumerate(processors)})
+        assert torch.allclose(uvic_model(x, t).sample, uvic_out, atol=1e-6)  # "math" here, "chunked" by auto
+
+        class Recorded(MechanismProcessor):  # a user's processor: sees the module and its tokens
+            calls = []
+
+            def __call__(self, attn, hidden_states, **kwargs):
+                self.calls.append(tuple(hidden_states.shape))
+                return super().__call__(attn, hidden_states, **kwargs)
+
+        uvic_model.set_attn_processor(Recorded("cog", backend="math"))  # Cog everywhere, checked by its formula
+        out = uvic_model(x, t).sample
+        assert Recorded.calls == [(2, 17, 32)] * 5  # 16 patches + the time token, in all 5 blocks
+        blk = uvic_model.mid_block.attn
+        h = torch.randn(2, 17, 32, dtype=torch.float64)
+        q, k, v = blk.double().qkv_heads(h)
+        expected = blk.proj(cog_reference(q, k, v)[0].transpose(1, 2).reshape(2, 17, 32))
+        assert torch.allclose(blk(h), expected, atol=1e-12)
+        assert not torch.equal(out, uvic_out)
+    with caplog.at_level("WARNING"):  # the dispatcher's kernels reach the softmax blocks; Cog says so
+        uvit.set_attention_backend("native")
+        fresh = UViT(attention_type="cog", **sizes)
+        fresh.set_attention_backend("native")
+    assert [p._attention_backend for p in uvit.attn_processors.values()] == ["native"] * 5
+    assert "the cog blocks keep uvic's backends (model.set_cog_backend)" in caplog.text
+    sdpa = UViT(attention_type="softmax", **sizes).eval()  # no dispatcher backend: PyTorch SDPA
+    sdpa.load_state_dict(uvit.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(uvit(x, t).sample, sdpa(x, t).sample, atol=1e-6)
     pipe = tiny_pipeline()
-    for switch in (lambda: pipe.transformer.set_attention_backend("native"),
-                   lambda: pipe.transformer.set_attn_processor({}),
-                   pipe.enable_xformers_memory_efficient_attention, pipe.enable_attention_slicing):
-        with pytest.raises(NotImplementedError, match=r"set_cog_backend\('auto' \| 'math' \| 'lean'"):
+    for switch in (pipe.enable_xformers_memory_efficient_attention, pipe.enable_attention_slicing):
+        with pytest.raises(NotImplementedError, match=r"set_attention_backend\(NAME\).*set_cog_backend\('auto'"):
             switch()
-
-
-def test_a_folder_saved_with_the_old_model_component_still_loads(tmp_path):
-    pipe = tiny_pipeline()
-    pipe.save_pretrained(tmp_path / "old")
-    index = json.loads((tmp_path / "old" / "model_index.json").read_text())  # the layout before the rename:
-    index["model"] = index.pop("transformer")  # model_index.json key "model", weights in model/
-    (tmp_path / "old" / "model_index.json").write_text(json.dumps(index))
-    (tmp_path / "old" / "transformer").rename(tmp_path / "old" / "model")
-    loaded = UViCPipeline.from_pretrained(tmp_path / "old")
-    assert set(loaded.components) == {"transformer", "scheduler", "vae", "text_encoder", "tokenizer"}
-    for name, tensor in pipe.transformer.state_dict().items():
-        assert torch.equal(loaded.transformer.state_dict()[name], tensor)
 
 
 def test_public_api_imports_from_the_package():

@@ -67,6 +67,8 @@ import einops
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from diffusers.models.attention import AttentionModuleMixin
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from .kernels import tf32_allowed
 
@@ -241,7 +243,7 @@ def check_cog_kernels(model: nn.Module, device, dtype) -> List[str]:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}.get(dtype, dtype)
     device = torch.device(device)
     shapes = sorted({(m.num_heads, m.qkv.out_features // 3 // m.num_heads, m.backend) for m in model.modules()
-                     if isinstance(m, Attention) and m.attention_type == "cog"})
+                     if isinstance(m, Attention) and m.running == "cog"})
     lines = []
     for heads, head_dim, backend in shapes:
         q = torch.zeros(1, heads, 1, head_dim, device=device, dtype=dtype)
@@ -384,30 +386,98 @@ register_attention("softmax", softmax_reference, softmax_attention, signed=False
 register_attention("cog", cog_reference, cog_attention, signed=True, label="U-ViC (Cog)")
 
 
-class Attention(nn.Module):
+# ---------------------------------------------------------------------- diffusers attention processors
+class MechanismProcessor:
+    """A diffusers attention processor that runs a registered mechanism with the module's own `qkv` and `proj`:
+    `processor(attn, hidden_states)`. UViT's blocks hold one each, so diffusers' `attn_processors`,
+    `set_attn_processor` and `set_attention_backend` work on a UViT as on a diffusers model.
+
+        model.set_attn_processor(MechanismProcessor("cog", backend="chunked"))    # Cog in every block
+
+    backend: the mechanism's implementation ("auto", "math", "lean", "chunked", "triton"; see above)."""
+
+    def __init__(self, mechanism: str = "cog", backend: str = "auto"):
+        self.mechanism = attention_mechanism(mechanism)
+        self.backend = _check_backend(backend)
+
+    def __call__(self, attn: "Attention", hidden_states: torch.Tensor, encoder_hidden_states=None,
+                 attention_mask=None, **kwargs) -> torch.Tensor:  # (B, L, C) -> (B, L, C)
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError("U-ViT attention is self-attention over all tokens (text tokens are tokens too): "
+                             "no encoder_hidden_states, no attention_mask")
+        q, k, v = attn.qkv_heads(hidden_states)  # (B, H, L, D)
+        out = self.attend(q, k, v)  # (B, H, L, D)
+        return attn.proj(einops.rearrange(out, "B H L D -> B L (H D)"))
+
+    def attend(self, q, k, v) -> torch.Tensor:
+        return self.mechanism.function(q, k, v, backend=self.backend)
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.mechanism.name!r}, backend={self.backend!r})"
+
+
+class SoftmaxProcessor(MechanismProcessor):
+    """U-ViT's softmax attention: PyTorch SDPA, or the diffusers attention-dispatcher backend that
+    `model.set_attention_backend(name)` sets ("native", "flash", "sage", ...; diffusers.attention_dispatch)."""
+
+    def __init__(self, backend: str = "auto"):
+        super().__init__("softmax", backend)
+        self._attention_backend = None  # diffusers' set_attention_backend / reset_attention_backend set this
+
+    def attend(self, q, k, v) -> torch.Tensor:
+        if self._attention_backend is None:
+            return super().attend(q, k, v)
+        out = dispatch_attention_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                    backend=self._attention_backend)  # the dispatcher's layout: (B, L, H, D)
+        return out.transpose(1, 2)
+
+
+def default_processor(attention_type: str) -> MechanismProcessor:
+    return SoftmaxProcessor() if attention_type == "softmax" else MechanismProcessor(attention_type)
+
+
+class Attention(AttentionModuleMixin, nn.Module):
     """Multi-head self-attention with the parameter names of U-ViT (`qkv`, `proj`).
 
-    attention_type: a registered mechanism ("softmax", "cog", or one of register_attention). `backend`
-    (set_backend) picks the implementation at run time; it is not part of the model's configuration.
+    attention_type: a registered mechanism ("softmax", "cog", or one of register_attention), run by the module's
+    diffusers attention processor (`processor`; default_processor). `backend` (set_backend) picks the
+    implementation at run time; neither the processor nor the backend is part of the model's configuration.
     """
+
+    _supports_qkv_fusion = False  # q, k and v are one projection already (U-ViT's qkv)
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, attention_type: str = "softmax"):
         super().__init__()
-        self.mechanism = attention_mechanism(attention_type)
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.attention_type = attention_type
-        self.backend = "auto"  # runtime choice (set_backend), not configuration
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
+        self.processor = default_processor(attention_type)
+
+    @property
+    def mechanism(self) -> Optional[AttentionMechanism]:
+        """The mechanism the processor runs (None for a processor that is not a MechanismProcessor)."""
+        return getattr(self.processor, "mechanism", None)
+
+    @property
+    def running(self) -> str:
+        """The name of what runs: the processor's mechanism (the configured one unless a processor was set)."""
+        return self.mechanism.name if self.mechanism is not None else type(self.processor).__name__
+
+    @property
+    def backend(self) -> str:
+        return getattr(self.processor, "backend", "auto")
 
     def extra_repr(self):
-        return f"num_heads={self.num_heads}, attention_type={self.attention_type!r}, backend={self.backend!r}"
+        return f"num_heads={self.num_heads}, attention_type={self.attention_type!r}, processor={self.processor!r}"
 
     def set_backend(self, backend: str):
-        """Choose the attention backend ("auto", "math", "lean", "chunked", "triton")."""
-        self.backend = _check_backend(backend)
+        """Choose the attention backend ("auto", "math", "lean", "chunked", "triton") of the processor."""
+        backend = _check_backend(backend)
+        if hasattr(self.processor, "backend"):
+            self.processor.backend = backend
 
     def qkv_heads(self, x: torch.Tensor):
         """(B, L, C) -> q, k, v each (B, H, L, D)."""
@@ -415,6 +485,4 @@ class Attention(nn.Module):
         return qkv[0], qkv[1], qkv[2]
 
     def forward(self, x):  # x: (B, L, C)
-        q, k, v = self.qkv_heads(x)
-        out = self.mechanism.function(q, k, v, backend=self.backend)  # (B, H, L, D)
-        return self.proj(einops.rearrange(out, "B H L D -> B L (H D)"))
+        return self.processor(self, x)

@@ -22,11 +22,14 @@ import einops
 import torch
 import torch.nn as nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.attention import AttentionMixin
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, logging
 from timm.layers import Mlp, trunc_normal_
 
 from .attention import Attention
+
+logger = logging.get_logger(__name__)  # diffusers' logger: its verbosity switches apply
 
 # name -> architecture; the patch size comes from the "/2" or "/4" suffix (docs/design.md, U-ViT paper).
 PRESETS = {
@@ -128,14 +131,16 @@ def softmax_block_indices(softmax_blocks: Union[None, str, Sequence[int]], depth
     return sorted(set(keep))
 
 
-# UViT's attention is uvic's own module (softmax through PyTorch SDPA, Cog through uvic.attention), not a diffusers
-# Attention with processors: diffusers' switches would silently do nothing, so they say what does work instead.
-COG_BACKEND_HINT = ("UViT attention is uvic's own (softmax: PyTorch SDPA; Cog: uvic.attention), not diffusers' "
-                    "attention processors or dispatcher backends; choose the Cog backend with "
+# UViT's blocks run diffusers attention processors (uvic.attention.MechanismProcessor), so attn_processors,
+# set_attn_processor and set_attention_backend work; diffusers' processors written for its own Attention class
+# (xformers, slicing) do not fit U-ViT's fused qkv, so those switches say what works instead.
+COG_BACKEND_HINT = ("UViT's attention runs uvic's processors (uvic.attention.MechanismProcessor), not diffusers' "
+                    "Attention class: pick the softmax kernels with model.set_attention_backend(NAME) (diffusers' "
+                    "dispatcher: 'native', 'flash', 'xformers', ...) and the Cog backend with "
                     "model.set_cog_backend('auto' | 'math' | 'lean' | 'chunked' | 'triton') or UVIC_COG_BACKEND=NAME")
 
 
-class UViT(ModelMixin, ConfigMixin):
+class UViT(ModelMixin, AttentionMixin, ConfigMixin):
     """U-ViT / U-ViC noise-prediction network.
 
     num_classes: size of the label-embedding table, as in the reference code (0 or less =
@@ -243,21 +248,23 @@ class UViT(ModelMixin, ConfigMixin):
 
     def attention_layout(self) -> List[str]:
         """Which attention each block uses, in forward order, e.g. ['softmax', 'cog', ..., 'softmax']."""
-        return [blk.attn.attention_type for blk in self.blocks]
+        return [blk.attn.running for blk in self.blocks]
 
     def set_cog_backend(self, backend: str):
         """Run every block's Cog attention through `backend`: "auto", "math", "lean", "chunked" or
         "triton" (uvic.attention). A runtime choice, like the device: not stored in the config.
-        diffusers' `set_attention_backend` / `set_attn_processor` do not reach this attention and say so."""
+        diffusers' `set_attention_backend` picks the softmax blocks' kernels (its dispatcher has no Cog kernels)."""
         for blk in self.blocks:
             blk.attn.set_backend(backend)
 
-    def set_attention_backend(self, backend: str):
-        """diffusers' attention dispatcher does not reach UViT's attention: refused, naming set_cog_backend."""
-        raise NotImplementedError(f"set_attention_backend({backend!r}): {COG_BACKEND_HINT}")
-
-    def set_attn_processor(self, processor):
-        raise NotImplementedError(f"set_attn_processor: {COG_BACKEND_HINT}")
+    def set_attention_backend(self, backend: str) -> None:
+        """diffusers' attention dispatcher backend for the softmax blocks; Cog blocks keep uvic's Cog backends
+        (set_cog_backend), since the dispatcher's kernels compute softmax only."""
+        super().set_attention_backend(backend)
+        signed = sorted({blk.attn.running for blk in self.blocks if not hasattr(blk.attn.processor, "_attention_backend")})
+        if signed:
+            logger.warning(f"set_attention_backend({backend!r}) sets the softmax blocks; the {', '.join(signed)} blocks "
+                           "keep uvic's backends (model.set_cog_backend)")
 
     # ------------------------------------------------------------------ forward
     def forward(

@@ -50,7 +50,6 @@ _PIPELINE_SHIM = '''"""UViCPipeline for DiffusionPipeline.from_pretrained(folder
 
 from uvic.pipeline import UViCPipeline  # noqa: F401  (pip install uvic)
 '''
-LEGACY_TRANSFORMER_KEY = "model"  # the denoiser's component name before it became `transformer`
 EMPTY_CONTEXT_FILE = "empty_context.safetensors"  # text-to-image: the empty prompt's features (L, D)
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -207,15 +206,7 @@ class UViCPipeline(DiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """diffusers' loading; a local folder of the old layout (`model` component) loads its UViT
-        from model/ as the transformer."""
-        folder = Path(pretrained_model_name_or_path)
-        index = folder / "model_index.json"
-        if "transformer" not in kwargs and index.is_file():
-            components = json.loads(index.read_text())
-            if LEGACY_TRANSFORMER_KEY in components and "transformer" not in components:
-                kwargs["transformer"] = UViT.from_pretrained(folder / LEGACY_TRANSFORMER_KEY,
-                                                             torch_dtype=kwargs.get("torch_dtype"))
+        """diffusers' loading, then the saved empty text context (text-to-image) put back."""
         pipe = super().from_pretrained(os.fspath(pretrained_model_name_or_path), **kwargs)
         saved = pipe._saved_empty_context()
         if saved is not None:
