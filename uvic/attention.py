@@ -71,6 +71,7 @@ from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from .kernels import tf32_allowed
+from .kernels.cog_torch import cog_attention_chunked
 
 ATTENTION_BACKENDS = ("auto", "math", "lean", "chunked", "triton")
 
@@ -137,7 +138,7 @@ def triton_problem(q, k, v) -> Optional[str]:
 
 def _triton_attention(q, k, v, scale, mask):
     """The kernels' entry point (imported on use: needs triton)."""
-    from .kernels.cog_triton import cog_attention_triton  # noqa: PLC0415
+    from .kernels.cog_triton import cog_attention_triton  # noqa: PLC0415  (triton: optional, CUDA only)
 
     return cog_attention_triton(q, k, v, scale, mask)
 
@@ -289,8 +290,6 @@ def _check_shapes(q, k, v):
 
 
 def _chunked_attention(q, k, v, scale, mask, keep_weights=False):
-    from .kernels.cog_torch import cog_attention_chunked  # noqa: PLC0415
-
     return cog_attention_chunked(q, k, v, scale, mask, keep_weights=keep_weights)
 
 

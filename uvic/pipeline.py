@@ -41,7 +41,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from .diffusion import PAPER_SAMPLERS, SCHEDULERS, make_scheduler, model_time  # noqa: F401 (re-exported)
 from .model import COG_BACKEND_HINT, UViT
 from .text import empty_context as encode_empty_context
-from .text import encode_prompts
+from .text import encode_prompts, load_text_encoder
 
 # Written beside model_index.json: diffusers' custom-pipeline route imports the class from it.
 PIPELINE_FILE = "pipeline.py"
@@ -126,8 +126,6 @@ class UViCPipeline(DiffusionPipeline):
     def attach_text_encoder(self, name_or_path: str) -> "UViCPipeline":
         """Register the CLIP tokenizer and text encoder of a local folder (or a cached hub name; see
         uvic.text.load_text_encoder) and compute the empty context if there is none yet."""
-        from .text import load_text_encoder
-
         tokenizer, encoder = load_text_encoder(str(name_or_path))
         self.register_modules(tokenizer=tokenizer, text_encoder=encoder.to(self.transformer.device))
         if self.empty_context is None:
