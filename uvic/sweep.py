@@ -8,7 +8,7 @@ Each run's folder is named by its settings (`<config stem>__<key>=<value>...__se
 filesystem-safe. Runs are ordered seed-major (seed 0 of every setting, then seed 1, ...), so a sweep stopped
 early still holds complete, paired groups. A run whose final/ exists is skipped; an existing unfinished one
 is continued with `--resume latest` (from its latest complete checkpoint, or from scratch if it has none).
-A manifest (sweep.json in --out) lists every run and its settings. Failed runs are listed at the end with
+A run list (sweep.json in --out) lists every run and its settings. Failed runs are listed at the end with
 their log path and the sweep exits non-zero; the others still run.
 
 A spec file (--spec, YAML) holds an experiment's grid: `configs` (list), `seeds` (list) and `set`
@@ -30,6 +30,7 @@ from typing import Dict, List, Optional, Sequence
 
 from .cli import add_debug_option, command as cli_command
 from .config import config_diff, load_config
+from .files import atomic_write
 from .runs import RunDir
 from .trainer import check_inputs
 
@@ -146,12 +147,16 @@ def changed_runs(configs: Dict[str, object], out: Path) -> Dict[str, List[str]]:
     return changed
 
 
-def write_manifest(out: Path, runs: Sequence[Dict]) -> None:
+SWEEP_RUNS = "sweep.json"  # in --out: every run of the sweeps into it, with its settings
+
+
+def write_run_list(out: Path, runs: Sequence[Dict]) -> None:
     """sweep.json: the runs of this and of earlier sweeps into the same --out (by name)."""
-    path = out / "sweep.json"
+    path = out / SWEEP_RUNS
     known = {r["name"]: r for r in json.loads(path.read_text())["runs"]} if path.is_file() else {}
     known.update({r["name"]: {k: v for k, v in r.items() if k != "overwrite"} for r in runs})
-    path.write_text(json.dumps({"runs": list(known.values())}, indent=2))
+    text = json.dumps({"runs": list(known.values())}, indent=2)
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 class Children:
@@ -281,7 +286,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(shlex.join(command(r, out, a.threads)))
         return 0
     out.mkdir(parents=True, exist_ok=True)
-    write_manifest(out, runs)
+    write_run_list(out, runs)
     print(f"{len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run", flush=True)
     failed = run_all(todo, out, a.parallel, a.threads, [g for g in a.gpus.split(",") if g.strip()])
     for name, log in failed:
