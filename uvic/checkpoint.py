@@ -26,7 +26,7 @@ import torch
 from accelerate.utils import load as accelerate_load  # torch.load, weights_only=True with numpy's arrays allowed
 from safetensors.torch import load_file, save_file
 
-from .files import atomic_write, file_sha256
+from .files import DiskFullError, atomic_write, file_sha256, free_space
 
 CHECKPOINT_MANIFEST = "manifest.json"  # {"files": {relative path: {"size", "sha256"}}}; final/ has one too
 TRAIN_STATE = "train_state.json"
@@ -129,6 +129,28 @@ def shard_of(whole: torch.Tensor, like) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- save
+def check_free_space(folder: Path, accelerator, latest: Optional[Path], num_params: int) -> None:
+    """Fail before a checkpoint the disk cannot hold, on every process (DiskFullError): its size estimated from
+    the main process's `latest` checkpoint, or from the weights (num_params) before the first."""
+    short = torch.zeros((), device=accelerator.device)
+    message = ""
+    if accelerator.is_main_process:
+        size = manifest_size(latest) if latest is not None else None
+        if size is None:  # AdamW's 2 moments + model/ + ema_model/, in float32
+            size = 4 * 4 * num_params
+        need = int(size * 1.1) + (1 << 20)
+        root = next(p for p in (folder, *folder.parents) if p.exists())
+        free = free_space(root)
+        if free < need:
+            short += 1
+            message = (f"disk full: checkpoint {folder.name} needs about {need / 1e6:.1f} MB but {root} has "
+                       f"{free / 1e6:.1f} MB free; free space there (or lower train.keep_checkpoints, or choose "
+                       f"another --output-dir) and rerun the same command: it continues from "
+                       f"{latest if latest is not None else 'the start (no checkpoint yet)'}")
+    if accelerator.reduce(short, reduction="sum").item() > 0:
+        raise DiskFullError(message or f"disk full on the main process writing {folder}")
+
+
 def skip_model_in_accelerate_state(accelerator) -> None:
     """accelerate's save_state / load_state without the model (diffusers' training scripts do the same): its
     weights are model/ (`save`), restored from there by `load`."""

@@ -113,7 +113,7 @@ def attention_summary(cfg: DictConfig, model: UViT, batch: int, device: torch.de
             f"{str(dtype).replace('torch.', '')}")
 
 
-def run_summary(trainer: "Trainer") -> List[str]:
+def run_summary(trainer) -> List[str]:
     """diffusers' "***** Running training *****" block: everything a launch setting can silently change."""
     t, accelerator, n = trainer.cfg.train, trainer.accelerator, trainer.accelerator.num_processes
     parallel = "FSDP2 (train.fsdp=true)" if trainer.fsdp else "DDP" if n > 1 else "none"

@@ -45,18 +45,17 @@ from tqdm.auto import tqdm
 from . import checkpoint
 from .attention import check_cog_kernels
 from .caption_latents import drop_context
-from .checkpoint import TrainState, gather_into, manifest_size, write_manifest
+from .checkpoint import TrainState, gather_into
 from .cli import run_main
 from .config import load_config, model_kwargs, save_config
 from .data import resolve_data_config
 from .diffusion import build_scheduler, diffusion_loss, drop_labels
-from .files import DiskFullError, atomic_write, disk_full_message, free_space
+from .ema_outputs import EMAOutputs
+from .files import DiskFullError, atomic_write, disk_full_message
 from .finetune import check_init_source, load_init_weights
-from .latents import attach_vae
 from .launch import find_config, launch_notes, resolve_mixed_precision, run_summary
-from .metrics import check_reference, pipeline_fid
+from .metrics import check_reference
 from .model import Block, UViT
-from .pipeline import UViCPipeline, make_scheduler, save_grid
 from .runs import CONFIG, LOGS, RUN_SUMMARY, RunDir, RunLock, record_provenance
 
 LR_SCHEDULE_NAMES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
@@ -184,6 +183,7 @@ class Trainer:
         self.resume_from = self.run.prepare(cfg, resume, overwrite, log=accelerator.print)
         set_seed(t.seed)  # identical initial weights on every process
         self._build_model()
+        self.outputs = EMAOutputs(cfg, self.dataset, self.ema_model, self.noise_scheduler, self.run, accelerator)
         self.state = TrainState()  # saved in checkpoints as JSON, never pickled
         self.sampler, self.loader = self._build_loader()
         if self.resume_from is None:
@@ -206,7 +206,6 @@ class Trainer:
             with disk_full_message(self.out):
                 text = "\n".join(self.summary) + "\n"
                 atomic_write(self.out / RUN_SUMMARY, lambda f: f.write(text.encode()))
-        self._vae = None  # latent data: the decoder, loaded on first use
 
     def _build_model(self) -> None:
         """The noise scheduler, UViT, the main process's whole-weights copy (ema_model), the EMA, AdamW and the
@@ -365,27 +364,6 @@ class Trainer:
                 f"train.max_grad_norm, then --resume latest"
             )
 
-    def check_free_space(self, folder: Path) -> None:
-        """Fail before a checkpoint the disk cannot hold (size estimated from the last one, or the weights)."""
-        short = torch.zeros((), device=self.accelerator.device)
-        message = ""
-        if self.is_main:
-            latest = self.run.latest()
-            size = manifest_size(latest) if latest is not None else None
-            if size is None:  # optimizer (2 moments) + model/ + ema_model/, in float32
-                size = 4 * 4 * sum(p.numel() for p in self.raw_model.parameters())
-            need = int(size * 1.1) + (1 << 20)
-            root = next(p for p in (folder, *folder.parents) if p.exists())
-            free = free_space(root)
-            if free < need:
-                short += 1
-                message = (f"disk full: checkpoint {folder.name} needs about {need / 1e6:.1f} MB but {root} has "
-                           f"{free / 1e6:.1f} MB free; free space there (or lower train.keep_checkpoints, or choose "
-                           f"another --output-dir) and rerun the same command: it continues from "
-                           f"{latest if latest is not None else 'the start (no checkpoint yet)'}")
-        if self.accelerator.reduce(short, reduction="sum").item() > 0:
-            raise DiskFullError(message or f"disk full on the main process writing {folder}")
-
     def on_step_end(self, step: int) -> None:
         """Called after every optimizer step (a hook for subclasses: extra logging, early stops)."""
 
@@ -513,71 +491,16 @@ class Trainer:
         loss_sum.zero_()
         loss_count.zero_()
 
-    # ------------------------------------------------------------------ EMA artifacts
+    # ------------------------------------------------------------------ EMA outputs: grids, FID, final/
     def gather_ema(self) -> None:
         """The EMA weights, whole, into the main process's ema_model (under FSDP a collective: every process calls
         it, and no process holds more than one whole parameter beside its shards)."""
         gather_into(list(self.ema.shadow_params), self.ema_model, self.fsdp)
 
-    def ema_pipeline(self, scheduler_name: Optional[str] = None, decode: bool = True) -> UViCPipeline:
-        """UViCPipeline of ema_model (gather_ema first); the training scheduler or a named sampler.
-
-        decode: for latent data, attach the VAE the latents came from (loaded once), so grids,
-        FID and final/ see images.
-        """
-        scheduler = self.noise_scheduler if scheduler_name is None else make_scheduler(scheduler_name, self.noise_scheduler.config)
-        pipe = UViCPipeline(transformer=self.ema_model, scheduler=scheduler)
-        if decode and self.cfg.data.name == "latents":
-            if self._vae is None:
-                attach_vae(pipe, self.base_dataset, scale_factor=self.cfg.data.scale_factor)
-                self._vae = pipe.vae.to(self.accelerator.device)
-            pipe.register_modules(vae=self._vae)
-        if self.empty_context is not None:
-            pipe.set_empty_context(self.empty_context)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
-    def attach_text_encoder(self, pipe: UViCPipeline) -> UViCPipeline:
-        """Text-to-image: give the pipeline the extraction's copy of the text encoder (final/ then samples
-        from prompts); without one it keeps only the empty context (prompt_embeds still work)."""
-        path = getattr(self.base_dataset, "text_encoder_path", None)
-        if self.empty_context is None or path is None:
-            return pipe
-        pipe.attach_text_encoder(path)  # the extraction's copy (tokenizer/, text_encoder/)
-        return pipe
-
-    def grid_prompt_embeds(self, num: int) -> torch.Tensor:
-        """Text-to-image grids: the first caption of training images 0, 1, ... (num, L, D), fixed over steps."""
-        data = self.base_dataset
-        return torch.stack([data.contexts(i % len(self.dataset))[0] for i in range(num)])
-
-    def grid_labels(self) -> Tuple[int, Optional[torch.Tensor]]:
-        """(number of images, labels): class-conditional grids have one class per row of 8."""
-        if not self.conditional:
-            return self.cfg.train.sample_num, None
-        classes = self.null_label
-        rows = torch.linspace(0, classes - 1, min(classes, 10)).round().long()
-        return len(rows) * 8, rows.repeat_interleave(8)
-
     def save_sample_grid(self) -> None:
         self.gather_ema()
         if self.is_main:
-            t = self.cfg.train
-            num, labels = self.grid_labels()
-            pipe = self.ema_pipeline(t.sample_scheduler)
-            generator = torch.Generator().manual_seed(t.sample_seed)  # fixed noise: grids comparable over steps
-            text = {} if self.empty_context is None else {"prompt_embeds": self.grid_prompt_embeds(num)}
-            images = pipe(
-                batch_size=num,
-                num_inference_steps=t.sample_steps,
-                class_labels=labels,
-                **text,
-                guidance_scale=t.sample_guidance,
-                generator=generator,
-                output_type="pt",
-            ).images.float().cpu()  # (N, C, H, W) in [0, 1]
-            save_grid(images, self.run.sample_grid(self.step), nrow=8, padding=1)
-            self.accelerator.get_tracker("tensorboard").log_images({"samples": images}, self.step)
+            self.outputs.sample_grid(self.step)
         self.accelerator.wait_for_everyone()
 
     def evaluate(self, step: int, done: bool) -> None:
@@ -600,25 +523,9 @@ class Trainer:
                 f"and continue with --resume latest") from err
 
     def evaluate_fid(self) -> None:
-        e = self.cfg.eval
         self.gather_ema()
         if self.is_main:
-            fid = pipeline_fid(
-                self.ema_pipeline(),
-                num_samples=e.fid_num_samples,
-                ref=e.fid_ref,
-                steps=e.fid_steps,
-                scheduler=e.fid_scheduler,
-                guidance=e.fid_guidance,
-                batch_size=e.fid_batch_size,
-                seed=self.cfg.train.sample_seed,
-                device=self.accelerator.device,
-            )
-            self.accelerator.log({"eval/fid": fid}, step=self.step)
-            self.run.append_metric(self.step, "fid", fid, scheduler=e.fid_scheduler, steps=e.fid_steps,
-                                   guidance=e.fid_guidance)
-            tqdm.write(f"step {self.step}: FID {fid:.3f} ({e.fid_scheduler}, {e.fid_steps} steps, "
-                       f"guidance {e.fid_guidance:g}, {e.fid_num_samples} samples)")
+            self.outputs.fid(self.step)
         self.accelerator.wait_for_everyone()
 
     # ------------------------------------------------------------------ checkpoints and final/
@@ -629,7 +536,8 @@ class Trainer:
         tmp = self.run.temporary(final)
         with disk_full_message(self.out, writing=f"checkpoint {final}"):
             self.check_weights_finite(f"checkpoint {final.name}")
-            self.check_free_space(final)
+            checkpoint.check_free_space(final, self.accelerator, self.run.latest() if self.is_main else None,
+                                        sum(p.numel() for p in self.raw_model.parameters()))
             if self.is_main and tmp.exists():
                 shutil.rmtree(tmp)
             self.accelerator.wait_for_everyone()
@@ -661,8 +569,7 @@ class Trainer:
         self.ema.decay, self.ema.update_after_step = t.ema_decay, t.ema_update_after_step  # ema_warmup: the class
 
     def save_final(self) -> Path:
-        """final/: UViCPipeline(EMA model, train.sample_scheduler's sampler with train.sample_steps as the default
-        steps, so `pipe()` samples as the grids and sample.py do), safetensors."""
+        """final/ (EMAOutputs.export), written under a temporary name and renamed when complete."""
         final = self.run.final
         self.check_weights_finite("final/")
         self.gather_ema()
@@ -671,10 +578,7 @@ class Trainer:
             if tmp.exists():
                 shutil.rmtree(tmp)
             with disk_full_message(self.out, writing=f"{final} (the pipeline export, written as {tmp})"):
-                pipe = self.ema_pipeline(self.cfg.train.sample_scheduler)
-                pipe.register_to_config(default_num_inference_steps=int(self.cfg.train.sample_steps))
-                self.attach_text_encoder(pipe).save_pretrained(str(tmp), safe_serialization=True)
-                write_manifest(tmp)  # what sample.py checks: an edited config.json or weights file is refused
+                self.outputs.export(tmp)
             self.run.publish(tmp, final)
             self.accelerator.print(f"saved {final}")
         self.accelerator.wait_for_everyone()
