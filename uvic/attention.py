@@ -469,6 +469,10 @@ class Attention(AttentionModuleMixin, nn.Module):
     def backend(self) -> str:
         return getattr(self.processor, "backend", "auto")
 
+    @backend.setter
+    def backend(self, backend: str) -> None:
+        self.set_backend(backend)
+
     def extra_repr(self):
         return f"num_heads={self.num_heads}, attention_type={self.attention_type!r}, processor={self.processor!r}"
 
