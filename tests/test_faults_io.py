@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 from uvic import cli, trainer
 from uvic.analysis import main as analysis_main
 from uvic.evaluate import main as eval_main
-from uvic.latents import LatentDataset, extract_latents, main as latents_main, shard_name
+from uvic.latents import LatentDataset, extract_latents, shard_name
+from uvic.latents_cli import main as latents_main
 from uvic.model import UViT
 from uvic.pipeline import UViCPipeline
 from uvic.sampling import default_shard_size, generate_samples, main as sample_main

@@ -16,19 +16,12 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler
 from omegaconf import OmegaConf
 from PIL import Image
+from safetensors.torch import load_file
 
-from uvic.latents import (
-    LatentDataset,
-    attach_vae,
-    center_crop,
-    export_crops,
-    extract_latents,
-    find_images,
-    load_vae,
-    main as latents_main,
-    shard_name,
-    shards_for_process,
-)
+from uvic.images import center_crop, export_crops, find_images
+from uvic.latents import LatentDataset, attach_vae, extract_latents, shard_name, shards_for_process
+from uvic.latents_cli import main as latents_main
+from uvic.vae import load_vae
 from uvic.model import UViT
 from uvic.pipeline import UViCPipeline
 
@@ -186,6 +179,18 @@ def test_extraction_resumes_missing_shards_and_never_takes_half_written_ones(lat
 
     with pytest.raises(ValueError, match="resolution=16.*resolution=32"):
         extract(image_folder, out, tiny_vae, resolution=32)
+
+
+def test_a_partial_file_with_all_rows_of_its_shard_becomes_the_shard(latents, tiny_vae, image_folder, tmp_path):
+    """A stop between encoding a shard's last batch and its rename leaves every row in the partial file."""
+    out = Path(shutil.copytree(latents, tmp_path / "lat"))
+    complete = load_file(str(out / shard_name(1)))
+    (out / shard_name(1)).rename(out / f".{shard_name(1)}.partial")  # its metadata says next = the shard's end
+    (out / f"..{shard_name(1)}.partial.tmp-999").write_bytes(b"half")  # a partial write killed before its rename
+    extract(image_folder, out, tiny_vae)
+    assert all(torch.equal(load_file(str(out / shard_name(1)))[k], v) for k, v in complete.items())
+    assert not list(out.glob(".*")), "the partial file and the half-written one are gone"
+    assert len(LatentDataset(out)) == 12
 
 
 def test_accelerate_ranks_encode_disjoint_shards_that_together_cover_the_data(latents, tiny_vae, image_folder, tmp_path):

@@ -191,7 +191,7 @@ def test_read_captions_from_jsonl_and_coco(tmp_path):
 
     from PIL import Image
 
-    from uvic.latents import read_captions
+    from uvic.images import read_captions
 
     for name in ("b.png", "a.png", "c.png"):
         Image.new("RGB", (8, 8)).save(tmp_path / name)
@@ -359,7 +359,7 @@ def extract_args(data, out, vae, clip, *extra):
 
 @pytest.fixture(scope="module")
 def caption_latents(caption_data, tmp_path_factory):
-    from uvic.latents import main as latents_main
+    from uvic.latents_cli import main as latents_main
 
     data, vae, clip = caption_data
     out = tmp_path_factory.mktemp("caption_latents") / "lat"
@@ -394,7 +394,7 @@ def test_caption_extraction_resumes_and_refuses_other_captions(caption_latents, 
     from safetensors.torch import load_file
 
     from uvic.caption_latents import text_shard_name
-    from uvic.latents import main as latents_main
+    from uvic.latents_cli import main as latents_main
 
     data, vae, clip = caption_data
     out = tmp_path / "lat"
@@ -413,7 +413,7 @@ def test_caption_extraction_resumes_and_refuses_other_captions(caption_latents, 
 
 
 def test_missing_text_encoder_fails_before_any_encoding(caption_data, tmp_path, capsys):
-    from uvic.latents import main as latents_main
+    from uvic.latents_cli import main as latents_main
 
     data, vae, _ = caption_data
     with pytest.raises(SystemExit):

@@ -25,16 +25,20 @@ Shards are written under a temporary name and renamed when complete: a rerun enc
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
+import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
-from .latents import STORAGE_DTYPES, LatentDataset, extract_latents, read_captions, shards_for_process
-from .files import atomic_write
+from .files import atomic_path, atomic_save_file, atomic_write
+from .images import read_captions
+from .latents import STORAGE_DTYPES, LatentDataset, extract_latents, shards_for_process
 from .text import CLIP_TEXT_ENCODER, MAX_LENGTH, empty_context, encode_prompts, load_text_encoder
 
 CAPTIONS_META = "captions.json"
@@ -50,14 +54,6 @@ def text_shard_name(shard: int) -> str:
 def is_caption_latents(folder: Union[str, Path]) -> bool:
     """True for an extraction folder made from image-caption data."""
     return (Path(folder) / CAPTIONS_META).is_file()
-
-
-def _save_atomic(tensors: dict, path: Path, metadata: Optional[dict] = None):
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
 
 
 @torch.no_grad()
@@ -131,8 +127,8 @@ def extract_caption_latents(
             for j in range(0, len(texts), text_batch_size)
         ])  # (M, max_length, D)
         first = torch.cumsum(counts, 0) - counts
-        _save_atomic({"context": context, "first": first, "count": counts, "index": torch.arange(lo, hi)}, path,
-                     {"start": str(lo), "count": str(hi - lo)})
+        atomic_save_file(path, {"context": context, "first": first, "count": counts, "index": torch.arange(lo, hi)},
+                         {"start": str(lo), "count": str(hi - lo)})
     return out
 
 
@@ -140,15 +136,13 @@ def _write_caption_files(out: Path, meta: dict, files: Sequence[str], captions: 
                          encoder):
     """captions.json, captions.jsonl, empty_context and the text encoder's copy (process 0)."""
     if not (out / TEXT_ENCODER_DIR / "config.json").exists():
-        tmp = out / f".{TEXT_ENCODER_DIR}.tmp-{os.getpid()}"
-        encoder.save_pretrained(tmp)
-        os.replace(tmp, out / TEXT_ENCODER_DIR)
+        with atomic_path(out / TEXT_ENCODER_DIR) as tmp:
+            encoder.save_pretrained(tmp)
     if not (out / TOKENIZER_DIR).is_dir():
-        tmp = out / f".{TOKENIZER_DIR}.tmp-{os.getpid()}"
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, out / TOKENIZER_DIR)
+        with atomic_path(out / TOKENIZER_DIR) as tmp:
+            tokenizer.save_pretrained(tmp)
     empty = empty_context(tokenizer, encoder, meta["max_length"]).float().cpu()  # (L, D)
-    _save_atomic({"empty_context": empty}, out / EMPTY_CONTEXT)
+    atomic_save_file(out / EMPTY_CONTEXT, {"empty_context": empty})
     lines = "".join(json.dumps({"file_name": f, "captions": c}) + "\n" for f, c in zip(files, captions))
     atomic_write(out / CAPTIONS_LIST, lambda f: f.write(lines.encode()))
     text = json.dumps(meta, indent=1)
@@ -156,7 +150,8 @@ def _write_caption_files(out: Path, meta: dict, files: Sequence[str], captions: 
 
 
 def run_caption_extract(args, accelerator) -> Path:
-    """`python -m uvic.latents extract` on image-caption data (parsed arguments, an accelerate Accelerator)."""
+    """`python -m uvic.latents extract` on image-caption data (parsed arguments of uvic.latents_cli, an accelerate
+    Accelerator)."""
     out = extract_caption_latents(
         args.data, args.out, annotations=args.annotations, text_encoder=args.text_encoder or CLIP_TEXT_ENCODER,
         resolution=args.resolution, vae=args.vae, flip=args.flip, batch_size=args.batch_size,
@@ -189,8 +184,6 @@ class CaptionLatentDataset(LatentDataset):
         if missing:
             raise FileNotFoundError(f"{str(self.path)!r} is incomplete: {len(missing)} caption shards missing (first: "
                                     f"{missing[0]}); rerun the same `python -m uvic.latents extract` command")
-        from safetensors.torch import load_file
-
         self.empty_context = load_file(str(self.path / EMPTY_CONTEXT))["empty_context"]  # (L, D)
         self.num_context_tokens, self.context_dim = self.empty_context.shape
         has_copy = (self.path / TEXT_ENCODER_DIR).is_dir() and (self.path / TOKENIZER_DIR).is_dir()
@@ -206,8 +199,6 @@ class CaptionLatentDataset(LatentDataset):
             raise IndexError(f"index {index} out of range for {self.num_images} images")
         shard, row = divmod(index, self.shard_size)
         if shard not in self._text_files:
-            from safetensors import safe_open
-
             self._text_files[shard] = safe_open(str(self.path / text_shard_name(shard)), framework="pt")
         f = self._text_files[shard]
         first = int(f.get_slice("first")[row : row + 1][0])
@@ -238,8 +229,6 @@ def drop_context(context: torch.Tensor, p_uncond: float, empty: torch.Tensor) ->
 def draw_captions(data, annotations=None, num: int = 30_000, seed: int = 0) -> List[tuple]:
     """U-ViT's FID-30K prompts: `num` images drawn at random without replacement (fixed by `seed`) and one
     of each image's captions at random -> [(file_name, caption)], in draw order."""
-    import numpy as np
-
     files, captions = read_captions(data, annotations)
     if not 0 < num <= len(files):
         raise ValueError(f"--num must lie in 1..{len(files)} (the captioned images of {data}), got {num}")
@@ -249,8 +238,6 @@ def draw_captions(data, annotations=None, num: int = 30_000, seed: int = 0) -> L
 
 
 def main(argv: Optional[Sequence[str]] = None):
-    import argparse
-
     parser = argparse.ArgumentParser(prog="python -m uvic.caption_latents",
                                      description="Caption draws for text-to-image FID (U-ViT's FID-30K protocol).")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -21,9 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
+from .caption_latents import CaptionLatentDataset, is_caption_latents
+from .digits_classifier import split_index
 from .files import IMAGE_EXTENSIONS
+from .latents import LatentDataset
 
-# Every image file uvic reads (training folders, latent extraction, scoring) is one of these.
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 
 
@@ -45,9 +47,6 @@ def build_dataset(data_cfg, sample_size: int, train: bool = True) -> Dataset:
             fail_on_corrupt=data_cfg.get("fail_on_corrupt", False),
         )
     elif name == "latents":
-        from .caption_latents import CaptionLatentDataset, is_caption_latents  # optional parts; imported when used
-        from .latents import LatentDataset
-
         path = _existing_path(data_cfg.path, "data.path (latents)")
         latents = CaptionLatentDataset if is_caption_latents(path) else LatentDataset  # image-caption data: text too
         dataset = latents(path=str(path), scale_factor=data_cfg.scale_factor)
@@ -137,8 +136,6 @@ class DigitsDataset(Dataset):
 
     def __init__(self, sample_size: int = 16, split: str = "all"):
         from sklearn.datasets import load_digits
-
-        from .digits_classifier import split_index
 
         keep = split_index(split)  # a bad split: ValueError naming data.split
         digits = load_digits()

@@ -24,7 +24,6 @@ values mean (real vs real floor; classes dropped, shifts, blur, noise): docs/res
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Optional, Tuple
@@ -33,7 +32,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch.utils.data import Dataset
+
+from .files import atomic_save_file, file_sha256
 
 EXTRACTOR_NAME = "uvic-digits-cnn"
 DATASET_NAME = "digits"
@@ -159,23 +162,18 @@ def load_digits_cnn(path: Optional[Path] = None) -> Tuple[DigitsCNN, dict]:
 
     metadata: test_accuracy, test_size, train_size, path, sha256 (of the weights file).
     """
-    from safetensors.torch import load_file, save_file
-    from safetensors import safe_open
-
     path = Path(path) if path is not None else cache_dir() / WEIGHTS_FILE
     if not path.is_file():
         model, meta = train_digits_cnn()
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)  # atomic: concurrent first uses never see half a file
+        atomic_save_file(path, model.state_dict(), meta)  # concurrent first uses never see half a file
     model = DigitsCNN()
     model.load_state_dict(load_file(str(path)))
     model.eval().requires_grad_(False)
     with safe_open(str(path), framework="pt") as f:
         meta = dict(f.metadata() or {})
     meta["path"] = str(path)
-    meta["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    meta["sha256"] = file_sha256(path)
     return model, meta
 
 

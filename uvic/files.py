@@ -1,5 +1,5 @@
-"""Small file helpers every writer uses: the atomic write, a file's sha256, free space and the disk-full message,
-the image extensions uvic reads, uvic's cache folder."""
+"""Small file helpers every writer uses: the atomic write (of bytes, a safetensors file or a folder), a file's
+sha256, free space and the disk-full message, the image extensions uvic reads."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -70,17 +70,37 @@ def disk_full_message(where, writing=None) -> Iterator[None]:
         ) from e
 
 
-def atomic_write(path, write: Callable) -> Path:
-    """write(binary file) to a temporary name beside `path`, then rename: readers see all of it or nothing."""
+@contextmanager
+def atomic_path(path) -> Iterator[Path]:
+    """A temporary name beside `path` (.NAME.tmp-PID) to write a file or a folder under; renamed to `path` when the
+    block ends, removed when it raises: readers see all of it or nothing."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write(path, write: Callable) -> Path:
+    """write(binary file) to a temporary name beside `path`, then rename: readers see all of it or nothing."""
+    with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
+
+
+def atomic_save_file(path, tensors: dict, metadata: Optional[dict] = None) -> Path:
+    """safetensors' save_file of `tensors` (made contiguous) and their string `metadata`, written atomically."""
+    from safetensors.torch import save_file  # safetensors imports torch: only writers of tensors pay for it
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    return Path(path)
