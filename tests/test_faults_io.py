@@ -215,9 +215,6 @@ def test_default_shard_size_adapts_and_manifest_is_strict_json(tmp_path):
 
     manifest = json.loads((out / "manifest.json").read_text(), parse_constant=refuse)
     assert manifest["shard_size"] == 3 and manifest["scheduler"]["lambda_min_clipped"] is None
-    # a manifest of an older version holding -Infinity still continues its set
-    legacy = {**manifest, "scheduler": {**manifest["scheduler"], "lambda_min_clipped": float("-inf")}}
-    (out / "manifest.json").write_text(json.dumps(legacy))
     generate_samples(pipe, out, num_samples=30, **{**SET, "scheduler": "dpm++2m"})
     assert json.loads((out / "manifest.json").read_text(), parse_constant=refuse)["shard_size"] == 3
 

@@ -257,15 +257,18 @@ def test_a_model_of_another_size_than_the_reference_is_refused_before_sampling(r
     assert not (tmp_path / "cmp" / "samples").exists()
 
 
-def test_a_csv_with_older_columns_is_rewritten_with_the_current_ones(tmp_path):
-    old_columns = report.CSV_COLUMNS[:report.CSV_COLUMNS.index("train_seed")]  # written before train_seed existed
-    (tmp_path / "r.csv").write_text(",".join(old_columns) + "\n" + ",".join("x" * len(old_columns)) + "\n")
-    report.append_csv(tmp_path / "r.csv", [{"model": "new", "train_seed": 3}])
-    rows = read_csv(tmp_path / "r.csv")
+def test_a_csv_of_other_columns_is_refused_not_appended_to(tmp_path):
+    other = report.CSV_COLUMNS[:report.CSV_COLUMNS.index("train_seed")]  # e.g. a file with fewer columns
+    (tmp_path / "r.csv").write_text(",".join(other) + "\n" + ",".join("x" * len(other)) + "\n")
+    before = (tmp_path / "r.csv").read_text()
+    with pytest.raises(ValueError, match="has other columns"):
+        report.append_csv(tmp_path / "r.csv", [{"model": "new", "train_seed": 3}])
+    assert (tmp_path / "r.csv").read_text() == before
+    report.append_csv(tmp_path / "new.csv", [{"model": "first"}])
+    report.append_csv(tmp_path / "new.csv", [{"model": "second", "train_seed": 3}])  # current columns: appended
+    rows = read_csv(tmp_path / "new.csv")
     assert list(rows[0]) == list(report.CSV_COLUMNS)
-    assert (rows[0]["model"], rows[0]["train_seed"]) == ("x", "") and (rows[1]["model"], rows[1]["train_seed"]) == ("new", "3")
-    report.append_csv(tmp_path / "r.csv", [{"model": "third"}])  # current columns: appended
-    assert [r["model"] for r in read_csv(tmp_path / "r.csv")] == ["x", "new", "third"]
+    assert [(r["model"], r["train_seed"]) for r in rows] == [("first", ""), ("second", "3")]
 
 
 # ---------------------------------------------------------------------- tests, multiplicity, looks, provenance

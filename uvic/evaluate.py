@@ -15,12 +15,13 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import metrics
+from . import loading, metrics
 from .cli import DEBUG_HELP, add_renamed_option, command, progress_bars
 from .text import read_prompts
 from .config import TIMESTEP_SPACINGS
+from .pipeline import SCHEDULERS
 from .report import (DEFAULT_CSV, MAX_DEFAULT_SAMPLES, append_csv, compare, default_samples_dir, format_result,
-                     is_model, make_row, parse_run_specs, sample_model)
+                     make_row, parse_run_specs, sample_model)
 
 
 def _add_metric_options(add):
@@ -120,8 +121,6 @@ def _metric_kwargs(args) -> dict:
 
 
 def _check_common(args) -> None:
-    from .pipeline import SCHEDULERS
-
     for name in ("batch_size", "steps", "kid_subset_size", "num_samples"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
@@ -137,7 +136,7 @@ def run_eval(args) -> dict:
         raise ValueError("--ref is required (or --save-stats PATH to only write SAMPLES' statistics)")
     mk = _metric_kwargs(args)
     samples, info = args.samples, {}
-    if is_model(args.samples):
+    if loading.kind(str(args.samples).partition("@")[0]) in ("pipeline", "checkpoint", "run"):  # a model to sample
         (spec,) = parse_run_specs(args.samples)
         ref_in = metrics.load_input(args.ref, data_root=args.data_root, download=not args.offline) if args.ref else None
         num = args.num_samples

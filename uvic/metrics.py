@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
+import json
 import logging
 import tempfile
 import zipfile
@@ -44,6 +45,7 @@ from .cli import UserError
 from .files import IMAGE_EXTENSIONS
 from .feature_cache import FeatureCache
 from .fid import FIDStatistics, bootstrap_fid, frechet_distance, kid_with_se
+from .sampling import generate_samples
 
 logger = logging.getLogger(__name__)
 
@@ -290,8 +292,6 @@ def check_image_array(array: np.ndarray, source: str) -> np.ndarray:
 
 def read_manifest(path: Path) -> dict:
     """Sampling metadata: manifest.json beside an .npz / inside a folder (or one level up, for png/)."""
-    import json
-
     folder = path if path.is_dir() else path.parent
     for candidate in (folder / "manifest.json", folder.parent / "manifest.json"):
         if candidate.is_file():
@@ -700,8 +700,6 @@ def pipeline_fid(
     Samples are drawn by uvic.sampling.generate_samples into a temporary folder (class labels, per-sample
     seeds and the sampler exactly as for a sample set); the reference's features are cached.
     """
-    from .sampling import generate_samples
-
     ref_in = load_input(ref)  # a bad reference, or one of another size, fails before any sampling
     size = MetricInput("the pipeline's samples", image_size=tuple(pipeline.image_shape[1:]))
     check_resolution(size, ref_in, choose_extractor(None, ref_in), allow_resize=False)

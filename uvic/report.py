@@ -20,11 +20,17 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
+import torch
+from omegaconf import OmegaConf
 
 from . import loading, metrics, stats
 from .attention import MECHANISMS
+from .clip_score import load_clip, sample_set_clip_score
 from .config import TrainConfig, load_config
+from .model import softmax_block_indices
+from .pipeline import SCHEDULERS
 from .runs import CONFIG, PROVENANCE, RunDir
+from .sampling import generate_samples
 
 CSV_COLUMNS = (
     "date", "samples", "model", "attention", "params", "step", "sampler", "steps", "guidance", "seed",
@@ -70,11 +76,6 @@ class RunSpec:
         return self.run.steps_trained(self.checkpoint) if self.run is not None else None
 
 
-def is_model(path) -> bool:
-    """A pipeline folder, run directory or checkpoint folder (as opposed to a set of samples)?"""
-    return loading.kind(Path(str(path).split("@")[0])) in ("pipeline", "checkpoint", "run")
-
-
 def parse_run_specs(text: str, checkpoints: Optional[Sequence[str]] = None) -> List[RunSpec]:
     """"RUN", "RUN@STEP", "RUN@latest", "RUN@all" (every checkpoint); `checkpoints` applies to a plain RUN
     ("final" meaning final/)."""
@@ -101,8 +102,6 @@ def parse_run_specs(text: str, checkpoints: Optional[Sequence[str]] = None) -> L
 
 def sampler_name(manifest: dict) -> Optional[str]:
     """The uvic.pipeline.SCHEDULERS name of a manifest's scheduler (its class name if none matches)."""
-    from .pipeline import SCHEDULERS
-
     sched = manifest.get("scheduler")
     if not isinstance(sched, dict):
         return sched
@@ -119,10 +118,6 @@ def sample_model(spec: RunSpec, out_dir, *, num_samples: int, scheduler: str, st
     """Sample `spec` into out_dir (resumable) -> (samples.npz path, model info for reports). With `ref` (a
     MetricInput), images of another size than the reference's are refused before sampling (check_resolution).
     prompts: text-to-image models draw sample i from prompts[i] (every model the same captions)."""
-    import torch
-
-    from .sampling import generate_samples
-
     pipe = loading.load_pipeline(spec.path, checkpoint=spec.checkpoint, ema=True)
     info = {
         "model": spec.label,
@@ -180,10 +175,6 @@ def run_config(spec: RunSpec) -> Optional[dict]:
     with model.softmax_blocks as block indices: a run saved before an option existed groups with the runs saved
     after it, and `first+last`, null and [0, depth] are one placement. A config the schema refuses (a newer
     version's) is taken as saved."""
-    from omegaconf import OmegaConf
-
-    from .model import softmax_block_indices
-
     if spec.run is None or not (spec.run.path / CONFIG).is_file():
         return None
     try:
@@ -398,16 +389,17 @@ def make_row(result: dict, *, samples: str, ref: str, manifest: Optional[dict] =
 
 
 def append_csv(path, rows: Sequence[dict]) -> Path:
-    """Append rows (CSV_COLUMNS) to `path`, writing the header when the file is new; a file written with older
-    columns is rewritten once with the current ones (its rows kept, new columns blank)."""
+    """Append rows (CSV_COLUMNS) to `path`, writing the header when the file is new; a file of other columns is
+    refused (its rows would land under the wrong headers)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
     if not new:
         with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            if reader.fieldnames != list(CSV_COLUMNS):
-                rows, new = [*reader, *rows], True
+            header = next(csv.reader(f), [])
+        if header != list(CSV_COLUMNS):
+            raise ValueError(f"{path} has other columns than this version writes ({', '.join(CSV_COLUMNS)}); "
+                             "append to another CSV file")
     with open(path, "w" if new else "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         if new:
@@ -814,8 +806,6 @@ def compare(runs: Sequence[str], *, ref: str, out_dir, num_samples: int, schedul
         raise ValueError("--clip scores samples against their prompts: give --prompts FILE")
     clip_model = None
     if clip is not None:
-        from .clip_score import load_clip
-
         clip_model = load_clip(clip, device or "cpu")  # missing weights: one message, before any sampling
     ref_in = metrics.load_input(ref, data_root=metric_kwargs.get("data_root"),
                                 download=metric_kwargs.get("download", True), cache=True)
@@ -835,8 +825,6 @@ def compare(runs: Sequence[str], *, ref: str, out_dir, num_samples: int, schedul
                                          device=device, kid_subset_size=kid_subset_size, bootstrap=bootstrap,
                                          bootstrap_seed=seed, **metric_kwargs)
         if clip_model is not None:
-            from .clip_score import sample_set_clip_score
-
             result["clip_score"] = sample_set_clip_score(Path(npz).parent, clip_model, batch_size)
         print(f"{spec.label}: " + format_result(result).replace("\n", "; "), file=sys.stderr)
         train_seed = None if config is None else config.get("train", {}).get("seed", TrainConfig.seed)

@@ -41,15 +41,15 @@ from .pipeline import SCHEDULERS, UViCPipeline, make_scheduler, save_grid
 from .loading import (MODEL_KINDS, PUBLISHED_CHECKPOINTS, REFERENCE_CONFIGS, load_pipeline, published_reference_config,
                       reference_sample_settings)
 from .files import atomic_write, file_sha256
+from .latents import attach_vae
 from .runs import RunDir
 from .text import read_prompts
 
 CLASS_MODES = ("uniform", "balanced")  # i.i.d. uniform labels (ADM, DiT) | label = index mod classes
 FORMATS = ("npz", "png")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-MANIFEST = "manifest.json"
+SET_MANIFEST = "manifest.json"  # the sample set's record (a checkpoint's is uvic.runs.MANIFEST)
 SAMPLES_NPZ = "samples.npz"
-ASSEMBLED = ".assembled.json"  # sets of older versions: the sample count of samples.npz, written after it
 NPZ_RECORD = "samples_npz"  # manifest key: {count, shape, bytes, sha256} of samples.npz, written after it
 MAX_SHARD_SIZE = 1000
 # Manifest keys that define the set: a rerun into the same folder must agree on all of them.
@@ -281,10 +281,10 @@ def _read_manifest(out_dir: Path) -> Optional[dict]:
     """The manifest of the set in out_dir (non-finite numbers as None), or None for a new folder."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {out_dir} is a file; give a folder for the sample set")
-    path = out_dir / MANIFEST
+    path = out_dir / SET_MANIFEST
     if not path.is_file():
         if (out_dir / "shards").exists() or (out_dir / SAMPLES_NPZ).exists():
-            raise ValueError(f"{out_dir} holds samples without {MANIFEST}; choose another --out")
+            raise ValueError(f"{out_dir} holds samples without {SET_MANIFEST}; choose another --out")
         return None
     try:
         old = json.loads(path.read_text())
@@ -292,7 +292,7 @@ def _read_manifest(out_dir: Path) -> Optional[dict]:
         raise ValueError(f"{path} is not valid JSON; choose another --out") from None
     if not isinstance(old, dict):
         raise ValueError(f"{path} is no sample-set manifest; choose another --out")
-    return _strict(old)
+    return old
 
 
 def _check_manifest(out_dir: Path, manifest: dict, old: Optional[dict]):
@@ -327,27 +327,10 @@ def _prefix_held(out_dir: Path, old: dict, num_samples: int) -> bool:
 
 
 def _npz_verified(out_dir: Path, record, num_samples: int) -> bool:
-    """Whether OUT/samples.npz is the complete file of this set: its manifest record (count, bytes, sha256)
-    matches; sets of older versions without a record: every zip member's CRC and the count hold."""
+    """Whether OUT/samples.npz is the complete file of this set: its manifest record (count, bytes, sha256) matches."""
     path = out_dir / SAMPLES_NPZ
-    if not path.is_file():
-        return False
-    if isinstance(record, dict):
-        return (record.get("count") == num_samples and record.get("bytes") == path.stat().st_size
-                and record.get("sha256") == file_sha256(path))
-    if _assembled_count(out_dir) != num_samples:
-        return False
-    try:
-        with zipfile.ZipFile(path) as archive:
-            if archive.testzip() is not None:
-                return False
-            with archive.open("arr_0.npy") as member:
-                major, _ = np.lib.format.read_magic(member)
-                read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-                shape = read_header(member)[0]
-        return shape[0] == num_samples
-    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
-        return False
+    return (path.is_file() and isinstance(record, dict) and record.get("count") == num_samples
+            and record.get("bytes") == path.stat().st_size and record.get("sha256") == file_sha256(path))
 
 
 def generate_samples(
@@ -454,7 +437,7 @@ def generate_samples(
         return result  # finished before (its shards/ may even have been deleted)
     if "npz" in formats and not verified and record is not None and record.get("count") == num_samples \
             and state.is_main_process:
-        print(f"warning: {out_dir / SAMPLES_NPZ} does not match its record in {MANIFEST} (truncated or changed): "
+        print(f"warning: {out_dir / SAMPLES_NPZ} does not match its record in {SET_MANIFEST} (truncated or changed): "
               "rebuilt from the shards (missing shards are drawn again)", file=sys.stderr)
 
     shards = shard_ranges(num_samples, shard_size)
@@ -493,7 +476,7 @@ def generate_samples(
 
 def _write_manifest(out_dir: Path, manifest: dict):
     text = json.dumps(manifest, indent=2, allow_nan=False)  # strict JSON: non-finite values are None already
-    atomic_write(out_dir / MANIFEST, lambda f: f.write(text.encode()))
+    atomic_write(out_dir / SET_MANIFEST, lambda f: f.write(text.encode()))
 
 
 def _write_pngs(out_dir: Path, images: np.ndarray, indices: Sequence[int]):
@@ -512,17 +495,6 @@ def _write_missing_pngs(out_dir: Path, shards: List[range], todo: List[int], ran
                 _write_pngs(out_dir, shard["arr_0"], shards[k])
 
 
-def _assembled_count(out_dir: Path) -> Optional[int]:
-    """How many samples OUT/samples.npz holds, by the record written after it (None: none or unknown)."""
-    record = out_dir / ASSEMBLED
-    if not ((out_dir / SAMPLES_NPZ).is_file() and record.is_file()):
-        return None
-    try:
-        return int(json.loads(record.read_text()))
-    except (ValueError, TypeError):
-        return None
-
-
 def _assemble(out_dir: Path, shards: List[range], manifest: dict, count: Optional[int] = None):
     """samples.npz from the shards, then its record (count, shape, bytes, sha256) in the manifest. count: only
     samples 0..count-1 (a smaller set served from a larger one's shards; the manifest keeps its num_samples)."""
@@ -538,7 +510,6 @@ def _assemble(out_dir: Path, shards: List[range], manifest: dict, count: Optiona
             if labels is not None:
                 labels[indices.start : stop] = shard["labels"][: stop - indices.start]
     arrays = {"arr_0": arr} if labels is None else {"arr_0": arr, "labels": labels}
-    (out_dir / ASSEMBLED).unlink(missing_ok=True)
     path = out_dir / SAMPLES_NPZ
     atomic_write(path, lambda f: np.savez(f, **arrays))
     manifest[NPZ_RECORD] = {"count": num_samples, "shape": list(arr.shape), "bytes": path.stat().st_size,
@@ -653,8 +624,6 @@ def run(args) -> Path:
     if steps_problem:
         raise ValueError(f"--steps {args.steps}: {steps_problem}")
     if args.vae and not args.reference_config:
-        from .latents import attach_vae
-
         attach_vae(pipe, args.vae)
     if args.text_encoder:
         pipe.attach_text_encoder(args.text_encoder)
