@@ -80,6 +80,28 @@ def test_compare_over_checkpoints_plots_fid_against_step(runs, tmp_path):
     assert "KID" not in out["md"].read_text() and out["png"].stat().st_size > 0
 
 
+def test_a_digits_comparison_reports_classes_and_memorisation_per_run(runs, tmp_path):
+    out = report.compare([str(runs[0]), str(runs[1])], ref="digits", out_dir=tmp_path, num_samples=10, steps=2,
+                         scheduler="ddim", batch_size=16, isc=False, kid=False, bootstrap=0, progress=False)
+    md = out["md"].read_text()
+    assert "## Classes and memorisation" in md
+    for name in ("tiny_uvit", "tiny_uvic"):
+        line = next(line for line in md.splitlines() if line.startswith(f"- **{name}**: classes 0-9 ["))
+        counts = json.loads(line[line.index("["):line.index("]") + 1])
+        assert len(counts) == 10 and sum(counts) == 10  # every sample labelled once
+    assert "nearest training digit (all split)" in md and "data.split=all saw the held-out digits" in md  # no data.split
+    for row in read_csv(out["csv"]):
+        counts = [int(c) for c in row["classes"].split()]
+        assert sum(counts) == 10 and 0 <= float(row["class_tv"]) <= 1
+        assert float(row["memorised_low"]) <= float(row["memorised"]) <= float(row["memorised_high"])
+    np.savez(tmp_path / "ref.npz", arr_0=np.zeros((10, 8, 8, 3), np.uint8))  # not a digits reference: no section
+    other = report.compare([str(runs[0])], ref=str(tmp_path / "ref.npz"), out_dir=tmp_path / "other",
+                           num_samples=10, steps=2, scheduler="ddim", batch_size=16, isc=False, kid=False,
+                           bootstrap=0, progress=False, feature_extractor="digits", download=False)
+    assert "Classes and memorisation" not in other["md"].read_text()
+    assert read_csv(other["csv"])[0]["classes"] == ""
+
+
 @pytest.mark.parametrize("suffix, checkpoints, expected", [
     ("", None, [None]),
     ("@latest", None, ["latest"]),

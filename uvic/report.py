@@ -27,6 +27,8 @@ from . import loading, metrics, stats
 from .attention import MECHANISMS
 from .clip_score import load_clip, sample_set_clip_score
 from .config import TrainConfig, load_config
+from .digits_checks import check_lines, digits_checks
+from .digits_classifier import SPLITS as DIGITS_INPUTS
 from .model import softmax_block_indices
 from .pipeline import SCHEDULERS
 from .runs import CONFIG, PROVENANCE, RunDir
@@ -36,7 +38,8 @@ CSV_COLUMNS = (
     "date", "samples", "model", "attention", "params", "step", "sampler", "steps", "guidance", "seed",
     "num_samples", "ref", "num_ref", "extractor", "fid", "isc_mean", "isc_std", "kid_mean", "kid_std",
     "precision", "recall", "clip_score", "train_seed", "fid_low", "fid_high", "kid", "kid_se", "code",
-)  # fmt: skip
+    "classes", "class_tv", "class_p", "memorised", "memorised_low", "memorised_high",
+)  # fmt: skip; the last six: digits references only (uvic.digits_checks)
 DEFAULT_CSV = "runs/eval_fid.csv"
 LOOKS_LOG = "looks.jsonl"  # in a report folder: one line per look at a comparison (uvic.report.record_looks)
 MAX_DEFAULT_SAMPLES = 50_000
@@ -604,8 +607,39 @@ def failure_lines(groups: List[SeedGroup], fail_above: Optional[float]) -> List[
     return lines + [""]
 
 
+def sample_set_digits_checks(npz, config: Optional[dict]) -> dict:
+    """uvic.digits_checks of a sample set (its arr_0, uint8 NHWC) against the digits its run trained on: the
+    run config's data.split ("all" for a model without one)."""
+    split = ((config or {}).get("data") or {}).get("split") or "all"
+    with np.load(npz) as f:
+        images = f["arr_0"]  # (N, H, W, 3) uint8
+    return digits_checks(images, split)
+
+
+def digits_columns(checks: dict) -> dict:
+    """The CSV columns of one run's digits checks: class counts, their balance, the memorisation score."""
+    closer = checks["memorisation"]["closer"]
+    return {"classes": " ".join(map(str, checks["counts"])), "class_tv": checks["balance"]["tv"],
+            "class_p": checks["balance"]["p"], "memorised": closer.mean, "memorised_low": closer.low,
+            "memorised_high": closer.high}
+
+
+def digits_lines(rows: List[dict], checks: List[dict]) -> List[str]:
+    """The report's "Classes and memorisation" section: one run's lines per run."""
+    lines = ["## Classes and memorisation", "",
+             "Beside the Fréchet distance (uvic.digits_checks): which classes each set holds, by the digits CNN's "
+             "labels, against the held-out digits; and how many samples lie nearer a training digit than new "
+             "digits do (a copying model approaches 100 %).", ""]
+    for row, run_checks in zip(rows, checks):
+        lines += check_lines(row["model"], run_checks)
+    if any(c["train_split"] == "all" for c in checks):
+        lines += ["", "Runs trained on data.split=all saw the held-out digits too: their nearest-digit threshold is 0, "
+                  "so that line cannot show copying (train with data.split=train for it)."]
+    return lines + [""]
+
+
 def write_report(rows: List[dict], out_dir, *, settings: dict, command: str,
-                 groups: Optional[List[SeedGroup]] = None) -> dict:
+                 groups: Optional[List[SeedGroup]] = None, digits: Optional[List[dict]] = None) -> dict:
     """report.md (tables, statistics, verdict), report.csv (all columns) and fid.png in out_dir -> their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -661,6 +695,8 @@ def write_report(rows: List[dict], out_dir, *, settings: dict, command: str,
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     lines.append("")
     lines += settings.get("code_lines") or []
+    if digits:
+        lines += digits_lines(rows, digits)
     if groups:
         lines += statistics_lines(groups, settings)
         if plot_curves(groups, out_dir / "curves.png") is not None:
@@ -813,7 +849,7 @@ def compare(runs: Sequence[str], *, ref: str, out_dir, num_samples: int, schedul
         print(f"note: KID left out: {ref} holds only statistics", file=sys.stderr)
         kid = False
     kid_subset_size = min(kid_subset_size, num_samples, ref_in.num_images or num_samples)
-    rows = []
+    rows, digits = [], []
     for spec, config in zip(specs, configs):
         sample_dir = Path(samples_dir or Path(out_dir) / "samples") / spec.label.replace("@", "_at_")
         npz, info = sample_model(spec, sample_dir, num_samples=num_samples, scheduler=scheduler, steps=steps,
@@ -828,6 +864,9 @@ def compare(runs: Sequence[str], *, ref: str, out_dir, num_samples: int, schedul
             result["clip_score"] = sample_set_clip_score(Path(npz).parent, clip_model, batch_size)
         print(f"{spec.label}: " + format_result(result).replace("\n", "; "), file=sys.stderr)
         train_seed = None if config is None else config.get("train", {}).get("seed", TrainConfig.seed)
+        if str(ref) in DIGITS_INPUTS.values():
+            digits.append(sample_set_digits_checks(npz, config))
+            result.update(digits_columns(digits[-1]))
         rows.append(make_row(result, samples=str(npz), ref=str(ref), manifest=metrics.read_manifest(Path(npz)),
                              train_seed=train_seed, code=run_code(spec), **info))
     groups = group_by_seed(rows, configs, [s.checkpoint for s in specs])
@@ -840,5 +879,5 @@ def compare(runs: Sequence[str], *, ref: str, out_dir, num_samples: int, schedul
                           f"{num_samples} --scheduler {scheduler} --steps {steps} --guidance {guidance:g} --seed {seed} "
                           f"--bootstrap {bootstrap}" + (f" --plan {plan}" if plan else "")
                           + (f" --margin {margin:g}" if margin else ""))
-    paths = write_report(rows, out_dir, settings=settings, command=command, groups=groups)
+    paths = write_report(rows, out_dir, settings=settings, command=command, groups=groups, digits=digits)
     return {**paths, "rows": rows, "groups": groups}
