@@ -54,7 +54,7 @@ from .config import MIXED_PRECISION, load_config, model_kwargs, save_config
 from .data import resolve_data_config
 from .diffusion import build_scheduler, diffusion_loss, drop_labels
 from .finetune import check_init_source
-from .metrics import check_reference
+from .metric_inputs import check_reference
 from .model import UViT
 from .pipeline import UViCPipeline, make_scheduler, save_grid
 from .runs import (CONFIG, MANIFEST, TRAIN_STATE, CheckpointError, DiskFullError, RunDir, RunLock, atomic_write,
