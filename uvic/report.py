@@ -24,7 +24,7 @@ from .metric_inputs import load_input
 from .report_plots import plot_curves, plot_fid
 from .report_rows import append_csv, attention_label, digits_columns, features_note, fmt, format_result, make_row
 from .report_stats import parse_plan, record_looks, statistics_lines
-from .run_specs import parse_run_specs, run_code, run_config, sample_model
+from .run_specs import RunSpec, parse_run_specs, run_code, run_config, sample_model
 from .sample_sets import read_set_manifest
 from .seed_groups import SeedGroup, group_by_seed, paired_comparisons
 
@@ -72,63 +72,56 @@ def digits_lines(rows: List[dict], checks: List[dict]) -> List[str]:
     return lines + [""]
 
 
+def results_lines(rows: List[dict], settings: dict) -> List[str]:
+    """The report's head: how every model was sampled and scored, and the table of one row per run."""
+    have = {k for r in rows for k, v in r.items() if v is not None}
+    intro = (f"Every model sampled alike: {settings['num_samples']} samples, sampler {settings['scheduler']}, "
+             f"{settings['steps']} steps, guidance w = {settings['guidance']:g}, seed {settings['seed']} (EMA weights). "
+             f"Reference: {settings['ref']} ({fmt(rows[0]['num_ref'], ',d')} images). "
+             f"Features: {features_note(rows[0]['extractor'])}.")
+    if "kid_mean" in have:
+        intro += (" KID: the unbiased MMD² of all samples against all reference images (each capped at 5,000), "
+                  "± its jackknife standard error." if "kid" in have else
+                  f" KID: {settings.get('kid_subsets', 100)} subsets of {settings['kid_subset_size']}.")
+    columns = _table_columns(have)
+    lines = ["# U-ViC vs U-ViT", "", intro, "", "| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
+    return lines + ["| " + " | ".join(str(cell(r)) for _, cell in columns) + " |" for r in rows] + [""]
+
+
+def _table_columns(have: set) -> List[tuple]:
+    """(header, cell of a row) of the table's columns: the fixed ones, then those the rows have values for."""
+    kid, spread = ("kid", "kid_se") if "kid" in have else ("kid_mean", "kid_std")
+
+    def milli(value):
+        return None if value is None else 1e3 * value
+
+    fixed = [("model", lambda r: r["model"]), ("attention", lambda r: attention_label(r["attention"])),
+             ("params", lambda r: fmt(r["params"], ",d")), ("steps trained", lambda r: fmt(r["step"], ",d")),
+             ("FID", lambda r: fmt(r["fid"]))]
+    optional = [  # (the row key that must have a value, header, cell)
+        ("fid_low", f"FID {stats.CONFIDENCE:.0%} bootstrap",
+         lambda r: "–" if r["fid_low"] is None else f"[{r['fid_low']:.3f}, {r['fid_high']:.3f}]"),
+        ("train_seed", "train seed", lambda r: fmt(r["train_seed"], "d")),
+        ("isc_mean", "IS", lambda r: f"{fmt(r['isc_mean'], '.2f')} ± {fmt(r['isc_std'], '.2f')}"),
+        ("kid_mean", "KID ×10³ ± SE" if "kid" in have else "KID ×10³ (± spread over subsets)",
+         lambda r: f"{fmt(milli(r[kid]), '.2f')} ± {fmt(milli(r[spread]), '.2f')}"),
+        ("precision", "precision", lambda r: fmt(r["precision"])),
+        ("precision", "recall", lambda r: fmt(r["recall"])),
+        ("clip_score", "CLIP score", lambda r: fmt(r["clip_score"], ".2f")),
+    ]
+    return fixed + [(header, cell) for key, header, cell in optional if key in have]
+
+
 def write_report(rows: List[dict], out_dir, *, settings: dict, command: str,
                  groups: Optional[List[SeedGroup]] = None, digits: Optional[List[dict]] = None) -> dict:
-    """report.md (tables, statistics, verdict), report.csv (all columns) and fid.png in out_dir -> their paths."""
+    """report.md (tables, statistics, verdict), report.csv (all columns) and fid.png in out_dir -> their paths.
+    digits: each row's digits checks (a digits reference), for the "Classes and memorisation" section."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"md": out_dir / "report.md", "csv": out_dir / "report.csv", "png": out_dir / "fid.png"}
     paths["csv"].unlink(missing_ok=True)
     append_csv(paths["csv"], rows)
-    have = {k for r in rows for k, v in r.items() if v is not None}
-    header = ["model", "attention", "params", "steps trained", "FID"]
-    if "fid_low" in have:
-        header.append(f"FID {stats.CONFIDENCE:.0%} bootstrap")
-    if "train_seed" in have:
-        header.append("train seed")
-    if "isc_mean" in have:
-        header.append("IS")
-    if "kid" in have:
-        header.append("KID ×10³ ± SE")
-    elif "kid_mean" in have:
-        header.append("KID ×10³ (± spread over subsets)")
-    if "precision" in have:
-        header += ["precision", "recall"]
-    if "clip_score" in have:
-        header.append("CLIP score")
-    lines = [
-        "# U-ViC vs U-ViT",
-        "",
-        f"Every model sampled alike: {settings['num_samples']} samples, sampler {settings['scheduler']}, "
-        f"{settings['steps']} steps, guidance w = {settings['guidance']:g}, seed {settings['seed']} (EMA weights). "
-        f"Reference: {settings['ref']} ({fmt(rows[0]['num_ref'], ',d')} images). "
-        f"Features: {features_note(rows[0]['extractor'])}.",
-    ]
-    if "kid_mean" in have:
-        lines[-1] += (" KID: the unbiased MMD² of all samples against all reference images (each capped at 5,000), "
-                      "± its jackknife standard error." if "kid" in have else
-                      f" KID: {settings.get('kid_subsets', 100)} subsets of {settings['kid_subset_size']}.")
-    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in rows:
-        cells = [r["model"], attention_label(r["attention"]),
-                 fmt(r["params"], ",d"), fmt(r["step"], ",d"), fmt(r["fid"])]
-        if "fid_low" in have:
-            cells.append("–" if r["fid_low"] is None else f"[{r['fid_low']:.3f}, {r['fid_high']:.3f}]")
-        if "train_seed" in have:
-            cells.append(fmt(r["train_seed"], "d"))
-        if "isc_mean" in have:
-            cells.append(f"{fmt(r['isc_mean'], '.2f')} ± {fmt(r['isc_std'], '.2f')}")
-        if "kid_mean" in have:
-            kid, spread = ("kid", "kid_se") if "kid" in have else ("kid_mean", "kid_std")
-            kid, spread = (None if r[k] is None else 1e3 * r[k] for k in (kid, spread))
-            cells.append(f"{fmt(kid, '.2f')} ± {fmt(spread, '.2f')}")
-        if "precision" in have:
-            cells += [fmt(r["precision"]), fmt(r["recall"])]
-        if "clip_score" in have:
-            cells.append(fmt(r["clip_score"], ".2f"))
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    lines.append("")
-    lines += settings.get("code_lines") or []
+    lines = results_lines(rows, settings) + (settings.get("code_lines") or [])
     if digits:
         lines += digits_lines(rows, digits)
     if groups:
@@ -157,7 +150,8 @@ def compare(runs: Sequence[str], *, ref: str, out_dir, num_samples: int, schedul
     KID uses subsets of min(kid_subset_size, num_samples, reference size); KID is left out against a
     reference that holds only statistics. Returns the report's paths, the rows and the seed groups.
     Text-to-image runs: `prompts` (sample i from prompts[i], the same for every model) and `clip` (a CLIP
-    model folder: the CLIP score of each set against its prompts, uvic.clip_score).
+    model folder: the CLIP score of each set against its prompts, uvic.clip_score). A digits reference (digits,
+    digits-train, digits-heldout) adds each set's class histogram and memorisation score (uvic.digits_checks).
 
     Inference: margin (TOST equivalence within ±margin), plan ("SPENDING:MAX_PAIRS", recorded with a
     comparison's first look in out_dir/looks.jsonl: the alpha-spending plan of later looks), fail_above (a run
@@ -168,46 +162,29 @@ def compare(runs: Sequence[str], *, ref: str, out_dir, num_samples: int, schedul
     if margin is not None and not margin > 0:
         raise ValueError(f"--margin must be positive, got {margin}")
     specs = [s for text in runs for s in parse_run_specs(text, checkpoints)]
-    labels = [s.label for s in specs]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"runs repeat: {labels}")
-    if num_samples < 2:
-        raise ValueError(f"--num-samples must be at least 2, got {num_samples}")
-    if bootstrap == 1 or bootstrap < 0:
-        raise ValueError(f"--bootstrap must be 0 (off) or at least 2 resamples, got {bootstrap}")
+    _check_options([s.label for s in specs], num_samples=num_samples, bootstrap=bootstrap, clip=clip, prompts=prompts)
     configs = [run_config(s) for s in specs]
     code_lines = check_code([{"model": s.label, "code": run_code(s)} for s in specs], allow_mixed_code)
-    if clip is not None and prompts is None:
-        raise ValueError("--clip scores samples against their prompts: give --prompts FILE")
-    clip_model = None
-    if clip is not None:
-        clip_model = load_clip(clip, device or "cpu")  # missing weights: one message, before any sampling
-    ref_in = load_input(ref, data_root=metric_kwargs.get("data_root"),
-                                download=metric_kwargs.get("download", True), cache=True)
+    clip_model = None if clip is None else load_clip(clip, device or "cpu")  # missing weights: before any sampling
+    ref_in = load_input(ref, data_root=metric_kwargs.get("data_root"), download=metric_kwargs.get("download", True),
+                        cache=True)
     if kid and ref_in.num_images is None:
         print(f"note: KID left out: {ref} holds only statistics", file=sys.stderr)
         kid = False
     kid_subset_size = min(kid_subset_size, num_samples, ref_in.num_images or num_samples)
+    sampling = dict(num_samples=num_samples, scheduler=scheduler, steps=steps, guidance=guidance, seed=seed,
+                    batch_size=batch_size, device=device, progress=progress, prompts=prompts,
+                    timestep_spacing=timestep_spacing, feature_extractor=metric_kwargs.get("feature_extractor"),
+                    allow_resize=metric_kwargs.get("allow_resize", False))
+    scoring = dict(fid=True, isc=isc, kid=kid, prc=prc, batch_size=batch_size, device=device,
+                   kid_subset_size=kid_subset_size, bootstrap=bootstrap, bootstrap_seed=seed, **metric_kwargs)
     rows, digits = [], []
     for spec, config in zip(specs, configs):
         sample_dir = Path(samples_dir or Path(out_dir) / "samples") / spec.label.replace("@", "_at_")
-        npz, info = sample_model(spec, sample_dir, num_samples=num_samples, scheduler=scheduler, steps=steps,
-                                 guidance=guidance, seed=seed, batch_size=batch_size, device=device,
-                                 progress=progress, ref=ref_in, feature_extractor=metric_kwargs.get("feature_extractor"),
-                                 allow_resize=metric_kwargs.get("allow_resize", False), prompts=prompts,
-                                 timestep_spacing=timestep_spacing)
-        result = metrics.compute_metrics(str(npz), ref_in, fid=True, isc=isc, kid=kid, prc=prc, batch_size=batch_size,
-                                         device=device, kid_subset_size=kid_subset_size, bootstrap=bootstrap,
-                                         bootstrap_seed=seed, **metric_kwargs)
-        if clip_model is not None:
-            result["clip_score"] = sample_set_clip_score(Path(npz).parent, clip_model, batch_size)
-        print(f"{spec.label}: " + format_result(result).replace("\n", "; "), file=sys.stderr)
-        train_seed = None if config is None else config.get("train", {}).get("seed", TrainConfig.seed)
-        if str(ref) in DIGITS_INPUTS.values():
-            digits.append(sample_set_digits_checks(npz, config))
-            result.update(digits_columns(digits[-1]))
-        rows.append(make_row(result, samples=str(npz), ref=str(ref), manifest=read_set_manifest(Path(npz)),
-                             train_seed=train_seed, code=run_code(spec), **info))
+        row, checks = score_run(spec, config, sample_dir, ref_in, ref=str(ref), clip_model=clip_model,
+                                sampling=sampling, scoring=scoring)
+        rows.append(row)
+        digits += [checks] if checks is not None else []
     groups = group_by_seed(rows, configs, [s.checkpoint for s in specs])
     settings = dict(num_samples=num_samples, scheduler=scheduler, steps=steps, guidance=guidance, seed=seed,
                     **({"timestep_spacing": timestep_spacing} if timestep_spacing else {}),
@@ -220,3 +197,33 @@ def compare(runs: Sequence[str], *, ref: str, out_dir, num_samples: int, schedul
                           + (f" --margin {margin:g}" if margin else ""))
     paths = write_report(rows, out_dir, settings=settings, command=command, groups=groups, digits=digits)
     return {**paths, "rows": rows, "groups": groups}
+
+
+def _check_options(labels: List[str], *, num_samples: int, bootstrap: int, clip, prompts):
+    """compare's options, before anything is loaded or sampled."""
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"runs repeat: {labels}")
+    if num_samples < 2:
+        raise ValueError(f"--num-samples must be at least 2, got {num_samples}")
+    if bootstrap == 1 or bootstrap < 0:
+        raise ValueError(f"--bootstrap must be 0 (off) or at least 2 resamples, got {bootstrap}")
+    if clip is not None and prompts is None:
+        raise ValueError("--clip scores samples against their prompts: give --prompts FILE")
+
+
+def score_run(spec: RunSpec, config: Optional[dict], sample_dir: Path, ref_in, *, ref: str, clip_model,
+              sampling: dict, scoring: dict) -> tuple:
+    """One run of a comparison sampled into sample_dir (resumable) and scored -> (its row, its digits checks: None
+    unless the reference is a digits input). sampling: sample_model's options; scoring: compute_metrics'."""
+    npz, info = sample_model(spec, sample_dir, ref=ref_in, **sampling)
+    result = metrics.compute_metrics(str(npz), ref_in, **scoring)
+    if clip_model is not None:
+        result["clip_score"] = sample_set_clip_score(Path(npz).parent, clip_model, scoring["batch_size"])
+    print(f"{spec.label}: " + format_result(result).replace("\n", "; "), file=sys.stderr)
+    checks = sample_set_digits_checks(npz, config) if ref in DIGITS_INPUTS.values() else None
+    if checks is not None:
+        result.update(digits_columns(checks))
+    train_seed = None if config is None else config.get("train", {}).get("seed", TrainConfig.seed)
+    row = make_row(result, samples=str(npz), ref=ref, manifest=read_set_manifest(Path(npz)), train_seed=train_seed,
+                   code=run_code(spec), **info)
+    return row, checks

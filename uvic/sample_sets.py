@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 FORMATS = ("npz", "png")
 SET_MANIFEST = "manifest.json"  # the sample set's record (a checkpoint's is uvic.runs.MANIFEST)
 SAMPLES_NPZ = "samples.npz"
+PROMPTS_TXT = "prompts.txt"  # text-to-image sets: prompt i of sample i, one a line
 NPZ_RECORD = "samples_npz"  # manifest key: {count, shape, bytes, sha256} of samples.npz, written after it
 MAX_SHARD_SIZE = 1000
 # Manifest keys that define the set: a rerun into the same folder must agree on all of them.
@@ -224,17 +225,9 @@ def generate_samples(
     shard_size: None = the existing set's, else `default_shard_size(num_samples)`. A set is extended by a
     rerun with a larger num_samples; a smaller one is refused.
     """
-    out_dir = Path(out_dir)
-    formats = tuple(formats)
-    bad = [f for f in formats if f not in FORMATS]
-    if bad or not formats:
-        raise ValueError(f"formats {list(formats)} not valid; choose from {FORMATS}")
-    for name, value in (("num_samples", num_samples), ("batch_size", batch_size), ("shard_size", shard_size),
-                        ("steps", steps)):
-        if value is not None and int(value) < 1:
-            raise ValueError(f"{name} must be at least 1, got {value}")
-    if seed < 0:
-        raise ValueError(f"seed must be non-negative, got {seed}")
+    out_dir, formats = Path(out_dir), tuple(formats)
+    _check_options(formats, num_samples=num_samples, batch_size=batch_size, shard_size=shard_size, steps=steps,
+                   seed=seed)
     pipe = with_scheduler(pipeline, scheduler, timestep_spacing)
     check_prompts(pipe, prompts, guidance)
     if prompts is not None:
@@ -245,50 +238,20 @@ def generate_samples(
     pipe.check_inputs(1, None if classes is None else 0, guidance)
     check_image_channels(pipe)
     state = accelerator or SingleProcess()
-    rank, world = state.process_index, state.num_processes
     old = _read_manifest(out_dir)  # every rank reads it before anyone writes
     if shard_size is None:
         shard_size = old["shard_size"] if old and isinstance(old.get("shard_size"), int) \
             else default_shard_size(num_samples)
-
-    manifest = {
-        "model": model_fingerprint(pipe),
-        "seed": seed,
-        "scheduler": _json_ready({"class": type(pipe.scheduler).__name__,
-                                  **{k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}}),
-        "steps": steps,
-        "guidance": float(guidance),
-        "classes": classes,
-        "shard_size": shard_size,
-        "image_shape": list(pipe.image_shape),
-        "dtype": str(pipe.transformer.dtype).removeprefix("torch."),
-        "num_samples": num_samples,
-        "source": str(pipeline.config.get("_name_or_path", "")),
-        "formats": list(formats),
-        "prompts": None if prompts is None else {
-            "count": len(prompts), "sha1": hashlib.sha1("\n".join(prompts).encode()).hexdigest(), "file": "prompts.txt"},
-    }
+    manifest = set_manifest(pipe, seed=seed, steps=steps, guidance=guidance, classes=classes, shard_size=shard_size,
+                            num_samples=num_samples, formats=formats, prompts=prompts,
+                            source=str(pipeline.config.get("_name_or_path", "")))
     _check_manifest(out_dir, manifest, old)  # every rank raises the same error, before anyone writes
     if old is not None and num_samples < old["num_samples"]:  # _check_manifest found it held by complete shards
-        verified = _npz_verified(out_dir, old.get(NPZ_RECORD), num_samples)
-        if state.is_main_process and not verified:
-            _assemble(out_dir, shard_ranges(old["num_samples"], shard_size), old, count=num_samples)
-        state.wait_for_everyone()
-        return out_dir / SAMPLES_NPZ
+        return _serve_prefix(out_dir, old, num_samples, state)
     record = (old or {}).get(NPZ_RECORD)
     if record is not None:
         manifest[NPZ_RECORD] = record  # describes the samples.npz on disk until a new one replaces it
-    state.wait_for_everyone()
-    if state.is_main_process:
-        (out_dir / "shards").mkdir(parents=True, exist_ok=True)
-        if "png" in formats:
-            (out_dir / "png").mkdir(exist_ok=True)
-        for stale in [*out_dir.glob(".*.tmp-*"), *out_dir.glob("*/.*.tmp-*")]:  # left by an interrupted run
-            stale.unlink(missing_ok=True)
-        _write_manifest(out_dir, manifest)
-        if prompts is not None:
-            atomic_write(out_dir / "prompts.txt", lambda f: f.write("".join(p + "\n" for p in prompts).encode()))
-    state.wait_for_everyone()
+    _start(out_dir, manifest, prompts, state)
 
     result = out_dir / (SAMPLES_NPZ if "npz" in formats else "png")
     verified = "npz" in formats and _npz_verified(out_dir, record, num_samples)
@@ -298,12 +261,84 @@ def generate_samples(
             and state.is_main_process:
         print(f"warning: {out_dir / SAMPLES_NPZ} does not match its record in {SET_MANIFEST} (truncated or changed): "
               "rebuilt from the shards (missing shards are drawn again)", file=sys.stderr)
-
     shards = shard_ranges(num_samples, shard_size)
     todo = [k for k, r in enumerate(shards) if not _shard_complete(_shard_path(out_dir, k), r)]
     if "png" in formats:  # a set first made as npz only gets its PNGs from the shards
-        _write_missing_pngs(out_dir, shards, todo, rank, world)
+        _write_missing_pngs(out_dir, shards, todo, state.process_index, state.num_processes)
     state.wait_for_everyone()  # all have looked before anyone writes
+    _draw_shards(pipe, out_dir, shards, todo, state, classes=classes, seed=seed, steps=steps, guidance=guidance,
+                 batch_size=batch_size, prompts=prompts, png="png" in formats, progress=progress)
+    if "npz" in formats and state.is_main_process and not verified:
+        _assemble(out_dir, shards, manifest)
+    state.wait_for_everyone()
+    return result
+
+
+def _check_options(formats: tuple, *, seed: int, **sizes):
+    """Formats known, sizes at least 1 (None: unset), seed non-negative."""
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise ValueError(f"formats {list(formats)} not valid; choose from {FORMATS}")
+    for name, value in sizes.items():
+        if value is not None and int(value) < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    if seed < 0:
+        raise ValueError(f"seed must be non-negative, got {seed}")
+
+
+def set_manifest(pipe: UViCPipeline, *, seed: int, steps: int, guidance: float, classes, shard_size: int,
+                 num_samples: int, formats: tuple, prompts: Optional[List[str]], source: str) -> dict:
+    """What a set is (IDENTITY_KEYS: a rerun into its folder must agree on them) and its size, as strict JSON."""
+    scheduler = {"class": type(pipe.scheduler).__name__,
+                 **{k: v for k, v in pipe.scheduler.config.items() if not k.startswith("_")}}
+    return {
+        "model": model_fingerprint(pipe),
+        "seed": seed,
+        "scheduler": _json_ready(scheduler),
+        "steps": steps,
+        "guidance": float(guidance),
+        "classes": classes,
+        "shard_size": shard_size,
+        "image_shape": list(pipe.image_shape),
+        "dtype": str(pipe.transformer.dtype).removeprefix("torch."),
+        "num_samples": num_samples,
+        "source": source,
+        "formats": list(formats),
+        "prompts": None if prompts is None else {
+            "count": len(prompts), "sha1": hashlib.sha1("\n".join(prompts).encode()).hexdigest(), "file": PROMPTS_TXT},
+    }
+
+
+def _serve_prefix(out_dir: Path, old: dict, num_samples: int, state) -> Path:
+    """samples.npz of samples 0..num_samples-1 of a larger, unfinished set whose complete shards hold them."""
+    verified = _npz_verified(out_dir, old.get(NPZ_RECORD), num_samples)
+    if state.is_main_process and not verified:
+        _assemble(out_dir, shard_ranges(old["num_samples"], old["shard_size"]), old, count=num_samples)
+    state.wait_for_everyone()
+    return out_dir / SAMPLES_NPZ
+
+
+def _start(out_dir: Path, manifest: dict, prompts: Optional[List[str]], state):
+    """The folders, the manifest and prompts.txt, written by the main process once every rank has checked."""
+    state.wait_for_everyone()
+    if state.is_main_process:
+        (out_dir / "shards").mkdir(parents=True, exist_ok=True)
+        if "png" in manifest["formats"]:
+            (out_dir / "png").mkdir(exist_ok=True)
+        for stale in [*out_dir.glob(".*.tmp-*"), *out_dir.glob("*/.*.tmp-*")]:  # left by an interrupted run
+            stale.unlink(missing_ok=True)
+        _write_manifest(out_dir, manifest)
+        if prompts is not None:
+            atomic_write(out_dir / PROMPTS_TXT, lambda f: f.write("".join(p + "\n" for p in prompts).encode()))
+    state.wait_for_everyone()
+
+
+def _draw_shards(pipe: UViCPipeline, out_dir: Path, shards: List[range], todo: List[int], state, *, classes,
+                 seed: int, steps: int, guidance: float, batch_size: int, prompts: Optional[List[str]], png: bool,
+                 progress: bool):
+    """Draw the shards `todo` (this rank's share: every num_processes-th) and write each when it is complete."""
+    rank, world = state.process_index, state.num_processes
+    num_samples = shards[-1].stop
     done = num_samples - sum(len(shards[k]) for k in todo)
     bar = tqdm(total=num_samples, initial=done, unit="img", desc="sampling", dynamic_ncols=True,
                disable=not (progress and state.is_main_process))
@@ -316,21 +351,16 @@ def generate_samples(
             batch_labels = None if labels is None else labels[start : start + batch_size]
             batch_prompts = None if prompts is None else [prompts[i] for i in batch]
             images.append(to_uint8(draw(pipe, batch, batch_labels, seed=seed, steps=steps, guidance=guidance,
-                                        prompts=batch_prompts)))
+                                        prompts=batch_prompts)))  # (B, H, W, 3) uint8
             bar.update(min(len(batch) * world, bar.total - bar.n))  # other ranks advance alike
         arrays = {"arr_0": np.concatenate(images), "indices": np.arange(indices.start, indices.stop)}
         if labels is not None:
             arrays["labels"] = labels
-        if "png" in formats:
+        if png:
             _write_pngs(out_dir, arrays["arr_0"], indices)
         atomic_write(_shard_path(out_dir, k), lambda f: np.savez(f, **arrays))  # the shard is complete now
     bar.close()
     state.wait_for_everyone()
-
-    if "npz" in formats and state.is_main_process and not verified:
-        _assemble(out_dir, shards, manifest)
-    state.wait_for_everyone()
-    return result
 
 
 def _write_pngs(out_dir: Path, images: np.ndarray, indices: Sequence[int]):
