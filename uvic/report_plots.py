@@ -1,5 +1,6 @@
 """The comparison report's figures: FID per seed group (bars over seeds, a dot per run) or against training step
-(fid.png), and the learning curves of seed groups over checkpoints (curves.png).
+(fid.png), and the learning curves of seed groups over checkpoints (curves.png). Each bar's label and each
+curve's legend entry says how long its runs trained; a title says so when the runs trained for different step counts.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from . import stats
+from .report_rows import different_steps, steps_label
 from .seed_groups import SeedGroup
 
 
@@ -38,7 +40,8 @@ def plot_fid(rows: List[dict], path, ylabel: str = "FID", groups: Optional[List[
         for name, rs in by_run.items():
             rs = sorted((r for r in rs if r["step"] is not None), key=lambda r: r["step"])
             color = colors.get(rs[0]["attention"]) if rs else None
-            ax.plot([r["step"] for r in rs], [r["fid"] for r in rs], marker="o", label=name, color=color)
+            ax.plot([r["step"] for r in rs], [r["fid"] for r in rs], marker="o", color=color,
+                    label=f"{name} ({steps_label(rs)})" if rs else name)
             boot_bars([r["step"] for r in rs], rs, color)
         ax.set_xlabel("training step")
         ax.legend()
@@ -59,13 +62,14 @@ def plot_fid(rows: List[dict], path, ylabel: str = "FID", groups: Optional[List[
                         (i, group_top), ha="center", va="bottom", fontsize=8)
             top = max(top, group_top)
         # sweep names ("digits_uvic__model.softmax_blocks=none") break at their "__" and "=" separators
-        ax.set_xticks(range(len(groups)), [g.name.replace("__", "\n").replace("=", "=\n") for g in groups],
-                      fontsize=7)
+        ax.set_xticks(range(len(groups)), [g.name.replace("__", "\n").replace("=", "=\n")
+                                            + (f"\n{steps_label(g.rows)}" if steps_label(g.rows) else "")
+                                            for g in groups], fontsize=7)
         ax.set_ylim(top=1.25 * top)  # room for the labels
         ax.set_xlabel(f"bars: mean ± {stats.CONFIDENCE:.0%} t-interval over seeds; dots: runs (gray: bootstrap)",
                       fontsize=8)
     ax.set_ylabel(f"{ylabel} (lower is better)")
-    ax.set_title(f"{rows[0]['num_samples']} samples vs {rows[0]['ref']}")
+    ax.set_title(_with_steps_note(f"{rows[0]['num_samples']} samples vs {rows[0]['ref']}", rows), fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -93,16 +97,23 @@ def plot_curves(groups: List[SeedGroup], path) -> Optional[Path]:
         x = [g.rows[0]["step"] for g in gs]
         ivs = [g.interval for g in gs]
         line, = ax.plot(x, [iv.mean for iv in ivs], marker="o", color=colors.get(attention),
-                        label=f"{name} (n = {max(iv.n for iv in ivs)})")
+                        label=f"{name} (n = {max(iv.n for iv in ivs)}, {steps_label([g.rows[0] for g in gs])})")
         have = [(xi, iv) for xi, iv in zip(x, ivs) if iv.low is not None]
         if have:
             ax.fill_between([xi for xi, _ in have], [iv.low for _, iv in have], [iv.high for _, iv in have],
                             color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set_xlabel("training step")
     ax.set_ylabel("FID (lower is better)")
-    ax.set_title("mean over seeds, band: 95% t-interval")
+    ax.set_title(_with_steps_note("mean over seeds, band: 95% t-interval", [r for g in groups for r in g.rows]),
+                 fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
+
+
+def _with_steps_note(title: str, rows: List[dict]) -> str:
+    """The title, and on a line of its own that the runs trained for different step counts (if they did)."""
+    note = different_steps(rows)
+    return title if note is None else f"{title}\n{note}"

@@ -8,7 +8,7 @@ import csv
 import datetime
 import math
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from . import digits_classifier
 from .attention import MECHANISMS
@@ -85,6 +85,35 @@ def digits_columns(checks: dict) -> dict:
     return {"classes": " ".join(map(str, checks["counts"])), "class_tv": checks["balance"]["tv"],
             "class_p": checks["balance"]["p"], "memorised": closer.mean, "memorised_low": closer.low,
             "memorised_high": closer.high}
+
+
+def steps_by_run(rows: Sequence[dict]) -> Dict[str, Optional[int]]:
+    """Training steps of each run (a row's model up to its "@checkpoint"): the most of its rows' steps; None:
+    not recorded (a pipeline folder outside a run)."""
+    out: Dict[str, Optional[int]] = {}
+    for r in rows:
+        run = r["model"].split("@")[0]
+        known = [s for s in (out.get(run), r.get("step")) if s is not None]
+        out[run] = max(known) if known else None
+    return out
+
+
+def different_steps(rows: Sequence[dict]) -> Optional[str]:
+    """None when the runs whose step counts are recorded trained for equally many steps; else
+    "runs trained for different step counts (a: 2; b: 4)"."""
+    steps = steps_by_run(rows)
+    if len({s for s in steps.values() if s is not None}) < 2:
+        return None
+    return "runs trained for different step counts (" + "; ".join(
+        f"{run}: {fmt(s, ',d')}" for run, s in steps.items()) + ")"
+
+
+def steps_label(rows: List[dict]) -> str:
+    """"4 steps", "2–4 steps" (the steps of a seed group's runs), "" when none is recorded."""
+    steps = sorted({r["step"] for r in rows if r.get("step") is not None})
+    if not steps:
+        return ""
+    return f"{steps[0]:,} steps" if len(steps) == 1 else f"{steps[0]:,}–{steps[-1]:,} steps"
 
 
 def fmt(value, spec: str = ".3f") -> str:
