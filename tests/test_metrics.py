@@ -11,7 +11,7 @@ import torch
 from diffusers import DDPMScheduler
 from PIL import Image
 
-from uvic import digits_classifier, metrics
+from uvic import digits_classifier, feature_extractors, metric_inputs, metrics
 from uvic.fid import FIDStatistics, frechet_distance
 from uvic.metrics import compute_metrics, compute_statistics
 from uvic.model import UViT
@@ -144,12 +144,12 @@ def test_random_weight_inception_drives_the_whole_torch_fidelity_path(random_inc
     ref = write_pngs(tmp_path / "ref", rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8))
     common = dict(inception_weights=random_inception, batch_size=4, download=False, cache_root=tmp_path / "cache")
     r = compute_metrics(str(tmp_path / "samples.npz"), str(ref), kid=True, kid_subset_size=3, **common)
-    assert r["extractor"] == metrics.INCEPTION and (r["num_samples"], r["num_ref"]) == (4, 4)
+    assert r["extractor"] == feature_extractors.INCEPTION and (r["num_samples"], r["num_ref"]) == (4, 4)
     assert np.isfinite(r["fid"]) and np.isfinite(r["kid_mean"]) and r["fid"] > 0
     assert any((tmp_path / "cache").iterdir())  # the reference's features were cached
 
     stats = compute_statistics(str(ref), **common)
-    assert stats.extractor == metrics.INCEPTION and stats.layer == "2048" and stats.mu.shape == (2048,)
+    assert stats.extractor == feature_extractors.INCEPTION and stats.layer == "2048" and stats.mu.shape == (2048,)
     stats.save(tmp_path / "ref_stats.npz")
     again = compute_metrics(str(tmp_path / "samples.npz"), str(tmp_path / "ref_stats.npz"), **common)
     assert again["fid"] == pytest.approx(r["fid"], rel=1e-6)
@@ -166,8 +166,8 @@ def test_missing_or_wrong_inception_weights_give_one_message(tmp_path):
     with pytest.raises(FileNotFoundError) as err:
         compute_metrics(images, images, download=False)
     message = str(err.value)
-    hub_file = tmp_path / "torch_home" / "hub" / "checkpoints" / metrics.INCEPTION_WEIGHTS_FILE
-    assert metrics.INCEPTION_WEIGHTS_URL in message and str(hub_file) in message and "--inception-weights" in message
+    hub_file = tmp_path / "torch_home" / "hub" / "checkpoints" / feature_extractors.INCEPTION_WEIGHTS_FILE
+    assert feature_extractors.INCEPTION_WEIGHTS_URL in message and str(hub_file) in message and "--inception-weights" in message
     with pytest.raises(FileNotFoundError, match="does not exist"):
         compute_metrics(images, images, inception_weights=tmp_path / "nope.pth")
     torch.save({"fc.weight": torch.zeros(3)}, tmp_path / "wrong.pth")
@@ -193,8 +193,8 @@ def test_statistics_files_round_trip_with_their_tags(tmp_path, digits_rgb):
 
 
 def test_untagged_statistics_are_taken_as_inception_with_a_note(tmp_path, caplog, digits_rgb):
-    inception = metrics.Extractor(metrics.INCEPTION, None, "00000000")
-    with caplog.at_level(logging.WARNING, logger="uvic.metrics"):
+    inception = feature_extractors.Extractor(feature_extractors.INCEPTION, None, "00000000")
+    with caplog.at_level(logging.WARNING, logger="uvic.feature_extractors"):
         inception.check(FIDStatistics(np.zeros(2048), np.eye(2048)), "fid_stats_cifar10_train_pytorch.npz")
     assert "no extractor tag" in caplog.text and "pytorch-fid" in caplog.text
     np.savez(tmp_path / "foreign.npz", mu=np.zeros(64), sigma=np.eye(64))  # no tags
@@ -206,12 +206,12 @@ def test_npz_images_are_read_lazily_when_stored_uncompressed(tmp_path):
     x = np.random.default_rng(0).integers(0, 256, (5, 4, 4, 3), dtype=np.uint8)
     np.savez(tmp_path / "a.npz", arr_0=x, labels=np.arange(5))
     np.savez_compressed(tmp_path / "b.npz", arr_0=x)
-    mapped = metrics.npz_array(tmp_path / "a.npz")
-    assert isinstance(mapped, metrics.NpzMember) and np.array_equal(mapped, x) and np.array_equal(mapped[4], x[4])
-    assert np.array_equal(metrics.npz_array(tmp_path / "b.npz"), x)
+    mapped = metric_inputs.npz_array(tmp_path / "a.npz")
+    assert isinstance(mapped, metric_inputs.NpzMember) and np.array_equal(mapped, x) and np.array_equal(mapped[4], x[4])
+    assert np.array_equal(metric_inputs.npz_array(tmp_path / "b.npz"), x)
     copy = pickle.loads(pickle.dumps(mapped))  # as DataLoader workers get it: their own stream
     assert np.array_equal(copy[3], x[3]) and np.array_equal(copy[1], x[1])  # backwards too
-    item = metrics.load_input(str(tmp_path / "a.npz")).images[2]
+    item = metric_inputs.load_input(str(tmp_path / "a.npz")).images[2]
     assert item.dtype == torch.uint8 and torch.equal(item, torch.from_numpy(x[2]).permute(2, 0, 1))
 
 
@@ -325,7 +325,7 @@ def test_a_hostile_pickle_in_any_feature_cache_slot_is_never_unpickled(tmp_path,
     ours = sorted(set(root.glob("*")) - before)
     assert [p.suffix for p in ours] == [".safetensors", ".npz"]  # features and statistics; no .pt
     entry = ours[0].name[len("uvic-"):-len("-features.safetensors")]
-    layer = metrics.make_extractor("digits").layer("fid")
+    layer = feature_extractors.make_extractor("digits").layer("fid")
     fidelity_names = [f"{entry}-features-{layer}.pt", f"{entry}-stat-fid-{layer}.pt"]  # torch-fidelity's own slots
     marker = tmp_path / "marker"
     plant_hostile(root, [p.name for p in ours] + fidelity_names, marker)
@@ -390,4 +390,4 @@ def test_a_torch_fidelity_without_an_internal_uvic_uses_gives_one_message_naming
         compute_metrics(digits_rgb[:20], "digits", cache_root=False)
     assert type(err.value).__name__ == "UserError"
     assert "torch_fidelity.utils.get_featuresdict_from_dataset" in str(err.value)
-    assert metrics.TORCH_FIDELITY_SUPPORTED in str(err.value)
+    assert feature_extractors.TORCH_FIDELITY_SUPPORTED in str(err.value)

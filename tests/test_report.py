@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from uvic import evaluate, report, stats
+from uvic import evaluate, report, report_rows, report_stats, run_specs, seed_groups, stats
 from uvic.model import UViT
 from uvic.pipeline import UViCPipeline
 
@@ -80,6 +80,28 @@ def test_compare_over_checkpoints_plots_fid_against_step(runs, tmp_path):
     assert "KID" not in out["md"].read_text() and out["png"].stat().st_size > 0
 
 
+def test_a_digits_comparison_reports_classes_and_memorisation_per_run(runs, tmp_path):
+    out = report.compare([str(runs[0]), str(runs[1])], ref="digits", out_dir=tmp_path, num_samples=10, steps=2,
+                         scheduler="ddim", batch_size=16, isc=False, kid=False, bootstrap=0, progress=False)
+    md = out["md"].read_text()
+    assert "## Classes and memorisation" in md
+    for name in ("tiny_uvit", "tiny_uvic"):
+        line = next(line for line in md.splitlines() if line.startswith(f"- **{name}**: classes 0-9 ["))
+        counts = json.loads(line[line.index("["):line.index("]") + 1])
+        assert len(counts) == 10 and sum(counts) == 10  # every sample labelled once
+    assert "nearest training digit (all split)" in md and "data.split=all saw the held-out digits" in md  # no data.split
+    for row in read_csv(out["csv"]):
+        counts = [int(c) for c in row["classes"].split()]
+        assert sum(counts) == 10 and 0 <= float(row["class_tv"]) <= 1
+        assert float(row["memorised_low"]) <= float(row["memorised"]) <= float(row["memorised_high"])
+    np.savez(tmp_path / "ref.npz", arr_0=np.zeros((10, 8, 8, 3), np.uint8))  # not a digits reference: no section
+    other = report.compare([str(runs[0])], ref=str(tmp_path / "ref.npz"), out_dir=tmp_path / "other",
+                           num_samples=10, steps=2, scheduler="ddim", batch_size=16, isc=False, kid=False,
+                           bootstrap=0, progress=False, feature_extractor="digits", download=False)
+    assert "Classes and memorisation" not in other["md"].read_text()
+    assert read_csv(other["csv"])[0]["classes"] == ""
+
+
 @pytest.mark.parametrize("suffix, checkpoints, expected", [
     ("", None, [None]),
     ("@latest", None, ["latest"]),
@@ -88,7 +110,7 @@ def test_compare_over_checkpoints_plots_fid_against_step(runs, tmp_path):
     ("", ["2", "final"], ["2", None]),
 ])
 def test_run_spec_syntax(runs, suffix, checkpoints, expected):
-    specs = report.parse_run_specs(f"{runs[0]}{suffix}", checkpoints)
+    specs = run_specs.parse_run_specs(f"{runs[0]}{suffix}", checkpoints)
     assert [s.checkpoint for s in specs] == expected
     assert specs[-1].steps_trained() == (4 if expected[-1] in (None, "latest") else int(expected[-1]))
 
@@ -130,9 +152,9 @@ def test_eval_cli_bad_input_exits_with_one_message(tmp_path, capsys):
         evaluate.main([str(tmp_path)])
     assert "--ref is required" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        report.parse_run_specs(str(tmp_path / "no_run"))
+        run_specs.parse_run_specs(str(tmp_path / "no_run"))
     with pytest.raises(ValueError, match="not valid"):
-        report.parse_run_specs(f"{tmp_path}@soon")
+        run_specs.parse_run_specs(f"{tmp_path}@soon")
 
 
 # ---------------------------------------------------------------------- seeds: groups, intervals, pairs
@@ -144,19 +166,19 @@ def test_group_by_seed_groups_configs_that_differ_only_in_train_seed():
     names = ["c_s0", "t_s0", "c_s1", "c_lr", "pipe", "c_s2"]
     rows = [{"model": n, "attention": c and c["model"]["attention_type"], "fid": float(i),
              "train_seed": c and c["train"]["seed"]} for i, (n, c) in enumerate(zip(names, configs))]
-    groups = report.group_by_seed(rows, configs, [None] * 6)
+    groups = seed_groups.group_by_seed(rows, configs, [None] * 6)
     assert [[r["model"] for r in g.rows] for g in groups] == [["c_s0", "c_s1", "c_s2"], ["t_s0"], ["c_lr"], ["pipe"]]
     assert [g.name for g in groups] == ["c", "t_s0", "c_lr", "pipe"]
     assert groups[0].fid_by_seed == {0: 0.0, 1: 2.0, 2: 5.0} and groups[1].interval.low is None
-    (cog, soft, cmp), = report.paired_comparisons(groups)  # c and t differ only in attention; c_lr has no partner
+    (cog, soft, cmp), = seed_groups.paired_comparisons(groups)  # c and t differ only in attention; c_lr has no partner
     assert (cog.name, soft.name, cmp.seeds, cmp.differences) == ("c", "t_s0", (0,), (0.0 - 1.0,))
-    assert report._group_name(["digits_uvic__model.patch_size=2__seed=0", "digits_uvic__model.patch_size=2__seed=1"]) \
+    assert seed_groups._group_name(["digits_uvic__model.patch_size=2__seed=0", "digits_uvic__model.patch_size=2__seed=1"]) \
         == "digits_uvic__model.patch_size=2"  # uvic.sweep's folder names
     # the same checkpoint of two runs with equal config and seed is one run twice
     with pytest.raises(ValueError, match="same train.seed"):
-        report.group_by_seed(rows[:1] * 2, configs[:1] * 2, [None, None])
+        seed_groups.group_by_seed(rows[:1] * 2, configs[:1] * 2, [None, None])
     # other checkpoints are other groups
-    assert len(report.group_by_seed(rows[:1] * 2, configs[:1] * 2, ["2", "4"])) == 2
+    assert len(seed_groups.group_by_seed(rows[:1] * 2, configs[:1] * 2, ["2", "4"])) == 2
 
 
 def test_every_softmax_placement_pairs_with_the_u_vit_and_many_pairs_get_a_bonferroni_reading():
@@ -172,19 +194,19 @@ def test_every_softmax_placement_pairs_with_the_u_vit_and_many_pairs_get_a_bonfe
             configs.append(cfg(attention, seed, blocks))
             rows.append({"model": f"{attention}_{blocks}_s{seed}", "attention": attention, "fid": fid,
                          "train_seed": seed})
-    groups = report.group_by_seed(rows, configs, [None] * len(rows))
+    groups = seed_groups.group_by_seed(rows, configs, [None] * len(rows))
     assert [g.name for g in groups] == ["softmax_first+last", "cog_none", "cog_second-half"]
-    pairs = report.paired_comparisons(groups)
+    pairs = seed_groups.paired_comparisons(groups)
     assert [(c.name, s.name) for c, s, _ in pairs] == [("cog_none", "softmax_first+last"),
                                                           ("cog_second-half", "softmax_first+last")]
     assert pairs[0][2].differences == pytest.approx((2.0, 1.9, 2.1))  # U-ViC − U-ViT, seed by seed
-    lines = "\n".join(report.multiple_comparison_lines(pairs))
+    lines = "\n".join(report_stats.multiple_comparison_lines(pairs))
     assert "**2 comparisons.**" in lines and "97.5% each" in lines
     wide = stats.paired_difference({0: 3.0, 1: 3.1, 2: 3.2}, {0: 1.0, 1: 1.2, 2: 1.1}, confidence=0.975)
     assert wide.interval.high - wide.interval.low > pairs[0][2].interval.high - pairs[0][2].interval.low
     assert f"[{wide.interval.low:.3f}, {wide.interval.high:.3f}]: U-ViT is better (lower) than U-ViC " \
            "(the 97.5% interval excludes 0)" in lines
-    assert report.multiple_comparison_lines(pairs[:1]) == []  # one comparison: the 95% interval as it is
+    assert report_stats.multiple_comparison_lines(pairs[:1]) == []  # one comparison: the 95% interval as it is
 
 
 def test_runs_saved_before_an_option_existed_group_and_pair_with_newer_runs(tmp_path):
@@ -195,19 +217,19 @@ def test_runs_saved_before_an_option_existed_group_and_pair_with_newer_runs(tmp_
     text = new.joinpath("config.yaml").read_text().replace("model:\n", "model:\n  softmax_blocks: first+last\n")
     new.joinpath("config.yaml").write_text(text)
     soft = make_run(tmp_path, "uvit_s1", "softmax", steps=(4,), seed=1, train_extra="  fsdp: false\n")
-    specs = [report.parse_run_specs(str(r))[0] for r in (old, new, soft)]
-    configs = [report.run_config(s) for s in specs]
+    specs = [run_specs.parse_run_specs(str(r))[0] for r in (old, new, soft)]
+    configs = [run_specs.run_config(s) for s in specs]
     depth = configs[0]["model"]["depth"]
     assert configs[0]["model"]["softmax_blocks"] == configs[1]["model"]["softmax_blocks"] == [0, depth]
     rows = [{"model": r.name, "attention": c["model"]["attention_type"], "fid": 1.0 + i,
              "train_seed": c["train"]["seed"]} for i, (r, c) in enumerate(zip((old, new, soft), configs))]
-    groups = report.group_by_seed(rows, configs, [None] * 3)
+    groups = seed_groups.group_by_seed(rows, configs, [None] * 3)
     assert [[r["model"] for r in g.rows] for g in groups] == [["old_uvic_s0", "new_uvic_s1"], ["uvit_s1"]]
-    (cog, uvit, cmp), = report.paired_comparisons(groups)
+    (cog, uvit, cmp), = seed_groups.paired_comparisons(groups)
     assert cmp.seeds == (1,) and cmp.differences == (2.0 - 3.0,)
     # a config this version refuses (a newer version's key) is taken as saved, not dropped
     new.joinpath("config.yaml").write_text(text + "  from_the_future: 1\n")
-    assert report.run_config(report.parse_run_specs(str(new))[0])["train"]["from_the_future"] == 1
+    assert run_specs.run_config(run_specs.parse_run_specs(str(new))[0])["train"]["from_the_future"] == 1
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +251,7 @@ def test_compare_reports_seed_groups_bootstrap_and_paired_difference(seeded_runs
     fid = {r["model"]: float(r["fid"]) for r in csv_rows}
     uvic = groups[1]
     assert uvic.interval.mean == pytest.approx(np.mean([fid[f"tiny_uvic_s{s}"] for s in range(3)]))
-    (cog, soft, cmp), = report.paired_comparisons(groups)  # tiny_uvic_lr differs in lr too: no partner
+    (cog, soft, cmp), = seed_groups.paired_comparisons(groups)  # tiny_uvic_lr differs in lr too: no partner
     assert (cog.name, soft.name, cmp.seeds) == ("tiny_uvic", "tiny_uvit", (0, 1, 2))
     assert cmp.differences == pytest.approx([fid[f"tiny_uvic_s{s}"] - fid[f"tiny_uvit_s{s}"] for s in range(3)])
 
@@ -257,15 +279,18 @@ def test_a_model_of_another_size_than_the_reference_is_refused_before_sampling(r
     assert not (tmp_path / "cmp" / "samples").exists()
 
 
-def test_a_csv_with_older_columns_is_rewritten_with_the_current_ones(tmp_path):
-    old_columns = report.CSV_COLUMNS[:report.CSV_COLUMNS.index("train_seed")]  # written before train_seed existed
-    (tmp_path / "r.csv").write_text(",".join(old_columns) + "\n" + ",".join("x" * len(old_columns)) + "\n")
-    report.append_csv(tmp_path / "r.csv", [{"model": "new", "train_seed": 3}])
-    rows = read_csv(tmp_path / "r.csv")
-    assert list(rows[0]) == list(report.CSV_COLUMNS)
-    assert (rows[0]["model"], rows[0]["train_seed"]) == ("x", "") and (rows[1]["model"], rows[1]["train_seed"]) == ("new", "3")
-    report.append_csv(tmp_path / "r.csv", [{"model": "third"}])  # current columns: appended
-    assert [r["model"] for r in read_csv(tmp_path / "r.csv")] == ["x", "new", "third"]
+def test_a_csv_of_other_columns_is_refused_not_appended_to(tmp_path):
+    other = report_rows.CSV_COLUMNS[:report_rows.CSV_COLUMNS.index("train_seed")]  # e.g. a file with fewer columns
+    (tmp_path / "r.csv").write_text(",".join(other) + "\n" + ",".join("x" * len(other)) + "\n")
+    before = (tmp_path / "r.csv").read_text()
+    with pytest.raises(ValueError, match="has other columns"):
+        report_rows.append_csv(tmp_path / "r.csv", [{"model": "new", "train_seed": 3}])
+    assert (tmp_path / "r.csv").read_text() == before
+    report_rows.append_csv(tmp_path / "new.csv", [{"model": "first"}])
+    report_rows.append_csv(tmp_path / "new.csv", [{"model": "second", "train_seed": 3}])  # current columns: appended
+    rows = read_csv(tmp_path / "new.csv")
+    assert list(rows[0]) == list(report_rows.CSV_COLUMNS)
+    assert [(r["model"], r["train_seed"]) for r in rows] == [("first", ""), ("second", "3")]
 
 
 # ---------------------------------------------------------------------- tests, multiplicity, looks, provenance
@@ -277,7 +302,7 @@ def synthetic_groups(fids):
             configs.append({"model": {"attention_type": attention, "softmax_blocks": name}, "train": {"seed": seed}})
             rows.append({"model": f"{name}_s{seed}", "attention": attention, "fid": fid, "train_seed": seed,
                          "num_samples": 10})
-    return report.group_by_seed(rows, configs, [None] * len(rows))
+    return seed_groups.group_by_seed(rows, configs, [None] * len(rows))
 
 
 def test_paired_table_gives_the_exact_tests_effect_size_ratio_and_holm():
@@ -285,7 +310,7 @@ def test_paired_table_gives_the_exact_tests_effect_size_ratio_and_holm():
 
     groups = synthetic_groups({("softmax", "uvit"): [1.0, 1.2, 1.1], ("cog", "none"): [3.0, 3.1, 3.2],
                                ("cog", "half"): [1.5, 1.0, 1.4]})
-    md = "\n".join(report.statistics_lines(groups, {"bootstrap": 0}))
+    md = "\n".join(report_stats.statistics_lines(groups, {"bootstrap": 0}))
     # none − uvit = (2.0, 1.9, 2.1): mean 2, s = 0.1, t = 2 / (0.1 / √3); every difference positive, so the
     # exact sign-flip and Wilcoxon p are both 2 / 2³
     p_t = 2 * scipy_stats.t.sf(2 / (0.1 / 3 ** 0.5), 2)
@@ -307,8 +332,8 @@ def test_dunnett_tost_and_failure_rates_in_the_report():
     base = rng.normal(1.0, 0.2, 6)
     groups = synthetic_groups({("softmax", "uvit"): list(base), ("cog", "a"): list(base + 0.4 + rng.normal(0, 0.1, 6)),
                                ("cog", "b"): list(base + rng.normal(0, 0.1, 6))})
-    pairs = report.paired_comparisons(groups)
-    md = "\n".join(report.statistics_lines(groups, {"margin": 0.3, "fail_above": 1.3}))
+    pairs = seed_groups.paired_comparisons(groups)
+    md = "\n".join(report_stats.statistics_lines(groups, {"margin": 0.3, "fail_above": 1.3}))
     adjusted = stats.dunnett_paired({"a": groups[1].fid_by_seed, "b": groups[2].fid_by_seed}, groups[0].fid_by_seed)
     assert "**Dunnett, 2 U-ViC arms against the one control uvit**" in md
     assert f"- a − uvit: adjusted p = {adjusted['a']:.3g}" in md
@@ -321,21 +346,21 @@ def test_dunnett_tost_and_failure_rates_in_the_report():
 
 def test_unpaired_seeds_are_named_in_the_report():
     groups = synthetic_groups({("softmax", "uvit"): [1.0, 1.2, 1.1, 0.9], ("cog", "uvic"): [1.5, 1.0, 1.4]})
-    md = "\n".join(report.statistics_lines(groups, {}))
+    md = "\n".join(report_stats.statistics_lines(groups, {}))
     assert "uvic vs uvit: unpaired, left out: uvit seed 3 (no uvic partner)." in md
 
 
 def test_looks_grow_with_the_seeds_and_get_the_alpha_spending_boundary(tmp_path):
     def pairs(n):
-        return report.paired_comparisons(synthetic_groups({("softmax", "uvit"): [1.0, 1.2, 1.1, 0.9][:n],
+        return seed_groups.paired_comparisons(synthetic_groups({("softmax", "uvit"): [1.0, 1.2, 1.1, 0.9][:n],
                                                            ("cog", "uvic"): [1.5, 1.0, 1.4, 1.6][:n]}))
 
-    report.record_looks(tmp_path, pairs(2))
-    report.record_looks(tmp_path, pairs(2))  # the same seeds again: no new look
-    looks = report.record_looks(tmp_path, pairs(4))
-    lines = (tmp_path / report.LOOKS_LOG).read_text().splitlines()
+    report_stats.record_looks(tmp_path, pairs(2))
+    report_stats.record_looks(tmp_path, pairs(2))  # the same seeds again: no new look
+    looks = report_stats.record_looks(tmp_path, pairs(4))
+    lines = (tmp_path / report_stats.LOOKS_LOG).read_text().splitlines()
     assert len(lines) == 2 and [e["n"] for e in looks["uvic vs uvit"]] == [2, 4]
-    md = "\n".join(report.sequential_lines(looks))
+    md = "\n".join(report_stats.sequential_lines(looks))
     # no plan recorded: Pocock type at fractions 1/2, 1: z = 2.157, 2.201 (DeMets & Lan 1994) -> nominal p
     from scipy.stats import norm
 
@@ -346,16 +371,16 @@ def test_looks_grow_with_the_seeds_and_get_the_alpha_spending_boundary(tmp_path)
 
 def test_a_plan_stated_with_the_first_look_holds_for_later_looks(tmp_path):
     groups = synthetic_groups({("softmax", "uvit"): [1.0, 1.2, 1.1], ("cog", "uvic"): [2.0, 2.3, 2.1]})
-    (cog, soft, cmp), = report.paired_comparisons(groups)
+    (cog, soft, cmp), = seed_groups.paired_comparisons(groups)
     first = stats.paired_difference({0: 2.0, 1: 2.3}, {0: 1.0, 1: 1.2})
-    report.record_looks(tmp_path, [(cog, soft, first)], report.parse_plan("obrien-fleming:4"))
-    looks = report.record_looks(tmp_path, [(cog, soft, cmp)], report.parse_plan("pocock:3"))  # too late to change
-    md = "\n".join(report.sequential_lines(looks))
+    report_stats.record_looks(tmp_path, [(cog, soft, first)], report_stats.parse_plan("obrien-fleming:4"))
+    looks = report_stats.record_looks(tmp_path, [(cog, soft, cmp)], report_stats.parse_plan("pocock:3"))  # too late to change
+    md = "\n".join(report_stats.sequential_lines(looks))
     bounds = stats.sequential_boundaries([2 / 4, 3 / 4], spending="obrien-fleming")
     assert "obrien-fleming-type alpha spending, 0.05 two-sided over at most 4" in md
     assert f"| {stats.nominal_p(bounds[1]):.3g} | {'yes' if cmp.p_value <= stats.nominal_p(bounds[1]) else 'no'} |" in md
     with pytest.raises(ValueError, match="--plan 'fleming:4' is not valid"):
-        report.parse_plan("fleming:4")
+        report_stats.parse_plan("fleming:4")
 
 
 def test_compare_twice_over_growing_seeds_appends_looks_and_curves_over_checkpoints(tmp_path):
@@ -365,7 +390,7 @@ def test_compare_twice_over_growing_seeds_appends_looks_and_curves_over_checkpoi
                   isc=False, kid=False, bootstrap=0, progress=False, plan="pocock:3")
     report.compare([f"{r}@4" for r in runs if not r.name.endswith("s2")], **common)
     out = report.compare([f"{r}@all" for r in runs], **common)
-    looks = [json.loads(line) for line in (tmp_path / "out" / report.LOOKS_LOG).read_text().splitlines()]
+    looks = [json.loads(line) for line in (tmp_path / "out" / report_stats.LOOKS_LOG).read_text().splitlines()]
     assert [(e["comparison"], e["n"]) for e in looks] == [("lc_uvic@4 vs lc_uvit@4", 2), ("lc_uvic@2 vs lc_uvit@2", 3),
                                                           ("lc_uvic@4 vs lc_uvit@4", 3)]
     md = out["md"].read_text()

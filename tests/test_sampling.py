@@ -1,4 +1,4 @@
-"""sample.py / uvic.sampling: model kinds, grids, sample sets (npz layout, per-index seeds, resume,
+"""sample.py / uvic.sampling, uvic.drawing, uvic.sample_sets: model kinds, grids, sample sets (npz layout, per-index seeds, resume,
 refusal of a folder of another set, two processes), bad input."""
 
 import json
@@ -19,7 +19,9 @@ from PIL import Image
 from uvic.model import UViT
 from uvic.pipeline import UViCPipeline
 from uvic.loading import load_pipeline
-from uvic.sampling import generate_samples, labels_for, main
+from uvic.drawing import labels_for
+from uvic.sample_sets import generate_samples
+from uvic.sampling import main
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(sample_size=8, patch_size=2, embed_dim=32, depth=2, num_heads=2)

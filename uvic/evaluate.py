@@ -15,12 +15,17 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import metrics
+from . import feature_extractors, loading, metric_inputs, metrics
 from .cli import DEBUG_HELP, add_renamed_option, command, progress_bars
 from .text import read_prompts
 from .config import TIMESTEP_SPACINGS
-from .report import (DEFAULT_CSV, MAX_DEFAULT_SAMPLES, append_csv, compare, default_samples_dir, format_result,
-                     is_model, make_row, parse_run_specs, sample_model)
+from .pipeline import SCHEDULERS
+from .report import compare
+from .report_rows import DEFAULT_CSV, append_csv, format_result, make_row
+from .run_specs import default_samples_dir, parse_run_specs, sample_model
+from .sample_sets import read_set_manifest
+
+MAX_DEFAULT_SAMPLES = 50_000  # a model scored without --num-samples: the reference's size, at most this
 
 
 def _add_metric_options(add):
@@ -30,7 +35,7 @@ def _add_metric_options(add):
     add("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     add("--feature-extractor", help="inception | digits | a torch-fidelity extractor name "
                                     "(default: digits for --ref digits, else inception)")
-    add("--inception-weights", metavar="PATH", help=f"local copy of {metrics.INCEPTION_WEIGHTS_FILE}")
+    add("--inception-weights", metavar="PATH", help=f"local copy of {feature_extractors.INCEPTION_WEIGHTS_FILE}")
     add("--data-root", metavar="PATH", help="where registered datasets' files are (downloads off)")
     add("--offline", action="store_true", help="never download (weights, datasets)")
     add("--kid-subset-size", type=int, default=metrics.KID_SUBSET_SIZE, help="KID subset size")
@@ -120,8 +125,6 @@ def _metric_kwargs(args) -> dict:
 
 
 def _check_common(args) -> None:
-    from .pipeline import SCHEDULERS
-
     for name in ("batch_size", "steps", "kid_subset_size", "num_samples"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
@@ -137,9 +140,9 @@ def run_eval(args) -> dict:
         raise ValueError("--ref is required (or --save-stats PATH to only write SAMPLES' statistics)")
     mk = _metric_kwargs(args)
     samples, info = args.samples, {}
-    if is_model(args.samples):
+    if loading.kind(str(args.samples).partition("@")[0]) in ("pipeline", "checkpoint", "run"):  # a model to sample
         (spec,) = parse_run_specs(args.samples)
-        ref_in = metrics.load_input(args.ref, data_root=args.data_root, download=not args.offline) if args.ref else None
+        ref_in = metric_inputs.load_input(args.ref, data_root=args.data_root, download=not args.offline) if args.ref else None
         num = args.num_samples
         if num is None:
             ref_count = ref_in.count if ref_in is not None else None
@@ -157,8 +160,8 @@ def run_eval(args) -> dict:
               f"w={args.guidance:g})")
     if args.save_stats:
         if args.ref and not args.feature_extractor:  # the features the metrics below use
-            ref_in = metrics.load_input(args.ref, data_root=args.data_root, download=not args.offline)
-            mk["feature_extractor"] = metrics.choose_extractor(None, metrics.load_input(samples), ref_in)
+            ref_in = metric_inputs.load_input(args.ref, data_root=args.data_root, download=not args.offline)
+            mk["feature_extractor"] = metric_inputs.choose_extractor(None, metric_inputs.load_input(samples), ref_in)
         mk_stats = {k: v for k, v in mk.items() if k != "allow_resize"}  # one input: no sizes to compare
         stats = metrics.compute_statistics(samples, batch_size=args.batch_size, device=args.device, **mk_stats)
         print(f"statistics {stats.save(args.save_stats)} ({stats.describe()}, {stats.num_samples} images)")
@@ -168,7 +171,7 @@ def run_eval(args) -> dict:
                                      batch_size=args.batch_size, device=args.device,
                                      kid_subset_size=args.kid_subset_size, **mk)
     print(format_result(result))
-    manifest = metrics.read_manifest(Path(samples)) if Path(samples).exists() else None
+    manifest = read_set_manifest(Path(samples)) if Path(samples).exists() else None
     row = make_row(result, samples=args.samples, ref=args.ref, manifest=manifest, **info)
     if args.csv:
         print(f"row appended to {append_csv(args.csv, [row])}")

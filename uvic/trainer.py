@@ -54,7 +54,7 @@ from .ema_outputs import EMAOutputs
 from .files import DiskFullError, atomic_write, disk_full_message
 from .finetune import check_init_source, load_init_weights
 from .launch import find_config, launch_notes, resolve_mixed_precision, run_summary
-from .metrics import check_reference
+from .metric_inputs import check_reference
 from .model import Block, UViT
 from .runs import CONFIG, LOGS, RUN_SUMMARY, RunDir, RunLock, record_provenance
 
