@@ -273,6 +273,26 @@ def synthetic_data(cfg, folder: Path) -> list:
     return ["data.name=imagefolder", f"data.path={images}", "data.conditional=false", "data.limit=null"] + loader
 
 
+def _shared_folder() -> Optional[str]:
+    """Launched as several processes (torchrun): one folder for all of them, named by the launcher's process
+    id (kept: remove it, or pass --dir)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return None
+    return os.path.join(tempfile.gettempdir(), f"uvic-dry-run-launch-{os.getppid()}")
+
+
+def _synthetic_data_once(cfg, folder: Path) -> list:
+    """synthetic_data written by local rank 0 (the others wait for its marker: no process group exists yet)."""
+    marker = folder / "synthetic.done"
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        overrides = synthetic_data(cfg, folder)
+        _write_json(overrides, marker)
+        return overrides
+    while not marker.exists():
+        time.sleep(0.5)
+    return json.loads(marker.read_text())
+
+
 class MeasuredTrainer(Trainer):
     """uvic's Trainer, recording per optimizer step the wall time and the resident set (start, peak).
     The step ends where the trainer evaluates (before its checkpoint); the sample grid is skipped
@@ -357,8 +377,8 @@ def dry_run(config: str, depth: Optional[int] = None, gpus: int = 8, folder: Opt
     given = list(overrides) + ([f"model.depth={depth}"] if depth else [])
     shipped = load_config(config, given)
     with tempfile.TemporaryDirectory(prefix="uvic-dry-run-") as tmp:
-        root = Path(folder or tmp)
-        dry = synthetic_data(shipped, root) + ["train.batch_size=1", "train.grad_accum=1", "train.log_every=1",
+        root = Path(folder or _shared_folder() or tmp)
+        dry = _synthetic_data_once(shipped, root) + ["train.batch_size=1", "train.grad_accum=1", "train.log_every=1",
                                                 "train.sample_every=0", "train.checkpoint_every=0", "eval.fid_every=0"]
         cfg, dataset = resolve_data_config(load_config(config, given + dry))
         run = root / "run"
