@@ -6,26 +6,46 @@
 For every config it prints the attention shape (tokens L, heads, head dim), the dtype training
 runs in, and the Cog backend `auto` picks for training and for inference on the first device,
 with the Triton self-check result (uvic.attention.triton_self_check) where it ran.
+
+    python -m uvic.doctor --dry-run configs/imagenet256_uvic_h2.yaml [--depth N] [--gpus 8] [overrides]
+    torchrun --nproc_per_node 2 -m uvic.doctor --dry-run configs/imagenet256_uvic_h2.yaml train.fsdp=true
+
+The dry run builds the config at its real size and drives uvic's Trainer on synthetic data of its
+shape: DRY_RUN_HELP below (also the epilog of --help); docs/benchmarks.md has the formula and results.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import glob
 import importlib
+import json
 import os
 import platform
 import re
 import shutil
 import subprocess
+import tempfile
+import time
 from importlib import metadata
+from pathlib import Path
+from typing import Optional, Sequence
 
+import numpy as np
 import torch
+from accelerate.state import AcceleratorState
 
 from . import attention
 from .attention import resolve_cog_backend
 from .cli import add_debug_option, command
+from .caption_latents import CAPTIONS_LIST, CAPTIONS_META, EMPTY_CONTEXT, text_shard_name
 from .config import load_config, resolve_model
+from .data import resolve_data_config
+from .files import atomic_write
+from .latents import META, VAE_DIR, shard_name
+from .pipeline import UViCPipeline
+from .trainer import Trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_GLOB = os.path.join(REPO, "configs", "*.yaml")
@@ -124,6 +144,12 @@ def gpus() -> list:
     return lines
 
 
+def sequence_length(m) -> int:
+    """Tokens L of a model config: patches, the time token, the label token, the text tokens (U-ViT's extras)."""
+    text = m.num_context_tokens if (m.get("context_dim") or 0) > 0 else 0
+    return (m.sample_size // m.patch_size) ** 2 + 1 + (1 if (m.num_classes or 0) > 0 else 0) + text
+
+
 def config_rows(paths, device: torch.device) -> list:
     """One markdown row per config: shape, dtype, auto's backend for training / inference, self-check."""
     rows = ["| config (Cog) | L | heads | head dim | dtype | auto: train | auto: inference | Triton self-check |",
@@ -133,7 +159,7 @@ def config_rows(paths, device: torch.device) -> list:
         m = cfg.model
         if m.attention_type != "cog":
             continue
-        length = (m.sample_size // m.patch_size) ** 2 + 1 + (1 if (m.num_classes or 0) > 0 else 0)
+        length = sequence_length(m)
         head_dim = m.embed_dim // m.num_heads
         dtype = MIXED_PRECISION.get(cfg.train.get("mixed_precision"), torch.float32)
         q = torch.zeros(1, m.num_heads, 1, head_dim, device=device, dtype=dtype)
@@ -148,13 +174,267 @@ def config_rows(paths, device: torch.device) -> list:
     return rows
 
 
+# ---------------------------------------------------------------------- --dry-run: a shipped config at its real size
+DRY_RUN_HELP = """--dry-run CONFIG: writes synthetic data of the config's real shape (a latent folder in uvic.latents' layout with
+a tiny random VAE: latents 4x32x32 or 4x64x64, for MS-COCO also 77x768 caption contexts; images for pixel
+configs), trains 2 steps at batch 1 through uvic's Trainer with the config's precision and gradient
+checkpointing, writes the checkpoint, resumes from it for one more step, samples final/ in 2 steps, and
+prints: parameters, seconds and peak memory per step (this process's resident set, VmHWM of
+/proc/self/status, reset before each step through /proc/self/clear_refs), and the computed per-GPU
+memory at the config's batch for DDP and FSDP (fp32 weights 4 + gradients 4 + AdamW 8 + EMA 4 bytes per
+parameter, FSDP: divided by --gpus, plus the per-GPU batch times the batch-1 activations)."""
+GiB = 2 ** 30
+STATE_BYTES = {"params": 4, "grads": 4, "adam": 8, "ema": 4}  # per parameter: fp32 weights, gradients, AdamW m and v, EMA
+AUTOCAST_BYTES = {"bf16": 2, "fp16": 2}  # autocast's low-precision weight copies, alive through forward and backward
+
+
+def memory_kib() -> dict:
+    """This process's resident set now (VmRSS) and its peak since the last reset (VmHWM), in KiB (Linux)."""
+    with open("/proc/self/status") as f:
+        return {k: int(v) for k, v in re.findall(r"^(VmRSS|VmHWM):\s+(\d+) kB", f.read(), re.M)}
+
+
+def reset_peak() -> None:
+    """Start VmHWM again from the current resident set (Linux >= 4.0: /proc/self/clear_refs, value 5)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _save_safetensors(tensors: dict, path: Path, metadata: Optional[dict] = None) -> None:
+    from safetensors.torch import save  # noqa: PLC0415  (safetensors: only the dry run writes data)
+
+    data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
+    atomic_write(path, lambda f: f.write(data))
+
+
+def _write_json(value, path: Path) -> None:
+    text = json.dumps(value, indent=1)
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def tiny_vae(latent_channels: int):
+    """A random AutoencoderKL with the SD VAE's 8x downsampling and 8 channels: decodes latents, costs nothing."""
+    from diffusers import AutoencoderKL  # noqa: PLC0415  (diffusers' VAE: only latent dry runs need it)
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels, layers_per_block=1,
+                         norm_num_groups=4, block_out_channels=(8, 8, 8, 8),
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+
+
+def write_synthetic_latents(folder: Path, cfg, num: int = 2) -> Path:
+    """An extraction folder in uvic.latents' layout (meta.json, vae/, shard_00000) of `num` random latents of the
+    model's shape; for a text model (model.context_dim > 0) also uvic.caption_latents' files, one random
+    caption context (num_context_tokens, context_dim) per image."""
+    m = cfg.model
+    folder.mkdir(parents=True, exist_ok=True)
+    shape = (m.in_channels, m.sample_size, m.sample_size)  # (C, h, w)
+    classes = max(m.num_classes - 1, 1) if (m.num_classes or 0) > 0 else 1
+    tiny_vae(m.in_channels).save_pretrained(str(folder / VAE_DIR))
+    g = torch.Generator().manual_seed(0)
+    _save_safetensors({"mean": torch.randn(num, 1, *shape, generator=g).half(),
+                       "std": torch.full((num, 1, *shape), 0.1).half(),
+                       "labels": torch.arange(num) % classes, "index": torch.arange(num)},
+                      folder / shard_name(0), {"start": "0", "count": str(num), "next": str(num),
+                                               "process": "0/1", "skipped": "[]"})
+    _write_json({"vae": "synthetic (uvic.doctor --dry-run)", "scale_factor": cfg.data.scale_factor,
+                 "resolution": 8 * m.sample_size, "latent_shape": list(shape), "flip": False,
+                 "classes": [f"class_{i}" for i in range(classes)], "num_classes": classes, "num_images": num,
+                 "shard_size": num, "num_shards": 1}, folder / META)
+    if (m.get("context_dim") or 0) > 0:
+        tokens = (m.num_context_tokens, m.context_dim)  # (L, D)
+        _save_safetensors({"empty_context": torch.randn(*tokens, generator=g)}, folder / EMPTY_CONTEXT)
+        _save_safetensors({"context": torch.randn(num, *tokens, generator=g).half(), "first": torch.arange(num),
+                           "count": torch.ones(num, dtype=torch.int64), "index": torch.arange(num)},
+                          folder / text_shard_name(0))
+        lines = "".join(json.dumps({"file_name": f"{i}.png", "captions": ["synthetic"]}) + "\n" for i in range(num))
+        atomic_write(folder / CAPTIONS_LIST, lambda f: f.write(lines.encode()))
+        _write_json({"text_encoder": "synthetic", "max_length": tokens[0], "context_dim": tokens[1],
+                     "num_captions": num, "dtype": "float16", "files_sha1": ""}, folder / CAPTIONS_META)
+    return folder
+
+
+def write_synthetic_images(folder: Path, size: int, num: int = 2) -> Path:
+    """An image folder (data.name=imagefolder) of `num` random RGB PNGs size x size, one class."""
+    from PIL import Image  # noqa: PLC0415  (PIL: only pixel-space dry runs write images)
+
+    (folder / "class_0").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(num):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / "class_0" / f"{i}.png")
+    return folder
+
+
+def synthetic_data(cfg, folder: Path) -> list:
+    """Overrides that point the config's data at synthetic data of its real shape, written under `folder`."""
+    loader = ["data.num_workers=0", "data.pin_memory=false", "data.persistent_workers=false"]
+    if cfg.data.name == "latents":
+        return [f"data.path={write_synthetic_latents(folder / 'latents', cfg)}"] + loader
+    images = write_synthetic_images(folder / "images", cfg.model.sample_size)
+    return ["data.name=imagefolder", f"data.path={images}", "data.conditional=false", "data.limit=null"] + loader
+
+
+def _shared_folder() -> Optional[str]:
+    """Launched as several processes (torchrun): one folder for all of them, named by the launcher's process
+    id (kept: remove it, or pass --dir)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return None
+    return os.path.join(tempfile.gettempdir(), f"uvic-dry-run-launch-{os.getppid()}")
+
+
+def _synthetic_data_once(cfg, folder: Path) -> list:
+    """synthetic_data written by local rank 0 (the others wait for its marker: no process group exists yet)."""
+    marker = folder / "synthetic.done"
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        overrides = synthetic_data(cfg, folder)
+        _write_json(overrides, marker)
+        return overrides
+    while not marker.exists():
+        time.sleep(0.5)
+    return json.loads(marker.read_text())
+
+
+class MeasuredTrainer(Trainer):
+    """uvic's Trainer, recording per optimizer step the wall time and the resident set (start, peak).
+    The step ends where the trainer evaluates (before its checkpoint); the sample grid is skipped
+    (the dry run samples final/ itself, at batch 1)."""
+
+    def __init__(self, *args, **kwargs):
+        self.measured = []  # (step, seconds, RSS at start KiB, peak KiB)
+        super().__init__(*args, **kwargs)
+
+    def start_step(self) -> None:
+        reset_peak()
+        self._start = (time.perf_counter(), memory_kib()["VmRSS"])
+
+    def evaluate(self, step: int, done: bool) -> None:
+        seconds, kib = time.perf_counter() - self._start[0], memory_kib()
+        self.measured.append((step, seconds, self._start[1], kib["VmHWM"]))
+        super().evaluate(step, done)
+
+    def save_sample_grid(self):
+        return None
+
+    def on_step_end(self, step: int) -> None:
+        super().on_step_end(step)
+        self.start_step()
+
+    def train(self) -> Path:
+        self.start_step()
+        return super().train()
+
+
+def per_gpu_memory(params: int, activations_1: float, batch: int, gpus: int) -> dict:
+    """Bytes per GPU at per-GPU batch `batch`: the training state (STATE_BYTES per parameter) plus `batch` times
+    the activations measured at batch 1. DDP keeps every state whole on every GPU; uvic's FSDP
+    (train.fsdp=true) shards them over the GPUs and keeps one whole EMA copy on rank 0."""
+    state = sum(STATE_BYTES.values()) * params
+    acts = batch * activations_1
+    return {"ddp": state + acts, "fsdp": state / gpus + acts, "fsdp_rank0": state / gpus + STATE_BYTES["ema"] * params + acts}
+
+
+def _step_rows(name: str, phase: str, measured: list) -> list:
+    return [f"| {name} | {phase} {step} | {seconds:.1f} | {peak / 2**20:.2f} | {(peak - start) / 2**20:.2f} |"
+            for step, seconds, start, peak in measured]
+
+
+def _sample_final(final: Path, cfg) -> tuple:
+    """Shape of one image sampled from the exported final/ pipeline in 2 steps, at batch 1."""
+    pipe = UViCPipeline.from_pretrained(str(final))
+    pipe.set_progress_bar_config(disable=True)
+    m = cfg.model
+    kwargs = {"class_labels": [0]} if (m.num_classes or 0) > 0 else {}
+    if (m.get("context_dim") or 0) > 0:
+        kwargs["prompt_embeds"] = torch.randn(1, m.num_context_tokens, m.context_dim)  # (1, L, D)
+    images = pipe(batch_size=1, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                  output_type="pt", **kwargs).images  # (1, 3, H, W)
+    return tuple(images.shape)
+
+
+def _train_phase(cfg, run: Path, dataset, steps: int, resume: Optional[str]) -> dict:
+    """Train to `steps` through MeasuredTrainer; what the report needs, the trainer itself freed (H models:
+    two trainers' weights and optimizer states at once would not fit)."""
+    cfg = cfg.copy()
+    cfg.train.steps = steps
+    AcceleratorState._reset_state(reset_partial_state=True)  # end_training closed the process group: a new one
+    trainer = MeasuredTrainer(cfg, run, resume=resume, dataset=dataset)
+    trainer.train()
+    acc = trainer.accelerator
+    done = {"step": trainer.step, "measured": trainer.measured, "latest": trainer.run.latest(),
+            "resumed_from": trainer.resume_from, "final": trainer.run.final, "is_main": trainer.is_main,
+            "rank": acc.process_index, "processes": acc.num_processes, "precision": trainer.mixed_precision,
+            "params": sum(p.numel() for p in trainer.raw_model.parameters())}  # DTensor shards: their whole tensor
+    del trainer, acc
+    gc.collect()
+    return done
+
+
+def dry_run(config: str, depth: Optional[int] = None, gpus: int = 8, folder: Optional[str] = None,
+            overrides: Sequence[str] = ()) -> list:
+    """Train `config` at its real size (or at model.depth=depth) for 2 steps at batch 1 on synthetic data of its
+    shape through uvic's Trainer (the config's precision and gradient checkpointing), resume from the
+    checkpoint for one step, sample final/ in 2 steps; the printed rows (markdown). folder: where the data and
+    the run go (default: a temporary folder, removed)."""
+    given = list(overrides) + ([f"model.depth={depth}"] if depth else [])
+    shipped = load_config(config, given)
+    with tempfile.TemporaryDirectory(prefix="uvic-dry-run-") as tmp:
+        root = Path(folder or _shared_folder() or tmp)
+        dry = _synthetic_data_once(shipped, root) + ["train.batch_size=1", "train.grad_accum=1", "train.log_every=1",
+                                                "train.sample_every=0", "train.checkpoint_every=0", "eval.fid_every=0"]
+        cfg, dataset = resolve_data_config(load_config(config, given + dry))
+        run = root / "run"
+        first = _train_phase(cfg, run, dataset, 2, None)
+        second = _train_phase(cfg, run, dataset, 3, "latest")
+        name = f"{Path(config).stem}" + (f" depth {depth}" if depth else "") + (
+            f" rank {second['rank']}" if second["processes"] > 1 else "")
+        params = second["params"]
+        shape = _sample_final(second["final"], cfg) if second["is_main"] else None
+        rows = [f"{name}: {params} parameters ({params / 1e6:.1f}M), precision {second['precision']}, "
+                f"gradient checkpointing {bool(cfg.model.gradient_checkpointing)}, "
+                f"{second['processes']} process(es), L={sequence_length(cfg.model)} tokens",
+                f"checkpoint written: {first['latest'].name} (step {first['step']}); resumed from "
+                f"{second['resumed_from'].name} to step {second['step']}",
+                "| config | step | seconds | peak RSS GiB | step peak - start GiB |", "|---|---|---:|---:|---:|"]
+        rows += _step_rows(name, "train", first["measured"]) + _step_rows(name, "resumed", second["measured"])
+        rows += _memory_rows(shipped, params, first["measured"][0], gpus, second["precision"])
+        if shape is not None:
+            rows.append(f"sampled final/ in 2 steps: images {shape}")
+    return rows
+
+
+def _memory_rows(shipped, params: int, first_step: tuple, gpus: int, precision: str) -> list:
+    """Activations at batch 1 (the first step's rise less its new gradients and AdamW states, less autocast's
+    weight copies) and the computed per-GPU memory at the shipped config's batch on `gpus` GPUs."""
+    _, _, start, peak = first_step
+    new_state = (STATE_BYTES["grads"] + STATE_BYTES["adam"] + AUTOCAST_BYTES.get(precision, 0)) * params
+    activations = max((peak - start) * 1024 - new_state, 0)
+    t = shipped.train
+    batch = t.batch_size // (gpus * t.grad_accum)
+    memory = per_gpu_memory(params, activations, batch, gpus)
+    return [f"activations at batch 1: {activations / GiB:.3f} GiB (first step's RSS rise less {new_state / GiB:.2f} GiB "
+            "of new gradients, AdamW states and autocast weight copies)",
+            f"computed per-GPU memory at train.batch_size={t.batch_size} on {gpus} GPUs (per-GPU batch {batch}): "
+            f"DDP {memory['ddp'] / GiB:.1f} GiB, FSDP {memory['fsdp'] / GiB:.1f} GiB "
+            f"(rank 0, with the whole EMA: {memory['fsdp_rank0'] / GiB:.1f} GiB)"]
+
+
 @command("python -m uvic.doctor")
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=DRY_RUN_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=None, help="config files (default: the shipped configs/*.yaml)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dry-run", metavar="CONFIG", help="build CONFIG at its real size and train, checkpoint, "
+                        "resume and sample it on synthetic data (below)")
+    parser.add_argument("--depth", type=int, default=None, help="--dry-run: model.depth=N instead of the config's")
+    parser.add_argument("--gpus", type=int, default=8, help="--dry-run: GPUs of the computed per-GPU memory (default 8)")
+    parser.add_argument("--dir", default=None, help="--dry-run: keep the synthetic data and the run here "
+                        "(default: a temporary folder, removed)")
+    parser.add_argument("overrides", nargs="*", help="--dry-run: dotted overrides, e.g. train.fsdp=true")
     add_debug_option(parser)
     args = parser.parse_args(argv)
+    if args.dry_run:
+        print("\n".join(dry_run(args.dry_run, args.depth, args.gpus, args.dir, args.overrides)), flush=True)
+        return
     paths = args.configs or sorted(glob.glob(CONFIG_GLOB))
     print("\n".join(versions() + lock_report() + gpus()))
     print("\n".join(config_rows(paths, torch.device(args.device))))
