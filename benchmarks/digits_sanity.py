@@ -20,15 +20,11 @@ READING = """Reading: a difference of 0.3 between two models is about 3× the re
 noise (0.209) little more, so this score is blind to some failures a histogram of classes shows."""
 
 KID_READING = (
-    "Reading: between halves of one split the estimate is centred on 0 and the jackknife SE matches its spread over "
-    "re-splits (a little above it), so the SE is right where the two sets are exchangeable and of equal size. For "
-    "the 1,437 training digits against the 360 held-out ones the jackknife SE is about half the spread of the "
-    "re-drawn splits (the unequal sizes put most of the variance in the small set, which the delete-one jackknife "
-    "underestimates for this cubic kernel), and the observed KID is lower than almost every re-draw: the two splits "
-    "are not exchangeable in this feature space (the classifier trained on one of them), so real training digits "
-    "score a negative KID against the held-out reference. Read KID's SE as a lower bound when the sets differ much "
-    "in size; model comparisons (1,000 samples against the same 360 digits) are paired, so this offset cancels in "
-    "their differences.")
+    "Reading: between halves of one split the estimate is centred on 0 and the jackknife SE is at or above its "
+    "spread over re-splits: there the SE holds. For the training split against the held-out digits (1,437 vs 360) "
+    "the jackknife SE is about half the spread of the re-drawn splits, and the observed KID lies below nearly every "
+    "re-draw: the two splits are not exchangeable in this feature space (the classifier trained on one of them), and "
+    "KID's SE is a lower bound when the two sets differ much in size.")
 
 
 def features(model, images: np.ndarray) -> np.ndarray:
