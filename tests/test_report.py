@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from uvic import evaluate, report, report_rows, report_stats, run_specs, seed_groups, stats
+from uvic import evaluate, report, report_plots, report_rows, report_stats, run_specs, seed_groups, stats
 from uvic.model import UViT
 from uvic.pipeline import UViCPipeline
 
@@ -78,6 +78,33 @@ def test_compare_over_checkpoints_plots_fid_against_step(runs, tmp_path):
                          progress=False)
     assert [(r["model"], r["step"]) for r in out["rows"]] == [("tiny_uvit@2", 2), ("tiny_uvit@4", 4), ("tiny_uvic", 4)]
     assert "KID" not in out["md"].read_text() and out["png"].stat().st_size > 0
+
+
+def svg_text(plot, *args, **kwargs) -> str:
+    """The text of a figure drawn as SVG with its text kept as text (not glyph paths)."""
+    import matplotlib
+
+    with matplotlib.rc_context({"svg.fonttype": "none"}):
+        return plot(*args, **kwargs).read_text()
+
+
+def test_the_plots_and_report_say_that_runs_trained_for_different_step_counts(runs, tmp_path):
+    short = make_run(tmp_path, "short", "cog", steps=(2,))  # 2 steps against tiny_uvit's 4
+    opts = dict(ref="digits", num_samples=10, steps=2, scheduler="ddim", batch_size=16, isc=False, kid=False,
+                bootstrap=0, progress=False, samples_dir=tmp_path / "s")
+    bars = report.compare([str(runs[0]), str(short)], out_dir=tmp_path / "bars", **opts)  # one bar per run
+    assert "**Runs trained for different step counts** (tiny_uvit: 4; short: 2)" in bars["md"].read_text()
+    svg = svg_text(report_plots.plot_fid, bars["rows"], tmp_path / "bars.svg", groups=bars["groups"])
+    assert "4 steps" in svg and "2 steps" in svg and "runs trained for different step counts: 2, 4" in svg
+    curves = report.compare([f"{runs[0]}@all", str(short)], out_dir=tmp_path / "curves", **opts)  # FID vs step
+    svg = svg_text(report_plots.plot_fid, curves["rows"], tmp_path / "lines.svg", groups=curves["groups"])
+    assert "tiny_uvit (2–4 steps)" in svg and "short (2 steps)" in svg and "different step counts: 2, 4" in svg
+    svg = svg_text(report_plots.plot_curves, curves["groups"], tmp_path / "curves.svg")
+    assert "2–4 steps" in svg and "different step counts: 2, 4" in svg
+    same = report.compare([str(runs[0]), str(runs[1])], out_dir=tmp_path / "same", **opts)  # both trained 4 steps
+    assert "different step counts" not in same["md"].read_text()
+    assert "different step counts" not in svg_text(report_plots.plot_fid, same["rows"], tmp_path / "same.svg",
+                                                   groups=same["groups"])
 
 
 def test_a_digits_comparison_reports_classes_and_memorisation_per_run(runs, tmp_path):

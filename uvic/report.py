@@ -22,7 +22,8 @@ from .digits_classifier import SPLITS as DIGITS_INPUTS
 from .feature_extractors import INCEPTION
 from .metric_inputs import load_input
 from .report_plots import plot_curves, plot_fid
-from .report_rows import append_csv, attention_label, digits_columns, features_note, fmt, format_result, make_row
+from .report_rows import (append_csv, attention_label, different_steps, digits_columns, features_note, fmt, format_result,
+                          make_row, steps_by_run)
 from .report_stats import parse_plan, record_looks, statistics_lines
 from .run_specs import RunSpec, parse_run_specs, run_code, run_config, sample_model
 from .sample_sets import read_set_manifest
@@ -85,7 +86,16 @@ def results_lines(rows: List[dict], settings: dict) -> List[str]:
                   f" KID: {settings.get('kid_subsets', 100)} subsets of {settings['kid_subset_size']}.")
     columns = _table_columns(have)
     lines = ["# U-ViC vs U-ViT", "", intro, "", "| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
-    return lines + ["| " + " | ".join(str(cell(r)) for _, cell in columns) + " |" for r in rows] + [""]
+    return lines + ["| " + " | ".join(str(cell(r)) for _, cell in columns) + " |" for r in rows] + [""] + steps_lines(rows)
+
+
+def steps_lines(rows: List[dict]) -> List[str]:
+    """When the runs trained for different step counts, a line that says so, with each run's count."""
+    if not different_steps(rows):
+        return []
+    listing = "; ".join(f"{run}: {fmt(s, ',d')}" for run, s in steps_by_run(rows).items())
+    return [f"**Runs trained for different step counts** ({listing}): a difference in training length can pass "
+            "for a difference between models.", ""]
 
 
 def _table_columns(have: set) -> List[tuple]:

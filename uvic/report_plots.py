@@ -115,5 +115,5 @@ def plot_curves(groups: List[SeedGroup], path) -> Optional[Path]:
 
 def _with_steps_note(title: str, rows: List[dict]) -> str:
     """The title, and on a line of its own that the runs trained for different step counts (if they did)."""
-    note = different_steps(rows)
-    return title if note is None else f"{title}\n{note}"
+    steps = different_steps(rows)
+    return title if not steps else f"{title}\nruns trained for different step counts: {', '.join(f'{s:,}' for s in steps)}"

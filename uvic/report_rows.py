@@ -98,14 +98,10 @@ def steps_by_run(rows: Sequence[dict]) -> Dict[str, Optional[int]]:
     return out
 
 
-def different_steps(rows: Sequence[dict]) -> Optional[str]:
-    """None when the runs whose step counts are recorded trained for equally many steps; else
-    "runs trained for different step counts (a: 2; b: 4)"."""
-    steps = steps_by_run(rows)
-    if len({s for s in steps.values() if s is not None}) < 2:
-        return None
-    return "runs trained for different step counts (" + "; ".join(
-        f"{run}: {fmt(s, ',d')}" for run, s in steps.items()) + ")"
+def different_steps(rows: Sequence[dict]) -> List[int]:
+    """The runs' step counts (steps_by_run, the recorded ones) when they differ, smallest first; [] when not."""
+    steps = sorted({s for s in steps_by_run(rows).values() if s is not None})
+    return steps if len(steps) > 1 else []
 
 
 def steps_label(rows: List[dict]) -> str:
