@@ -21,9 +21,10 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when run as the torchrun worker below
 from test_train import TINY, tiny
 from uvic.config import load_config
-from uvic.model import UViT
 from uvic.loading import run_pipeline
-from uvic.runs import CheckpointError, DiskFullError, RunDir, checkpoint_problem, write_manifest
+from uvic.checkpoint import CheckpointError, checkpoint_problem, write_manifest
+from uvic.files import DiskFullError
+from uvic.runs import RunDir
 from uvic.trainer import NonFiniteLossError, Trainer, main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -166,7 +167,7 @@ def damage(path: Path, how: str) -> None:
         path.unlink()
 
 
-SLOTS = ["model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl", "train_state.json",
+SLOTS = ["optimizer.bin", "scheduler.bin", "random_states_0.pkl", "train_state.json",
          "model/diffusion_pytorch_model.safetensors", "ema_model/diffusion_pytorch_model.safetensors",
          "scheduler/scheduler_config.json", "manifest.json"]
 
@@ -245,7 +246,9 @@ class Hostile:
 
 
 @pytest.mark.parametrize("slot", ["optimizer.bin", "scheduler.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl",
-                                  "custom_checkpoint_1.pkl", "train_state.json", "model.safetensors"])
+                                  "custom_checkpoint_1.pkl", "train_state.json",
+                                  "model/diffusion_pytorch_model.safetensors",
+                                  "ema_model/diffusion_pytorch_model.safetensors"])
 def test_a_hostile_pickle_in_any_slot_is_never_run(trained, tmp_path, slot):
     ckpt = tmp_path / "step_0000004"
     shutil.copytree(trained / "checkpoints" / "step_0000004", ckpt)
@@ -259,38 +262,18 @@ def test_a_hostile_pickle_in_any_slot_is_never_run(trained, tmp_path, slot):
     assert not (tmp_path / "run").exists()
 
 
-def make_legacy(ckpt: Path, step: int, custom_0=None) -> None:
-    """Turn a checkpoint into one of uvic before manifests: the EMA and step as accelerate custom pickles."""
-    (ckpt / "manifest.json").unlink()
-    state = json.loads((ckpt / "train_state.json").read_text())
-    (ckpt / "train_state.json").unlink()
-    model = UViT.from_pretrained(ckpt / "ema_model")
-    ema = {"decay": 0.9, "min_decay": 0.0, "optimization_step": state["ema_optimization_step"], "update_after_step": 0,
-           "use_ema_warmup": False, "inv_gamma": 1.0, "power": 2 / 3,
-           "shadow_params": [p.detach().clone() for p in model.parameters()]}
-    torch.save(ema if custom_0 is None else custom_0, ckpt / "custom_checkpoint_0.pkl")
-    torch.save({"step": step}, ckpt / "custom_checkpoint_1.pkl")
-
-
-def test_a_checkpoint_of_an_older_uvic_is_listed_and_resumed_exactly_without_unpickling_code(trained, tmp_path):
-    out = tmp_path / "run"
-    shutil.copytree(trained, out)
-    shutil.rmtree(out / "checkpoints" / "step_0000004")
-    make_legacy(out / "checkpoints" / "step_0000002", 2)
-    assert RunDir(out).checkpoints() == [2]
-    resumed = Trainer(tiny(*CKPT), out)
-    assert resumed.step == 2
-    final = resumed.train()
-    for name, tensor in load_file(str(trained / "final" / "transformer" / "diffusion_pytorch_model.safetensors")).items():
-        assert torch.equal(tensor, load_file(str(final / "transformer" / "diffusion_pytorch_model.safetensors"))[name])
+def test_a_checkpoint_without_a_manifest_is_incomplete_and_its_pickles_never_run(trained, tmp_path):
+    """What uvic wrote before manifests (the EMA and step as accelerate custom pickles) is no longer read."""
     hostile = Hostile()
     hostile.marker = tmp_path / "marker"
-    legacy = tmp_path / "step_0000004"
-    shutil.copytree(trained / "checkpoints" / "step_0000004", legacy)
-    make_legacy(legacy, 4, custom_0={"shadow_params": [hostile]})
-    with pytest.raises(CheckpointError, match=r"step_0000004: cannot read its EMA and step states safely"):
-        Trainer(tiny(*CKPT), tmp_path / "other", resume=str(legacy))
-    assert not hostile.marker.exists()
+    ckpt = tmp_path / "step_0000004"
+    shutil.copytree(trained / "checkpoints" / "step_0000004", ckpt)
+    for name in ("manifest.json", "train_state.json"):
+        (ckpt / name).unlink()
+    torch.save({"shadow_params": [hostile]}, ckpt / "custom_checkpoint_0.pkl")
+    with pytest.raises(CheckpointError, match=r"step_0000004: not an intact checkpoint: no manifest.json \(incomplete"):
+        Trainer(tiny(*CKPT), tmp_path / "run", resume=str(ckpt))
+    assert not hostile.marker.exists() and not (tmp_path / "run").exists()
 
 
 # ---------------------------------------------------------------------- full disk
@@ -298,21 +281,19 @@ def test_too_little_free_space_fails_before_the_checkpoint_and_a_rerun_after_fre
     out = tmp_path / "run"
     cfg = ["train.steps=4", "train.checkpoint_every=2"]
     Trainer(tiny(*cfg, "train.steps=2"), tmp_path / "probe").train()  # one checkpoint's real size
-    import uvic.trainer
-
     real = shutil.disk_usage
 
     def full_after_first(path):
         usage = real(path)
         return usage._replace(free=1000) if RunDir(out).checkpoints() else usage
 
-    monkeypatch.setattr(uvic.trainer.shutil, "disk_usage", full_after_first)
+    monkeypatch.setattr(shutil, "disk_usage", full_after_first)
     with pytest.raises(DiskFullError, match=rf"disk full: checkpoint step_0000004 needs about .* MB but .*run.* has "
                                             rf"0.0 MB free.*rerun the same command.*step_0000002"):
         Trainer(tiny(*cfg), out).train()
     before = snapshot(out / "checkpoints")
     assert list(before) and all(k.startswith("step_0000002/") for k in before)
-    monkeypatch.setattr(uvic.trainer.shutil, "disk_usage", real)
+    monkeypatch.setattr(shutil, "disk_usage", real)
     again = Trainer(tiny(*cfg), out)
     assert again.step == 2
     again.train()
@@ -321,16 +302,16 @@ def test_too_little_free_space_fails_before_the_checkpoint_and_a_rerun_after_fre
 
 def test_enospc_from_any_write_says_disk_full_and_a_rerun_removes_the_stale_temporary(tmp_path, monkeypatch):
     out = tmp_path / "run"
-    import uvic.trainer
+    import uvic.checkpoint
 
-    real = uvic.trainer.write_manifest
+    real = uvic.checkpoint.write_manifest
 
     def no_space_at_step_4(folder):
         if "step_0000004" in str(folder):
             raise OSError(errno.ENOSPC, "No space left on device", str(Path(folder) / "manifest.json"))
         return real(folder)
 
-    monkeypatch.setattr(uvic.trainer, "write_manifest", no_space_at_step_4)
+    monkeypatch.setattr(uvic.checkpoint, "write_manifest", no_space_at_step_4)
     with pytest.raises(DiskFullError, match=r"disk full: no space left writing .*step_0000004.tmp.*manifest.json"):
         Trainer(tiny(*CKPT), out).train()
     assert (out / "checkpoints" / ".step_0000004.tmp").is_dir() and RunDir(out).checkpoints() == [2]
@@ -543,7 +524,7 @@ def test_sigterm_checkpoints_the_step_and_train_py_exits_cleanly(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, err
     (step,) = RunDir(out).checkpoints()
     assert f"stopped by SIGTERM at step {step}" in err and "Traceback" not in err
-    from uvic.trainer import default_config_path  # train.py's config when no --config is given
+    from uvic.launch import default_config_path  # train.py's config when no --config is given
 
     cfg = load_config(default_config_path(), TINY + ["train.steps=1000000", "train.checkpoint_every=0"])
     assert Trainer(cfg, out).step == step  # the rerun continues there
@@ -573,10 +554,9 @@ def test_a_loose_checkpoint_of_another_architecture_is_refused_naming_the_keys(t
 def test_a_newest_step_folder_without_manifest_and_train_state_falls_back_to_the_one_before(trained, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(trained, out)
-    for name in ("manifest.json", "train_state.json"):  # a copy cut short, neither new nor an older uvic's
+    for name in ("manifest.json", "train_state.json"):  # a copy cut short
         (out / "checkpoints" / "step_0000004" / name).unlink()
-    with pytest.warns(UserWarning, match=r"step_0000004 is damaged or incomplete \(no manifest.json, no "
-                                         r"train_state.json and not a checkpoint of an older uvic"):
+    with pytest.warns(UserWarning, match=r"step_0000004 is damaged or incomplete \(no manifest.json \(incomplete\)"):
         resumed = Trainer(tiny(*CKPT), out)
     assert resumed.step == 2 and RunDir(out).checkpoints() == [2]
 

@@ -6,7 +6,9 @@ from diffusers import DDPMScheduler
 
 from uvic.model import UViT
 from uvic.loading import run_pipeline
-from uvic.runs import RunDir, atomic_write, checkpoint_name, write_manifest
+from uvic.checkpoint import write_manifest
+from uvic.files import atomic_write
+from uvic.runs import RunDir, checkpoint_name
 
 TINY = dict(sample_size=8, in_channels=1, patch_size=2, embed_dim=16, depth=2, num_heads=2)
 

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from uvic.config import load_config, save_config
 from uvic.pipeline import UViCPipeline
-from uvic.runs import RunDir, write_manifest
+from uvic.checkpoint import write_manifest
+from uvic.runs import RunDir
 from uvic.trainer import Trainer, main
 
 # A model and run small enough for seconds on a CPU: 8x8 digits, embed 32, depth 2.
@@ -55,6 +56,21 @@ def test_run_writes_the_contract_layout_and_a_loadable_final_pipeline(tmp_path):
         assert torch.equal(tensor, weights(ckpt / "ema_model")[name])
     images = pipe(batch_size=2, num_inference_steps=2, class_labels=[3, 7], output_type="pt").images
     assert images.shape == (2, 1, 8, 8)
+
+
+def test_a_checkpoint_stores_each_weight_tensor_once(tmp_path):
+    """The weights and the EMA weights, one copy each (accelerate's model.safetensors repeated model/: ~2 GB more
+    per U-ViT-H/2 checkpoint); the raw weights load as a pipeline from model/."""
+    from uvic.loading import checkpoint_pipeline
+
+    trainer = Trainer(tiny("train.steps=2", "train.checkpoint_every=2"), tmp_path / "run")
+    trainer.train()
+    ckpt = tmp_path / "run" / "checkpoints" / "step_0000002"
+    stored = [t for f in ckpt.rglob("*.safetensors") for t in load_file(str(f)).values()]
+    params = list(trainer.raw_model.parameters())
+    assert sum(t.numel() * t.element_size() for t in stored) == 2 * sum(p.numel() * p.element_size() for p in params)
+    raw = checkpoint_pipeline(ckpt, ema=False).transformer
+    assert all(torch.equal(a, b.detach().cpu()) for a, b in zip(raw.parameters(), params))
 
 
 class CrashAfter(Trainer):
@@ -208,7 +224,7 @@ def test_fid_during_training_follows_the_recipe_and_is_logged_with_its_protocol_
     assert (cfg.eval.fid_scheduler, cfg.eval.fid_steps, cfg.eval.fid_guidance) == ("ddim", 2, 1.5)
     out = tmp_path / "run"
     trainer = Trainer(cfg, out)
-    (out / "metrics.csv").write_text("step,metric,value\n1,fid,9.5\n")  # as an older uvic wrote it
+    (out / "metrics.csv").write_text("step,metric,value,scheduler,steps,guidance\n1,fid,9.5,,,\n")  # kept: appended to
     trainer.train()
     rows = (out / "metrics.csv").read_text().splitlines()
     assert rows[0] == "step,metric,value,scheduler,steps,guidance" and rows[1] == "1,fid,9.5,,," and len(rows) == 3

@@ -102,7 +102,9 @@ def run_main(fn: Callable, argv: Optional[Sequence[str]] = None, *, prog: Option
     except expected_errors() as err:
         if debug:
             raise
-        print(f"{prog or os.path.basename(sys.argv[0])}: error: {describe(err)}", file=sys.stderr)
+        # one write: the lines of several processes (torchrun ranks) never interleave within a line
+        sys.stderr.write(f"{prog or os.path.basename(sys.argv[0])}: error: {describe(err)}\n")
+        sys.stderr.flush()
         raise SystemExit(EXIT_USAGE) from None
 
 

@@ -25,7 +25,8 @@ from .diffusion import make_scheduler, reference_scheduler
 from .latents import attach_vae
 from .model import UViT, load_reference_checkpoint
 from .pipeline import UViCPipeline
-from .runs import CHECKPOINTS, MANIFEST, CheckpointError, RunDir, checkpoint_problem
+from .checkpoint import CHECKPOINT_MANIFEST, CheckpointError, checkpoint_problem
+from .runs import CHECKPOINTS, RunDir
 
 MODEL_KINDS = (
     "a pipeline folder (model_index.json, e.g. runs/NAME/final), a run directory (config.yaml, "
@@ -189,7 +190,7 @@ def checkpoint_pipeline(step_dir, ema: bool = True, run: Optional[RunDir] = None
     a latent run (`run`, found from the folder when None) the VAE its latents came from.
     verify: a folder with a manifest must match it (sizes and sha256), or CheckpointError."""
     step_dir = Path(step_dir)
-    if verify and (step_dir / MANIFEST).is_file():
+    if verify and (step_dir / CHECKPOINT_MANIFEST).is_file():
         problem = checkpoint_problem(step_dir, full=True)
         if problem is not None:
             raise CheckpointError(f"checkpoint {step_dir} is damaged: {problem}")
@@ -274,7 +275,7 @@ def pipeline_folder(path):
     """UViCPipeline.from_pretrained of a pipeline folder (final/), once its manifest (if any) and its transformer's
     weights against its config are checked."""
     path = Path(path)
-    if (path / MANIFEST).is_file():
+    if (path / CHECKPOINT_MANIFEST).is_file():
         problem = checkpoint_problem(path, full=True)
         if problem is not None:
             raise CheckpointError(f"pipeline folder {path} is damaged or was edited: {problem}")

@@ -1,25 +1,23 @@
-"""One run folder: its config, its complete checkpoints, and the rules for reusing it (pipelines: uvic.loading).
+"""One run folder: its layout, its complete checkpoints, and the rules for reusing it (pipelines: uvic.loading).
 
     run = RunDir("runs/digits_uvic")
     run.checkpoints()          # [2000, 4000]: complete, intact checkpoints, ascending
     run.latest()               # runs/digits_uvic/checkpoints/step_0004000, or None
 
-Layout (written by uvic.trainer):
+Layout (written by uvic.trainer; what a checkpoint holds: uvic.checkpoint):
 
-    config.yaml  provenance.json  checkpoints/step_XXXXXXX/{accelerate state, train_state.json, model/, ema_model/, scheduler/,
-                                           manifest.json}
-    samples/step_XXXXXXX.png  logs/ (TensorBoard)  metrics.csv  final/ (UViCPipeline, EMA weights)
+    config.yaml  provenance.json  run_summary.txt  checkpoints/step_XXXXXXX/  samples/step_XXXXXXX.png
+    logs/ (TensorBoard)  metrics.csv  final/ (UViCPipeline, EMA weights)
 
-A checkpoint is written under a temporary name, gets a manifest.json (every file's size and
-sha256) written last, and is renamed when complete (folders of older uvic versions, without a
-manifest, are taken unverified). A checkpoint is *intact* when its manifest is
-there and its files match it: sizes for listing (`checkpoints()`, cheap), sizes and hashes before a
-resume or a pipeline is loaded. A damaged newest checkpoint is named in a warning and the one
-before it is used.
+A checkpoint or final/ is written under a temporary name (`temporary`), gets its manifest (every file's size and
+sha256) last, and is renamed when complete (`publish`). A checkpoint is *intact* when its manifest is there and
+its files match it: sizes for listing (`checkpoints()`, cheap), sizes and hashes before a resume or a pipeline is
+loaded. A damaged newest checkpoint is named in a warning and the one before it is used.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -28,26 +26,28 @@ import shutil
 import socket
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import List, Optional, Union
 
-from .files import DiskFullError, atomic_write, disk_full_message, file_sha256, free_space  # noqa: F401 (callers)
+from omegaconf import OmegaConf
+
+from .checkpoint import MODEL, EMA_MODEL, CheckpointError, checkpoint_problem
+from .config import config_diff, model_kwargs
+from .files import atomic_write
 
 CONFIG = "config.yaml"
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
-MANIFEST = "manifest.json"  # a checkpoint's last file: {"files": {relative path: {"size", "sha256"}}}
-TRAIN_STATE = "train_state.json"  # a checkpoint's counters (uvic.trainer.TrainState), JSON
-LEGACY_STATES = ("custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl")  # pre-manifest checkpoints: EMA, step
+SAMPLES = "samples"  # one grid per sampled step, step_XXXXXXX.png
+LOGS = "logs"  # TensorBoard (accelerate's tensorboard tracker)
+METRICS = "metrics.csv"  # one row per measurement during training (METRICS_COLUMNS)
+METRICS_COLUMNS = ["step", "metric", "value", "scheduler", "steps", "guidance"]
+RUN_SUMMARY = "run_summary.txt"  # the startup summary, rewritten by every start or resume
 RUN_MARKER = ".uvic-run"  # written when uvic makes a run folder: --overwrite deletes only in such folders
 PROVENANCE = "provenance.json"  # the code of each start of the run: [{commit, source_sha256, packages, ...}]
-RUN_ARTIFACTS = (CHECKPOINTS, "samples", "logs", FINAL, "metrics.csv")  # what --overwrite deletes
+RUN_ARTIFACTS = (CHECKPOINTS, SAMPLES, LOGS, FINAL, METRICS)  # what --overwrite deletes
 LOCK = ".uvic.lock"  # held by the one trainer writing the folder (RunLock)
 _STEP_RE = re.compile(r"^step_(\d+)$")
-_TMP_RE = re.compile(r"^\.(step_\d+|final)\.tmp$")  # temporary folders of the trainer's saves
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: incomplete, damaged, or holding files uvic will not unpickle."""
+_TMP_RE = re.compile(r"^\.(step_\d+|final)\.tmp$")  # temporary folders of the trainer's saves (RunDir.temporary)
 
 
 def record_provenance(run_path, new_run: bool = False) -> Path:
@@ -91,57 +91,6 @@ def record_provenance(run_path, new_run: bool = False) -> Path:
 
 def checkpoint_name(step: int) -> str:
     return f"step_{step:07d}"
-
-
-def write_manifest(folder) -> Path:
-    """manifest.json of every file under `folder` (size, sha256), written atomically: call it last."""
-    folder = Path(folder)
-    files = {
-        p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)}
-        for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST
-    }
-    text = json.dumps({"files": files}, indent=1).encode()
-    return atomic_write(folder / MANIFEST, lambda f: f.write(text))
-
-
-def manifest_size(folder) -> Optional[int]:
-    """Bytes of the files a checkpoint's manifest lists (None without a readable manifest)."""
-    try:
-        files = json.loads((Path(folder) / MANIFEST).read_text())["files"]
-        return sum(int(entry["size"]) for entry in files.values())
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def checkpoint_problem(folder, full: bool = False) -> Optional[str]:
-    """None if `folder` is an intact checkpoint, else what is wrong with it. full: compare hashes too.
-
-    A folder without a manifest and without train_state.json but with the EMA and step states of older uvic
-    checkpoints (LEGACY_STATES) was written before manifests existed: its rename made it complete, and it is
-    taken unverified; so is a folder of weights only (model/, ema_model/, scheduler/: no training state, made by
-    hand for sampling). One with accelerate's training state but neither is incomplete."""
-    folder = Path(folder)
-    if not (folder / MANIFEST).is_file() and not (folder / TRAIN_STATE).exists():
-        weights_only = not any(folder.glob("optimizer*")) and not any(folder.glob("random_states_*"))
-        if weights_only or all((folder / name).is_file() for name in LEGACY_STATES):
-            return None
-        return f"no {MANIFEST}, no {TRAIN_STATE} and not a checkpoint of an older uvic (incomplete)"
-    try:
-        files: Dict[str, dict] = json.loads((folder / MANIFEST).read_text())["files"]
-        entries = [(name, int(e["size"]), str(e["sha256"])) for name, e in files.items()]
-    except FileNotFoundError:
-        return f"no {MANIFEST} (incomplete, or not written by this uvic)"
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        return f"unreadable {MANIFEST} ({type(e).__name__}: {e})"
-    for name, size, sha in entries:
-        path = folder / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != size:
-            return f"{name} has {path.stat().st_size} bytes, the manifest says {size}"
-        if full and file_sha256(path) != sha:
-            return f"{name} does not match its sha256 in the manifest"
-    return None
 
 
 class RunLockedError(ValueError):
@@ -248,8 +197,6 @@ class RunDir:
 
     def config(self):
         """The resolved config.yaml (an OmegaConf DictConfig), or None."""
-        from omegaconf import OmegaConf
-
         path = self.path / CONFIG
         return OmegaConf.load(path) if path.is_file() else None
 
@@ -265,6 +212,40 @@ class RunDir:
 
     def checkpoint(self, step: int) -> Path:
         return self.path / CHECKPOINTS / checkpoint_name(step)
+
+    def sample_grid(self, step: int) -> Path:
+        return self.path / SAMPLES / f"{checkpoint_name(step)}.png"
+
+    @staticmethod
+    def temporary(folder: Path) -> Path:
+        """Where `folder` (a checkpoint, final/) is written before `publish`: a name `latest` never matches."""
+        return folder.with_name(f".{folder.name}.tmp")
+
+    @staticmethod
+    def publish(tmp: Path, folder: Path) -> None:
+        """The complete `tmp` renamed to `folder` (replacing it): only now do readers see it."""
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)  # a folder: files.atomic_write renames single files
+
+    def rotate(self, keep: int) -> None:
+        """Delete every step folder older than the newest `keep` intact checkpoints (damaged ones included).
+        Not accelerate's ProjectConfiguration(total_limit): that one deletes before the new checkpoint is written,
+        counts damaged and temporary folders, and names folders by save count (checkpoint_N), not by step."""
+        kept = self.checkpoints()[-keep:]
+        for step in self.step_folders():
+            if kept and step < kept[0]:
+                shutil.rmtree(self.checkpoint(step))
+
+    def append_metric(self, step: int, metric: str, value: float, **protocol) -> None:
+        """One row of metrics.csv: step, metric, value and how it was measured (FID: scheduler, steps, guidance)."""
+        path = self.path / METRICS
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(METRICS_COLUMNS)
+            writer.writerow([step, metric, value] + [protocol.get(k, "") for k in METRICS_COLUMNS[3:]])
 
     def latest(self, verify: bool = False) -> Optional[Path]:
         """The intact checkpoint with the highest step, or None; each newer damaged one is named in a warning.
@@ -344,8 +325,6 @@ class RunDir:
         overwrite: a new run here whatever the folder holds (the caller deletes it with `clear`).
         Nothing is deleted here: a folder with artifacts but no checkpoint is refused without overwrite.
         """
-        from .config import config_diff
-
         if overwrite:
             if resume is not None:
                 raise ValueError("--overwrite starts a new run; it cannot be combined with --resume")
@@ -412,11 +391,10 @@ class RunDir:
         return found
 
     def check_made_by_uvic(self) -> None:
-        """--overwrite deletes only in a folder uvic made: its RUN_MARKER, or (runs of older uvic versions) a
-        config.yaml beside checkpoint folders. Another folder holding any RUN_ARTIFACTS name is refused."""
-        legacy = (self.path / CONFIG).is_file() and bool(self.step_folders())
+        """--overwrite deletes only in a folder uvic made (its RUN_MARKER): another folder holding any RUN_ARTIFACTS
+        name is refused."""
         left = [name for name in RUN_ARTIFACTS if (self.path / name).exists()]
-        if left and not (self.path / RUN_MARKER).is_file() and not legacy:
+        if left and not (self.path / RUN_MARKER).is_file():
             raise ValueError(
                 f"--overwrite would delete {', '.join(left)} in {self.path}, a folder uvic did not make (no "
                 f"{RUN_MARKER} marker); nothing was deleted: remove them yourself or choose another --output-dir")
@@ -438,10 +416,8 @@ class RunDir:
 
 def architecture_diff(checkpoint, cfg) -> List[str]:
     """model.* keys where the architecture a checkpoint's weights record (model/config.json, written with them)
-    differs from `cfg`'s; [] when the checkpoint records none (older folders)."""
-    from .config import model_kwargs
-
-    for sub in ("model", "ema_model"):
+    differs from `cfg`'s; [] when the checkpoint records none."""
+    for sub in (MODEL, EMA_MODEL):
         path = Path(checkpoint) / sub / "config.json"
         if path.is_file():
             try:
