@@ -112,24 +112,29 @@ def extract_caption_latents(
         _write_caption_files(out, meta, files, captions, tokenizer, encoder)
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    encoder.to(device)
-    store = STORAGE_DTYPES[dtype]
     num_shards = -(-len(files) // shard_size)  # as extract_latents (other ranks may not see meta.json yet)
     for s in shards_for_process(num_shards, process_index, num_processes):
-        path = out / text_shard_name(s)
-        if path.exists():
-            continue
-        lo, hi = s * shard_size, min((s + 1) * shard_size, len(files))
-        texts = [c for i in range(lo, hi) for c in captions[i]]
-        counts = torch.tensor([len(captions[i]) for i in range(lo, hi)], dtype=torch.long)  # (n,)
-        context = torch.cat([
-            encode_prompts(texts[j : j + text_batch_size], tokenizer, encoder, max_length).to("cpu", store)
-            for j in range(0, len(texts), text_batch_size)
-        ])  # (M, max_length, D)
-        first = torch.cumsum(counts, 0) - counts
-        atomic_save_file(path, {"context": context, "first": first, "count": counts, "index": torch.arange(lo, hi)},
-                         {"start": str(lo), "count": str(hi - lo)})
+        if not (out / text_shard_name(s)).exists():
+            lo, hi = s * shard_size, min((s + 1) * shard_size, len(files))
+            _write_text_shard(out, s, lo, captions[lo:hi], tokenizer, encoder.to(device), max_length=max_length,
+                              batch_size=text_batch_size, store=STORAGE_DTYPES[dtype])
     return out
+
+
+def _write_text_shard(out: Path, shard: int, start: int, captions: Sequence[List[str]], tokenizer, encoder, *,
+                      max_length: int, batch_size: int, store: torch.dtype) -> None:
+    """text_XXXXX.safetensors of the images start, start + 1, ...: the features of all their captions, image by
+    image, and where each image's begin (first) and how many it has (count)."""
+    texts = [c for image_captions in captions for c in image_captions]
+    counts = torch.tensor([len(c) for c in captions], dtype=torch.long)  # (n,)
+    context = torch.cat([
+        encode_prompts(texts[j : j + batch_size], tokenizer, encoder, max_length).to("cpu", store)
+        for j in range(0, len(texts), batch_size)
+    ])  # (M, max_length, D)
+    first = torch.cumsum(counts, 0) - counts
+    index = torch.arange(start, start + len(captions))
+    tensors = {"context": context, "first": first, "count": counts, "index": index}
+    atomic_save_file(out / text_shard_name(shard), tensors, {"start": str(start), "count": str(len(captions))})
 
 
 def _write_caption_files(out: Path, meta: dict, files: Sequence[str], captions: Sequence[List[str]], tokenizer,

@@ -393,7 +393,7 @@ def attach_vae(pipeline, source, *, scale_factor: Optional[float] = None):
     refused. Without either, the VAE's own is used. The scale is written into vae.config.scaling_factor
     (which the pipeline divides by before decoding) and into pipeline.config.latent_scale.
     """
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # diffusers takes seconds to import: only a VAE's user pays for it
 
     if isinstance(source, LatentDataset):
         scale_factor = source.scale_factor if scale_factor is None else scale_factor
