@@ -365,6 +365,7 @@ def _train_phase(cfg, run: Path, dataset, steps: int, resume: Optional[str]) -> 
             "params": sum(p.numel() for p in trainer.raw_model.parameters())}  # DTensor shards: their whole tensor
     del trainer, acc
     gc.collect()
+    AcceleratorState._reset_state()  # this process's next Accelerator (a caller's, a test's) may use another precision
     return done
 
 
