@@ -182,10 +182,10 @@ checkpointing, writes the checkpoint, resumes from it for one more step, samples
 prints: parameters, seconds and peak memory per step (this process's resident set, VmHWM of
 /proc/self/status, reset before each step through /proc/self/clear_refs), and the computed per-GPU
 memory at the config's batch for DDP and FSDP (fp32 weights 4 + gradients 4 + AdamW 8 + EMA 4 bytes per
-parameter, FSDP: divided by --gpus, plus the per-GPU batch times the batch-1 activations)."""
+parameter, FSDP: divided by --gpus, plus the per-GPU batch times the batch-1 activations, measured as
+the largest resident-set rise of a steady step less the gradients it allocates)."""
 GiB = 2 ** 30
 STATE_BYTES = {"params": 4, "grads": 4, "adam": 8, "ema": 4}  # per parameter: fp32 weights, gradients, AdamW m and v, EMA
-AUTOCAST_BYTES = {"bf16": 2, "fp16": 2}  # autocast's low-precision weight copies, alive through forward and backward
 
 
 def memory_kib() -> dict:
@@ -379,7 +379,8 @@ def dry_run(config: str, depth: Optional[int] = None, gpus: int = 8, folder: Opt
     shipped = load_config(config, given)
     with tempfile.TemporaryDirectory(prefix="uvic-dry-run-") as tmp:
         root = Path(folder or _shared_folder() or tmp)
-        dry = _synthetic_data_once(shipped, root) + ["train.batch_size=1", "train.grad_accum=1", "train.log_every=1",
+        processes = int(os.environ.get("WORLD_SIZE", "1"))  # batch 1 per process
+        dry = _synthetic_data_once(shipped, root) + [f"train.batch_size={processes}", "train.grad_accum=1", "train.log_every=1",
                                                 "train.sample_every=0", "train.checkpoint_every=0", "eval.fid_every=0"]
         cfg, dataset = resolve_data_config(load_config(config, given + dry))
         run = root / "run"
@@ -396,23 +397,22 @@ def dry_run(config: str, depth: Optional[int] = None, gpus: int = 8, folder: Opt
                 f"{second['resumed_from'].name} to step {second['step']}",
                 "| config | step | seconds | peak RSS GiB | step peak - start GiB |", "|---|---|---:|---:|---:|"]
         rows += _step_rows(name, "train", first["measured"]) + _step_rows(name, "resumed", second["measured"])
-        rows += _memory_rows(shipped, params, first["measured"][0], gpus, second["precision"])
+        rows += _memory_rows(shipped, params, first["measured"][1:] + second["measured"], gpus)
         if shape is not None:
             rows.append(f"sampled final/ in 2 steps: images {shape}")
     return rows
 
 
-def _memory_rows(shipped, params: int, first_step: tuple, gpus: int, precision: str) -> list:
-    """Activations at batch 1 (the first step's rise less its new gradients and AdamW states, less autocast's
-    weight copies) and the computed per-GPU memory at the shipped config's batch on `gpus` GPUs."""
-    _, _, start, peak = first_step
-    new_state = (STATE_BYTES["grads"] + STATE_BYTES["adam"] + AUTOCAST_BYTES.get(precision, 0)) * params
-    activations = max((peak - start) * 1024 - new_state, 0)
+def _memory_rows(shipped, params: int, steady: list, gpus: int) -> list:
+    """Activations at batch 1 (the largest rise of a steady step, Adam states already there: less the gradients
+    that step allocates again) and the computed per-GPU memory at the shipped config's batch on `gpus` GPUs."""
+    grads = STATE_BYTES["grads"] * params
+    activations = max(max((peak - start) * 1024 for _, _, start, peak in steady) - grads, 0)
     t = shipped.train
     batch = t.batch_size // (gpus * t.grad_accum)
     memory = per_gpu_memory(params, activations, batch, gpus)
-    return [f"activations at batch 1: {activations / GiB:.3f} GiB (first step's RSS rise less {new_state / GiB:.2f} GiB "
-            "of new gradients, AdamW states and autocast weight copies)",
+    return [f"activations at batch 1: {activations / GiB:.3f} GiB (the largest rise of steps 2 and 3 less "
+            f"{grads / GiB:.2f} GiB of gradients)",
             f"computed per-GPU memory at train.batch_size={t.batch_size} on {gpus} GPUs (per-GPU batch {batch}): "
             f"DDP {memory['ddp'] / GiB:.1f} GiB, FSDP {memory['fsdp'] / GiB:.1f} GiB "
             f"(rank 0, with the whole EMA: {memory['fsdp_rank0'] / GiB:.1f} GiB)"]
