@@ -1,4 +1,4 @@
-"""The tested dependency set (requirements/lock.txt), the doctor's comparison with it, and values from accelerate /
+"""The built wheel's package data, the tested dependency set (requirements/lock.txt), the doctor's comparison with it, and values from accelerate /
 torch.distributed taken whichever form a version returns."""
 
 import configparser
@@ -77,3 +77,17 @@ def test_plain_tensor_takes_a_dtensor_a_tensor_or_a_number():
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517"}
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_the_built_wheel_ships_the_pinned_digits_classifier(tmp_path):
+    import hashlib
+    import zipfile
+
+    from uvic import digits_classifier
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), str(REPO)], check=True, cwd=tmp_path)
+    (wheel,) = tmp_path.glob("uvic-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        data = z.read(f"uvic/assets/{digits_classifier.WEIGHTS_FILE}")  # KeyError: not in the wheel
+    assert hashlib.sha256(data).hexdigest() == digits_classifier.WEIGHTS_SHA256

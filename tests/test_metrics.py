@@ -1,6 +1,7 @@
 """uvic.metrics: the Fréchet distance, the torch-fidelity path end to end (random-weight Inception file,
 digits classifier), statistics files, FID during training, and one clear message per bad input."""
 
+import hashlib
 import logging
 import pickle
 
@@ -72,11 +73,11 @@ def test_frechet_distance_refuses_mismatched_statistics():
 
 
 # ---------------------------------------------------------------------- digits feature space
-def test_digits_classifier_is_accurate_cached_and_resolution_free(uvic_cache):
+def test_digits_classifier_is_the_pinned_file_accurate_and_resolution_free():
     model, meta = digits_classifier.load_digits_cnn()
     assert float(meta["test_accuracy"]) >= 0.95 and int(meta["test_size"]) == 360
-    assert (uvic_cache / digits_classifier.WEIGHTS_FILE).is_file()
-    assert digits_classifier.load_digits_cnn()[1]["sha256"] == meta["sha256"]  # loaded, not retrained
+    assert meta["sha256"] == hashlib.sha256(digits_classifier.WEIGHTS_PATH.read_bytes()).hexdigest()
+    assert meta["sha256"] == digits_classifier.WEIGHTS_SHA256
     images, labels = digits_classifier.digits_images()
     x8 = torch.from_numpy(images[:64])[:, None]  # (64, 1, 8, 8) uint8
     x16 = torch.nn.functional.interpolate(x8.float() / 255, size=16, mode="bilinear", antialias=True)
@@ -85,6 +86,22 @@ def test_digits_classifier_is_accurate_cached_and_resolution_free(uvic_cache):
     f16, _ = model(digits_classifier.to_classifier_input(x16))
     assert torch.allclose(f8, f16, atol=0.05 * f8.abs().max().item())
     assert (logits8.argmax(1).numpy() == labels[:64]).mean() > 0.9
+
+
+def test_a_changed_digits_classifier_file_is_refused_and_the_recipe_still_trains_an_accurate_one(tmp_path, monkeypatch):
+    meta = digits_classifier.retrain(tmp_path / "retrained.safetensors")  # the recipe, as a maintainer reruns it
+    assert float(meta["test_accuracy"]) >= 0.95
+    retrained, _ = digits_classifier.load_digits_cnn(tmp_path / "retrained.safetensors")  # a path given: used as is
+    shipped, _ = digits_classifier.load_digits_cnn()
+    x = digits_classifier.resize(torch.from_numpy(digits_classifier.digits_images()[0][:200]).float()[:, None] / 255)
+    agree = (retrained(x)[1].argmax(1) == shipped(x)[1].argmax(1)).float().mean().item()
+    assert agree > 0.95  # the same classifier in behaviour, though not bit for bit
+    monkeypatch.setattr(digits_classifier, "WEIGHTS_PATH", tmp_path / "retrained.safetensors")
+    with pytest.raises(ValueError, match="not the pinned"):  # in the shipped file's place: refused
+        digits_classifier.load_digits_cnn()
+    monkeypatch.setattr(digits_classifier, "WEIGHTS_PATH", tmp_path / "missing.safetensors")
+    with pytest.raises(FileNotFoundError, match="reinstall uvic"):
+        digits_classifier.load_digits_cnn()
 
 
 def test_fid_of_a_set_against_itself_is_zero_and_grows_with_noise(digits_rgb):

@@ -1,8 +1,12 @@
 """A small digits classifier whose feature space gives the offline digits demo a Fréchet distance.
 
 The FID Inception weights are a download; sklearn's 8x8 digits are not. So the digits demo is
-scored in the feature space of a small CNN trained here, deterministically, on a fixed split of
-those 1,797 digits (a few seconds on a CPU), cached as safetensors and reused. It plugs into
+scored in the feature space of a small CNN trained on a fixed split of those 1,797 digits (a few
+seconds on a CPU). Its weights ship with uvic (uvic/assets/digits_cnn_v3.safetensors, pinned by
+WEIGHTS_SHA256; a mismatch is refused): the training is seeded but not bit-reproducible (oneDNN's
+convolution kernels differ between machines and even between two calls in one process), and
+scores are only comparable under one set of weights. `python -m uvic.digits_classifier OUT`
+retrains with the recipe below, for whoever bumps the version. It plugs into
 torch-fidelity as the registered feature extractor "uvic-digits-cnn", which takes uint8 images at
 any resolution (averaged to grey and resized to 16x16 inside, bilinear with antialiasing: the way
 uvic.data upsamples the digits for the demo, so 16x16 training data and the 8x8 originals give
@@ -45,6 +49,8 @@ FEATURES = "features"  # (B, 64) penultimate layer before its ReLU: FID, KID, pr
 LOGITS = "logits"  # (B, 10): Inception-Score analogue
 IMAGE_SIZE = 16  # the extractor's working resolution
 WEIGHTS_FILE = "digits_cnn_v3.safetensors"  # bump the version when the recipe below changes
+WEIGHTS_PATH = Path(__file__).parent / "assets" / WEIGHTS_FILE  # shipped as package data
+WEIGHTS_SHA256 = "2605b8ce73c285181c662ee35255db1bf99721dac479b0ceca3390d278e97c21"  # of WEIGHTS_PATH
 SEED = 0
 EPOCHS = 25
 TEST_FRACTION = 0.2
@@ -158,23 +164,38 @@ def _fit(model: DigitsCNN, xtr: torch.Tensor, ytr: torch.Tensor, epochs: int, g:
 
 
 def load_digits_cnn(path: Optional[Path] = None) -> Tuple[DigitsCNN, dict]:
-    """The cached classifier (trained and saved on first use); returns (model in eval mode, metadata).
+    """The shipped classifier (or the weights file at `path`); returns (model in eval mode, metadata).
 
-    metadata: test_accuracy, test_size, train_size, path, sha256 (of the weights file).
+    The shipped file must have sha256 WEIGHTS_SHA256: scores made with other weights are not comparable, so a
+    changed or damaged file is refused rather than used. metadata: test_accuracy, test_size, train_size, path,
+    sha256 (of the weights file).
     """
-    path = Path(path) if path is not None else cache_dir() / WEIGHTS_FILE
+    path = Path(path) if path is not None else WEIGHTS_PATH
     if not path.is_file():
-        model, meta = train_digits_cnn()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_save_file(path, model.state_dict(), meta)  # concurrent first uses never see half a file
+        raise FileNotFoundError(f"the digits classifier weights {path} are missing: reinstall uvic")
+    sha256 = file_sha256(path)
+    if path == WEIGHTS_PATH and sha256 != WEIGHTS_SHA256:
+        raise ValueError(f"the digits classifier weights {path} have sha256 {sha256[:12]}, not the pinned "
+                         f"{WEIGHTS_SHA256[:12]}: the file was changed or damaged; reinstall uvic (git checkout {path.name})")
     model = DigitsCNN()
     model.load_state_dict(load_file(str(path)))
     model.eval().requires_grad_(False)
     with safe_open(str(path), framework="pt") as f:
         meta = dict(f.metadata() or {})
     meta["path"] = str(path)
-    meta["sha256"] = file_sha256(path)
+    meta["sha256"] = sha256
     return model, meta
+
+
+def retrain(out: Path) -> dict:
+    """Train with the recipe above and write the weights to `out` (safetensors); returns the metadata + sha256.
+
+    For a new version of the shipped file: the result differs bit for bit from run to run, so copy it to
+    uvic/assets, bump WEIGHTS_FILE, set WEIGHTS_SHA256 and rescore whatever was scored with the old weights."""
+    model, meta = train_digits_cnn()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save_file(out, model.state_dict(), meta)
+    return {**meta, "sha256": file_sha256(out)}
 
 
 def feature_dimensions(features) -> Tuple[int, float]:
@@ -211,8 +232,7 @@ def make_extractor_class():
     class FeatureExtractorDigitsCNN(_base()):
         """uint8 (B, 3, H, W) at any resolution -> ("features" (B, 64), "logits" (B, 10)).
 
-        feature_extractor_weights_path: a digits CNN safetensors file (default: the cached one,
-        trained on first use).
+        feature_extractor_weights_path: a digits CNN safetensors file (default: the shipped one).
         """
 
         def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
@@ -260,3 +280,17 @@ def register() -> None:
     for split, name in SPLITS.items():
         if name not in DATASETS_REGISTRY:
             register_dataset(name, lambda root, download, split=split: DigitsImages(split))
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m uvic.digits_classifier",
+                                     description="Retrain the digits classifier with uvic's recipe (not bit-reproducible).")
+    parser.add_argument("out", type=Path, help="where to write the safetensors file")
+    meta = retrain(parser.parse_args(argv).out)
+    print(" ".join(f"{k}={v}" for k, v in meta.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -63,7 +63,7 @@ class Extractor:
     """A torch-fidelity feature extractor with its weights file; `tag` identifies the weights."""
 
     name: str
-    weights_path: Optional[str]  # None: the extractor finds its own (the digits CNN trains on first use)
+    weights_path: Optional[str]  # None: the extractor finds its own (torch-fidelity downloads; the digits CNN ships)
     tag: str
 
     def layer(self, metric: str) -> str:
@@ -159,6 +159,6 @@ def make_extractor(name: Optional[str] = None, *, inception_weights_path=None, d
         _safe_state_dict_check(path)
         return Extractor(name, str(path), _file_tag(path))
     if name == digits_classifier.EXTRACTOR_NAME:
-        _, meta = digits_classifier.load_digits_cnn()  # trains on first use
+        _, meta = digits_classifier.load_digits_cnn()  # the shipped weights, pinned by sha256
         return Extractor(name, meta["path"], meta["sha256"][:8])
     return Extractor(name, None, name)  # other torch-fidelity extractors: their own download logic
