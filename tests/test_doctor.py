@@ -41,9 +41,27 @@ def test_mscoco_length_counts_the_77_text_tokens():
     assert doctor.sequence_length(cfg.model) == 16 * 16 + 1 + 77
 
 
-def test_per_gpu_memory_is_the_documented_formula():
-    memory = doctor.per_gpu_memory(params=1000, activations_1=10.0, batch=4, gpus=8)
-    assert memory == {"ddp": 20 * 1000 + 40, "fsdp": 20 * 1000 / 8 + 40, "fsdp_rank0": 20 * 1000 / 8 + 4000 + 40}
+def test_the_computed_state_is_what_a_trainer_holds(tmp_path, one_thread):
+    """The state term against the tensors a real one-process Trainer keeps between steps (every distinct storage
+    of its weights, AdamW states, EMA shadow and EMA model), and the working-memory split against a linear case."""
+    from uvic.trainer import Trainer
+
+    cfg = load_config(None, ["model.sample_size=8", "model.in_channels=1", "model.patch_size=2", "model.embed_dim=32",
+                             "model.depth=2", "model.num_heads=2", "data.name=digits", "data.limit=16",
+                             "train.batch_size=8", "train.steps=2", "train.log_every=1", "train.sample_every=0",
+                             "train.checkpoint_every=0"])
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.train()
+    held = [*trainer.raw_model.parameters(), *trainer.ema.shadow_params, *trainer.ema_model.parameters(),
+            *(v for state in trainer.optimizer.optimizer.state.values() for k, v in state.items() if k != "step")]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held}
+    params = sum(p.numel() for p in trainer.raw_model.parameters())
+    memory = doctor.per_gpu_memory(params, fixed=0.0, per_sample=0.0, batch=1, gpus=1)
+    grads = doctor.STATE_BYTES["grads"] * params  # allocated by each backward, freed after the optimizer step
+    assert sum(storages.values()) == memory["ddp_rank0"] - grads == memory["fsdp_rank0"] - grads
+    assert memory["ddp_rank0"] - memory["ddp"] == 4 * params  # the whole EMA model: the main process only
+    fixed, per_sample = doctor.step_memory(params, rise_1=grads + 100.0 + 7.0, rise_2=grads + 100.0 + 14.0)
+    assert (fixed, per_sample) == (100.0, 7.0)
 
 
 def dry_run(capsys, config, *args):
@@ -55,9 +73,10 @@ def check_rows(out: str, cfg, image_side: int) -> None:
     params = sum(p.numel() for p in UViT(**model_kwargs(cfg)).parameters())
     assert re.search(rf": {params} parameters .*L={doctor.sequence_length(cfg.model)} tokens", out)
     assert "checkpoint written: step_0000002 (step 2); resumed from step_0000002 to step 3" in out
-    for phase in ("train 1", "train 2", "resumed 3"):
+    for phase in ("train 1", "train 2", "resumed 3", "batch 2 1", "batch 2 2"):
         assert re.search(rf"\| {phase} \| [\d.]+ \| [\d.]+ \| -?[\d.]+ \|", out), phase
-    assert re.search(r"DDP [\d.]+ GiB, FSDP [\d.]+ GiB", out)
+    assert re.search(r"step memory: [\d.]+ GiB fixed \+ [\d.]+ GiB per sample", out)
+    assert re.search(r"DDP [\d.]+ GiB \(rank 0, with the whole EMA: [\d.]+\), FSDP [\d.]+ GiB \(rank 0: [\d.]+\)", out)
     assert f"sampled final/ in 2 steps: images (1, 3, {image_side}, {image_side})" in out
 
 
@@ -77,3 +96,24 @@ def test_dry_run_mscoco_at_depth_2(capsys, one_thread):
     out = dry_run(capsys, "mscoco_uvic_s2.yaml", "--depth", "2")
     check_rows(out, load_config(os.path.join(ROOT, "configs", "mscoco_uvic_s2.yaml"), ["model.depth=2"]), 256)
     assert "L=334 tokens" in out
+
+
+def test_dry_run_under_torchrun_on_two_ranks_runs_every_phase(tmp_path):
+    """The launch users run for DDP: each phase builds a new Trainer in the same two processes (before, the second
+    one hung in gloo's rendezvous: end_training had destroyed the process group and a new one met the old keys)."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={port}", "-m", "uvic.doctor", "--dry-run", os.path.join(ROOT, "configs", "cifar10_uvic_s2.yaml"),
+           "--depth", "2", "--dir", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": ROOT}
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"depth 2 rank {rank}: " in result.stdout and f"rank {rank} | batch 2 2 |" in result.stdout
+    assert "2 process(es)" in result.stdout and "sampled final/ in 2 steps" in result.stdout

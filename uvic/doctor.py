@@ -178,14 +178,15 @@ def config_rows(paths, device: torch.device) -> list:
 DRY_RUN_HELP = """--dry-run CONFIG: writes synthetic data of the config's real shape (a latent folder in uvic.latents' layout with
 a tiny random VAE: latents 4x32x32 or 4x64x64, for MS-COCO also 77x768 caption contexts; images for pixel
 configs), trains 2 steps at batch 1 through uvic's Trainer with the config's precision and gradient
-checkpointing, writes the checkpoint, resumes from it for one more step, samples final/ in 2 steps, and
-prints: parameters, seconds and peak memory per step (this process's resident set, VmHWM of
-/proc/self/status, reset before each step through /proc/self/clear_refs), and the computed per-GPU
-memory at the config's batch for DDP and FSDP (fp32 weights 4 + gradients 4 + AdamW 8 + EMA 4 bytes per
-parameter, FSDP: divided by --gpus, plus the per-GPU batch times the batch-1 activations, measured as
-the largest resident-set rise of a steady step less the gradients it allocates)."""
+checkpointing, writes the checkpoint, resumes from it for one more step, samples final/ in 2 steps, trains 2
+steps of a second run at batch 2, and prints: parameters, seconds and peak memory per step (this process's
+resident set, VmHWM of /proc/self/status, reset before each step through /proc/self/clear_refs), and the
+computed per-GPU memory at the config's batch for DDP and FSDP: fp32 weights 4 + gradients 4 + AdamW 8 + EMA
+shadow 4 bytes per parameter (FSDP: divided by --gpus), + 4 on the main process (its whole EMA model), + the
+step's working memory, fixed + per-GPU batch x per sample, from the rise of step 2 (less the gradients it
+allocates) at batch 1 and at batch 2."""
 GiB = 2 ** 30
-STATE_BYTES = {"params": 4, "grads": 4, "adam": 8, "ema": 4}  # per parameter: fp32 weights, gradients, AdamW m and v, EMA
+STATE_BYTES = {"params": 4, "grads": 4, "adam": 8, "ema": 4}  # per parameter: fp32 weights, gradients, AdamW m and v, EMA shadow
 
 
 def memory_kib() -> dict:
@@ -221,7 +222,7 @@ def tiny_vae(latent_channels: int):
                          down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
 
 
-def write_synthetic_latents(folder: Path, cfg, num: int = 2) -> Path:
+def write_synthetic_latents(folder: Path, cfg, num: int = 8) -> Path:
     """An extraction folder in uvic.latents' layout (meta.json, vae/, shard_00000) of `num` random latents of the
     model's shape; for a text model (model.context_dim > 0) also uvic.caption_latents' files, one random
     caption context (num_context_tokens, context_dim) per image."""
@@ -253,7 +254,7 @@ def write_synthetic_latents(folder: Path, cfg, num: int = 2) -> Path:
     return folder
 
 
-def write_synthetic_images(folder: Path, size: int, num: int = 2) -> Path:
+def write_synthetic_images(folder: Path, size: int, num: int = 8) -> Path:
     """An image folder (data.name=imagefolder) of `num` random RGB PNGs size x size, one class."""
     from PIL import Image  # noqa: PLC0415  (PIL: only pixel-space dry runs write images)
 
@@ -323,13 +324,17 @@ class MeasuredTrainer(Trainer):
         return super().train()
 
 
-def per_gpu_memory(params: int, activations_1: float, batch: int, gpus: int) -> dict:
-    """Bytes per GPU at per-GPU batch `batch`: the training state (STATE_BYTES per parameter) plus `batch` times
-    the activations measured at batch 1. DDP keeps every state whole on every GPU; uvic's FSDP
-    (train.fsdp=true) shards them over the GPUs and keeps one whole EMA copy on rank 0."""
+def per_gpu_memory(params: int, fixed: float, per_sample: float, batch: int, gpus: int) -> dict:
+    """Bytes per GPU at per-GPU batch `batch`: the training state plus the step's working memory, `fixed` + `batch`
+    times `per_sample` (measured at batch 1 and 2). Every process holds the trained weights, their gradients,
+    AdamW's m and v and the EMA's shadow weights (STATE_BYTES per parameter: whole under DDP, one shard of each
+    under uvic's FSDP, train.fsdp=true); the main process also holds the whole EMA model for grids, FID and
+    saving (4 bytes per parameter). DDP's gradients are views of its reducer buckets (no second copy)."""
     state = sum(STATE_BYTES.values()) * params
-    acts = batch * activations_1
-    return {"ddp": state + acts, "fsdp": state / gpus + acts, "fsdp_rank0": state / gpus + STATE_BYTES["ema"] * params + acts}
+    step = fixed + batch * per_sample
+    whole_ema = STATE_BYTES["ema"] * params
+    return {"ddp": state + step, "ddp_rank0": state + whole_ema + step,
+            "fsdp": state / gpus + step, "fsdp_rank0": state / gpus + whole_ema + step}
 
 
 def _step_rows(name: str, phase: str, measured: list) -> list:
@@ -350,13 +355,18 @@ def _sample_final(final: Path, cfg) -> tuple:
     return tuple(images.shape)
 
 
-def _train_phase(cfg, run: Path, dataset, steps: int, resume: Optional[str]) -> dict:
+def _train_phase(cfg, run: Path, dataset, steps: int, resume: Optional[str], last: bool) -> dict:
     """Train to `steps` through MeasuredTrainer; what the report needs, the trainer itself freed (H models:
-    two trainers' weights and optimizer states at once would not fit)."""
+    two trainers' weights and optimizer states at once would not fit).
+
+    Under torchrun the phases share one process group: accelerate's end_training destroys it, and a second
+    init_process_group in the same processes would rendezvous through the launcher's store again, where the
+    first group's keys still are (both ranks hang in gloo's connect). So every phase but the last keeps it."""
     cfg = cfg.copy()
     cfg.train.steps = steps
-    AcceleratorState._reset_state(reset_partial_state=True)  # end_training closed the process group: a new one
     trainer = MeasuredTrainer(cfg, run, resume=resume, dataset=dataset)
+    if not last:  # AcceleratorState's shared state: cleared by the _reset_state below
+        trainer.accelerator.state.destroy_process_group = lambda group=None: None
     trainer.train()
     acc = trainer.accelerator
     done = {"step": trainer.step, "measured": trainer.measured, "latest": trainer.run.latest(),
@@ -365,7 +375,9 @@ def _train_phase(cfg, run: Path, dataset, steps: int, resume: Optional[str]) -> 
             "params": sum(p.numel() for p in trainer.raw_model.parameters())}  # DTensor shards: their whole tensor
     del trainer, acc
     gc.collect()
-    AcceleratorState._reset_state()  # this process's next Accelerator (a caller's, a test's) may use another precision
+    # the next Accelerator (the next phase, a caller's, a test's) chooses its own precision; the last phase
+    # also forgets the (destroyed) process group
+    AcceleratorState._reset_state(reset_partial_state=last)
     return done
 
 
@@ -384,8 +396,11 @@ def dry_run(config: str, depth: Optional[int] = None, gpus: int = 8, folder: Opt
                                                 "train.sample_every=0", "train.checkpoint_every=0", "eval.fid_every=0"]
         cfg, dataset = resolve_data_config(load_config(config, given + dry))
         run = root / "run"
-        first = _train_phase(cfg, run, dataset, 2, None)
-        second = _train_phase(cfg, run, dataset, 3, "latest")
+        first = _train_phase(cfg, run, dataset, 2, None, last=False)
+        second = _train_phase(cfg, run, dataset, 3, "latest", last=False)
+        cfg2 = cfg.copy()
+        cfg2.train.batch_size = 2 * processes  # the working memory's per-sample part: batch 2 against batch 1
+        batch_2 = _train_phase(cfg2, root / "run_batch_2", dataset, 2, None, last=True)
         name = f"{Path(config).stem}" + (f" depth {depth}" if depth else "") + (
             f" rank {second['rank']}" if second["processes"] > 1 else "")
         params = second["params"]
@@ -397,25 +412,36 @@ def dry_run(config: str, depth: Optional[int] = None, gpus: int = 8, folder: Opt
                 f"{second['resumed_from'].name} to step {second['step']}",
                 "| config | step | seconds | peak RSS GiB | step peak - start GiB |", "|---|---|---:|---:|---:|"]
         rows += _step_rows(name, "train", first["measured"]) + _step_rows(name, "resumed", second["measured"])
-        rows += _memory_rows(shipped, params, first["measured"][1:] + second["measured"], gpus)
+        rows += _step_rows(name, "batch 2", batch_2["measured"])
+        rows += _memory_rows(shipped, params, first["measured"][1], batch_2["measured"][1], gpus)
         if shape is not None:
             rows.append(f"sampled final/ in 2 steps: images {shape}")
     return rows
 
 
-def _memory_rows(shipped, params: int, steady: list, gpus: int) -> list:
-    """Activations at batch 1 (the largest rise of a steady step, Adam states already there: less the gradients
-    that step allocates again) and the computed per-GPU memory at the shipped config's batch on `gpus` GPUs."""
+def step_memory(params: int, rise_1: float, rise_2: float) -> tuple:
+    """(fixed, per sample) bytes of a steady step from its resident-set rise at batch 1 and at batch 2 (AdamW states
+    already there): the rise less the gradients it allocates again is fixed + batch · per sample."""
     grads = STATE_BYTES["grads"] * params
-    activations = max(max((peak - start) * 1024 for _, _, start, peak in steady) - grads, 0)
+    per_sample = max(rise_2 - rise_1, 0.0)
+    return max(rise_1 - grads - per_sample, 0.0), per_sample
+
+
+def _memory_rows(shipped, params: int, step_2_batch_1: tuple, step_2_batch_2: tuple, gpus: int) -> list:
+    """The step's working memory from the resident-set rise of step 2 (AdamW states already there) of the batch-1
+    run and of the batch-2 run (like with like: the same step of a fresh trainer), and the computed per-GPU memory
+    at the shipped config's batch on `gpus` GPUs."""
+    rise = [(peak - start) * 1024 for _, _, start, peak in (step_2_batch_1, step_2_batch_2)]
+    fixed, per_sample = step_memory(params, *rise)
     t = shipped.train
     batch = t.batch_size // (gpus * t.grad_accum)
-    memory = per_gpu_memory(params, activations, batch, gpus)
-    return [f"activations at batch 1: {activations / GiB:.3f} GiB (the largest rise of steps 2 and 3 less "
-            f"{grads / GiB:.2f} GiB of gradients)",
+    memory = per_gpu_memory(params, fixed, per_sample, batch, gpus)
+    return [f"step memory: {fixed / GiB:.3f} GiB fixed + {per_sample / GiB:.3f} GiB per sample (rise of step 2: "
+            f"{rise[0] / GiB:.3f} GiB at batch 1, {rise[1] / GiB:.3f} at batch 2, less "
+            f"{STATE_BYTES['grads'] * params / GiB:.2f} GiB of gradients)",
             f"computed per-GPU memory at train.batch_size={t.batch_size} on {gpus} GPUs (per-GPU batch {batch}): "
-            f"DDP {memory['ddp'] / GiB:.1f} GiB, FSDP {memory['fsdp'] / GiB:.1f} GiB "
-            f"(rank 0, with the whole EMA: {memory['fsdp_rank0'] / GiB:.1f} GiB)"]
+            f"DDP {memory['ddp'] / GiB:.1f} GiB (rank 0, with the whole EMA: {memory['ddp_rank0'] / GiB:.1f}), "
+            f"FSDP {memory['fsdp'] / GiB:.1f} GiB (rank 0: {memory['fsdp_rank0'] / GiB:.1f})"]
 
 
 @command("python -m uvic.doctor")

@@ -35,7 +35,7 @@ from typing import Iterator, Optional, Sequence, Tuple
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig
@@ -159,6 +159,8 @@ class Trainer:
             cpu=cpu,
             log_with="tensorboard",
             project_dir=str(self.out),  # init_trackers(LOGS): RUN/logs
+            # DDP: the gradients are views of the reducer's buckets, not a second copy (4 bytes per parameter less)
+            kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)],
         )
         checkpoint.skip_model_in_accelerate_state(accelerator)
         return accelerator
