@@ -117,3 +117,33 @@ def test_dry_run_under_torchrun_on_two_ranks_runs_every_phase(tmp_path):
     for rank in (0, 1):
         assert f"depth 2 rank {rank}: " in result.stdout and f"rank {rank} | batch 2 2 |" in result.stdout
     assert "2 process(es)" in result.stdout and "sampled final/ in 2 steps" in result.stdout
+
+
+RSS_SCRIPT = """
+import sys, torch
+from uvic.doctor import exact_resident_set, memory_kib
+if sys.argv[1] == "exact":
+    assert exact_resident_set()
+x = torch.ones(256 * 1024); del x  # 1 MiB freed: glibc raises its mmap threshold to 1 MiB
+temps, keep = [], []
+for i in range(50):  # 1 MiB temporaries between kept 256 KiB tensors: freed, they are holes in the heap
+    temps.append(torch.ones(256 * 1024))
+    keep.append(torch.ones(64 * 1024))
+before = memory_kib()["VmRSS"]
+del temps
+print((before - memory_kib()["VmRSS"]) / 1024)
+"""
+
+
+def test_the_dry_run_resident_set_follows_freed_tensors():
+    """What the CLI's dry run sets (its process only): freed temporaries leave the resident set, so the peak rise of
+    a step sees the step's own temporaries. glibc's defaults keep the 50 MiB (the control)."""
+    import subprocess
+    import sys
+
+    def returned(mode):
+        out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, mode], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
+        return float(out.stdout.strip())
+
+    assert returned("exact") > 45 and returned("default") < 5

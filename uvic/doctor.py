@@ -17,6 +17,7 @@ shape: DRY_RUN_HELP below (also the epilog of --help); docs/benchmarks.md has th
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import glob
 import importlib
@@ -180,7 +181,8 @@ a tiny random VAE: latents 4x32x32 or 4x64x64, for MS-COCO also 77x768 caption c
 configs), trains 2 steps at batch 1 through uvic's Trainer with the config's precision and gradient
 checkpointing, writes the checkpoint, resumes from it for one more step, samples final/ in 2 steps, trains 2
 steps of a second run at batch 2, and prints: parameters, seconds and peak memory per step (this process's
-resident set, VmHWM of /proc/self/status, reset before each step through /proc/self/clear_refs), and the
+resident set, VmHWM of /proc/self/status, reset before each step through /proc/self/clear_refs; glibc set to
+return freed blocks of 64 KiB and more), and the
 computed per-GPU memory at the config's batch for DDP and FSDP: fp32 weights 4 + gradients 4 + AdamW 8 + EMA
 shadow 4 bytes per parameter (FSDP: divided by --gpus), + 4 on the main process (its whole EMA model), + the
 step's working memory, fixed + per-GPU batch x per sample, from the rise of step 2 (less the gradients it
@@ -193,6 +195,18 @@ def memory_kib() -> dict:
     """This process's resident set now (VmRSS) and its peak since the last reset (VmHWM), in KiB (Linux)."""
     with open("/proc/self/status") as f:
         return {k: int(v) for k, v in re.findall(r"^(VmRSS|VmHWM):\s+(\d+) kB", f.read(), re.M)}
+
+
+def exact_resident_set() -> bool:
+    """Make the resident set follow the live tensors (glibc): blocks of 64 KiB and more are mapped and unmapped
+    one by one (mallopt M_MMAP_THRESHOLD, which also stops glibc raising that threshold after frees) and freed
+    heap tops are returned (M_TRIM_THRESHOLD). Otherwise a step's temporaries land in memory freed by the step
+    before, and the peak rise of a step misses them. False where there is no glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(-3, 64 * 1024)) and bool(libc.mallopt(-1, 64 * 1024))  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
 
 
 def reset_peak() -> None:
@@ -421,7 +435,9 @@ def dry_run(config: str, depth: Optional[int] = None, gpus: int = 8, folder: Opt
 
 def step_memory(params: int, rise_1: float, rise_2: float) -> tuple:
     """(fixed, per sample) bytes of a steady step from its resident-set rise at batch 1 and at batch 2 (AdamW states
-    already there): the rise less the gradients it allocates again is fixed + batch · per sample."""
+    already there): the rise less the gradients it allocates again is fixed + batch · per sample. An upper bound:
+    the gradients and the activations are counted as if both peaked at once (the backward frees the one as it
+    makes the other); fixed is floored at 0."""
     grads = STATE_BYTES["grads"] * params
     per_sample = max(rise_2 - rise_1, 0.0)
     return max(rise_1 - grads - per_sample, 0.0), per_sample
@@ -468,4 +484,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    exact_resident_set()  # a process of its own: the malloc settings stay out of callers' processes (tests)
     main()
