@@ -73,6 +73,18 @@ def test_a_checkpoint_stores_each_weight_tensor_once(tmp_path):
     assert all(torch.equal(a, b.detach().cpu()) for a, b in zip(raw.parameters(), params))
 
 
+def test_an_off_schedule_checkpoint_never_pushes_a_scheduled_one_out(tmp_path):
+    """A run stopped at step 3 (SIGTERM's checkpoint, or train.steps raised afterwards) then continued: with
+    keep_checkpoints=3 every scheduled checkpoint (2, 4, 6: a learning curve) is still there at the end, the
+    off-schedule 3 gone once a newer one exists. Rotation by age alone kept 3, 4, 6 and lost step 2."""
+    every = ["train.checkpoint_every=2", "train.keep_checkpoints=3"]
+    Trainer(tiny("train.steps=3", *every), tmp_path / "run").train()
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_0000002", "step_0000003"]
+    Trainer(tiny("train.steps=6", *every), tmp_path / "run", resume="latest").train()
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "step_0000002", "step_0000004", "step_0000006"]
+
+
 class CrashAfter(Trainer):
     """A run killed after a given step (the checkpoint before it is complete, the steps after it lost)."""
 

@@ -123,7 +123,7 @@ class TrainConfig:
     sample_guidance: float = 1.0  # class-conditional grids: classifier-free guidance w (1 = off)
     sample_seed: int = 0
     checkpoint_every: int = 5000  # 0 = only at the end
-    keep_checkpoints: int = 2  # the last N complete checkpoints are kept (>= 1)
+    keep_checkpoints: int = 2  # the last N complete checkpoints on the checkpoint_every schedule are kept, and the newest (>= 1)
     max_nonfinite_steps: int = 5  # stop after this many steps in a row with a non-finite loss / grad norm (skipped)
     compile: bool = False  # torch.compile the model
     fsdp: bool = False  # FSDP2: weights, gradients, AdamW and EMA states sharded over the processes (README "DDP or FSDP")

@@ -228,13 +228,20 @@ class RunDir:
             shutil.rmtree(folder)
         os.replace(tmp, folder)  # a folder: files.atomic_write renames single files
 
-    def rotate(self, keep: int) -> None:
-        """Delete every step folder older than the newest `keep` intact checkpoints (damaged ones included).
+    def rotate(self, keep: int, every: int = 0) -> None:
+        """Keep the newest `keep` intact checkpoints on the schedule (steps that are multiples of `every`; 0: all
+        count) and the newest intact one (the resume point); delete every older step folder (damaged ones included).
+        An off-schedule checkpoint (SIGTERM, the end of a run that stopped early) never pushes a scheduled one out:
+        with keep_checkpoints covering a learning curve, every point of it survives an interrupted run.
         Not accelerate's ProjectConfiguration(total_limit): that one deletes before the new checkpoint is written,
         counts damaged and temporary folders, and names folders by save count (checkpoint_N), not by step."""
-        kept = self.checkpoints()[-keep:]
+        intact = self.checkpoints()
+        if not intact:
+            return
+        scheduled = [step for step in intact if step % every == 0] if every else intact
+        kept = set(scheduled[-keep:]) | {intact[-1]}
         for step in self.step_folders():
-            if kept and step < kept[0]:
+            if step < intact[-1] and step not in kept:
                 shutil.rmtree(self.checkpoint(step))
 
     def append_metric(self, step: int, metric: str, value: float, **protocol) -> None:

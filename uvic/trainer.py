@@ -533,7 +533,8 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints and final/
     def save_checkpoint(self) -> Path:
         """checkpoints/step_XXXXXXX (uvic.checkpoint.save), written under a temporary name and renamed when
-        complete; rotation then keeps the newest train.keep_checkpoints intact ones. A full disk names it."""
+        complete; rotation then keeps the newest train.keep_checkpoints intact ones on the train.checkpoint_every
+        schedule, and the newest. A full disk names it."""
         final = self.run.checkpoint(self.step)
         tmp = self.run.temporary(final)
         with disk_full_message(self.out, writing=f"checkpoint {final}"):
@@ -547,7 +548,7 @@ class Trainer:
                             self.noise_scheduler, self.ema_model, self.fsdp)
             if self.is_main:
                 self.run.publish(tmp, final)  # complete: only now does `latest` see it
-                self.run.rotate(self.cfg.train.keep_checkpoints)
+                self.run.rotate(self.cfg.train.keep_checkpoints, self.cfg.train.checkpoint_every)
             self.accelerator.wait_for_everyone()
         return final
 
