@@ -62,6 +62,7 @@ def test_the_computed_state_is_what_a_trainer_holds(tmp_path, one_thread):
     assert memory["ddp_rank0"] - memory["ddp"] == 4 * params  # the whole EMA model: the main process only
     fixed, per_sample = doctor.step_memory(params, rise_1=grads + 100.0 + 7.0, rise_2=grads + 100.0 + 14.0)
     assert (fixed, per_sample) == (100.0, 7.0)
+    assert doctor.step_memory(params, grads / 2 + 107.0, grads / 2 + 114.0, shards=2) == (100.0, 7.0)  # FSDP: a shard
 
 
 def dry_run(capsys, config, *args):

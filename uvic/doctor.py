@@ -427,34 +427,35 @@ def dry_run(config: str, depth: Optional[int] = None, gpus: int = 8, folder: Opt
                 "| config | step | seconds | peak RSS GiB | step peak - start GiB |", "|---|---|---:|---:|---:|"]
         rows += _step_rows(name, "train", first["measured"]) + _step_rows(name, "resumed", second["measured"])
         rows += _step_rows(name, "batch 2", batch_2["measured"])
-        rows += _memory_rows(shipped, params, first["measured"][1], batch_2["measured"][1], gpus)
+        shards = second["processes"] if cfg.train.fsdp else 1  # FSDP: this process's gradients are one shard
+        rows += _memory_rows(shipped, params, first["measured"][1], batch_2["measured"][1], gpus, shards)
         if shape is not None:
             rows.append(f"sampled final/ in 2 steps: images {shape}")
     return rows
 
 
-def step_memory(params: int, rise_1: float, rise_2: float) -> tuple:
+def step_memory(params: int, rise_1: float, rise_2: float, shards: int = 1) -> tuple:
     """(fixed, per sample) bytes of a steady step from its resident-set rise at batch 1 and at batch 2 (AdamW states
     already there): the rise less the gradients it allocates again is fixed + batch · per sample. An upper bound:
     the gradients and the activations are counted as if both peaked at once (the backward frees the one as it
-    makes the other); fixed is floored at 0."""
-    grads = STATE_BYTES["grads"] * params
+    makes the other); fixed is floored at 0. shards: the processes FSDP split the gradients over (1: whole)."""
+    grads = STATE_BYTES["grads"] * params / shards
     per_sample = max(rise_2 - rise_1, 0.0)
     return max(rise_1 - grads - per_sample, 0.0), per_sample
 
 
-def _memory_rows(shipped, params: int, step_2_batch_1: tuple, step_2_batch_2: tuple, gpus: int) -> list:
+def _memory_rows(shipped, params: int, step_2_batch_1: tuple, step_2_batch_2: tuple, gpus: int, shards: int) -> list:
     """The step's working memory from the resident-set rise of step 2 (AdamW states already there) of the batch-1
     run and of the batch-2 run (like with like: the same step of a fresh trainer), and the computed per-GPU memory
     at the shipped config's batch on `gpus` GPUs."""
     rise = [(peak - start) * 1024 for _, _, start, peak in (step_2_batch_1, step_2_batch_2)]
-    fixed, per_sample = step_memory(params, *rise)
+    fixed, per_sample = step_memory(params, *rise, shards=shards)
     t = shipped.train
     batch = t.batch_size // (gpus * t.grad_accum)
     memory = per_gpu_memory(params, fixed, per_sample, batch, gpus)
     return [f"step memory: {fixed / GiB:.3f} GiB fixed + {per_sample / GiB:.3f} GiB per sample (rise of step 2: "
             f"{rise[0] / GiB:.3f} GiB at batch 1, {rise[1] / GiB:.3f} at batch 2, less "
-            f"{STATE_BYTES['grads'] * params / GiB:.2f} GiB of gradients)",
+            f"{STATE_BYTES['grads'] * params / shards / GiB:.2f} GiB of gradients)",
             f"computed per-GPU memory at train.batch_size={t.batch_size} on {gpus} GPUs (per-GPU batch {batch}): "
             f"DDP {memory['ddp'] / GiB:.1f} GiB (rank 0, with the whole EMA: {memory['ddp_rank0'] / GiB:.1f}), "
             f"FSDP {memory['fsdp'] / GiB:.1f} GiB (rank 0: {memory['fsdp_rank0'] / GiB:.1f})"]
