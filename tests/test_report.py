@@ -180,6 +180,8 @@ def test_eval_cli_bad_input_exits_with_one_message(tmp_path, capsys):
     assert "--ref is required" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="does not exist"):
         run_specs.parse_run_specs(str(tmp_path / "no_run"))
+    with pytest.raises(FileNotFoundError, match=r"did not expand .*/\*/ --checkpoints all"):
+        run_specs.parse_run_specs(f"{tmp_path}/*@all")  # bash leaves "runs/*@all" as it is: no file is named so
     with pytest.raises(ValueError, match="not valid"):
         run_specs.parse_run_specs(f"{tmp_path}@soon")
 

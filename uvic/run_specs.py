@@ -59,7 +59,12 @@ def parse_run_specs(text: str, checkpoints: Optional[Sequence[str]] = None) -> L
     path_text, _, at = str(text).partition("@")
     path = Path(path_text).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(f"run {path} does not exist (expected a run directory or a pipeline folder)")
+        hint = ""
+        if any(c in path_text for c in "*?["):  # a pattern the shell left alone: it matched no folder name as written
+            hint = (f"; {path_text!r} is a pattern the shell did not expand (RUN@STEP names no file): pass the run "
+                    f"folders and the step as an option, e.g. {str(Path(path_text).parent)}/*/ --checkpoints "
+                    f"{at or 'all'}")
+        raise FileNotFoundError(f"run {path} does not exist (expected a run directory or a pipeline folder){hint}")
     wanted = [at] if at else list(checkpoints or [None])
     specs = []
     for ck in wanted:
