@@ -288,8 +288,8 @@ def test_too_little_free_space_fails_before_the_checkpoint_and_a_rerun_after_fre
         return usage._replace(free=1000) if RunDir(out).checkpoints() else usage
 
     monkeypatch.setattr(shutil, "disk_usage", full_after_first)
-    with pytest.raises(DiskFullError, match=rf"disk full: checkpoint step_0000004 needs about .* MB but .*run.* has "
-                                            rf"0.0 MB free.*rerun the same command.*step_0000002"):
+    with pytest.raises(DiskFullError, match=r"disk full: checkpoint step_0000004 needs about .* MB but .*run.* has "
+                                            r"0.0 MB free.*rerun the same command.*step_0000002"):
         Trainer(tiny(*cfg), out).train()
     before = snapshot(out / "checkpoints")
     assert list(before) and all(k.startswith("step_0000002/") for k in before)

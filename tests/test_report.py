@@ -272,7 +272,7 @@ def seeded_runs(tmp_path_factory):
 def test_compare_reports_seed_groups_bootstrap_and_paired_difference(seeded_runs, tmp_path):
     out = report.compare([str(r) for r in seeded_runs], ref="digits", out_dir=tmp_path, num_samples=12, steps=2,
                          scheduler="ddim", batch_size=16, isc=False, kid=False, bootstrap=20, progress=False)
-    rows, groups = out["rows"], out["groups"]
+    groups = out["groups"]
     assert [(g.name, len(g.rows)) for g in groups] == [("tiny_uvit", 3), ("tiny_uvic", 3), ("tiny_uvic_lr", 1)]
     csv_rows = read_csv(out["csv"])
     assert [r["train_seed"] for r in csv_rows] == ["0", "1", "2", "0", "1", "2", "0"]
