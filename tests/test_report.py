@@ -412,6 +412,27 @@ def test_a_plan_stated_with_the_first_look_holds_for_later_looks(tmp_path):
         report_stats.parse_plan("fleming:4")
 
 
+def test_a_first_look_under_a_plan_is_an_interim_look_with_its_boundary(tmp_path):
+    def pairs(soft, cog):
+        return seed_groups.paired_comparisons(synthetic_groups({("softmax", "uvit"): soft, ("cog", "uvic"): cog}))
+
+    # Lan-DeMets O'Brien-Fleming type: alpha(t) = 2 - 2 Phi(z_{alpha/2} / sqrt t); the first boundary spends it all
+    from scipy.stats import norm
+
+    boundary_p = 2 - 2 * norm.cdf(norm.isf(0.025) / (6 / 12) ** 0.5)  # 6 of 12 pairs: 0.00557
+    clear = pairs([1.0, 1.2, 1.1, 0.9, 1.0, 1.1], [2.0, 2.3, 2.1, 1.9, 2.2, 2.0])  # p far below the boundary
+    md = "\n".join(report_stats.sequential_lines(
+        report_stats.record_looks(tmp_path / "a", clear, report_stats.parse_plan("obrien-fleming:12"))))
+    assert "(1 look in looks.jsonl)" in md and f"| 6 | {clear[0][2].p_value:.3g} | {boundary_p:.3g} | yes |" in md
+    assert "Boundary crossed at look 1" in md
+    weak = pairs([1.0, 1.2, 1.1, 0.9, 1.0, 1.1], [1.3, 1.2, 1.4, 1.0, 1.1, 1.3])  # 0.0056 < p < 0.05
+    assert boundary_p < weak[0][2].p_value < 0.05
+    md = "\n".join(report_stats.sequential_lines(
+        report_stats.record_looks(tmp_path / "b", weak, report_stats.parse_plan("obrien-fleming:12"))))
+    assert f"| {boundary_p:.3g} | no |" in md and "Not crossed at look 1 (6 of at most 12 paired seeds)" in md
+    assert report_stats.sequential_lines(report_stats.record_looks(tmp_path / "c", weak)) == []  # no plan: one look
+
+
 def test_compare_twice_over_growing_seeds_appends_looks_and_curves_over_checkpoints(tmp_path):
     runs = [make_run(tmp_path, f"lc_{name}_s{seed}", attention, steps=(2, 4), seed=seed)
             for name, attention in (("uvit", "softmax"), ("uvic", "cog")) for seed in (0, 1, 2)]

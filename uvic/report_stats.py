@@ -234,15 +234,16 @@ def record_looks(out_dir, pairs: List[tuple], plan: Optional[dict] = None) -> Di
 
 
 def sequential_lines(looks: Dict[str, List[dict]]) -> List[str]:
-    """For each comparison looked at more than once: the alpha-spending boundary of every look (the plan
-    recorded with its first look; none recorded: Pocock type, the latest look taken as the last) and whether
-    a look crossed it."""
+    """For each comparison looked at more than once, or once under a plan (an interim look): the alpha-spending
+    boundary of every look (the plan recorded with its first look; none recorded: Pocock type, the latest look
+    taken as the last) and whether a look crossed it."""
     lines = []
     for name, entries in looks.items():
-        if len(entries) < 2:
+        if len(entries) < 2 and not entries[0].get("plan"):
             continue
         ns = [e["n"] for e in entries]
-        lines += [f"**Sequential looks: {name}** ({len(entries)} looks in {LOOKS_LOG}).", ""]
+        lines += [f"**Sequential looks: {name}** ({len(entries)} look{'s' if len(entries) > 1 else ''} in "
+                  f"{LOOKS_LOG}).", ""]
         if any(b <= a for a, b in zip(ns, ns[1:])):
             lines += [f"The paired seeds do not grow from look to look ({ns}): no boundary applies; read the "
                       "latest look alone, nominal p.", ""]
@@ -265,7 +266,12 @@ def sequential_lines(looks: Dict[str, List[dict]]) -> List[str]:
             crossed = crossed or (k if hit else None)
             lines.append(f"| {k} | {e['date']} | {e['n']} | {fmt(e['p'], '.3g')} | {stats.nominal_p(z):.3g} | "
                          f"{'yes' if hit else 'no'} |")
-        lines += ["", f"Boundary crossed at look {crossed}: the difference holds at the overall {alpha:g} level."
-                  if crossed else f"No look crossed its boundary: no difference established at the overall "
-                                  f"{alpha:g} level.", ""]
+        if crossed:
+            end = f"Boundary crossed at look {crossed}: the difference holds at the overall {alpha:g} level."
+        elif plan and ns[-1] < plan["max_pairs"]:
+            end = (f"Not crossed at look {len(ns)} ({ns[-1]} of at most {plan['max_pairs']} paired seeds): no "
+                   f"difference established yet; the plan's later looks decide.")
+        else:
+            end = f"No look crossed its boundary: no difference established at the overall {alpha:g} level."
+        lines += ["", end, ""]
     return lines
