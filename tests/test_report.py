@@ -107,6 +107,20 @@ def test_the_plots_and_report_say_that_runs_trained_for_different_step_counts(ru
                                                    groups=same["groups"])
 
 
+def test_fid_over_checkpoints_of_many_runs_has_one_legend_entry_per_attention_type(tmp_path):
+    def row(attention, seed, step):
+        return {"model": f"digits_{attention}__seed={seed}@{step}", "attention": attention, "step": step,
+                "fid": 1.0 + seed / 10 + 1000 / step, "num_samples": 10, "ref": "digits"}
+
+    n = report_plots.MAX_RUN_LABELS // 2 + 1  # seeds per arm: 2n runs, above the limit
+    rows = [row(a, seed, step) for a in ("softmax", "cog") for seed in range(n) for step in (500, 1000)]
+    svg = svg_text(report_plots.plot_fid, rows, tmp_path / "many.svg")
+    assert f"U-ViT (softmax): {n} runs" in svg and f"U-ViC (Cog): {n} runs" in svg and "seed=0" not in svg
+    few = [r for r in rows if r["model"].split("__seed=")[1][0] in "01"]  # 4 runs: each named
+    svg = svg_text(report_plots.plot_fid, few, tmp_path / "few.svg")
+    assert "digits_cog__seed=1 (500–1,000 steps)" in svg and "runs</" not in svg
+
+
 def test_a_digits_comparison_reports_classes_and_memorisation_per_run(runs, tmp_path):
     out = report.compare([str(runs[0]), str(runs[1])], ref="digits", out_dir=tmp_path, num_samples=10, steps=2,
                          scheduler="ddim", batch_size=16, isc=False, kid=False, bootstrap=0, progress=False)

@@ -11,8 +11,11 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from . import stats
-from .report_rows import different_steps, steps_label
+from .report_rows import attention_label, different_steps, steps_label
 from .seed_groups import SeedGroup
+
+
+MAX_RUN_LABELS = 8  # fid.png over checkpoints: above this many runs, one legend entry per attention type
 
 
 def plot_fid(rows: List[dict], path, ylabel: str = "FID", groups: Optional[List[SeedGroup]] = None) -> Path:
@@ -33,18 +36,28 @@ def plot_fid(rows: List[dict], path, ylabel: str = "FID", groups: Optional[List[
     by_run: dict = {}
     for r in rows:
         by_run.setdefault(r["model"].split("@")[0], []).append(r)
+    lines = any(len(v) > 1 for v in by_run.values())
     bars = len(groups) if groups else len(rows)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.7 * bars), 3.8), dpi=120)  # room for a label per bar
+    fig, ax = plt.subplots(figsize=(6.5 if lines else max(6.0, 1.7 * bars), 3.8), dpi=120)  # room per bar label
     colors = {"cog": "tab:red", "softmax": "tab:blue"}
-    if any(len(v) > 1 for v in by_run.values()):
+    if lines:
+        many = len(by_run) > MAX_RUN_LABELS  # a legend entry per run would bury the plot: one per attention type
+        counts: Dict[str, int] = {}
+        for rs in by_run.values():
+            counts[rs[0]["attention"]] = counts.get(rs[0]["attention"], 0) + 1
         for name, rs in by_run.items():
             rs = sorted((r for r in rs if r["step"] is not None), key=lambda r: r["step"])
-            color = colors.get(rs[0]["attention"]) if rs else None
-            ax.plot([r["step"] for r in rs], [r["fid"] for r in rs], marker="o", color=color,
-                    label=f"{name} ({steps_label(rs)})" if rs else name)
+            attention = rs[0]["attention"] if rs else None
+            color = colors.get(attention)
+            if many:
+                label = f"{attention_label(attention)}: {counts.pop(attention)} runs" if attention in counts else None
+            else:
+                label = f"{name} ({steps_label(rs)})" if rs else name
+            ax.plot([r["step"] for r in rs], [r["fid"] for r in rs], marker="o", color=color, label=label,
+                    **(dict(linewidth=0.8, markersize=3, alpha=0.7) if many else {}))
             boot_bars([r["step"] for r in rs], rs, color)
         ax.set_xlabel("training step")
-        ax.legend()
+        _legend_below(ax)
     else:
         groups = groups or [SeedGroup(r["model"], r["attention"], [r], "") for r in rows]
         top = 0.0
@@ -70,8 +83,7 @@ def plot_fid(rows: List[dict], path, ylabel: str = "FID", groups: Optional[List[
                       fontsize=8)
     ax.set_ylabel(f"{ylabel} (lower is better)")
     ax.set_title(_with_steps_note(f"{rows[0]['num_samples']} samples vs {rows[0]['ref']}", rows), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return Path(path)
 
@@ -106,11 +118,15 @@ def plot_curves(groups: List[SeedGroup], path) -> Optional[Path]:
     ax.set_ylabel("FID (lower is better)")
     ax.set_title(_with_steps_note("mean over seeds, band: 95% t-interval", [r for g in groups for r in g.rows]),
                  fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
+    _legend_below(ax)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return Path(path)
+
+
+def _legend_below(ax) -> None:
+    """The legend under the axes (long sweep names would cover the curves inside them)."""
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.16), frameon=False)
 
 
 def _with_steps_note(title: str, rows: List[dict]) -> str:
