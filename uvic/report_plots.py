@@ -5,6 +5,7 @@ curve's legend entry says how long its runs trained; a title says so when the ru
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -42,15 +43,15 @@ def plot_fid(rows: List[dict], path, ylabel: str = "FID", groups: Optional[List[
     colors = {"cog": "tab:red", "softmax": "tab:blue"}
     if lines:
         many = len(by_run) > MAX_RUN_LABELS  # a legend entry per run would bury the plot: one per attention type
-        counts: Dict[str, int] = {}
-        for rs in by_run.values():
-            counts[rs[0]["attention"]] = counts.get(rs[0]["attention"], 0) + 1
+        counts = Counter(rs[0]["attention"] for rs in by_run.values())  # runs per attention type
+        labelled = set()
         for name, rs in by_run.items():
             rs = sorted((r for r in rs if r["step"] is not None), key=lambda r: r["step"])
             attention = rs[0]["attention"] if rs else None
             color = colors.get(attention)
             if many:
-                label = f"{attention_label(attention)}: {counts.pop(attention)} runs" if attention in counts else None
+                label = None if attention in labelled else f"{attention_label(attention)}: {counts[attention]} runs"
+                labelled.add(attention)
             else:
                 label = f"{name} ({steps_label(rs)})" if rs else name
             ax.plot([r["step"] for r in rs], [r["fid"] for r in rs], marker="o", color=color, label=label,
