@@ -190,7 +190,7 @@ def load_digits_cnn(path: Optional[Path] = None) -> Tuple[DigitsCNN, dict]:
 def retrain(out: Path) -> dict:
     """Train with the recipe above and write the weights to `out` (safetensors); returns the metadata + sha256.
 
-    For a new version of the shipped file: the result differs bit for bit from run to run, so copy it to
+    For a new version of the shipped file (the result may differ bit for bit across machines), copy it to
     uvic/assets, bump WEIGHTS_FILE, set WEIGHTS_SHA256 and rescore whatever was scored with the old weights."""
     model, meta = train_digits_cnn()
     out.parent.mkdir(parents=True, exist_ok=True)
