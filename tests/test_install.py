@@ -1,4 +1,4 @@
-"""The built wheel's package data, the tested dependency set (requirements/lock.txt), the doctor's comparison with it, and values from accelerate /
+"""The built wheel's package data, repository-relative paths in the committed docs, the tested dependency set (requirements/lock.txt), the doctor's comparison with it, and values from accelerate /
 torch.distributed taken whichever form a version returns."""
 
 import configparser
@@ -91,3 +91,12 @@ def test_the_built_wheel_ships_the_pinned_digits_classifier(tmp_path):
     with zipfile.ZipFile(wheel) as z:
         data = z.read(f"uvic/assets/{digits_classifier.WEIGHTS_FILE}")  # KeyError: not in the wheel
     assert hashlib.sha256(data).hexdigest() == digits_classifier.WEIGHTS_SHA256
+
+
+def test_committed_docs_results_and_configs_name_no_folder_of_one_machine():
+    # results record where samples and runs were: repository-relative (runs/...), so the commands rerun from a clone
+    machine_path = re.compile(r"(?<![\w.~])/(work|tmp|home|root|Users|mnt|check|scratch)/")
+    files = [REPO / "README.md", *REPO.glob("docs/**/*"), *REPO.glob("configs/**/*")]
+    found = [f"{path.relative_to(REPO)}:{n}" for path in files if path.is_file() and path.suffix != ".png"
+             for n, line in enumerate(path.read_text().splitlines(), 1) if machine_path.search(line)]
+    assert not found, f"absolute paths of one machine in committed files: {found[:5]}"
