@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from uvic import cli, trainer
+from uvic import cli, train_cli
 from uvic.analysis import main as analysis_main
 from uvic.evaluate import main as eval_main
 from uvic.latents import LatentDataset, extract_latents, shard_name
@@ -90,16 +90,16 @@ def test_the_error_style_sorts_expected_errors_from_bugs(capsys):
 def test_train_config_errors_name_the_file_and_exit_2(tmp_path, capsys):
     listing = tmp_path / "list.yaml"
     listing.write_text("- a\n- b\n")
-    refused(capsys, trainer.train, ["--config", str(listing)], str(listing), "must be a mapping")
+    refused(capsys, train_cli.train, ["--config", str(listing)], str(listing), "must be a mapping")
     broken = tmp_path / "broken.yaml"
     broken.write_text("train: {lr: [\n")
-    refused(capsys, trainer.train, ["--config", str(broken)], "not valid YAML", str(broken))
-    refused(capsys, trainer.train, ["train.steps=abc"], "train.steps", "'abc'")
-    refused(capsys, trainer.train, ["data.limit=0", "--output-dir", str(tmp_path / "run")], "data.limit must be >= 1")
+    refused(capsys, train_cli.train, ["--config", str(broken)], "not valid YAML", str(broken))
+    refused(capsys, train_cli.train, ["train.steps=abc"], "train.steps", "'abc'")
+    refused(capsys, train_cli.train, ["data.limit=0", "--output-dir", str(tmp_path / "run")], "data.limit must be >= 1")
     assert not (tmp_path / "run").exists()
     in_the_way = tmp_path / "a_file"
     in_the_way.write_text("x")
-    refused(capsys, trainer.train, ["--output-dir", str(in_the_way), "train.steps=1"], str(in_the_way), "in the way")
+    refused(capsys, train_cli.train, ["--output-dir", str(in_the_way), "train.steps=1"], str(in_the_way), "in the way")
     assert in_the_way.read_text() == "x"
 
 
@@ -300,7 +300,7 @@ def test_fail_on_corrupt_stops_naming_the_file_and_the_rerun_continues_the_shard
     ("model.sample_size=0", "model.sample_size must be >= 1, got 0"),
 ])
 def test_train_py_refuses_nonpositive_model_sizes_with_one_line(tmp_path, capsys, override, message):
-    refused(capsys, trainer.train, [override, "--output-dir", str(tmp_path / "run")], "train.py: error: ", message)
+    refused(capsys, train_cli.train, [override, "--output-dir", str(tmp_path / "run")], "train.py: error: ", message)
     assert not (tmp_path / "run").exists()
 
 

@@ -25,7 +25,8 @@ from uvic.loading import run_pipeline
 from uvic.checkpoint import CheckpointError, checkpoint_problem, write_manifest
 from uvic.files import DiskFullError
 from uvic.runs import RunDir
-from uvic.trainer import NonFiniteLossError, Trainer, main
+from uvic.train_cli import main
+from uvic.trainer import NonFiniteLossError, Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -402,7 +403,8 @@ FID = ["eval.fid_every=2", "eval.fid_num_samples=4", "eval.fid_steps=2", "eval.f
 
 
 def test_an_fid_reference_that_cannot_be_read_is_refused_where_the_run_starts(tmp_path, digits_stats, capsys):
-    from uvic.trainer import check_inputs, train as train_py
+    from uvic.launch import check_inputs
+    from uvic.train_cli import train as train_py
 
     bad = tmp_path / "truncated.npz"
     bad.write_bytes(digits_stats.read_bytes()[:200])

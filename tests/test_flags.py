@@ -3,7 +3,7 @@ one release with a deprecation line."""
 
 import pytest
 
-from uvic import evaluate, sampling, trainer
+from uvic import evaluate, sampling, train_cli
 
 # the options every command that samples a model shares, spelled alike (README "Sample", "Evaluation")
 SAMPLING_FLAGS = {"--scheduler", "--steps", "--timestep-spacing", "--guidance", "--seed", "--batch-size", "--device",
@@ -40,7 +40,7 @@ def test_the_old_samples_out_spelling_works_with_one_deprecation_line(capsys):
 
 
 def test_train_takes_out_like_the_other_commands():
-    assert trainer.parse_args(["--out", "runs/x"]).output_dir == trainer.parse_args(["--output-dir", "runs/x"]).output_dir
+    assert train_cli.parse_args(["--out", "runs/x"]).output_dir == train_cli.parse_args(["--output-dir", "runs/x"]).output_dir
 
 
 def test_compare_writes_its_report_under_runs_not_docs():

@@ -331,7 +331,7 @@ def random_inception(tmp_path):
 
 
 def test_extract_train_sample_with_guidance_decode_and_score(latents, image_folder, random_inception, tmp_path, monkeypatch):
-    from uvic import evaluate, loading, sampling, trainer
+    from uvic import evaluate, loading, sampling, train_cli
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # nothing is found or fetched there
     monkeypatch.setenv("UVIC_CACHE_DIR", str(tmp_path / "cache"))
@@ -344,7 +344,7 @@ train: {{steps: 3, batch_size: 4, warmup_steps: 1, log_every: 1, sample_every: 0
         sample_steps: 2, sample_guidance: 1.4}}
 """)
     run = tmp_path / "run"
-    final = trainer.main(["--config", str(config), "--output-dir", str(run), "--cpu"])
+    final = train_cli.main(["--config", str(config), "--output-dir", str(run), "--cpu"])
     assert (final / "vae" / "config.json").exists(), "latent runs keep their VAE in final/ (uvic.latents.attach_vae)"
     pipe = loading.load_pipeline(run)
     assert pipe.transformer.config.num_classes == 4 and pipe.vae.config.scaling_factor == 0.18215

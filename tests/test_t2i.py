@@ -449,10 +449,10 @@ train: {{steps: 2, batch_size: 2, warmup_steps: 1, log_every: 1, sample_every: 0
 
 
 def test_train_on_captions_then_sample_from_prompts(caption_latents, tmp_path):
-    from uvic import trainer
+    from uvic import train_cli
     from uvic.pipeline import UViCPipeline
 
-    final = trainer.main(["--config", str(t2i_config(tmp_path, caption_latents)), "--output-dir", str(tmp_path / "run"),
+    final = train_cli.main(["--config", str(t2i_config(tmp_path, caption_latents)), "--output-dir", str(tmp_path / "run"),
                           "--cpu"])
     assert (tmp_path / "run" / "samples" / "step_0000002.png").is_file()
     pipe = UViCPipeline.from_pretrained(final)
@@ -483,10 +483,10 @@ def test_sample_py_grids_and_fid_sets_from_prompts(caption_latents, tmp_path):
     import numpy as np
     from PIL import Image
 
-    from uvic import sampling, trainer
+    from uvic import sampling, train_cli
 
     run = tmp_path / "run"
-    trainer.main(["--config", str(t2i_config(tmp_path, caption_latents)), "--output-dir", str(run), "--cpu"])
+    train_cli.main(["--config", str(t2i_config(tmp_path, caption_latents)), "--output-dir", str(run), "--cpu"])
     common = ["--steps", "2", "--guidance", "2.0", "--scheduler", "dpm-solver++-fast", "--device", "cpu", "--no-progress"]
     grid = sampling.main([str(run), "--grid", "3", "--prompt", "a cat", "--prompt", "a dog", "--out",
                           str(tmp_path / "grid.png"), *common])
@@ -617,12 +617,12 @@ def test_compare_report_scores_t2i_runs_on_the_same_captions_with_clip_score(cap
 
     import numpy as np
 
-    from uvic import evaluate, trainer
+    from uvic import evaluate, train_cli
 
     runs = []
     for attention in ("softmax", "cog"):
         runs.append(tmp_path / f"run_{attention}")
-        trainer.main(["--config", str(t2i_config(tmp_path, caption_latents)), f"model.attention_type={attention}",
+        train_cli.main(["--config", str(t2i_config(tmp_path, caption_latents)), f"model.attention_type={attention}",
                       "--output-dir", str(runs[-1]), "--cpu"])
     np.savez(tmp_path / "ref.npz", arr_0=np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8))
     (tmp_path / "captions.txt").write_text("a cat\na dog\na red bus\n")

@@ -15,7 +15,8 @@ from uvic.config import load_config, save_config
 from uvic.pipeline import UViCPipeline
 from uvic.checkpoint import write_manifest
 from uvic.runs import RunDir
-from uvic.trainer import Trainer, main
+from uvic.train_cli import main
+from uvic.trainer import Trainer
 
 # A model and run small enough for seconds on a CPU: 8x8 digits, embed 32, depth 2.
 TINY = [
@@ -342,7 +343,7 @@ def test_fine_tuning_to_another_class_count_lists_the_differing_tensors_or_reset
 
 
 def test_a_bad_init_from_fails_where_the_run_starts(tmp_path, capsys):
-    from uvic.trainer import check_inputs
+    from uvic.launch import check_inputs
 
     with pytest.raises(FileNotFoundError, match="train.init_from=.*missing does not exist"):
         check_inputs(tiny(f"train.init_from={tmp_path / 'missing'}"))
@@ -354,7 +355,7 @@ def test_a_bad_init_from_fails_where_the_run_starts(tmp_path, capsys):
         check_inputs(tiny(f"train.init_from={tmp_path}"))
     with pytest.raises(ValueError, match=r"train.init_reset: unknown part\(s\) \['labels'\]; choose from label_emb, head"):
         check_inputs(tiny(f"train.init_from={tmp_path / 'nnet_ema.pth'}", "train.init_reset=[labels]"))
-    from uvic.trainer import train as train_py
+    from uvic.train_cli import train as train_py
 
     with pytest.raises(SystemExit) as exit_:  # train.py: one line, before any run folder exists
         train_py([f"--output-dir={tmp_path / 'run'}", *TINY, f"train.init_from={tmp_path / 'missing'}"])

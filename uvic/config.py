@@ -255,7 +255,7 @@ def resolve_model(cfg: DictConfig) -> DictConfig:
 
 def validate_config(cfg: DictConfig) -> None:
     """Fail fast on values no run could use (each message names the key and what is valid). The files a config
-    names (train.init_from, eval.fid_ref) are checked where a run starts (uvic.trainer.check_inputs), not here: a
+    names (train.init_from, eval.fid_ref) are checked where a run starts (uvic.launch.check_inputs), not here: a
     saved run's config stays readable after they moved."""
     check_choices(cfg)
     check_model(cfg.model)

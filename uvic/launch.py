@@ -1,6 +1,8 @@
-"""How a run was launched: its config file (a path or a shipped config's name), the mixed precision the launcher
-and the config ask for, what the launch overrode or did not honour, and the startup summary that says it all.
+"""How a run was launched: the files its config names (checked before anything is built), its config file (a path
+or a shipped config's name), the mixed precision the launcher and the config ask for, what the launch overrode or
+did not honour, and the startup summary that says it all.
 
+    check_inputs(cfg)               # train.init_from / init_reset, eval.fid_ref: one message naming the key
     find_config("digits_uvit")      # configs/digits_uvit.yaml, also from an installed copy
     run_summary(trainer)            # diffusers' "***** Running training *****" lines
 """
@@ -17,7 +19,18 @@ from omegaconf import DictConfig
 
 from .attention import resolve_cog_backend
 from .config import MIXED_PRECISION
+from .finetune import check_init_source
+from .metric_inputs import check_reference
 from .model import UViT
+
+# ---------------------------------------------------------------------- the files a config names
+def check_inputs(cfg: DictConfig) -> None:
+    """The files a run's config names, checked where a run starts (train.py, the sweep) before anything is built:
+    train.init_from / init_reset, and eval.fid_ref when the run measures FID. One line names the key."""
+    check_init_source(cfg.train.init_from, list(cfg.train.init_reset or []))
+    if cfg.eval.fid_every > 0:
+        check_reference(cfg.eval.fid_ref, "eval.fid_ref")
+
 
 # ---------------------------------------------------------------------- the config file
 DEFAULT_CONFIG = "digits_uvic"

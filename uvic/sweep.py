@@ -32,7 +32,7 @@ from .cli import add_debug_option, command as cli_command
 from .config import config_diff, load_config
 from .files import atomic_write
 from .runs import RunDir
-from .trainer import check_inputs
+from .launch import check_inputs
 
 POLL_SECONDS = 2.0  # how often a running sweep checks its runs
 

@@ -1,6 +1,6 @@
 """The accelerate training loop: data, U-ViT/U-ViC, diffusion loss, EMA, checkpoints, logs, grids.
 
-    python train.py --config configs/digits_uvic.yaml train.lr=1e-4 --output-dir runs/x [--resume latest | --overwrite]
+    Trainer(cfg, "runs/x", resume="latest").train()   # the command line: uvic.train_cli (train.py)
 
 One run writes one folder (layout and reuse rules: uvic.runs.RunDir; what a checkpoint holds: uvic.checkpoint).
 
@@ -20,18 +20,16 @@ nor when the disk lacks the space (DiskFullError).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import math
 import os
 import shutil
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 from accelerate import Accelerator
@@ -46,15 +44,13 @@ from . import checkpoint
 from .attention import check_cog_kernels
 from .caption_latents import drop_context
 from .checkpoint import TrainState, gather_into
-from .cli import run_main
-from .config import load_config, model_kwargs, save_config
+from .config import model_kwargs, save_config
 from .data import resolve_data_config
 from .diffusion import build_scheduler, diffusion_loss, drop_labels
 from .ema_outputs import EMAOutputs
 from .files import DiskFullError, atomic_write, disk_full_message
-from .finetune import check_init_source, load_init_weights
-from .launch import find_config, launch_notes, resolve_mixed_precision, run_summary
-from .metric_inputs import check_reference
+from .finetune import load_init_weights
+from .launch import launch_notes, resolve_mixed_precision, run_summary
 from .model import Block, UViT
 from .runs import CONFIG, LOGS, RUN_SUMMARY, RunDir, RunLock, record_provenance
 
@@ -586,51 +582,3 @@ class Trainer:
             self.accelerator.print(f"saved {final}")
         self.accelerator.wait_for_everyone()
         return final
-
-
-# ---------------------------------------------------------------------- command line
-def check_inputs(cfg: DictConfig) -> None:
-    """The files a run's config names, checked where a run starts (train.py, the sweep) before anything is built:
-    train.init_from / init_reset, and eval.fid_ref when the run measures FID. One line names the key."""
-    check_init_source(cfg.train.init_from, list(cfg.train.init_reset or []))
-    if cfg.eval.fid_every > 0:
-        check_reference(cfg.eval.fid_ref, "eval.fid_ref")
-
-
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="Train a U-ViT / U-ViC diffusion model. With no arguments: U-ViC on the embedded digits set (CPU).",
-        epilog="example: python train.py --config configs/cifar10_uvic_s2.yaml train.batch_size=64 --resume latest",
-    )
-    parser.add_argument("--config", help="YAML config path or a shipped config's name, e.g. digits_uvit "
-                                         "(default: digits_uvic)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 model.attention_type=softmax")
-    parser.add_argument("--output-dir", "--out", dest="output_dir", help="run folder (default: runs/<config name>)")
-    parser.add_argument("--resume", help="'latest' or a checkpoint / run folder")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="start a new run in --output-dir, deleting its checkpoints, samples, logs, final/ and metrics.csv "
-                             "(only in a folder uvic made)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-    parser.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
-    return parser.parse_args(argv)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> Path:
-    args = parse_args(argv)
-    config = find_config(args.config)
-    overrides = list(args.overrides) + (["train.compile=true"] if args.compile else [])
-    cfg, dataset = resolve_data_config(load_config(config, overrides))
-    check_inputs(cfg)
-    output_dir = args.output_dir or str(Path("runs") / config.stem)
-    trainer = Trainer(cfg, output_dir, resume=args.resume, cpu=True if args.cpu else None, overwrite=args.overwrite,
-                      dataset=dataset)
-    try:
-        return trainer.train()
-    except TrainingStopped as stopped:  # a clean stop, not an error: the scheduler's convention 128 + SIGTERM
-        print(f"train.py: {stopped}", file=sys.stderr, flush=True)
-        raise SystemExit(128 + signal.SIGTERM) from None
-
-
-def train(argv: Optional[Sequence[str]] = None):
-    """train.py and `uvic-train`: main under the common error style (one `train.py: error:` line, exit 2)."""
-    return run_main(main, argv, prog="train.py")
