@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from uvic import doctor
-from uvic.trainer import plain_tensor
+from uvic.fsdp import plain_tensor
 
 REPO = Path(__file__).resolve().parents[1]
 LOCK = REPO / "requirements" / "lock.txt"
@@ -68,7 +68,7 @@ def test_plain_tensor_takes_a_dtensor_a_tensor_or_a_number():
         "import os, torch, torch.distributed as dist\n"
         "from torch.distributed.device_mesh import init_device_mesh\n"
         "from torch.distributed.tensor import Replicate, distribute_tensor\n"
-        "from uvic.trainer import plain_tensor\n"
+        "from uvic.fsdp import plain_tensor\n"
         "dist.init_process_group('gloo', rank=0, world_size=1)\n"
         "d = distribute_tensor(torch.tensor(1.75), init_device_mesh('cpu', (1,)), [Replicate()])\n"
         "v = plain_tensor(d)\n"

@@ -310,7 +310,7 @@ def test_fsdp_config_for_the_h_models_launches_8_bf16_processes_that_uvic_shards
     args, _, _ = _validate_launch_command(args)
     env = prepare_multi_gpu_env(args)
     assert args.num_processes == 8 and env["ACCELERATE_MIXED_PRECISION"] == "bf16"
-    assert env.get("ACCELERATE_USE_FSDP", "false") == "false"  # train.fsdp=true shards (uvic.trainer.shard), not accelerate
+    assert env.get("ACCELERATE_USE_FSDP", "false") == "false"  # train.fsdp=true shards (uvic.fsdp.shard), not accelerate
 
 
 # ---------------------------------------------------------------------- the whole path, tiny

@@ -1,8 +1,9 @@
 """How a run was launched: the files its config names (checked before anything is built), its config file (a path
-or a shipped config's name), the mixed precision the launcher and the config ask for, what the launch overrode or
-did not honour, and the startup summary that says it all.
+or a shipped config's name), the mixed precision the launcher and the config ask for, what the launch cannot run,
+overrode or did not honour, how the global batch splits over processes, and the startup summary that says it all.
 
     check_inputs(cfg)               # train.init_from / init_reset, eval.fid_ref: one message naming the key
+    batch_split(cfg.train, 1797, 2) # (per-process micro-batch, micro-batches per epoch) of the global batch
     find_config("digits_uvit")      # configs/digits_uvit.yaml, also from an installed copy
     run_summary(trainer)            # diffusers' "***** Running training *****" lines
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 import torch
+from accelerate.utils import DistributedType
 from omegaconf import DictConfig
 
 from .attention import resolve_cog_backend
@@ -105,6 +107,39 @@ def launch_notes(num_processes: int, precision: str, source: str) -> List[str]:
                      "the script once); for N processes on the CPU use `accelerate launch --multi_gpu --num_processes N "
                      "train.py` (gloo) or `torchrun --nproc_per_node N train.py`")
     return notes
+
+
+def check_launch(t: DictConfig, accelerator, fsdp: bool, precision: str, source: str) -> None:
+    """What this launch cannot run (t: cfg.train), refused before anything is built; what it overrode or costs,
+    said; train.cpu_threads applied on a CPU."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise ValueError("uvic shards the model itself (train.fsdp=true): launch with a multi-GPU accelerate config "
+                         "(configs/accelerate/fsdp_h.yaml), not accelerate's distributed_type: FSDP")
+    if fsdp and (t.compile or precision == "fp16"):
+        raise ValueError("train.fsdp=true supports mixed precision no or bf16, without train.compile; "
+                         f"got mixed_precision={precision} ({source}), compile={t.compile}")
+    for line in launch_notes(accelerator.num_processes, precision, source):
+        accelerator.print(line)  # what the launcher asked for and did not get, or costs: before the work
+    if t.cpu_threads and accelerator.device.type == "cpu":
+        torch.set_num_threads(t.cpu_threads)
+
+
+def batch_split(t: DictConfig, num_examples: int, processes: int) -> Tuple[int, int]:
+    """(per-process micro-batch, micro-batches per epoch) of the global t.batch_size (t: cfg.train) over
+    processes x t.grad_accum, for a data set of num_examples."""
+    if t.batch_size % (processes * t.grad_accum):
+        raise ValueError(
+            f"train.batch_size={t.batch_size} (the global batch) must be divisible by processes ({processes}) "
+            f"x train.grad_accum ({t.grad_accum}) = {processes * t.grad_accum}"
+        )
+    per_process = t.batch_size // (processes * t.grad_accum)
+    per_epoch = (num_examples // processes) // per_process
+    if per_epoch < 1:
+        raise ValueError(
+            f"the data set has {num_examples} examples, fewer than one global batch "
+            f"(train.batch_size={t.batch_size}); lower train.batch_size"
+        )
+    return per_process, per_epoch
 
 
 def attention_summary(cfg: DictConfig, model: UViT, batch: int, device: torch.device, precision: str) -> str:

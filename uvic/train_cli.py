@@ -3,7 +3,7 @@ run folder and how to treat what is in it; the checks of the files the config na
 
     python train.py --config configs/digits_uvic.yaml train.lr=1e-4 --output-dir runs/x [--resume latest | --overwrite]
 
-A SIGTERM'd run (uvic.trainer.TrainingStopped, its checkpoint written) exits with 128 + 15, the schedulers' convention.
+A SIGTERM'd run (uvic.sigterm.TrainingStopped, its checkpoint written) exits with 128 + 15, the schedulers' convention.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from .cli import run_main
 from .config import load_config
 from .data import resolve_data_config
 from .launch import check_inputs, find_config
-from .trainer import Trainer, TrainingStopped
+from .sigterm import TrainingStopped
+from .trainer import Trainer
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

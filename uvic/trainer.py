@@ -25,15 +25,13 @@ import copy
 import math
 import os
 import shutil
-import signal
-import threading
 import time
 from pathlib import Path
 from typing import Iterator, Optional, Tuple
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig
@@ -50,9 +48,11 @@ from .diffusion import build_scheduler, diffusion_loss, drop_labels
 from .ema_outputs import EMAOutputs
 from .files import DiskFullError, atomic_write, disk_full_message
 from .finetune import load_init_weights
-from .launch import launch_notes, resolve_mixed_precision, run_summary
-from .model import Block, UViT
+from .fsdp import plain_tensor, shard
+from .launch import batch_split, check_launch, resolve_mixed_precision, run_summary
+from .model import UViT
 from .runs import CONFIG, LOGS, RUN_SUMMARY, RunDir, RunLock, record_provenance
+from .sigterm import SigtermStop, TrainingStopped
 
 LR_SCHEDULE_NAMES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
@@ -67,38 +67,8 @@ class FixedDecayEMA(EMAModel):
         return self.decay
 
 
-def shard(model: UViT, processes: int, mixed_precision: str) -> UViT:
-    """FSDP2 in place (torch fully_shard): one unit per transformer Block, then the rest; each parameter becomes a
-    DTensor split along dim 0 over the processes. bf16: compute in bf16, gradients reduced and kept in float32."""
-    from torch.distributed.device_mesh import init_device_mesh  # torch.distributed: only FSDP runs need it
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    device = next(model.parameters()).device
-    mesh = init_device_mesh(device.type, (processes,))
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if mixed_precision == "bf16" else None,
-                                  reduce_dtype=torch.float32)
-    for block in [m for m in model.modules() if isinstance(m, Block)]:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
-    return model
-
-
-def plain_tensor(value) -> torch.Tensor:
-    """A value from accelerate / torch.distributed as one whole plain tensor, whichever form this version returns:
-    a replicated DTensor (clip_grad_norm_ under FSDP2 in accelerate <= 1.15), a plain tensor (1.16+, DDP, one
-    process) or a Python number; None (a norm not computed) as 0."""
-    if value is None:
-        return torch.zeros(())
-    full_tensor = getattr(value, "full_tensor", None)  # torch.distributed.tensor.DTensor
-    return full_tensor() if callable(full_tensor) else torch.as_tensor(value)
-
-
 class NonFiniteLossError(ValueError):
     """Training diverged: the loss or gradient norm stayed non-finite (an expected error: one message)."""
-
-
-class TrainingStopped(Exception):
-    """Training ended early on SIGTERM, its state checkpointed (train.py exits with 128 + 15)."""
 
 
 class EvaluationError(ValueError):
@@ -123,11 +93,12 @@ class Trainer:
         self.out = self.run.path
         self.accelerator = self._build_accelerator(cpu)
         self.is_main = self.accelerator.is_main_process
-        # parameters, gradients, AdamW and EMA states are DTensor shards (uvic.trainer.shard); one process has
+        # parameters, gradients, AdamW and EMA states are DTensor shards (uvic.fsdp.shard); one process has
         # nothing to shard (the H configs set train.fsdp: true and still train on one GPU)
         self.fsdp = bool(cfg.train.fsdp) and self.accelerator.num_processes > 1
-        self._check_launch()
-        self.per_process_batch, self.batches_per_epoch = self._batch_split(self.accelerator.num_processes)
+        check_launch(cfg.train, self.accelerator, self.fsdp, self.mixed_precision, self.precision_source)
+        processes = self.accelerator.num_processes
+        self.per_process_batch, self.batches_per_epoch = batch_split(cfg.train, len(dataset), processes)
         self.conditional = bool(cfg.data.conditional)
         self.null_label = cfg.model.num_classes - 1 if self.conditional else None
         # text-to-image (caption latents): the empty prompt's features (L, D), the context dropped to
@@ -160,20 +131,6 @@ class Trainer:
         )
         checkpoint.skip_model_in_accelerate_state(accelerator)
         return accelerator
-
-    def _check_launch(self) -> None:
-        """What this launch cannot run, refused before anything is built; what it overrode or costs, said."""
-        t, accelerator = self.cfg.train, self.accelerator
-        if accelerator.distributed_type == DistributedType.FSDP:
-            raise ValueError("uvic shards the model itself (train.fsdp=true): launch with a multi-GPU accelerate config "
-                             "(configs/accelerate/fsdp_h.yaml), not accelerate's distributed_type: FSDP")
-        if self.fsdp and (t.compile or self.mixed_precision == "fp16"):
-            raise ValueError("train.fsdp=true supports mixed precision no or bf16, without train.compile; "
-                             f"got mixed_precision={self.mixed_precision} ({self.precision_source}), compile={t.compile}")
-        for line in launch_notes(accelerator.num_processes, self.mixed_precision, self.precision_source):
-            accelerator.print(line)  # what the launcher asked for and did not get, or costs: before the work
-        if t.cpu_threads and accelerator.device.type == "cpu":
-            torch.set_num_threads(t.cpu_threads)
 
     def _init_run(self, cfg: DictConfig, resume: Optional[str], overwrite: bool) -> None:
         """The run folder checked (RunDir.prepare), the model built and restored, the folder written."""
@@ -255,23 +212,6 @@ class Trainer:
             generator=torch.Generator().manual_seed(seed),
         )
         return sampler, loader
-
-    def _batch_split(self, processes: int) -> Tuple[int, int]:
-        """(per-process micro-batch, micro-batches per epoch) of the global train.batch_size."""
-        t = self.cfg.train
-        if t.batch_size % (processes * t.grad_accum):
-            raise ValueError(
-                f"train.batch_size={t.batch_size} (the global batch) must be divisible by processes ({processes}) "
-                f"x train.grad_accum ({t.grad_accum}) = {processes * t.grad_accum}"
-            )
-        per_process = t.batch_size // (processes * t.grad_accum)
-        per_epoch = (len(self.dataset) // processes) // per_process
-        if per_epoch < 1:
-            raise ValueError(
-                f"the data set has {len(self.dataset)} examples, fewer than one global batch "
-                f"(train.batch_size={t.batch_size}); lower train.batch_size"
-            )
-        return per_process, per_epoch
 
     @property
     def base_dataset(self):
@@ -365,42 +305,9 @@ class Trainer:
     def on_step_end(self, step: int) -> None:
         """Called after every optimizer step (a hook for subclasses: extra logging, early stops)."""
 
-    @contextlib.contextmanager
-    def holding_lock(self) -> Iterator[None]:
+    def holding_lock(self) -> contextlib.AbstractContextManager:
         """The run folder's RunLock on the main process (another trainer there: RunLockedError)."""
-        if self.lock is None:
-            yield
-            return
-        with self.lock:
-            yield
-
-    @contextlib.contextmanager
-    def stop_on_sigterm(self) -> Iterator[None]:
-        """The first SIGTERM (what schedulers send before a kill) asks the loop to checkpoint and stop after the
-        step in progress; a second one ends the process at once. Only the main thread can install handlers."""
-        self.stop_signal = None
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def request_stop(signum, frame):
-            if self.stop_signal is not None:
-                signal.signal(signum, signal.SIG_DFL)
-                os.kill(os.getpid(), signum)
-            self.stop_signal = signum
-
-        previous = signal.signal(signal.SIGTERM, request_stop)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-
-    def stop_requested(self) -> bool:
-        """Whether any process got SIGTERM (the same answer everywhere: all of them checkpoint together)."""
-        if self.accelerator.num_processes == 1:  # no tensor: no device synchronisation per step
-            return self.stop_signal is not None
-        flag = torch.tensor(float(self.stop_signal is not None), device=self.accelerator.device)
-        return self.accelerator.reduce(flag, reduction="sum").item() > 0
+        return self.lock if self.lock is not None else contextlib.nullcontext()
 
     def stop_with_checkpoint(self) -> None:
         """SIGTERM: this step's checkpoint (unless just written), then TrainingStopped."""
@@ -414,7 +321,7 @@ class Trainer:
 
     def train(self) -> Path:
         """Train to train.steps; returns the final/ pipeline folder. SIGTERM: TrainingStopped after a checkpoint."""
-        with self.holding_lock(), self.stop_on_sigterm(), disk_full_message(self.out):
+        with self.holding_lock(), SigtermStop() as self.sigterm, disk_full_message(self.out):
             return self._train()
 
     def _train(self) -> Path:
@@ -464,7 +371,7 @@ class Trainer:
             if (t.checkpoint_every and step % t.checkpoint_every == 0) or done:
                 self.save_checkpoint()
             self.on_step_end(step)
-            if self.stop_requested():
+            if self.sigterm.requested(accelerator):
                 progress.close()
                 self.stop_with_checkpoint()
         progress.close()
