@@ -532,6 +532,29 @@ def test_sigterm_checkpoints_the_step_and_train_py_exits_cleanly(tmp_path):
     assert Trainer(cfg, out).step == step  # the rerun continues there
 
 
+def test_sigterm_stop_records_the_first_signal_ends_on_the_second_and_restores_the_handler():
+    import signal
+
+    code = ("import os, signal, time\n"
+            "from uvic.sigterm import SigtermStop\n"
+            "before = signal.getsignal(signal.SIGTERM)\n"
+            "with SigtermStop() as stop:\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    time.sleep(0.2)\n"
+            "    print('first', stop.signal == signal.SIGTERM, flush=True)\n"
+            "print('restored', signal.getsignal(signal.SIGTERM) is before, flush=True)\n"
+            "with SigtermStop():\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    time.sleep(0.2)\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)  # a second one: the process ends at once\n"
+            "    time.sleep(5)\n"
+            "    print('not reached', flush=True)\n")
+    result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)},
+                            capture_output=True, text=True, timeout=120)
+    assert result.stdout.split("\n")[:2] == ["first True", "restored True"], result.stdout + result.stderr
+    assert result.returncode == -signal.SIGTERM and "not reached" not in result.stdout
+
+
 # ---------------------------------------------------------------------- identity checks (issue 28 items 4, 5, 6, 13, 15)
 def tiny_yaml(tmp_path) -> Path:
     """The trained fixture's config as a file for train.py (whose default config is digits_uvic.yaml)."""
